@@ -1,0 +1,3 @@
+from peakllm.cli import main
+
+raise SystemExit(main())

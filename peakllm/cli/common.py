@@ -1,0 +1,81 @@
+"""Pieces every subcommand shares: --json/--log options, result printing, thread setup."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
+    parser.add_argument("--log", metavar="FILE", help="append the JSON result as one line to FILE (for `peakllm report`)")
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="default",
+        help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder, a .gguf file, or a peakllm output folder "
+        "(default: %(default)s)",
+    )
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and kernels (default: all cores)")
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            from peakllm.errors import PeakError
+
+            raise PeakError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    return value
+
+
+def emit(result: dict, args: argparse.Namespace, table_title: str) -> None:
+    """Print `result` as JSON (with --json) or as a two-column table; append it to --log."""
+    record = {"command": args.command, **{k: _jsonable(v) for k, v in result.items()}}
+    if getattr(args, "log", None):
+        path = Path(args.log)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+    if getattr(args, "json", False):
+        print(json.dumps({k: _jsonable(v) for k, v in result.items()}))
+        return
+    print(format_table(table_title, result))
+
+
+def format_table(title: str, result: dict) -> str:
+    rows = [(k, _fmt(v)) for k, v in result.items()]
+    width = max((len(k) for k, _ in rows), default=0)
+    lines = [title, "-" * max(len(title), 20)]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:.4g}" if abs(value) < 1 else f"{value:,.3f}".rstrip("0").rstrip(".")
+        return f"{value:.3e}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
