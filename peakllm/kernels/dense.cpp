@@ -1,0 +1,230 @@
+// Dense matvec / small-batch matmul for the decode path: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
+//
+// Decoding one token reads every weight once, so the kernel is a streaming read of W: it is
+// memory-bound, and the goal is to keep both cores' load ports busy on W and nothing else.
+// Each thread owns a contiguous band of output rows (one stream of W per thread, which the hardware
+// prefetcher follows), walks it four rows at a time so one load of x feeds four FMAs, and
+// accumulates in fp32. Weights are fp32 or bf16 (bf16 -> fp32 is a 16-bit left shift, exact);
+// activations x / y are fp32 or bf16. x is widened to fp32 once per call, before the threads start.
+//
+// Exported symbols: dense_<w>w_<x>x for w, x in {f32, bf16}.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef uint16_t bf16_t;
+
+static inline float bf16_to_f32(bf16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline bf16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((bits >> 16) | 0x40);  // keep NaN a NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even, as torch does
+    return (bf16_t)(bits >> 16);
+}
+
+static inline float load1(const float* p) { return *p; }
+static inline float load1(const bf16_t* p) { return bf16_to_f32(*p); }
+static inline void store1(float* p, float v) { *p = v; }
+static inline void store1(bf16_t* p, float v) { *p = f32_to_bf16(v); }
+
+#if defined(__AVX512F__)
+static inline __m512 loadw(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 loadw(const bf16_t* p) {
+    __m256i h = _mm256_loadu_si256((const __m256i*)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline __m512 loadw_tail(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline __m512 loadw_tail(const bf16_t* p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// 4 rows of W against one fp32 vector x: out[r] = dot(W[r], x).
+template <typename TW>
+static inline void dot4(const TW* w0, size_t ldw, const float* x, int K, float* out) {
+    const TW* w1 = w0 + ldw;
+    const TW* w2 = w1 + ldw;
+    const TW* w3 = w2 + ldw;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv = _mm512_loadu_ps(x + k);
+        a0 = _mm512_fmadd_ps(loadw(w0 + k), xv, a0);
+        a1 = _mm512_fmadd_ps(loadw(w1 + k), xv, a1);
+        a2 = _mm512_fmadd_ps(loadw(w2 + k), xv, a2);
+        a3 = _mm512_fmadd_ps(loadw(w3 + k), xv, a3);
+    }
+    if (k < K) {
+        __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        a0 = _mm512_fmadd_ps(loadw_tail(w0 + k, m), xv, a0);
+        a1 = _mm512_fmadd_ps(loadw_tail(w1 + k, m), xv, a1);
+        a2 = _mm512_fmadd_ps(loadw_tail(w2 + k, m), xv, a2);
+        a3 = _mm512_fmadd_ps(loadw_tail(w3 + k, m), xv, a3);
+    }
+    out[0] = _mm512_reduce_add_ps(a0);
+    out[1] = _mm512_reduce_add_ps(a1);
+    out[2] = _mm512_reduce_add_ps(a2);
+    out[3] = _mm512_reduce_add_ps(a3);
+}
+
+template <typename TW>
+static inline float dot1(const TW* w, const float* x, int K) {
+    __m512 a = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) a = _mm512_fmadd_ps(loadw(w + k), _mm512_loadu_ps(x + k), a);
+    if (k < K) {
+        __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
+        a = _mm512_fmadd_ps(loadw_tail(w + k, m), _mm512_maskz_loadu_ps(m, x + k), a);
+    }
+    return _mm512_reduce_add_ps(a);
+}
+
+#elif defined(__AVX2__)
+static inline __m256 loadw(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 loadw(const bf16_t* p) {
+    __m128i h = _mm_loadu_si128((const __m128i*)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+template <typename TW>
+static inline void dot4(const TW* w0, size_t ldw, const float* x, int K, float* out) {
+    const TW* w[4] = {w0, w0 + ldw, w0 + 2 * ldw, w0 + 3 * ldw};
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(loadw(w[0] + k), xv, a0);
+        a1 = _mm256_fmadd_ps(loadw(w[1] + k), xv, a1);
+        a2 = _mm256_fmadd_ps(loadw(w[2] + k), xv, a2);
+        a3 = _mm256_fmadd_ps(loadw(w[3] + k), xv, a3);
+    }
+    out[0] = hsum256(a0);
+    out[1] = hsum256(a1);
+    out[2] = hsum256(a2);
+    out[3] = hsum256(a3);
+    for (; k < K; ++k)
+        for (int r = 0; r < 4; ++r) out[r] += load1(w[r] + k) * x[k];
+}
+
+template <typename TW>
+static inline float dot1(const TW* w, const float* x, int K) {
+    __m256 a = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(loadw(w + k), _mm256_loadu_ps(x + k), a);
+    float s = hsum256(a);
+    for (; k < K; ++k) s += load1(w + k) * x[k];
+    return s;
+}
+
+#else
+template <typename TW>
+static inline float dot1(const TW* w, const float* x, int K) {
+    float s = 0.f;
+    for (int k = 0; k < K; ++k) s += load1(w + k) * x[k];
+    return s;
+}
+
+template <typename TW>
+static inline void dot4(const TW* w0, size_t ldw, const float* x, int K, float* out) {
+    for (int r = 0; r < 4; ++r) out[r] = dot1(w0 + r * ldw, x, K);
+}
+#endif
+
+template <typename TW, typename TX>
+static void dense(const TX* x, const TW* W, const float* bias, TX* y, int M, int N, int K, int nthreads) {
+    // Widen x to fp32 once; M*K is small on the decode path (M = batch).
+    static thread_local std::vector<float> xbuf;
+    const float* xf;
+    if constexpr (sizeof(TX) == sizeof(float)) {
+        xf = (const float*)x;
+    } else {
+        xbuf.resize((size_t)M * K);
+        for (size_t i = 0; i < (size_t)M * K; ++i) xbuf[i] = load1(x + i);
+        xf = xbuf.data();
+    }
+    const int nblocks = (N + 3) / 4;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > nblocks) nthreads = nblocks;
+#pragma omp parallel num_threads(nthreads)
+    {
+        // Contiguous bands of 4-row blocks: one forward stream through W per thread.
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int b0 = (int)((long)nblocks * t / nt), b1 = (int)((long)nblocks * (t + 1) / nt);
+        float acc[4];
+        for (int b = b0; b < b1; ++b) {
+            const int n = 4 * b;
+            if (n + 4 <= N) {
+                for (int m = 0; m < M; ++m) {
+                    dot4(W + (size_t)n * K, (size_t)K, xf + (size_t)m * K, K, acc);
+                    for (int r = 0; r < 4; ++r)
+                        store1(y + (size_t)m * N + n + r, acc[r] + (bias ? bias[n + r] : 0.f));
+                }
+            } else {
+                for (int m = 0; m < M; ++m)
+                    for (int r = n; r < N; ++r)
+                        store1(y + (size_t)m * N + r,
+                               dot1(W + (size_t)r * K, xf + (size_t)m * K, K) + (bias ? bias[r] : 0.f));
+            }
+        }
+    }
+}
+
+extern "C" {
+void dense_f32w_f32x(const float* x, const float* W, const float* bias, float* y, int M, int N, int K, int nt) {
+    dense<float, float>(x, W, bias, y, M, N, K, nt);
+}
+void dense_bf16w_f32x(const float* x, const bf16_t* W, const float* bias, float* y, int M, int N, int K, int nt) {
+    dense<bf16_t, float>(x, W, bias, y, M, N, K, nt);
+}
+void dense_f32w_bf16x(const bf16_t* x, const float* W, const float* bias, bf16_t* y, int M, int N, int K, int nt) {
+    dense<float, bf16_t>(x, W, bias, y, M, N, K, nt);
+}
+void dense_bf16w_bf16x(const bf16_t* x, const bf16_t* W, const float* bias, bf16_t* y, int M, int N, int K, int nt) {
+    dense<bf16_t, bf16_t>(x, W, bias, y, M, N, K, nt);
+}
+// Sum of a large fp32 buffer with all threads: the machine's read bandwidth, for the roofline.
+double read_sum_f32(const float* p, long n, int nthreads) {
+    double total = 0.0;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : total) schedule(static)
+    for (long c = 0; c < (n + 4095) / 4096; ++c) {
+        const long lo = c * 4096, hi = lo + 4096 < n ? lo + 4096 : n;
+#if defined(__AVX512F__)
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        long i = lo;
+        for (; i + 32 <= hi; i += 32) {
+            a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i));
+            a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
+        }
+        float s0 = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)), s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#else
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        long i = lo;
+        for (; i + 4 <= hi; i += 4) { s0 += p[i]; s1 += p[i + 1]; s2 += p[i + 2]; s3 += p[i + 3]; }
+#endif
+        for (; i < hi; ++i) s0 += p[i];
+        total += (double)(s0 + s1 + s2 + s3);
+    }
+    return total;
+}
+}

@@ -1,0 +1,204 @@
+"""A lean decoder for Llama-family models (Llama, Mistral, Qwen2, Qwen3), built from a loaded HF model.
+
+gpt-fast style: a static KV cache preallocated as [layers, batch, kv_heads, max_seq, head_dim], RoPE
+from a precomputed table, RMSNorm, grouped-query attention, and one `forward(tokens, start_pos)` for
+both prefill and decode. The linear layers are the HF model's own modules, so packed modules
+(`peakllm.runtime.linear`) drop in unchanged; a plain dense `nn.Linear` becomes a `DenseLinear`,
+which on the decode path runs the compiled streaming matvec of `peakllm.kernels.dense`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peakllm.errors import PeakError
+from peakllm.kernels.dense import dense_linear
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_MAX_SEQ = 2048
+
+
+class DenseLinear(nn.Module):
+    """A dense linear layer whose weight may be shared (tied lm_head); decode uses the compiled kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x, self.weight, self.bias)
+
+
+def _linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    if type(module) is nn.Linear:
+        bias = None if module.bias is None else module.bias
+        return DenseLinear(module.weight.detach().to(dtype), bias)
+    return module  # a packed module: it owns its bytes and its kernel
+
+
+def _norm_params(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
+    return norm.weight.detach().to(dtype), float(eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, hf_attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.q_proj = _linear(hf_attn.q_proj, dtype)
+        self.k_proj = _linear(hf_attn.k_proj, dtype)
+        self.v_proj = _linear(hf_attn.v_proj, dtype)
+        self.o_proj = _linear(hf_attn.o_proj, dtype)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scaling = float(getattr(hf_attn, "scaling", head_dim**-0.5))
+        self.qk_norm = None  # Qwen3: RMSNorm over each head of q and k, before RoPE
+        if getattr(hf_attn, "q_norm", None) is not None:
+            (qw, self.qk_eps), (kw, _) = _norm_params(hf_attn.q_norm, dtype), _norm_params(hf_attn.k_norm, dtype)
+            self.register_buffer("q_norm_weight", qw, persistent=False)
+            self.register_buffer("k_norm_weight", kw, persistent=False)
+            self.qk_norm = True
+
+    def forward(self, x, cos, sin_signed, k_cache, v_cache, start_pos: int, mask):
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, KV, D)
+        v = self.v_proj(x).view(B, T, KV, D)
+        if self.qk_norm:
+            q = F.rms_norm(q, (D,), self.q_norm_weight, self.qk_eps)
+            k = F.rms_norm(k, (D,), self.k_norm_weight, self.qk_eps)
+        # RoPE on q and k together (rotate-half convention of HF): x*cos + roll(x, D/2)*[-sin, sin].
+        qk = torch.cat((q, k), dim=2)
+        qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin_signed)
+        q, k = qk[:, :, :H], qk[:, :, H:]
+        end = start_pos + T
+        k_cache[:, :, start_pos:end].copy_(k.transpose(1, 2))
+        v_cache[:, :, start_pos:end].copy_(v.transpose(1, 2))
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        if T == 1:
+            # One query per head: the G query heads sharing a KV head act as G queries against it.
+            out = F.scaled_dot_product_attention(q.view(B, KV, H // KV, D), keys, values, scale=self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=mask is None,
+                scale=self.scaling, enable_gqa=True,
+            ).transpose(1, 2)
+        return self.o_proj(out.reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, hf_mlp: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.gate_proj = _linear(hf_mlp.gate_proj, dtype)
+        self.up_proj = _linear(hf_mlp.up_proj, dtype)
+        self.down_proj = _linear(hf_mlp.down_proj, dtype)
+        self.act_fn = hf_mlp.act_fn
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, hf_layer: nn.Module, cfg: dict, dtype: torch.dtype):
+        super().__init__()
+        self.attn = Attention(hf_layer.self_attn, cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"], dtype)
+        self.mlp = MLP(hf_layer.mlp, dtype)
+        w1, self.eps = _norm_params(hf_layer.input_layernorm, dtype)
+        w2, _ = _norm_params(hf_layer.post_attention_layernorm, dtype)
+        self.register_buffer("attn_norm", w1, persistent=False)
+        self.register_buffer("mlp_norm", w2, persistent=False)
+        self.dim = w1.shape[0]
+
+    def forward(self, x, cos, sin_signed, k_cache, v_cache, start_pos, mask):
+        h = x + self.attn(F.rms_norm(x, (self.dim,), self.attn_norm, self.eps), cos, sin_signed,
+                          k_cache, v_cache, start_pos, mask)
+        return h + self.mlp(F.rms_norm(h, (self.dim,), self.mlp_norm, self.eps))
+
+
+class RuntimeModel(nn.Module):
+    """forward(tokens [B, T], start_pos) -> logits [B, T, vocab] (or [B, 1, vocab] with last_only)."""
+
+    def __init__(self, hf_model: nn.Module, dtype: torch.dtype, max_seq: int | None):
+        super().__init__()
+        config = hf_model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED:
+            raise PeakError(f"the lean runtime supports {', '.join(SUPPORTED)} models, not '{model_type}'")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise PeakError(f"runtime dtype must be float32 or bfloat16, got {dtype}")
+        self.config, self.dtype = config, dtype
+        inner = hf_model.model
+        n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        cfg = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
+        self.n_layers, self.n_kv_heads, self.head_dim = len(inner.layers), n_kv_heads, head_dim
+        self.layers = nn.ModuleList(Block(layer, cfg, dtype) for layer in inner.layers)
+        self.register_buffer("embed", inner.embed_tokens.weight.detach().to(dtype), persistent=False)
+        self.norm_weight, self.norm_eps = _norm_params(inner.norm, dtype)
+        lm_head = hf_model.get_output_embeddings()
+        if type(lm_head) is nn.Linear and lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr():
+            self.lm_head = DenseLinear(self.embed)  # tied: one tensor serves both, read once per token
+        else:
+            self.lm_head = _linear(lm_head, dtype)
+
+        limit = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if window:
+            limit = min(limit, window)  # beyond the window the attention would differ from the model's
+        self.max_seq_limit = limit
+        self.max_seq = min(max_seq or DEFAULT_MAX_SEQ, limit)
+        self.rotary_emb = inner.rotary_emb
+        self._rope_tables(self.max_seq)
+        self.batch = 0
+        self.k_cache = self.v_cache = None
+
+    @classmethod
+    @torch.inference_mode()
+    def from_hf(cls, hf_model: nn.Module, dtype: torch.dtype = torch.float32, max_seq: int | None = None):
+        """Take the HF model's modules and weights (shared, or cast to `dtype`) into a RuntimeModel."""
+        return cls(hf_model, dtype, max_seq).eval()
+
+    def _rope_tables(self, max_seq: int) -> None:
+        # The HF rotary module knows every rope_type (default, llama3, yarn, ...) and its scaling factor.
+        positions = torch.arange(max_seq)[None]
+        cos, sin = self.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_seq, head_dim]; HF rounds them too
+        half = self.head_dim // 2
+        sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.cos = cos[:, None, :].contiguous()  # [max_seq, 1, head_dim]: broadcasts over [B, T, heads, D]
+        self.sin_signed = sin_signed[:, None, :].contiguous()
+
+    def setup_cache(self, batch: int, max_seq: int | None = None) -> None:
+        """Preallocate the KV cache for `batch` sequences of up to `max_seq` tokens."""
+        max_seq = max_seq or self.max_seq
+        if max_seq > self.max_seq_limit:
+            raise PeakError(f"sequence of {max_seq} tokens exceeds the model's limit of {self.max_seq_limit}")
+        if max_seq > self.cos.shape[0]:
+            self.max_seq = max_seq
+            self._rope_tables(max_seq)
+        if self.k_cache is not None and self.batch == batch and self.k_cache.shape[3] >= max_seq:
+            return
+        shape = (self.n_layers, batch, self.n_kv_heads, max_seq, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        self.batch = batch
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        B, T = tokens.shape
+        end = start_pos + T
+        if self.k_cache is None or B != self.batch or end > self.k_cache.shape[3]:
+            raise PeakError(f"KV cache not set up for batch {B} and {end} tokens (call setup_cache)")
+        x = F.embedding(tokens, self.embed)
+        cos, sin_signed = self.cos[start_pos:end], self.sin_signed[start_pos:end]
+        mask = None
+        if T > 1 and start_pos > 0:  # a chunk after cached tokens: query i sees keys 0..start_pos+i
+            mask = torch.arange(end)[None, :] <= torch.arange(start_pos, end)[:, None]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin_signed, self.k_cache[i], self.v_cache[i], start_pos, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.norm_eps))
