@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except PeakError as exc:
         print(f"peakllm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `peakllm info | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"peakllm {args.command}: interrupted", file=sys.stderr)
         return 130

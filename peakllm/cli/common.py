@@ -45,14 +45,16 @@ def _jsonable(value):
     return value
 
 
-def emit(result: dict, args: argparse.Namespace, table_title: str) -> None:
-    """Print `result` as JSON (with --json) or as a two-column table; append it to --log."""
+def emit(result: dict, args: argparse.Namespace, table_title: str, *, show: bool = True) -> None:
+    """Print `result` as JSON (with --json) or as a two-column table (unless show=False); append it to --log."""
     record = {"command": args.command, **{k: _jsonable(v) for k, v in result.items()}}
     if getattr(args, "log", None):
         path = Path(args.log)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+    if not show:
+        return
     if getattr(args, "json", False):
         print(json.dumps({k: _jsonable(v) for k, v in result.items()}))
         return

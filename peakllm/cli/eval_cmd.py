@@ -1,0 +1,59 @@
+"""peakllm eval: perplexity of a model on a text source, with a token budget."""
+
+from __future__ import annotations
+
+from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, emit, set_threads
+from peakllm.errors import PeakError
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a model on a dataset",
+        description="Perplexity with the GPTQ/SparseGPT protocol: the dataset's text is concatenated, cut into "
+        "non-overlapping windows of --seqlen tokens (remainder dropped), ppl = exp(mean NLL) over all predicted "
+        "tokens. --max-tokens keeps only the first windows so a CPU run stays short.",
+    )
+    add_model_option(p)
+    add_dataset_option(p)
+    p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=16384,
+                   help="evaluate only the first windows within this many tokens; 0 = the whole text (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of dense weights and compute (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: %(default)s)")
+    add_threads_option(p)
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def add_dataset_option(p) -> None:
+    p.add_argument("--dataset", default="wiki",
+                   help="wiki (held-out Wikipedia split), wiki-calib, news, calib, shakespeare, bible, or a UTF-8 text file "
+                   "(default: %(default)s)")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def run(args) -> int:
+    from peakllm.eval import evaluate
+    from peakllm.models import load_model
+
+    set_threads(args.threads)
+    if args.max_tokens < 0:
+        raise PeakError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    model, tokenizer = load_model(args.model, dtype=torch_dtype(args.dtype))
+    result = evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
+                      batch_size=args.batch_size, progress=not args.json)
+    out = {
+        "ppl": result["ppl"], "tokens": result["tokens"], "seqlen": result["seqlen"], "seconds": result["seconds"],
+        "tokens_per_second": result["tokens_per_second"], "model": args.model, "dataset": args.dataset,
+        "dtype": args.dtype,
+    }
+    emit(out, args, f"perplexity of {args.model} on {args.dataset}")
+    return 0

@@ -1,0 +1,67 @@
+"""peakllm generate: continue a prompt, streaming tokens as they are produced."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, emit, set_threads
+from peakllm.errors import PeakError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt (streams tokens)",
+                       description="Generate a continuation of --prompt with the model, streaming text to stdout. "
+                       "Greedy by default; --temperature > 0 samples (with --top-p nucleus filtering).")
+    add_model_option(p)
+    p.add_argument("--prompt", default="The capital of France is", help="text to continue (default: %(default)r)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    add_threads_option(p)
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool):
+    import torch
+
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PeakError("this model's tokenizer has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise PeakError("the prompt is empty")
+    return ids.to(torch.long)
+
+
+def run(args) -> int:
+    from peakllm.models import load_model
+    from peakllm.runtime.hf_loop import hf_generate_text as generate_text
+
+    set_threads(args.threads)
+    if args.max_new_tokens < 1:
+        raise PeakError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise PeakError("--temperature must be >= 0 and --top-p in (0, 1]")
+    model, tokenizer = load_model(args.model)
+    ids = prompt_ids(tokenizer, args.prompt, args.chat)
+    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    if stream:
+        sys.stdout.write(args.prompt if not args.chat else "")
+    start = time.perf_counter()
+    text, n_new = generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, stream=stream)
+    seconds = time.perf_counter() - start
+    result = {"model": args.model, "prompt": args.prompt, "text": text, "new_tokens": n_new, "seconds": seconds,
+              "tokens_per_second": n_new / seconds}
+    if stream:
+        sys.stdout.write("\n")
+        print(f"[{n_new} tokens in {seconds:.2f} s, {n_new / seconds:.1f} tok/s]", file=sys.stderr)
+    emit(result, args, "generation", show=stream is None)
+    return 0

@@ -1,0 +1,72 @@
+"""peakllm info: architecture, parameter count, bytes and per-layer shapes of a model."""
+
+from __future__ import annotations
+
+from peakllm.cli.common import add_model_option, add_output_options, emit
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="architecture, parameters, bytes and layer shapes of a model",
+                       description="Show what a model is made of: architecture, parameter count, bytes of weights "
+                       "(packed modules counted as stored), and the shape and kind of every linear module.")
+    add_model_option(p)
+    p.add_argument("--layers", action="store_true", help="list every linear module (default: first decoder layer only)")
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def module_table(model) -> list[dict]:
+    """One row per weight-bearing leaf module: name, kind, shape, bytes as held in memory."""
+    import torch.nn as nn
+
+    rows = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) or isinstance(mod, nn.Linear) or hasattr(mod, "packed_nbytes"):
+            weight = getattr(mod, "weight", None)
+            shape = list(weight.shape) if weight is not None else [getattr(mod, "out_features", 0), getattr(mod, "in_features", 0)]
+            nbytes = mod.packed_nbytes() if hasattr(mod, "packed_nbytes") else sum(
+                t.numel() * t.element_size() for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)))
+            rows.append({"name": name, "kind": type(mod).__name__, "shape": shape, "bytes": nbytes})
+    return rows
+
+
+def model_bytes(model) -> int:
+    """Bytes of all parameters and buffers, each tensor counted once (tied weights once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def run(args) -> int:
+    from peakllm.models import load_model, param_count
+
+    model, _tok = load_model(args.model)
+    cfg = model.config
+    rows = module_table(model)
+    shown = rows if args.layers else [r for r in rows if ".layers." not in r["name"] or ".layers.0." in r["name"]]
+    result = {
+        "model": args.model,
+        "architecture": type(model).__name__,
+        "model_type": cfg.model_type,
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "parameters": param_count(model),
+        "bytes": model_bytes(model),
+        "compression": getattr(model, "peakllm_manifest", {}).get("method", "none"),
+    }
+    if args.json:
+        emit({**result, "modules": shown}, args, "")
+        return 0
+    emit(result, args, f"model {args.model}")
+    width = max(len(r["name"]) for r in shown) if shown else 0
+    print(f"\n{'module'.ljust(width)}  {'kind':<14} {'shape':<14} bytes")
+    for r in shown:
+        print(f"{r['name'].ljust(width)}  {r['kind']:<14} {'x'.join(map(str, r['shape'])):<14} {r['bytes']:,}")
+    if not args.layers:
+        print("(first decoder layer shown; --layers lists all)")
+    return 0

@@ -1,0 +1,67 @@
+"""Perplexity with the protocol of the GPTQ / SparseGPT papers.
+
+Concatenate the evaluation text, cut it into non-overlapping windows of `seqlen` tokens, drop the
+remainder, and report exp(mean NLL) over every predicted token (seqlen − 1 per window). A `max_tokens`
+budget keeps only the first windows so that a CPU run stays short.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from peakllm.data import eval_windows, tokenize_source
+from peakllm.errors import PeakError
+
+
+def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of tokens 1..T-1 of each window given logits [B, T, V] (computed in fp32)."""
+    pred = logits[:, :-1, :].float()
+    target = window[:, 1:]
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> dict:
+    """ppl of `model` over `windows` [n, seqlen]; also tokens/s of the forward passes."""
+    from tqdm.auto import tqdm
+
+    if windows.ndim != 2 or windows.shape[0] == 0:
+        raise PeakError("perplexity needs a non-empty [n, seqlen] tensor of windows")
+    if batch_size < 1:
+        raise PeakError(f"batch size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    start = time.perf_counter()
+    batches = list(torch.split(windows, batch_size))
+    bar = tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False)
+    for batch in bar:
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        total_nll += float(window_nll(logits, batch))
+        del logits
+    seconds = time.perf_counter() - start
+    n_pred = windows.shape[0] * (windows.shape[1] - 1)
+    mean_nll = total_nll / n_pred
+    tokens = windows.numel()
+    return {
+        "ppl": math.exp(mean_nll) if mean_nll < 700 else float("inf"),
+        "nll": mean_nll,
+        "tokens": tokens,
+        "seqlen": windows.shape[1],
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else float("inf"),
+    }
+
+
+def evaluate(model, tokenizer, dataset: str = "wiki", *, seqlen: int = 512, max_tokens: int | None = 16384,
+             batch_size: int = 1, progress: bool = True) -> dict:
+    """Perplexity of `model` on a named dataset or text file, with a token budget."""
+    tokens = tokenize_source(tokenizer, dataset)
+    windows = eval_windows(tokens, seqlen, max_tokens)
+    result = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    result["dataset"] = dataset
+    return result

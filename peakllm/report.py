@@ -1,0 +1,146 @@
+"""Turn accumulated `--json --log` results into a Markdown table and matplotlib plots.
+
+Every command can append its JSON result to a log (`--log FILE`); a report groups the records by
+command, writes one Markdown table per command into `report.md`, and draws the plots the records
+support: perplexity vs sparsity (per method, N:M patterns as points), perplexity vs bits/param
+(per method), and perplexity per model/dataset for plain evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from peakllm.errors import PeakError
+
+SKIP_COLUMNS = {"command", "text", "prompt", "modules"}
+
+
+def read_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise PeakError(f"results file {path} not found")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise PeakError(f"{path}:{number} is not a JSON object (each line must be one --json result)") from None
+        if not isinstance(record, dict):
+            raise PeakError(f"{path}:{number} is not a JSON object")
+        records.append(record)
+    if not records:
+        raise PeakError(f"results file {path} has no records")
+    return records
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def markdown_tables(records: list[dict]) -> str:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r.get("command", "result")].append(r)
+    parts = []
+    for command, rows in groups.items():
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in SKIP_COLUMNS and k not in columns]
+        parts.append(f"## {command}\n")
+        parts.append("| " + " | ".join(columns) + " |")
+        parts.append("|" + "---|" * len(columns))
+        parts += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _plot_sparsity(records, ax) -> bool:
+    pts = [r for r in records if "ppl" in r and "method" in r and ("sparsity" in r or "pattern" in r)]
+    if not pts:
+        return False
+    by_method = defaultdict(list)
+    for r in pts:
+        if r.get("pattern"):
+            ax.scatter([r.get("sparsity", 0.5)], [r["ppl"]], marker="x")
+            ax.annotate(f"{r['method']} {r['pattern']}", (r.get("sparsity", 0.5), r["ppl"]), fontsize=7)
+        else:
+            by_method[r["method"]].append((r.get("sparsity_target", r["sparsity"]), r["ppl"]))
+    for method, xy in sorted(by_method.items()):
+        xy.sort()
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=method)
+    dense = [r["dense_ppl"] for r in pts if r.get("dense_ppl")]
+    if dense:
+        ax.axhline(dense[0], color="gray", linestyle="--", label="dense")
+    ax.set(xlabel="sparsity", ylabel="perplexity", yscale="log", title="perplexity vs sparsity")
+    ax.legend(fontsize=8)
+    return True
+
+
+def _plot_bits(records, ax) -> bool:
+    pts = [r for r in records if "ppl" in r and "bits_per_param" in r and r.get("bits_per_param")]
+    if not pts:
+        return False
+    by_method = defaultdict(list)
+    for r in pts:
+        by_method[r.get("method", "?")].append((r["bits_per_param"], r["ppl"]))
+    for method, xy in sorted(by_method.items()):
+        xy.sort()
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", linestyle="", label=method)
+    ax.set(xlabel="bits per parameter (compressed modules)", ylabel="perplexity", yscale="log",
+           title="perplexity vs size")
+    ax.legend(fontsize=8)
+    return True
+
+
+def _plot_eval(records, ax) -> bool:
+    pts = [r for r in records if r.get("command") == "eval" and "ppl" in r]
+    if not pts:
+        return False
+    labels = [f"{r.get('model')}\n{r.get('dataset')} {r.get('dtype', '')} s{r.get('seqlen')}" for r in pts]
+    ax.bar(range(len(pts)), [r["ppl"] for r in pts])
+    ax.set_xticks(range(len(pts)), labels, fontsize=6, rotation=30, ha="right")
+    ax.set(ylabel="perplexity", title="evaluations")
+    return True
+
+
+def write_report(results: str | Path, output: str | Path) -> dict:
+    """Write report.md and plot PNGs into `output` (atomically); return what was written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_records(results)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        written = ["report.md"]
+        body = [f"# peakllm report\n\n{len(records)} results from `{results}`.\n", markdown_tables(records)]
+        for name, plot in (("sparsity.png", _plot_sparsity), ("size.png", _plot_bits), ("eval.png", _plot_eval)):
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            if plot(records, ax):
+                fig.tight_layout()
+                fig.savefig(tmp / name, dpi=120)
+                written.append(name)
+                body.append(f"![{name}]({name})\n")
+            plt.close(fig)
+        (tmp / "report.md").write_text("\n".join(body), encoding="utf-8")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"records": len(records), "output": str(output), "files": written}

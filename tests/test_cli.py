@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from peakllm.cli import COMMANDS, build_parser, main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert len(capsys.readouterr().out) > 200
+
+
+def test_eval_json(capsys, tiny_model_dir, text_file):
+    code, out, _ = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--dataset", str(text_file),
+                           "--seqlen", "32", "--max-tokens", "128", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert {"ppl", "tokens", "seqlen", "seconds", "tokens_per_second", "model", "dataset"} <= result.keys()
+    assert result["tokens"] == 128 and result["seqlen"] == 32 and 1 < result["ppl"] < 1e4
+
+
+def test_log_report_and_info(capsys, tmp_path, tiny_model_dir, text_file):
+    log = tmp_path / "results.jsonl"
+    for dtype in ("fp32", "bf16"):
+        code, out, _ = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--dataset", str(text_file),
+                               "--seqlen", "32", "--max-tokens", "64", "--dtype", dtype, "--log", str(log))
+        assert code == 0 and "ppl" in out
+    assert len(log.read_text().splitlines()) == 2
+    code, out, _ = run_cli(capsys, "report", str(log), "--output", str(tmp_path / "report"), "--json")
+    assert code == 0 and json.loads(out)["records"] == 2
+    assert "| ppl |" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "eval.png").stat().st_size > 1000
+    code, out, _ = run_cli(capsys, "info", "--model", str(tiny_model_dir), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["layers"] == 2 and info["parameters"] > 0
+
+
+def test_generate_json(capsys, tiny_model_dir):
+    code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "The quick",
+                           "--max-new-tokens", "5", "--json")
+    assert code == 0 and json.loads(out)["new_tokens"] <= 5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--model", "/no/such/model"], "not found"),
+    (["eval", "--model", "TINY", "--dataset", "/no/such.txt"], "unknown dataset"),
+    (["eval", "--model", "TINY", "--seqlen", "1"], "seqlen"),
+    (["generate", "--model", "TINY", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["report", "/no/results.jsonl", "--output", "OUT"], "not found"),
+])
+def test_bad_input_one_line_error(capsys, tmp_path, tiny_model_dir, argv, message):
+    argv = [str(tiny_model_dir) if a == "TINY" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_parser_builds():
+    assert build_parser().prog == "peakllm"
+
+
+@pytest.mark.slow
+def test_default_model_eval_and_generate(capsys):
+    code, out, _ = run_cli(capsys, "eval", "--max-tokens", "1024", "--json")
+    result = json.loads(out)
+    assert code == 0 and 5 < result["ppl"] < 40 and result["tokens"] == 1024
+    code, out, _ = run_cli(capsys, "generate", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--json")
+    assert code == 0 and "Paris" in json.loads(out)["text"]

@@ -1,0 +1,69 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from peakllm import models
+from peakllm.errors import PeakError
+
+
+def test_hf_folder_loads_with_same_logits(tiny_model_dir, tiny_llama):
+    model, tok = models.load_model(str(tiny_model_dir))
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, tiny_llama(input_ids=ids).logits, atol=1e-6)
+    assert tok("fox")["input_ids"]
+
+
+def test_bad_specs(tmp_path, tiny_model_dir):
+    with pytest.raises(PeakError, match="not found"):
+        models.load_model(str(tmp_path / "missing"))
+    txt = tmp_path / "weights.bin"
+    txt.write_bytes(b"1234")
+    with pytest.raises(PeakError, match="not a .gguf"):
+        models.load_model(str(txt))
+    with pytest.raises(PeakError, match="no config.json"):
+        models.load_model(str(tmp_path))
+    corrupt = tmp_path / "broken.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(PeakError, match="cannot load GGUF"):
+        models.load_model(str(corrupt))
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PeakError, match="unsupported architecture"):
+        models.load_model(str(tiny_model_dir))
+
+
+def test_default_conversion_is_atomic(monkeypatch, tmp_path, tiny_llama, tiny_tokenizer):
+    """An interrupted first conversion leaves no cache entry; the next call converts and reuses it."""
+    monkeypatch.setenv("PEAKLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "default_gguf_path", lambda: Path("/nonexistent/model.gguf"))
+    monkeypatch.setattr(models, "_load_gguf", lambda path: (tiny_llama, tiny_tokenizer))
+    original = type(tiny_tokenizer).save_pretrained
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tiny_tokenizer), "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        models.default_model_dir()
+    model_root = tmp_path / "cache" / "models"
+    assert list(model_root.iterdir()) == []  # neither the target nor a temp folder survives
+    monkeypatch.setattr(type(tiny_tokenizer), "save_pretrained", original)
+    path = models.default_model_dir()
+    assert (path / "config.json").is_file() and path.name == models.DEFAULT_NAME
+    monkeypatch.setattr(models, "_load_gguf", lambda path: pytest.fail("converted twice"))
+    assert models.default_model_dir() == path
+    model, _ = models.load_model("default")
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_llama.parameters())
+
+
+@pytest.mark.slow
+def test_default_model_is_smollm2(default_model):
+    model, tok = default_model
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert models.param_count(model) == 134_515_008
+    assert model.config.num_hidden_layers == 30
