@@ -1,0 +1,428 @@
+"""Sub-1-bit ternary weights (QMoE): a Tunstall dictionary code over ternary codes, decodable per block.
+
+A weight row is a sequence of ternary codes {0, 1, 2} = {-scale_neg, 0, +scale_pos}. Expert weights after
+ternary quantization are mostly zeros, so the row is parsed greedily into dictionary words: each word is
+a variable-length ternary sequence (a long run of zeros, or zeros with a few nonzeros), sent as one
+fixed-width symbol (8 or 16 bits). The dictionary is a Tunstall tree for an i.i.d. ternary source with
+the matrix's measured P(0) and P(+ | nonzero); Tunstall words are nearly equiprobable, which is what
+makes a fixed-width code for them close to the entropy. It is rebuilt from three small integers kept in
+the metadata, so it costs no stored bytes and matrices with the same statistics share one table.
+
+Layout (docs/SUB1_FORMAT.md): `stream` uint8 [n_symbols * sym_bits / 8] (16-bit symbols little-endian);
+each row starts on a fresh symbol and its last word is completed with zeros; `block_offsets` int32
+[n_blocks + 1] = index of the first symbol of every block of `block_rows` rows, so blocks decode
+independently; `scale_pos` fp16 [out, n_groups] and, unless the scales are symmetric, `scale_neg`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from peakllm.errors import PeakError
+from peakllm.formats.intk import MAX_DIM, check_version, fp16_params, meta_bool, meta_int, n_groups_of, take
+
+FORMAT_VERSION = 1
+SYM_BITS = (8, 16)
+MAX_LEN = 128  # word length cap: positions fit 7 bits of a byte whose top bit is the sign
+NZ_MAX = 6  # nonzeros per word: a kernel table entry is 8 bytes = [len, nnz, 6 x (pos | neg << 7)]
+PROB_Q = 256  # probabilities are stored as integers / 256, so similar matrices share a dictionary
+DEFAULT_BLOCK_ROWS = 16
+NEG, ZERO, POS = 0, 1, 2
+
+
+# ---- the dictionary ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tables:
+    """A built dictionary. `entry` is what the kernel reads; `child`/`word` drive the encoder."""
+
+    entry: np.ndarray  # uint64 [2^sym_bits]: len | nnz << 8 | (pos_k | neg_k << 7) << (16 + 8k); 0 = unused
+    length: np.ndarray  # int64 [2^sym_bits] ternary values a symbol covers (0 = unused symbol)
+    nnz: np.ndarray  # int64 [2^sym_bits]
+    pos: np.ndarray  # int64 [2^sym_bits, NZ_MAX] position of each nonzero inside the word
+    neg: np.ndarray  # bool  [2^sym_bits, NZ_MAX]
+    span: np.ndarray  # int64 [2^sym_bits] last nonzero position + 1 (0 if none)
+    child: list = field(repr=False)  # flat [node * 3 + code] -> node or -1; node 0 is the root
+    word: list = field(repr=False)  # node -> symbol, or -1 for a node that is not a word
+    n_words: int = 0
+    expected_len: float = 0.0  # E[values per symbol] under the source model
+
+
+@lru_cache(maxsize=16)
+def tunstall(sym_bits: int, p_zero_q: int, p_pos_q: int) -> Tables:
+    """Tunstall tree for P(0) = p_zero_q/256, P(+) = (1 - P(0)) * p_pos_q/256, capped at MAX_LEN, NZ_MAX.
+
+    Repeatedly expand the most probable word into its three one-longer extensions. A word holding NZ_MAX
+    nonzeros can only grow a zero, so it stays a word itself (greedy longest-match parsing then still
+    always succeeds); a word of MAX_LEN values is never expanded.
+    """
+    p0 = p_zero_q / PROB_Q
+    pp = (1 - p0) * p_pos_q / PROB_Q
+    prob_of = (1 - p0 - pp, p0, pp)  # indexed by code
+    n_max = 1 << sym_bits
+    child, length, nzs, prob, is_word = [-1, -1, -1], [0], [()], [1.0], [False]
+    heap: list = []
+
+    def grow(parent: int, code: int) -> None:
+        node = len(length)
+        child[parent * 3 + code] = node
+        child.extend((-1, -1, -1))
+        length.append(length[parent] + 1)
+        nzs.append(nzs[parent] + (((length[parent]) | (code == NEG) << 7),) if code != ZERO else nzs[parent])
+        prob.append(prob[parent] * prob_of[code])
+        is_word.append(True)
+        if length[node] < MAX_LEN:
+            heapq.heappush(heap, (-prob[node], node))
+
+    for code in (NEG, ZERO, POS):
+        grow(0, code)
+    n_words, expected_len = 3, 1.0
+    while heap:
+        neg_p, node = heap[0]
+        full = len(nzs[node]) < NZ_MAX
+        if n_words + (2 if full else 1) > n_max:
+            break
+        heapq.heappop(heap)
+        if full:
+            is_word[node] = False
+            for code in (NEG, ZERO, POS):
+                grow(node, code)
+            n_words += 2
+            expected_len += -neg_p
+        else:
+            grow(node, ZERO)
+            n_words += 1
+            expected_len += -neg_p * p0
+
+    word = [-1] * len(length)
+    entry = np.zeros(n_max, dtype=np.uint64)
+    lens = np.zeros(n_max, dtype=np.int64)
+    nnz = np.zeros(n_max, dtype=np.int64)
+    pos = np.zeros((n_max, NZ_MAX), dtype=np.int64)
+    neg = np.zeros((n_max, NZ_MAX), dtype=bool)
+    sym = 0
+    for node in range(1, len(length)):
+        if not is_word[node]:
+            continue
+        word[node] = sym
+        lens[sym], nnz[sym] = length[node], len(nzs[node])
+        e = length[node] | len(nzs[node]) << 8
+        for k, b in enumerate(nzs[node]):
+            pos[sym, k], neg[sym, k] = b & 127, bool(b >> 7)
+            e |= b << (16 + 8 * k)
+        entry[sym] = e
+        sym += 1
+    span = np.where(nnz > 0, np.take_along_axis(pos, np.maximum(nnz - 1, 0)[:, None], 1)[:, 0] + 1, 0)
+    return Tables(entry=entry, length=lens, nnz=nnz, pos=pos, neg=neg, span=span, child=child, word=word,
+                  n_words=sym, expected_len=expected_len)
+
+
+@dataclass(frozen=True)
+class Sub1Dictionary:
+    """Which Tunstall dictionary a matrix uses: symbol width and the quantized source probabilities."""
+
+    sym_bits: int = 16
+    p_zero_q: int = 230
+    p_pos_q: int = 128
+
+    def __post_init__(self):
+        if self.sym_bits not in SYM_BITS:
+            raise PeakError(f"sub1 symbols are {SYM_BITS} bits wide, got {self.sym_bits!r}")
+        for name in ("p_zero_q", "p_pos_q"):
+            v = getattr(self, name)
+            if type(v) is not int or not 1 <= v <= PROB_Q - 1:
+                raise PeakError(f"sub1 dictionary {name} must be an integer in [1, {PROB_Q - 1}], got {v!r}")
+
+    @classmethod
+    def fit(cls, codes, sym_bits: int = 16) -> "Sub1Dictionary":
+        """The dictionary for the pooled statistics of one code matrix or a list of them (one per model)."""
+        mats = [codes] if isinstance(codes, torch.Tensor) else list(codes)
+        n = zeros = pos = 0
+        for c in mats:
+            n += c.numel()
+            zeros += int((c == ZERO).sum())
+            pos += int((c == POS).sum())
+        if n == 0:
+            raise PeakError("cannot fit a sub1 dictionary on no codes")
+        nonzero = n - zeros
+        p_zero_q = min(max(round(PROB_Q * zeros / n), 1), PROB_Q - 1)
+        p_pos_q = min(max(round(PROB_Q * pos / nonzero), 1), PROB_Q - 1) if nonzero else PROB_Q // 2
+        return cls(sym_bits=sym_bits, p_zero_q=p_zero_q, p_pos_q=p_pos_q)
+
+    @property
+    def tables(self) -> Tables:
+        return tunstall(self.sym_bits, self.p_zero_q, self.p_pos_q)
+
+
+# ---- encoding and parsing ----------------------------------------------------------------------
+
+def _encode_rows(codes: np.ndarray, tables: Tables) -> tuple[list, np.ndarray]:
+    """Greedy longest-match parse of every row; (symbols, symbols per row)."""
+    child, word = tables.child, tables.word
+    syms: list = []
+    per_row = np.zeros(codes.shape[0], dtype=np.int64)
+    for r, row in enumerate(codes.tolist()):
+        start, v = len(syms), 0
+        for c in row:
+            nxt = child[v * 3 + c]
+            if nxt < 0:  # v is a word that cannot grow by c: emit it and restart at the root
+                syms.append(word[v])
+                nxt = child[c]
+            v = nxt
+        while word[v] < 0:  # the row ended inside the tree: complete the word with zeros
+            v = child[v * 3 + ZERO]
+        syms.append(word[v])
+        per_row[r] = len(syms) - start
+    return syms, per_row
+
+
+def _symbols(stream: torch.Tensor, sym_bits: int) -> np.ndarray:
+    raw = stream.numpy()
+    if sym_bits == 8:
+        return raw.astype(np.int64)
+    return raw.view("<u2").astype(np.int64)
+
+
+def parse(symbols: np.ndarray, block_offsets: np.ndarray, out_features: int, in_features: int,
+          block_rows: int, tables: Tables) -> tuple[np.ndarray, np.ndarray]:
+    """Row and first column of every symbol, checking that the stream parses exactly into the rows.
+
+    Raises PeakError unless every symbol is a word, every block's rows end exactly at the next block's
+    offset, and no nonzero of a row's last word lies past the row's end (the kernel reads x there).
+    """
+    n_blocks = math.ceil(out_features / block_rows)
+    if block_offsets.shape != (n_blocks + 1,) or block_offsets[0] != 0 or block_offsets[-1] != len(symbols):
+        raise PeakError(f"sub1 block_offsets must run from 0 to {len(symbols)} over {n_blocks} blocks")
+    if np.any(np.diff(block_offsets) < 1):
+        raise PeakError("sub1 block_offsets must increase (every row holds at least one symbol)")
+    lens = tables.length[symbols]
+    if np.any(lens == 0):
+        raise PeakError("sub1 stream holds a symbol that is not in its dictionary")
+    cum = np.cumsum(lens)
+    row_first = np.empty(out_features + 1, dtype=np.int64)
+    r = 0
+    for b in range(n_blocks):
+        s, e = int(block_offsets[b]), int(block_offsets[b + 1])
+        for _ in range(min(block_rows, out_features - r)):
+            base = int(cum[s - 1]) if s else 0
+            # the row's last symbol is the first one whose cumulative length reaches the row's end
+            j = s + int(np.searchsorted(cum[s:e], base + in_features, side="left"))
+            if j >= e:
+                raise PeakError(f"sub1 row {r} runs past the end of its block")
+            row_first[r] = s
+            s, r = j + 1, r + 1
+        if s != e:
+            raise PeakError(f"sub1 block {b} holds {e - s} symbols after its last row")
+    row_first[out_features] = len(symbols)
+    counts = np.diff(row_first)
+    rows = np.repeat(np.arange(out_features), counts)
+    base = np.concatenate(([0], cum))[row_first[:-1]]
+    col = cum - lens - base[rows]
+    last = row_first[1:] - 1
+    if np.any(col[last] + tables.span[symbols[last]] > in_features):
+        raise PeakError("sub1 stream has a nonzero past the end of a row")
+    return rows, col
+
+
+# ---- the packed module -------------------------------------------------------------------------
+
+@dataclass
+class PackedSub1:
+    kind: ClassVar[str] = "sub1"
+    stream: torch.Tensor
+    block_offsets: torch.Tensor
+    scale_pos: torch.Tensor
+    scale_neg: torch.Tensor  # the same tensor as scale_pos when sym
+    dictionary: Sub1Dictionary
+    group_size: int
+    block_rows: int
+    in_features: int
+    out_features: int
+    sym: bool
+    _parsed: tuple | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def encode(cls, codes: torch.Tensor, scale_neg, scale_pos, group_size: int = -1,
+               dictionary: Sub1Dictionary | None = None, *, sym_bits: int = 16,
+               block_rows: int = DEFAULT_BLOCK_ROWS) -> "PackedSub1":
+        """Pack ternary codes uint8 [out, in] with fp16-representable scales [out, n_groups].
+
+        `dictionary=None` fits one on these codes; pass a shared one (`Sub1Dictionary.fit` over all of a
+        model's codes) so every matrix uses the same table.
+        """
+        if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.dim() != 2:
+            raise PeakError("sub1 encode wants ternary codes as a uint8 tensor [out, in]")
+        out_features, in_features = codes.shape
+        _check_shape(out_features, in_features, group_size, block_rows)
+        if codes.numel() and int(codes.max()) > POS:
+            raise PeakError("ternary codes must be 0, 1 or 2")
+        g = n_groups_of(in_features, group_size)
+        scale_neg, scale_pos = torch.as_tensor(scale_neg), torch.as_tensor(scale_pos)
+        for name, t in (("scale_neg", scale_neg), ("scale_pos", scale_pos)):
+            if tuple(t.shape) != (out_features, g):
+                raise PeakError(f"sub1 {name} must have shape [{out_features}, {g}], got {tuple(t.shape)}")
+        scale_neg, scale_pos = fp16_params(scale_neg, "scale_neg"), fp16_params(scale_pos, "scale_pos")
+        sym = torch.equal(scale_neg, scale_pos)
+        if dictionary is None:
+            dictionary = Sub1Dictionary.fit(codes, sym_bits)
+        if not isinstance(dictionary, Sub1Dictionary):
+            raise PeakError(f"sub1 dictionary must be a Sub1Dictionary, got {type(dictionary).__name__}")
+        syms, per_row = _encode_rows(codes.cpu().numpy(), dictionary.tables)
+        row_end = np.cumsum(per_row)
+        block_offsets = np.concatenate(([0], row_end[block_rows - 1::block_rows]))
+        if block_offsets[-1] != row_end[-1]:
+            block_offsets = np.concatenate((block_offsets, row_end[-1:]))
+        if row_end[-1] >= 1 << 31:
+            raise PeakError("sub1 matrix too large: more than 2^31 symbols")
+        dtype = np.uint8 if dictionary.sym_bits == 8 else np.dtype("<u2")
+        stream = torch.from_numpy(np.asarray(syms, dtype=dtype).view(np.uint8).copy())
+        packed = cls(stream=stream, block_offsets=torch.from_numpy(block_offsets.astype(np.int32)),
+                     scale_pos=scale_pos, scale_neg=scale_pos if sym else scale_neg, dictionary=dictionary,
+                     group_size=group_size, block_rows=block_rows, in_features=in_features,
+                     out_features=out_features, sym=sym)
+        packed.validate()
+        return packed
+
+    @classmethod
+    def from_quantized(cls, qw, dictionary: Sub1Dictionary | None = None, **kw) -> "PackedSub1":
+        """Pack a solver's QuantizedWeight on a ternary grid (contiguous groups only)."""
+        grid = getattr(qw, "grid", None)
+        if not isinstance(grid, dict) or grid.get("kind") != "ternary":
+            raise PeakError(f"sub1 packs ternary QuantizedWeights, got grid {grid!r}")
+        group_size = grid.get("group_size")
+        if qw.g_idx is not None and group_size != -1:
+            gi = torch.arange(qw.codes.shape[1]) // group_size
+            if not torch.equal(qw.g_idx.long(), gi):
+                raise PeakError("sub1 has no g_idx: act-order groups cannot be stored")
+        return cls.encode(qw.codes, qw.params["scale_neg"], qw.params["scale_pos"], group_size, dictionary, **kw)
+
+    # -- sizes
+
+    @property
+    def n_groups(self) -> int:
+        return n_groups_of(self.in_features, self.group_size)
+
+    @property
+    def n_symbols(self) -> int:
+        return self.stream.numel() * 8 // self.dictionary.sym_bits
+
+    @property
+    def num_params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    @property
+    def bits_per_param(self) -> float:
+        """Stored bits (stream, offsets, scales) per original parameter; metadata is a few dozen bytes more
+        in the container and the dictionary is rebuilt from the metadata, so it stores nothing."""
+        return 8 * self.nbytes / self.num_params
+
+    # -- decoding
+
+    def _rows_cols(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._parsed is None:
+            self._parsed = parse(_symbols(self.stream, self.dictionary.sym_bits), self.block_offsets.numpy(),
+                                 self.out_features, self.in_features, self.block_rows, self.dictionary.tables)
+        return self._parsed
+
+    def decode(self) -> torch.Tensor:
+        """The ternary codes uint8 [out, in], exactly as encoded."""
+        tables = self.dictionary.tables
+        rows, col = self._rows_cols()
+        symbols = _symbols(self.stream, self.dictionary.sym_bits)
+        codes = np.full((self.out_features, self.in_features), ZERO, dtype=np.uint8)
+        nnz = tables.nnz[symbols]
+        for k in range(NZ_MAX):
+            has = nnz > k
+            s = symbols[has]
+            codes[rows[has], col[has] + tables.pos[s, k]] = np.where(tables.neg[s, k], NEG, POS)
+        return torch.from_numpy(codes)
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 weights [out, in]."""
+        codes = self.decode()
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        gi = torch.arange(self.in_features) // gs
+        w = torch.zeros(codes.shape, dtype=torch.float32)
+        w = torch.where(codes == NEG, -self.scale_neg.float()[:, gi], w)
+        return torch.where(codes == POS, self.scale_pos.float()[:, gi], w)
+
+    # -- the container protocol
+
+    def metadata(self) -> dict:
+        d = self.dictionary
+        return {"version": FORMAT_VERSION, "in_features": self.in_features, "out_features": self.out_features,
+                "group_size": self.group_size, "block_rows": self.block_rows, "sym": self.sym,
+                "sym_bits": d.sym_bits, "p_zero_q": d.p_zero_q, "p_pos_q": d.p_pos_q}
+
+    def to_tensors(self, prefix: str = "") -> dict:
+        out = {prefix + "stream": self.stream, prefix + "block_offsets": self.block_offsets,
+               prefix + "scale_pos": self.scale_pos}
+        if not self.sym:
+            out[prefix + "scale_neg"] = self.scale_neg
+        return out
+
+    def validate(self) -> None:
+        rows, g = self.out_features, self.n_groups
+        _check_shape(rows, self.in_features, self.group_size, self.block_rows)
+        n_blocks = math.ceil(rows / self.block_rows)
+        take({"b": self.block_offsets}, "b", torch.int32, (n_blocks + 1,))
+        if self.stream.dtype != torch.uint8 or self.stream.dim() != 1 or \
+                self.stream.numel() % (self.dictionary.sym_bits // 8):
+            raise PeakError(f"sub1 stream must be uint8 [n_symbols * {self.dictionary.sym_bits // 8}]")
+        for name, t in (("scale_pos", self.scale_pos), ("scale_neg", self.scale_neg)):
+            take({name: t}, name, torch.float16, (rows, g))
+            if not torch.isfinite(t).all():
+                raise PeakError(f"sub1 {name} holds non-finite values")
+        if self.sym and not torch.equal(self.scale_neg, self.scale_pos):
+            raise PeakError("symmetric sub1 needs scale_neg == scale_pos")
+        self._parsed = None
+        self._rows_cols()
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, metadata: dict, prefix: str = "") -> "PackedSub1":
+        check_version(metadata, cls.kind)
+        in_features = meta_int(metadata, "in_features", 1, MAX_DIM)
+        out_features = meta_int(metadata, "out_features", 1, MAX_DIM)
+        group_size = meta_int(metadata, "group_size", -1, MAX_DIM)
+        block_rows = meta_int(metadata, "block_rows", 1, MAX_DIM)
+        _check_shape(out_features, in_features, group_size, block_rows)
+        sym = meta_bool(metadata, "sym")
+        dictionary = Sub1Dictionary(sym_bits=meta_int(metadata, "sym_bits", 8, 16),
+                                    p_zero_q=meta_int(metadata, "p_zero_q", 1, PROB_Q - 1),
+                                    p_pos_q=meta_int(metadata, "p_pos_q", 1, PROB_Q - 1))
+        g = n_groups_of(in_features, group_size)
+        stream = tensors.get(prefix + "stream")
+        if not isinstance(stream, torch.Tensor) or stream.dtype != torch.uint8 or stream.dim() != 1:
+            raise PeakError(f"missing or malformed tensor {prefix + 'stream'!r} (uint8, one dimension)")
+        n_blocks = math.ceil(out_features / block_rows)
+        scale_pos = take(tensors, prefix + "scale_pos", torch.float16, (out_features, g))
+        if sym and prefix + "scale_neg" in tensors:
+            raise PeakError("symmetric sub1 stores no scale_neg")
+        scale_neg = scale_pos if sym else take(tensors, prefix + "scale_neg", torch.float16, (out_features, g))
+        packed = cls(stream=stream.contiguous(),
+                     block_offsets=take(tensors, prefix + "block_offsets", torch.int32, (n_blocks + 1,)).contiguous(),
+                     scale_pos=scale_pos.contiguous(), scale_neg=scale_neg.contiguous(), dictionary=dictionary,
+                     group_size=group_size, block_rows=block_rows, in_features=in_features,
+                     out_features=out_features, sym=sym)
+        packed.validate()
+        return packed
+
+
+def _check_shape(out_features: int, in_features: int, group_size: int, block_rows: int) -> None:
+    if not (1 <= out_features <= MAX_DIM and 1 <= in_features <= MAX_DIM):
+        raise PeakError(f"sub1 weight shape [{out_features}, {in_features}] is out of range")
+    if type(group_size) is not int or not (group_size == -1 or 1 <= group_size <= MAX_DIM):
+        raise PeakError(f"sub1 group_size must be -1 or in [1, {MAX_DIM}], got {group_size!r}")
+    if type(block_rows) is not int or not 1 <= block_rows <= MAX_DIM:
+        raise PeakError(f"sub1 block_rows must be in [1, {MAX_DIM}], got {block_rows!r}")

@@ -1,0 +1,244 @@
+// Decode-while-multiplying for the sub-1-bit ternary format (peakllm/formats/sub1.py, docs/SUB1_FORMAT.md).
+//
+// y[b, r] = sum_g scale_pos[r,g] * sum_{+ in g} x[b,c] - scale_neg[r,g] * sum_{- in g} x[b,c]
+//
+// The dense matrix is never built. Each thread takes whole blocks of rows (block_offsets says where a
+// block's symbols start) and, per row, works in two branch-free phases:
+//   1. decode: every symbol's 8-byte dictionary entry [len, nnz, 6 x (pos | neg << 7)] is widened to
+//      eight uint32 "col | neg << 31" and stored at buf + n unconditionally; n += nnz keeps the valid
+//      ones. No branch depends on the data except the row-end test, so variable-length words cost
+//      no mispredictions.
+//   2. accumulate: the row's nonzeros, ascending by column, are summed group by group: signed sum
+//      (x with the sign bit flipped for -) and, for asymmetric scales, the plain sum, from which
+//      sum+ and sum- follow. Batch 1 gathers 8 x values at a time; batches of 2..32 read x transposed,
+//      so one nonzero adds a contiguous vector of batch values.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr uint32_t SIGN = 0x80000000u;
+constexpr uint32_t COL = 0x7fffffffu;
+constexpr int MAXB = 32;  // batch columns handled per pass (more are done in chunks of 32)
+
+template <typename SymT>
+inline int64_t decode_row(const SymT*& sp, const uint64_t* dict, int64_t in, uint32_t* buf) {
+    int64_t col = 0, n = 0;
+    while (col < in) {
+        SymT sym;
+        std::memcpy(&sym, sp++, sizeof(SymT));  // 16-bit symbols need not be aligned in the stream
+        const uint64_t e = dict[sym];
+#ifdef __AVX2__
+        const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)(e >> 16)));
+        const __m256i pos = _mm256_and_si256(lanes, _mm256_set1_epi32(127));
+        const __m256i neg = _mm256_slli_epi32(_mm256_srli_epi32(lanes, 7), 31);
+        const __m256i v = _mm256_or_si256(_mm256_add_epi32(pos, _mm256_set1_epi32((int)col)), neg);
+        _mm256_storeu_si256((__m256i*)(buf + n), v);
+#else
+        for (int k = 0; k < 6; k++) {
+            const uint32_t b = (uint32_t)(e >> (16 + 8 * k)) & 0xffu;
+            buf[n + k] = ((uint32_t)col + (b & 127u)) | ((b >> 7) << 31);
+        }
+#endif
+        n += (e >> 8) & 0xff;
+        col += e & 0xff;
+    }
+    return n;
+}
+
+inline float flip(float v, uint32_t sign) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    u ^= sign;
+    std::memcpy(&v, &u, 4);
+    return v;
+}
+
+// Signed and plain sums of x over buf[lo, hi) (batch 1).
+template <bool SYM>
+inline void sum_range_1(const uint32_t* buf, int64_t lo, int64_t hi, const float* x, float& s, float& a) {
+    int64_t k = lo;
+    float ss = 0.f, aa = 0.f;
+#ifdef __AVX2__
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    const __m256i colm = _mm256_set1_epi32((int)COL), signm = _mm256_set1_epi32((int)SIGN);
+    for (; k + 16 <= hi; k += 16) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)(buf + k));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i*)(buf + k + 8));
+        const __m256 g0 = _mm256_i32gather_ps(x, _mm256_and_si256(v0, colm), 4);
+        const __m256 g1 = _mm256_i32gather_ps(x, _mm256_and_si256(v1, colm), 4);
+        s0 = _mm256_add_ps(s0, _mm256_xor_ps(g0, _mm256_castsi256_ps(_mm256_and_si256(v0, signm))));
+        s1 = _mm256_add_ps(s1, _mm256_xor_ps(g1, _mm256_castsi256_ps(_mm256_and_si256(v1, signm))));
+        if (!SYM) {
+            a0 = _mm256_add_ps(a0, g0);
+            a1 = _mm256_add_ps(a1, g1);
+        }
+    }
+    for (; k + 8 <= hi; k += 8) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)(buf + k));
+        const __m256 g0 = _mm256_i32gather_ps(x, _mm256_and_si256(v0, colm), 4);
+        s0 = _mm256_add_ps(s0, _mm256_xor_ps(g0, _mm256_castsi256_ps(_mm256_and_si256(v0, signm))));
+        if (!SYM) a0 = _mm256_add_ps(a0, g0);
+    }
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_add_ps(s0, s1));
+    for (int i = 0; i < 8; i++) ss += t[i];
+    if (!SYM) {
+        _mm256_storeu_ps(t, _mm256_add_ps(a0, a1));
+        for (int i = 0; i < 8; i++) aa += t[i];
+    }
+#endif
+    for (; k < hi; k++) {
+        const float v = x[buf[k] & COL];
+        ss += flip(v, buf[k] & SIGN);
+        if (!SYM) aa += v;
+    }
+    s = ss;
+    a = aa;
+}
+
+// Same over a batch: xt is x transposed, [in][BP] (BP = batch padded to 8); s, a hold BP sums each.
+template <int BP, bool SYM>
+inline void sum_range_b(const uint32_t* buf, int64_t lo, int64_t hi, const float* xt, float* s, float* a) {
+#ifdef __AVX2__
+    constexpr int NV = BP / 8;
+    __m256 sv[NV], av[NV];
+    for (int j = 0; j < NV; j++) sv[j] = av[j] = _mm256_setzero_ps();
+    for (int64_t k = lo; k < hi; k++) {
+        const uint32_t v = buf[k];
+        const float* xp = xt + (int64_t)(v & COL) * BP;
+        const __m256 sg = _mm256_castsi256_ps(_mm256_set1_epi32((int)(v & SIGN)));
+        for (int j = 0; j < NV; j++) {
+            const __m256 xv = _mm256_loadu_ps(xp + 8 * j);
+            sv[j] = _mm256_add_ps(sv[j], _mm256_xor_ps(xv, sg));
+            if (!SYM) av[j] = _mm256_add_ps(av[j], xv);
+        }
+    }
+    for (int j = 0; j < NV; j++) {
+        _mm256_storeu_ps(s + 8 * j, sv[j]);
+        _mm256_storeu_ps(a + 8 * j, av[j]);
+    }
+#else
+    for (int j = 0; j < BP; j++) s[j] = a[j] = 0.f;
+    for (int64_t k = lo; k < hi; k++) {
+        const uint32_t v = buf[k];
+        const float* xp = xt + (int64_t)(v & COL) * BP;
+        for (int j = 0; j < BP; j++) {
+            s[j] += flip(xp[j], v & SIGN);
+            if (!SYM) a[j] += xp[j];
+        }
+    }
+#endif
+}
+
+// First index in buf[lo, hi) whose column is >= bound (columns ascend).
+inline int64_t lower(const uint32_t* buf, int64_t lo, int64_t hi, int64_t bound) {
+    return std::lower_bound(buf + lo, buf + hi, (uint32_t)bound,
+                            [](uint32_t v, uint32_t b) { return (v & COL) < b; }) - buf;
+}
+
+struct Args {
+    const uint8_t* stream;
+    const int32_t* block_offsets;
+    const uint64_t* dict;
+    const float* scale_pos;
+    const float* scale_neg;
+    int64_t out, in, group_size, block_rows, batch;
+    const float* x;
+    float* y;
+};
+
+template <typename SymT, bool SYM, int BP>
+void run(const Args& A, const float* xt, int64_t nb_chunks) {
+    const int64_t gs = A.group_size > 0 ? A.group_size : A.in;
+    const int64_t n_groups = (A.in + gs - 1) / gs;
+    const int64_t n_blocks = (A.out + A.block_rows - 1) / A.block_rows;
+#pragma omp parallel
+    {
+        std::vector<uint32_t> buf(A.in + 8);
+        alignas(32) float s[MAXB], a[MAXB];
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < n_blocks; blk++) {
+            const SymT* sp = (const SymT*)A.stream + A.block_offsets[blk];
+            const int64_t r_end = std::min(A.out, (blk + 1) * A.block_rows);
+            for (int64_t r = blk * A.block_rows; r < r_end; r++) {
+                const int64_t n = decode_row<SymT>(sp, A.dict, A.in, buf.data());
+                const float* sp_r = A.scale_pos + r * n_groups;
+                const float* sn_r = SYM ? sp_r : A.scale_neg + r * n_groups;
+                for (int64_t c0 = 0; c0 < nb_chunks; c0++) {
+                    const int64_t b0 = c0 * MAXB, nb = std::min<int64_t>(MAXB, A.batch - b0);
+                    float acc[MAXB] = {0.f};
+                    int64_t lo = 0;
+                    for (int64_t g = 0; g < n_groups; g++) {
+                        const int64_t hi = g + 1 == n_groups ? n : lower(buf.data(), lo, n, (g + 1) * gs);
+                        if constexpr (BP == 1) {
+                            sum_range_1<SYM>(buf.data(), lo, hi, A.x + b0 * A.in, s[0], a[0]);
+                        } else {
+                            sum_range_b<BP, SYM>(buf.data(), lo, hi, xt + c0 * A.in * BP, s, a);
+                        }
+                        // sum+ = (a + s)/2 and sum- = (a - s)/2, so y = s (p + q)/2 + a (p - q)/2
+                        const float p = sp_r[g], q = sn_r[g];
+                        for (int64_t j = 0; j < nb; j++)
+                            acc[j] += SYM ? p * s[j] : 0.5f * (p + q) * s[j] + 0.5f * (p - q) * a[j];
+                        lo = hi;
+                    }
+                    for (int64_t j = 0; j < nb; j++) A.y[(b0 + j) * A.out + r] = acc[j];
+                }
+            }
+        }
+    }
+}
+
+template <typename SymT, bool SYM>
+void dispatch_bp(const Args& A) {
+    if (A.batch == 1) {
+        run<SymT, SYM, 1>(A, nullptr, 1);
+        return;
+    }
+    // BP: the batch padded to a multiple of 8 (one chunk), or 32 with several chunks
+    const int64_t BP = A.batch > MAXB ? MAXB : ((A.batch + 7) / 8) * 8;
+    const int64_t chunks = (A.batch + MAXB - 1) / MAXB;
+    std::vector<float> xt((size_t)(chunks * A.in * BP), 0.f);
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < A.in; c++)
+        for (int64_t b = 0; b < A.batch; b++)
+            xt[(size_t)(((b / MAXB) * A.in + c) * BP + b % MAXB)] = A.x[b * A.in + c];
+    switch (BP) {
+        case 8: run<SymT, SYM, 8>(A, xt.data(), chunks); break;
+        case 16: run<SymT, SYM, 16>(A, xt.data(), chunks); break;
+        case 24: run<SymT, SYM, 24>(A, xt.data(), chunks); break;
+        default: run<SymT, SYM, 32>(A, xt.data(), chunks); break;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [batch, in] fp32, y [batch, out] fp32; scale_neg == nullptr means symmetric scales.
+// group_size <= 0: one group per row. sym_bits: 8 or 16. Returns 0, or -1 for arguments it refuses.
+int sub1_matmul_f32(const uint8_t* stream, const int32_t* block_offsets, const uint64_t* dict, int sym_bits,
+                    const float* scale_pos, const float* scale_neg, int64_t out, int64_t in,
+                    int64_t group_size, int64_t block_rows, const float* x, int64_t batch, float* y,
+                    int n_threads) {
+    if (out < 1 || in < 1 || in >= (int64_t)COL || block_rows < 1 || batch < 1) return -1;
+    if (n_threads > 0) omp_set_num_threads(n_threads);
+    const Args A{stream, block_offsets, dict, scale_pos, scale_neg, out, in, group_size, block_rows, batch, x, y};
+    const bool sym = scale_neg == nullptr;
+    if (sym_bits == 8) {
+        sym ? dispatch_bp<uint8_t, true>(A) : dispatch_bp<uint8_t, false>(A);
+    } else if (sym_bits == 16) {
+        sym ? dispatch_bp<uint16_t, true>(A) : dispatch_bp<uint16_t, false>(A);
+    } else {
+        return -1;
+    }
+    return 0;
+}
+
+}  // extern "C"
