@@ -25,8 +25,9 @@ from peakllm.solvers.wanda import wanda
 
 @dataclass
 class SparseResult:
-    """weight: pruned (and dequantized, when quantized) weights; mask: bool ``[out, in]``, True = kept;
-    quant: the QuantizedWeight when a grid was given, else None; info: how the solve went."""
+    """weight: pruned and updated weights (fp32, float64 for float64 input; the dequantized fp32 weights
+    when quantized); mask: bool ``[out, in]``, True = kept; quant: the QuantizedWeight when a grid was given,
+    else None; info: how the solve went."""
 
     weight: torch.Tensor
     mask: torch.Tensor
