@@ -32,6 +32,8 @@ _SIGNATURES = {
     "sparse": {
         "nm_gemm": [_P, _I, _I, _L, _L, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _I],
         "bitmask_gemm": [_P, _I, _I, _L, _L, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _L, _I],
+        "nm_dequant": [_L, _L, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I],
+        "bitmask_dequant": [_L, _L, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _L, _P, _I, _I],
     },
 }
 _fns: dict[str, dict | None] = {}
@@ -174,19 +176,33 @@ def _value_args(values, qweight, scales, zeros, bits, group_size, in_features, o
     return qweight, _CODES
 
 
+def _check_nm(indices, n, m, in_features, values, qweight, scales, zeros, bits, group_size):
+    """Validated (out, kept values or codes, value kind) of an N:M layout."""
+    _check(m >= 2 and 0 <= n < m and in_features % m == 0,
+           f"N:M needs 0 <= N < M and in % M == 0 ({n}:{m}, in={in_features})")
+    per_row = in_features // m * (m - n)
+    _check(isinstance(indices, torch.Tensor) and indices.dim() == 2, "indices must be a 2-D uint8 tensor")
+    out = indices.shape[0]
+    _check_tensor(indices, "indices", torch.uint8, (out, math.ceil(per_row * max(1, math.ceil(math.log2(m))) / 8)))
+    shape = lambda k: (out, per_row) if k is None else (out, math.ceil(per_row * k / 8))  # noqa: E731
+    vals, kind = _value_args(values, qweight, scales, zeros, bits, group_size, in_features, out, shape)
+    return out, vals, kind
+
+
+def _code_args(kind, vals, bits, scales, zeros, group_size):
+    """The (qweight, bits, scales, zeros, group_size) kernel arguments; empty ones for float values."""
+    if kind != _CODES:
+        return None, 0, None, None, -1
+    return ptr(vals), bits, ptr(scales), ptr(zeros), group_size
+
+
 def nm_matmul(x, indices, n: int, m: int, values=None, qweight=None, scales=None, zeros=None,
               bits: int | None = None, group_size: int | None = None) -> torch.Tensor:
     """fp32 [B, out] = x @ W.T for N:M-sparse W (N zeros in every M columns) with float or int-k kept values."""
-    B, in_features = x.shape if x.dim() == 2 else (0, -1)
+    _check(isinstance(x, torch.Tensor) and x.dim() == 2, "x must be a 2-D tensor [batch, in_features]")
+    B, in_features = x.shape
     _check_x(x, in_features)
-    _check(m >= 2 and 0 <= n < m and in_features % m == 0, f"N:M needs 0 <= N < M and in % M == 0 ({n}:{m}, in={in_features})")
-    keep, pos_bits = m - n, max(1, math.ceil(math.log2(m)))
-    per_row = in_features // m * keep
-    _check(isinstance(indices, torch.Tensor) and indices.dim() == 2, "indices must be a 2-D uint8 tensor")
-    out = indices.shape[0]
-    _check_tensor(indices, "indices", torch.uint8, (out, math.ceil(per_row * pos_bits / 8)))
-    shape = lambda k: (out, per_row) if k is None else (out, math.ceil(per_row * k / 8))  # noqa: E731
-    vals, kind = _value_args(values, qweight, scales, zeros, bits, group_size, in_features, out, shape)
+    out, vals, kind = _check_nm(indices, n, m, in_features, values, qweight, scales, zeros, bits, group_size)
     fns = _kernels("sparse")
     if fns is None:
         W = ref.dequantize_nm(indices, n, m, in_features, values, qweight, scales, zeros, bits, group_size)
@@ -194,12 +210,27 @@ def nm_matmul(x, indices, n: int, m: int, values=None, qweight=None, scales=None
     y = torch.empty(B, out, dtype=torch.float32)
     if B == 0 or out == 0:
         return y.zero_()
-    codes = kind == _CODES
     rc = fns["nm_gemm"](ptr(x), int(x.dtype == torch.bfloat16), B, in_features, out, n, m, ptr(vals), kind,
-                        ptr(vals) if codes else None, bits if codes else 0, ptr(scales) if codes else None,
-                        ptr(zeros) if codes else None, group_size if codes else -1, ptr(indices), ptr(y), _threads())
+                        *_code_args(kind, vals, bits, scales, zeros, group_size), ptr(indices), ptr(y), _threads())
     _check(rc == 0, f"nm_gemm rejected its input (code {rc}): positions must be < M")
     return y
+
+
+def nm_dequantize(indices, n: int, m: int, in_features: int, values=None, qweight=None, scales=None, zeros=None,
+                  bits: int | None = None, group_size: int | None = None, dtype=torch.float32) -> torch.Tensor:
+    """Dense W [out, in] of an N:M layout (float32 or bfloat16), for prefill GEMMs."""
+    out, vals, kind = _check_nm(indices, n, m, in_features, values, qweight, scales, zeros, bits, group_size)
+    _check(dtype in (torch.float32, torch.bfloat16), f"dequantize to float32 or bfloat16, not {dtype}")
+    fns = _kernels("sparse")
+    if fns is None:
+        return ref.dequantize_nm(indices, n, m, in_features, values, qweight, scales, zeros, bits, group_size).to(dtype)
+    W = torch.empty(out, in_features, dtype=dtype)
+    if W.numel():
+        rc = fns["nm_dequant"](in_features, out, n, m, ptr(vals), kind,
+                               *_code_args(kind, vals, bits, scales, zeros, group_size), ptr(indices), ptr(W),
+                               int(dtype == torch.bfloat16), _threads())
+        _check(rc == 0, f"nm_dequant rejected its input (code {rc}): positions must be < M")
+    return W
 
 
 def bitmask_code_offsets(row_offsets: torch.Tensor, bits: int) -> torch.Tensor:
@@ -209,23 +240,30 @@ def bitmask_code_offsets(row_offsets: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int64), nbytes.cumsum(0)])
 
 
-def bitmask_matmul(x, mask, row_offsets, values=None, qweight=None, scales=None, zeros=None,
-                   bits: int | None = None, group_size: int | None = None, qrow_offsets=None) -> torch.Tensor:
-    """fp32 [B, out] = x @ W.T for bitmask-sparse W with float or int-k kept values (row-major, flat)."""
-    B, in_features = x.shape if x.dim() == 2 else (0, -1)
-    _check_x(x, in_features)
+def _check_bitmask(mask, row_offsets, in_features, values, qweight, scales, zeros, bits, group_size, qrow_offsets):
+    """Validated (out, kept values or codes, value kind, qrow_offsets) of a bitmask layout."""
     _check(isinstance(mask, torch.Tensor) and mask.dim() == 2, "mask must be a 2-D uint8 tensor")
     out = mask.shape[0]
     _check_tensor(mask, "mask", torch.uint8, (out, math.ceil(in_features / 8)))
     _check_tensor(row_offsets, "row_offsets", torch.int64, (out + 1,))
-    if qweight is not None and qrow_offsets is None:
-        qrow_offsets = bitmask_code_offsets(row_offsets, bits)
-    flat = lambda k: tuple((values if k is None else qweight).shape)  # noqa: E731 - sizes are checked in C++
+    flat = lambda k: tuple((values if k is None else qweight).shape)  # noqa: E731 - offsets are checked in C++
     vals, kind = _value_args(values, qweight, scales, zeros, bits, group_size, in_features, out, flat)
     _check(vals.dim() == 1, "kept values / codes of a bitmask layout must be a flat 1-D tensor")
-    codes = kind == _CODES
-    if codes:
+    if kind == _CODES:
+        if qrow_offsets is None:
+            qrow_offsets = bitmask_code_offsets(row_offsets, bits)
         _check_tensor(qrow_offsets, "qrow_offsets", torch.int64, (out + 1,))
+    return out, vals, kind, qrow_offsets
+
+
+def bitmask_matmul(x, mask, row_offsets, values=None, qweight=None, scales=None, zeros=None,
+                   bits: int | None = None, group_size: int | None = None, qrow_offsets=None) -> torch.Tensor:
+    """fp32 [B, out] = x @ W.T for bitmask-sparse W with float or int-k kept values (row-major, flat)."""
+    _check(isinstance(x, torch.Tensor) and x.dim() == 2, "x must be a 2-D tensor [batch, in_features]")
+    B, in_features = x.shape
+    _check_x(x, in_features)
+    out, vals, kind, qrow_offsets = _check_bitmask(mask, row_offsets, in_features, values, qweight, scales, zeros,
+                                                   bits, group_size, qrow_offsets)
     fns = _kernels("sparse")
     if fns is None:
         W = ref.dequantize_bitmask(mask, row_offsets, in_features, values, qweight, scales, zeros, bits, group_size)
@@ -233,9 +271,30 @@ def bitmask_matmul(x, mask, row_offsets, values=None, qweight=None, scales=None,
     y = torch.empty(B, out, dtype=torch.float32)
     if B == 0 or out == 0:
         return y.zero_()
+    q, b, sc, z, gs = _code_args(kind, vals, bits, scales, zeros, group_size)
     rc = fns["bitmask_gemm"](ptr(x), int(x.dtype == torch.bfloat16), B, in_features, out, ptr(mask), ptr(row_offsets),
-                             ptr(vals), kind, ptr(vals) if codes else None, ptr(qrow_offsets) if codes else None,
-                             bits if codes else 0, ptr(scales) if codes else None, ptr(zeros) if codes else None,
-                             group_size if codes else -1, ptr(y), vals.numel(), _threads())
+                             ptr(vals), kind, q, ptr(qrow_offsets) if q else None, b, sc, z, gs, ptr(y), vals.numel(),
+                             _threads())
     _check(rc == 0, f"bitmask_gemm rejected its input (code {rc}): mask, row_offsets and values disagree")
     return y
+
+
+def bitmask_dequantize(mask, row_offsets, in_features: int, values=None, qweight=None, scales=None, zeros=None,
+                       bits: int | None = None, group_size: int | None = None, qrow_offsets=None,
+                       dtype=torch.float32) -> torch.Tensor:
+    """Dense W [out, in] of a bitmask layout (float32 or bfloat16), for prefill GEMMs."""
+    out, vals, kind, qrow_offsets = _check_bitmask(mask, row_offsets, in_features, values, qweight, scales, zeros,
+                                                   bits, group_size, qrow_offsets)
+    _check(dtype in (torch.float32, torch.bfloat16), f"dequantize to float32 or bfloat16, not {dtype}")
+    fns = _kernels("sparse")
+    if fns is None:
+        W = ref.dequantize_bitmask(mask, row_offsets, in_features, values, qweight, scales, zeros, bits, group_size)
+        return W.to(dtype)
+    W = torch.empty(out, in_features, dtype=dtype)
+    if W.numel():
+        q, b, sc, z, gs = _code_args(kind, vals, bits, scales, zeros, group_size)
+        rc = fns["bitmask_dequant"](in_features, out, ptr(mask), ptr(row_offsets), ptr(vals), kind, q,
+                                    ptr(qrow_offsets) if q else None, b, sc, z, gs, vals.numel(), ptr(W),
+                                    int(dtype == torch.bfloat16), _threads())
+        _check(rc == 0, f"bitmask_dequant rejected its input (code {rc}): mask, row_offsets and values disagree")
+    return W

@@ -350,4 +350,88 @@ int bitmask_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t out, cons
     return err ? 2 : 0;
 }
 
+static void store_row(const float* row, int64_t in, int64_t o, void* dst, int dst_bf16) {
+    if (dst_bf16) {
+        uint16_t* d = (uint16_t*)dst + o * in;
+        for (int64_t c = 0; c < in; c++) d[c] = f32_to_bf16(row[c]);
+    } else {
+        std::memcpy((float*)dst + o * in, row, in * sizeof(float));
+    }
+}
+
+// Dense W [out, in] (fp32 or bf16) of an N:M layout, for prefill GEMMs; arguments as nm_gemm.
+int nm_dequant(int64_t in, int64_t out, int n, int m, const void* values, int value_kind, const uint8_t* qweight,
+               int bits, const uint16_t* scales, const uint8_t* zeros, int group_size, const uint8_t* indices,
+               void* dst, int dst_bf16, int threads) {
+    const int keep = m - n;
+    if (m < 2 || keep < 1 || keep > m || in % m) return 1;
+    if (value_kind == CODES && (bits < 1 || bits > 8)) return 1;
+    const int pos_bits = m <= 2 ? 1 : (32 - __builtin_clz((unsigned)(m - 1)));
+    const int64_t per_row = in / m * keep, idx_row_bytes = (per_row * pos_bits + 7) / 8;
+    const int64_t gsz = group_size == -1 ? (in > 0 ? in : 1) : group_size;
+    if (gsz <= 0) return 1;
+    Values V{value_kind == CODES ? (const void*)qweight : values, value_kind, bits, scales, zeros,
+             (int)((in + gsz - 1) / gsz), gsz};
+    std::atomic<int> err{0};
+#pragma omp parallel num_threads(pick_threads(threads, out * in))
+    {
+        std::vector<float> row(in);
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < out; o++) {
+            std::fill(row.begin(), row.end(), 0.f);
+            const uint8_t* idx = indices + o * idx_row_bytes;
+            const int64_t base = V.kind == CODES ? o * ((per_row * V.bits + 7) / 8) : o * per_row;
+            for (int64_t k = 0; k < per_row; k++) {
+                unsigned pos = code_at(idx, k, pos_bits);
+                if ((int)pos >= m) { err = 1; break; }
+                int64_t col = k / keep * m + pos;
+                row[col] = V.at(base, k, o, col);
+            }
+            store_row(row.data(), in, o, dst, dst_bf16);
+        }
+    }
+    return err ? 2 : 0;
+}
+
+// Dense W [out, in] (fp32 or bf16) of a bitmask layout, for prefill GEMMs; arguments as bitmask_gemm.
+int bitmask_dequant(int64_t in, int64_t out, const uint8_t* mask, const int64_t* row_offsets, const void* values,
+                    int value_kind, const uint8_t* qweight, const int64_t* qrow_offsets, int bits,
+                    const uint16_t* scales, const uint8_t* zeros, int group_size, int64_t n_values, void* dst,
+                    int dst_bf16, int threads) {
+    if (value_kind == CODES && (bits < 1 || bits > 8)) return 1;
+    const int64_t gsz = group_size == -1 ? (in > 0 ? in : 1) : group_size;
+    if (gsz <= 0) return 1;
+    if (row_offsets[0] != 0) return 2;
+    for (int64_t o = 0; o < out; o++) {
+        int64_t cnt = row_offsets[o + 1] - row_offsets[o];
+        if (cnt < 0 || cnt > in) return 2;
+        if (value_kind == CODES && (qrow_offsets[o] < 0 || qrow_offsets[o + 1] - qrow_offsets[o] != (cnt * bits + 7) / 8))
+            return 2;
+    }
+    if ((value_kind == CODES ? qrow_offsets[out] : row_offsets[out]) > n_values) return 2;
+    Values V{value_kind == CODES ? (const void*)qweight : values, value_kind, bits, scales, zeros,
+             (int)((in + gsz - 1) / gsz), gsz};
+    const int64_t mbytes = (in + 7) / 8;
+    std::atomic<int> err{0};
+#pragma omp parallel num_threads(pick_threads(threads, out * in))
+    {
+        std::vector<float> row(in);
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < out; o++) {
+            std::fill(row.begin(), row.end(), 0.f);
+            const int64_t cnt = row_offsets[o + 1] - row_offsets[o];
+            const int64_t base = V.kind == CODES ? qrow_offsets[o] : row_offsets[o];
+            int64_t k = 0;
+            for (int64_t c = 0; c < in; c++) {
+                if (!(mask[o * mbytes + c / 8] >> (c % 8) & 1)) continue;
+                if (k >= cnt) { err = 1; break; }
+                row[c] = V.at(base, k++, o, c);
+            }
+            if (k != cnt) err = 1;
+            store_row(row.data(), in, o, dst, dst_bf16);
+        }
+    }
+    return err ? 2 : 0;
+}
+
 }  // extern "C"
