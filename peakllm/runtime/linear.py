@@ -1,0 +1,220 @@
+"""nn.Modules that run packed weights through the compiled kernels (peakllm/kernels/ops.py).
+
+Each module holds the packed tensors of docs/DESIGN.md "Packed layouts" as buffers, under their
+on-disk names, and computes `F.linear(x, W, bias)` for any leading dims of x without a dense W:
+up to `PREFILL_ROWS` rows of x (decoding, small batches) the kernels read the packed weights
+directly; beyond that (prefill) the work is compute-bound, so W is dequantized per call into a
+temporary in x's dtype and handed to torch's GEMM (see benchmarks/bench_kernels.py).
+x may be float32 or bfloat16 (other float dtypes run in float32); the result has x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peakllm.errors import PeakError
+from peakllm.kernels import ops
+
+PREFILL_ROWS = 32  # rows of x above which dequantize + torch GEMM is used instead of the kernels
+
+
+def _as_compute(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.dtype]:
+    if x.shape[-1] != in_features:
+        raise PeakError(f"input has {x.shape[-1]} features, the layer expects {in_features}")
+    dtype = x.dtype
+    x2 = x.reshape(-1, in_features)
+    if dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()
+    return x2.contiguous(), dtype
+
+
+class _PackedLinear(nn.Module):
+    """Common forward: the kernel for few rows, dequantize + GEMM for many."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise PeakError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            bias = bias.detach().clone()
+        self.register_buffer("bias", bias)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:  # fp32 [rows, out]
+        raise NotImplementedError
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """Dense W [out, in] in the original column order (for checks and exports)."""
+        raise NotImplementedError
+
+    def _dense_for_prefill(self, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W in the column order the kernel uses, column permutation of x or None)."""
+        return self.dequantize(dtype), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, dtype = _as_compute(x, self.in_features)
+        if x2.shape[0] > PREFILL_ROWS:
+            W, perm = self._dense_for_prefill(x2.dtype)
+            y = F.linear(x2 if perm is None else x2[:, perm], W)
+        else:
+            y = self._matmul(x2).to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class IntKLinear(_PackedLinear):
+    """Group-wise affine int-k weights (k in 2, 3, 4, 8): w = scale * (q - zero), optional act-order g_idx.
+
+    With g_idx the codes are also kept with their columns sorted by group (`qweight_sorted`, the same
+    size as qweight), so every group is a contiguous range for the kernel; x is gathered per call.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, qweight: torch.Tensor,
+                 scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None):
+        super().__init__(in_features, out_features, bias)
+        self.bits, self.group_size = int(bits), int(group_size)
+        starts, perm = ops.intk_groups(self.in_features, self.group_size, g_idx)
+        sorted_codes = None if perm is None else ops.permute_columns(qweight, bits, in_features, perm)
+        if scales.shape[0] != self.out_features:
+            raise PeakError(f"scales have {scales.shape[0]} rows, the layer has {self.out_features} outputs")
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("g_idx", None if g_idx is None else g_idx.to(torch.int32).contiguous())
+        self.register_buffer("group_starts", starts, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("qweight_sorted", sorted_codes, persistent=False)
+        self._matmul(torch.ones(1, self.in_features))  # validates every tensor once
+
+    def _codes(self) -> torch.Tensor:
+        return self.qweight if self.qweight_sorted is None else self.qweight_sorted
+
+    def _matmul(self, x2):
+        return ops.intk_matmul(x2, self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm)
+
+    def _dense_for_prefill(self, dtype):
+        W = ops.intk_dequantize(self._codes(), self.scales, self.zeros, self.bits, self.group_starts,
+                                self.in_features, dtype)
+        return W, None if self.perm is None else self.perm.to(torch.int64)
+
+    def dequantize(self, dtype=torch.float32):
+        W, perm = self._dense_for_prefill(dtype)
+        if perm is None:
+            return W
+        out = torch.empty_like(W)
+        out[:, perm] = W
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, act_order={self.perm is not None}"
+
+
+class _SparseValues(_PackedLinear):
+    """Kept values as floats (`values`) or as int-k codes (`qweight`, `scales`, `zeros`)."""
+
+    def _set_values(self, values, qweight, scales, zeros, bits, group_size):
+        if (values is None) == (qweight is None):
+            raise PeakError("give exactly one of values (floats) or qweight (int-k codes)")
+        self.register_buffer("values", values)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.bits = None if bits is None else int(bits)
+        self.group_size = None if group_size is None else int(group_size)
+
+    def _value_kwargs(self) -> dict:
+        return dict(values=self.values, qweight=self.qweight, scales=self.scales, zeros=self.zeros,
+                    bits=self.bits, group_size=self.group_size)
+
+
+class NMLinear(_SparseValues):
+    """N:M sparse weights (N zeros in every M consecutive columns; 2:4 has the fast path)."""
+
+    def __init__(self, in_features: int, out_features: int, n: int, m: int, indices: torch.Tensor,
+                 values: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
+                 scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None, bits: int | None = None,
+                 group_size: int | None = None, bias: torch.Tensor | None = None):
+        super().__init__(in_features, out_features, bias)
+        self.n, self.m = int(n), int(m)
+        self.register_buffer("indices", indices)
+        self._set_values(values, qweight, scales, zeros, bits, group_size)
+        if indices.shape[0] != self.out_features:
+            raise PeakError(f"indices have {indices.shape[0]} rows, the layer has {self.out_features} outputs")
+        self._matmul(torch.ones(1, self.in_features))  # validates every tensor once
+
+    def _matmul(self, x2):
+        return ops.nm_matmul(x2, self.indices, self.n, self.m, **self._value_kwargs())
+
+    def dequantize(self, dtype=torch.float32):
+        return ops.nm_dequantize(self.indices, self.n, self.m, self.in_features, dtype=dtype, **self._value_kwargs())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparsity={self.n}:{self.m}, bits={self.bits}"
+
+
+class BitmaskLinear(_SparseValues):
+    """Unstructured sparse weights: a bitmask per row and the kept values (floats or int-k codes)."""
+
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, row_offsets: torch.Tensor,
+                 values: torch.Tensor | None = None, qweight: torch.Tensor | None = None,
+                 scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None, bits: int | None = None,
+                 group_size: int | None = None, bias: torch.Tensor | None = None):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("mask", mask)
+        self.register_buffer("row_offsets", row_offsets)
+        if values is not None:
+            values = values.reshape(-1)
+        if qweight is not None:
+            qweight = qweight.reshape(-1)
+        self._set_values(values, qweight, scales, zeros, bits, group_size)
+        if mask.shape[0] != self.out_features:
+            raise PeakError(f"mask has {mask.shape[0]} rows, the layer has {self.out_features} outputs")
+        qrow = None if qweight is None else ops.bitmask_code_offsets(row_offsets, self.bits)
+        self.register_buffer("qrow_offsets", qrow, persistent=False)
+        self._matmul(torch.ones(1, self.in_features))  # validates every tensor once
+
+    def _kwargs(self) -> dict:
+        return dict(qrow_offsets=self.qrow_offsets, **self._value_kwargs())
+
+    def _matmul(self, x2):
+        return ops.bitmask_matmul(x2, self.mask, self.row_offsets, **self._kwargs())
+
+    def dequantize(self, dtype=torch.float32):
+        return ops.bitmask_dequantize(self.mask, self.row_offsets, self.in_features, dtype=dtype, **self._kwargs())
+
+
+_KINDS = {"intk": IntKLinear, "nm": NMLinear, "bitmask": BitmaskLinear}
+
+
+def packed_linear(kind: str, tensors: dict, meta: dict, bias=None) -> nn.Module:
+    """A packed linear layer from its tensors (named as in docs/DESIGN.md) and meta.
+
+    kind "intk": tensors qweight, scales, zeros[, g_idx]; meta in_features, out_features, bits, group_size.
+    kind "nm": tensors indices and values, or qweight, scales, zeros; meta in_features, out_features, n, m
+    (N zeros per M), and bits, group_size with codes. kind "bitmask": tensors mask, row_offsets and values,
+    or qweight, scales, zeros; meta in_features, out_features, and bits, group_size with codes.
+    """
+    if kind not in _KINDS:
+        raise PeakError(f"unknown packed layer kind {kind!r}; expected one of {sorted(_KINDS)}")
+    try:
+        sizes = dict(in_features=int(meta["in_features"]), out_features=int(meta["out_features"]))
+        if kind == "intk":
+            return IntKLinear(**sizes, bits=int(meta["bits"]), group_size=int(meta["group_size"]),
+                              qweight=tensors["qweight"], scales=tensors["scales"], zeros=tensors["zeros"],
+                              g_idx=tensors.get("g_idx"), bias=bias)
+        values = {k: tensors.get(k) for k in ("values", "qweight", "scales", "zeros")}
+        codes = dict(bits=meta.get("bits"), group_size=meta.get("group_size")) if values["qweight"] is not None else {}
+        if kind == "nm":
+            return NMLinear(**sizes, n=int(meta["n"]), m=int(meta["m"]), indices=tensors["indices"], bias=bias,
+                            **values, **codes)
+        return BitmaskLinear(**sizes, mask=tensors["mask"], row_offsets=tensors["row_offsets"], bias=bias,
+                             **values, **codes)
+    except KeyError as exc:
+        raise PeakError(f"packed {kind} layer is missing {exc.args[0]!r}") from None
