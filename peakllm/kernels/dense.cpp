@@ -10,6 +10,7 @@
 // Exported symbols: dense_<w>w_<x>x for w, x in {f32, bf16}.
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <vector>
 #include <omp.h>
@@ -190,6 +191,109 @@ static void dense(const TX* x, const TW* W, const float* bias, TX* y, int M, int
     }
 }
 
+// ---- Decode-step helpers -------------------------------------------------------------------
+// At one token per step the non-matmul work of a layer is tiny, and a dozen torch ops around it
+// cost more than the arithmetic; these fuse it into one call each. Rounding follows the HF
+// modules: values a bf16 model stores in bf16 are rounded at the same points.
+
+template <typename TX>
+static inline float round_like(float v) {
+    if constexpr (sizeof(TX) == 2) return bf16_to_f32(f32_to_bf16(v));
+    return v;
+}
+
+// x += delta (when delta is given), then out = rmsnorm(x) * w; M rows of D.
+template <typename TX>
+static void add_rmsnorm(TX* x, const TX* delta, const TX* w, TX* out, int M, int D, float eps) {
+    for (int m = 0; m < M; ++m) {
+        TX* xr = x + (size_t)m * D;
+        float ss = 0.f;
+        for (int d = 0; d < D; ++d) {
+            float v = load1(xr + d);
+            if (delta) {
+                v = round_like<TX>(v + load1(delta + (size_t)m * D + d));
+                store1(xr + d, v);
+            }
+            ss += v * v;
+        }
+        const float r = 1.0f / std::sqrt(ss / D + eps);
+        for (int d = 0; d < D; ++d) store1(out + (size_t)m * D + d, load1(w + d) * round_like<TX>(load1(xr + d) * r));
+    }
+}
+
+// out = silu(g) * u, the gated MLP's activation.
+template <typename TX>
+static void silu_mul(const TX* g, const TX* u, TX* out, long n) {
+    for (long i = 0; i < n; ++i) {
+        const float a = load1(g + i);
+        store1(out + i, round_like<TX>(a / (1.0f + std::exp(-a))) * load1(u + i));
+    }
+}
+
+// In place on one head vector (fp32): optional per-head RMSNorm, then RoPE (rotate-half form).
+template <typename TX>
+static void norm_rope(float* v, int D, const TX* nw, float eps, const TX* cos, const TX* sin_signed, float* tmp) {
+    if (nw) {
+        float ss = 0.f;
+        for (int d = 0; d < D; ++d) ss += v[d] * v[d];
+        const float r = 1.0f / std::sqrt(ss / D + eps);
+        for (int d = 0; d < D; ++d) v[d] = round_like<TX>(load1(nw + d) * round_like<TX>(v[d] * r));
+    }
+    const int half = D / 2;
+    for (int d = 0; d < D; ++d) tmp[d] = v[(d + half) % D];
+    for (int d = 0; d < D; ++d)
+        v[d] = round_like<TX>(round_like<TX>(v[d] * load1(cos + d)) + round_like<TX>(tmp[d] * load1(sin_signed + d)));
+}
+
+// One decode step of attention for B sequences at position pos: RoPE on q and the new k, append
+// k and v to the cache [B, KV, S, D], attend each of the H query heads to the pos + 1 cached keys
+// of its KV head (head h uses KV head h / (H / KV)).
+template <typename TX>
+static void attn_decode(const TX* q, const TX* k, const TX* v, const TX* qn_w, const TX* kn_w, float eps,
+                        const TX* cos, const TX* sin_signed, TX* kc, TX* vc, TX* out, int B, int H, int KV, int D,
+                        int S, int pos, float scale, int nthreads) {
+    const int L = pos + 1, G = H / KV;
+    std::vector<float> tmp(D), kv(D);
+    for (int b = 0; b < B; ++b)
+        for (int j = 0; j < KV; ++j) {
+            const size_t src = ((size_t)b * KV + j) * D, dst = (((size_t)b * KV + j) * S + pos) * D;
+            for (int d = 0; d < D; ++d) kv[d] = load1(k + src + d);
+            norm_rope<TX>(kv.data(), D, kn_w, eps, cos, sin_signed, tmp.data());
+            for (int d = 0; d < D; ++d) {
+                store1(kc + dst + d, kv[d]);
+                store1(vc + dst + d, load1(v + src + d));
+            }
+        }
+    const long work = (long)B * H * L * D;
+#pragma omp parallel num_threads(work > (1 << 16) ? nthreads : 1)
+    {
+        std::vector<float> qh(D), t(D), acc(D), p(L);
+#pragma omp for schedule(static)
+        for (int bh = 0; bh < B * H; ++bh) {
+            const int b = bh / H, h = bh % H;
+            for (int d = 0; d < D; ++d) qh[d] = load1(q + (size_t)bh * D + d);
+            norm_rope<TX>(qh.data(), D, qn_w, eps, cos, sin_signed, t.data());
+            const TX* kb = kc + ((size_t)b * KV + h / G) * S * D;
+            const TX* vb = vc + ((size_t)b * KV + h / G) * S * D;
+            float mx = -INFINITY;
+            for (int j = 0; j < L; ++j) {
+                p[j] = dot1(kb + (size_t)j * D, qh.data(), D) * scale;
+                mx = p[j] > mx ? p[j] : mx;
+            }
+            float sum = 0.f;
+            for (int j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
+            const float inv = 1.0f / sum;
+            for (int d = 0; d < D; ++d) acc[d] = 0.f;
+            for (int j = 0; j < L; ++j) {
+                const float pj = p[j] * inv;
+                const TX* vr = vb + (size_t)j * D;
+                for (int d = 0; d < D; ++d) acc[d] += pj * load1(vr + d);
+            }
+            for (int d = 0; d < D; ++d) store1(out + (size_t)bh * D + d, acc[d]);
+        }
+    }
+}
+
 extern "C" {
 void dense_f32w_f32x(const float* x, const float* W, const float* bias, float* y, int M, int N, int K, int nt) {
     dense<float, float>(x, W, bias, y, M, N, K, nt);
@@ -227,4 +331,18 @@ double read_sum_f32(const float* p, long n, int nthreads) {
     }
     return total;
 }
+
+#define DECODE_EXPORTS(X, S)                                                                          \
+    void add_rmsnorm_##S(X* x, const X* delta, const X* w, X* out, int M, int D, float eps) {         \
+        add_rmsnorm<X>(x, delta, w, out, M, D, eps);                                                  \
+    }                                                                                                 \
+    void silu_mul_##S(const X* g, const X* u, X* out, long n) { silu_mul<X>(g, u, out, n); }          \
+    void attn_decode_##S(const X* q, const X* k, const X* v, const X* qn_w, const X* kn_w, float eps, \
+                         const X* cos, const X* sin_signed, X* kc, X* vc, X* out, int B, int H, int KV, \
+                         int D, int S, int pos, float scale, int nthreads) {                          \
+        attn_decode<X>(q, k, v, qn_w, kn_w, eps, cos, sin_signed, kc, vc, out, B, H, KV, D, S, pos,   \
+                       scale, nthreads);                                                              \
+    }
+DECODE_EXPORTS(float, f32)
+DECODE_EXPORTS(bf16_t, bf16)
 }

@@ -34,6 +34,17 @@ def _kernels() -> dict:
                     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
                     fn.restype = None
                     _fns[(wd, xd)] = fn
+            for xd, xs in _SUFFIX.items():
+                norm = getattr(lib, f"add_rmsnorm_{xs}")
+                norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float]
+                act = getattr(lib, f"silu_mul_{xs}")
+                act.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long]
+                attn = getattr(lib, f"attn_decode_{xs}")
+                attn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 5
+                                 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int])
+                for fn in (norm, act, attn):
+                    fn.restype = None
+                _fns[("add_rmsnorm", xd)], _fns[("silu_mul", xd)], _fns[("attn_decode", xd)] = norm, act, attn
             read = lib.read_sum_f32
             read.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
             read.restype = ctypes.c_double
@@ -72,6 +83,44 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
        M, N, K, torch.get_num_threads())
     return y
+
+
+def decode_ops_available(dtype: torch.dtype) -> bool:
+    """Whether the fused decode-step kernels below exist for activations of `dtype`."""
+    return ("attn_decode", dtype) in _kernels()
+
+
+def _p(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta (in place, when given); returns rmsnorm(x) * weight. Contiguous tensors of one dtype."""
+    D = x.shape[-1]
+    out = torch.empty_like(x)
+    _fns[("add_rmsnorm", x.dtype)](x.data_ptr(), _p(delta), weight.data_ptr(), out.data_ptr(), x.numel() // D, D, eps)
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, rounded as the HF MLP rounds it."""
+    out = torch.empty_like(gate)
+    _fns[("silu_mul", gate.dtype)](gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    return out
+
+
+def attn_decode(q, k, v, q_norm, k_norm, eps: float, cos, sin_signed, k_cache, v_cache, pos: int,
+                scale: float, n_heads: int) -> torch.Tensor:
+    """One decode step of attention: q [B, H*D], k/v [B, KV*D] from the projections; caches
+    [B, KV, S, D] get the new (normed, rotated) k and v at `pos`; returns [B, H*D].
+    q_norm / k_norm: per-head RMSNorm weights [D] (Qwen3) or None; cos / sin_signed: [D] rows at pos."""
+    B, KV, S, D = k_cache.shape
+    out = torch.empty_like(q)
+    _fns[("attn_decode", q.dtype)](
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _p(q_norm), _p(k_norm), eps, cos.data_ptr(),
+        sin_signed.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+        B, n_heads, KV, D, S, pos, scale, torch.get_num_threads())
+    return out
 
 
 def read_bandwidth_gb_s(size_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peakllm.errors import PeakError
+from peakllm.kernels import dense
 from peakllm.kernels.dense import dense_linear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -88,6 +89,14 @@ class Attention(nn.Module):
             ).transpose(1, 2)
         return self.o_proj(out.reshape(B, T, H * D))
 
+    def decode(self, x, cos, sin_signed, k_cache, v_cache, pos: int):
+        """forward for one token per sequence through the fused kernel; x [B, 1, dim]."""
+        q, k, v = self.q_proj(x), self.k_proj(x).contiguous(), self.v_proj(x).contiguous()
+        qn, kn = (self.q_norm_weight, self.k_norm_weight) if self.qk_norm else (None, None)
+        out = dense.attn_decode(q.contiguous(), k, v, qn, kn, getattr(self, "qk_eps", 0.0), cos, sin_signed,
+                                k_cache, v_cache, pos, self.scaling, self.n_heads)
+        return self.o_proj(out)
+
 
 class MLP(nn.Module):
     def __init__(self, hf_mlp: nn.Module, dtype: torch.dtype):
@@ -100,12 +109,16 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
+    def decode(self, x):
+        return self.down_proj(dense.silu_mul(self.gate_proj(x).contiguous(), self.up_proj(x).contiguous()))
+
 
 class Block(nn.Module):
     def __init__(self, hf_layer: nn.Module, cfg: dict, dtype: torch.dtype):
         super().__init__()
         self.attn = Attention(hf_layer.self_attn, cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"], dtype)
         self.mlp = MLP(hf_layer.mlp, dtype)
+        self.fused_act = isinstance(self.mlp.act_fn, nn.SiLU) or type(self.mlp.act_fn).__name__ == "SiLUActivation"
         w1, self.eps = _norm_params(hf_layer.input_layernorm, dtype)
         w2, _ = _norm_params(hf_layer.post_attention_layernorm, dtype)
         self.register_buffer("attn_norm", w1, persistent=False)
@@ -154,6 +167,7 @@ class RuntimeModel(nn.Module):
         self._rope_tables(self.max_seq)
         self.batch = 0
         self.k_cache = self.v_cache = None
+        self.use_fused = True  # False forces the plain torch path (tests compare the two)
 
     @classmethod
     @torch.inference_mode()
@@ -193,6 +207,8 @@ class RuntimeModel(nn.Module):
         if self.k_cache is None or B != self.batch or end > self.k_cache.shape[3]:
             raise PeakError(f"KV cache not set up for batch {B} and {end} tokens (call setup_cache)")
         x = F.embedding(tokens, self.embed)
+        if T == 1 and self.use_fused and dense.decode_ops_available(self.dtype):
+            return self._decode(x, start_pos)
         cos, sin_signed = self.cos[start_pos:end], self.sin_signed[start_pos:end]
         mask = None
         if T > 1 and start_pos > 0:  # a chunk after cached tokens: query i sees keys 0..start_pos+i
@@ -202,3 +218,22 @@ class RuntimeModel(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.norm_eps))
+
+    def _decode(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        # One token: the residual add rides along with the next RMSNorm, attention is one kernel call.
+        cos, sin_signed = self.cos[pos, 0], self.sin_signed[pos, 0]
+        first = self.layers[0]
+        h = dense.add_rmsnorm(x, None, first.attn_norm, first.eps)
+        for i, layer in enumerate(self.layers):
+            attn = layer.attn.decode(h, cos, sin_signed, self.k_cache[i], self.v_cache[i], pos)
+            h = dense.add_rmsnorm(x, attn.view_as(x), layer.mlp_norm, layer.eps)
+            if layer.fused_act:
+                mlp = layer.mlp.decode(h)
+            else:
+                mlp = layer.mlp(h)
+            if i + 1 < len(self.layers):
+                nxt = self.layers[i + 1]
+                h = dense.add_rmsnorm(x, mlp.contiguous().view_as(x), nxt.attn_norm, nxt.eps)
+            else:
+                h = dense.add_rmsnorm(x, mlp.contiguous().view_as(x), self.norm_weight, self.norm_eps)
+        return self.lm_head(h)

@@ -1,0 +1,106 @@
+"""The generation loop: one prefill, then one model step per token on the static KV cache.
+
+No HF `generate`, no dynamic cache: per token the loop calls the model once, picks the next token
+(greedy, or temperature + top-p sampling from a seeded generator) and checks for EOS.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from peakllm.errors import PeakError
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token for each row of logits [B, vocab]: argmax when temperature == 0, else top-p sampling."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one).
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+        choice = torch.multinomial(sorted_p, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(tokenizer, "eos_token_id", None), getattr(model.config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+class _TextStream:
+    """Turns token ids into text pieces, holding back a piece while it ends in a partial character."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None]):
+        self.tokenizer, self.callback = tokenizer, callback
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > self.sent:
+            self.callback(text[self.sent:])
+            self.sent = len(text)
+
+
+def generate(model, tokenizer, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, stream: Callable[[str], None] | None = None, stop_at_eos: bool = True,
+             timings: dict | None = None) -> torch.Tensor:
+    """Generate up to `max_new_tokens` after `prompt_ids` ([T] or [B, T] ids); returns the new ids [B, n].
+
+    Stops when every sequence has produced EOS (sequences that finished early are padded with EOS).
+    `stream(text)` receives the decoded text of sequence 0 as it grows. If `timings` is a dict it is
+    filled with `prefill_s` (prompt forward + first token), `decode_s` (all later steps) and `steps`.
+    """
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if prompt.dim() == 1:
+        prompt = prompt[None]
+    B, T = prompt.shape
+    if T == 0:
+        raise PeakError("the prompt is empty")
+    if max_new_tokens < 1:
+        return torch.empty(B, 0, dtype=torch.long)
+    model.setup_cache(B, T + max_new_tokens)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long)
+    text = _TextStream(tokenizer, stream) if stream is not None else None
+
+    out = torch.empty(B, max_new_tokens, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        logits = model(prompt, 0, last_only=True)
+        token = sample(logits[:, -1], temperature, top_p, generator)
+        t1 = time.perf_counter()
+        n = 0
+        for n in range(max_new_tokens):
+            if eos:
+                token = torch.where(done, eos_t[0], token)
+                done |= torch.isin(token, eos_t)
+            out[:, n] = token
+            if text is not None and not (eos and int(token[0]) in eos):
+                text.push(int(token[0]))
+            if (eos and bool(done.all())) or n + 1 == max_new_tokens:
+                break
+            logits = model(token[:, None], T + n, last_only=True)
+            token = sample(logits[:, -1], temperature, top_p, generator)
+    t2 = time.perf_counter()
+    if timings is not None:
+        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, steps=n)
+    return out[:, : n + 1]
