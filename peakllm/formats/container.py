@@ -7,6 +7,7 @@ every size, dtype, shape and offset against the file and the manifest before it 
 unpickles. A packed module is anything with the protocol of formats/intk.py registered under its kind.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ CONFIG_FILE = "config.json"
 MAX_HEADER_BYTES = 256 << 20
 MAX_NDIM = 8
 MAX_DIM_SIZE = 1 << 40
-RESERVED_KEYS = ("format", "version", "dense", "modules")
+RESERVED_KEYS = ("format", "version", "dense", "modules", "data_sha256")
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -120,9 +121,25 @@ def build_manifest(dense_tensors: dict, packed_modules: dict, manifest: dict | N
     return full
 
 
-def _write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
+def _storage_order(tensors: dict) -> list:
     # Widest element first: with an 8-byte aligned header every tensor then starts naturally aligned.
-    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    return sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _data_sha256(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in _storage_order(tensors):
+        h.update(_tensor_bytes(tensors[name]))
+    return h.hexdigest()
+
+
+def _write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
+    names = _storage_order(tensors)
     header, offset = {"__metadata__": metadata}, 0
     for name in names:
         size = tensors[name].numel() * tensors[name].element_size()
@@ -134,9 +151,7 @@ def _write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name in names:
-            t = tensors[name].detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(_tensor_bytes(tensors[name]))
         f.flush()
         os.fsync(f.fileno())
 
@@ -155,6 +170,7 @@ def save_model_folder(out_dir, *, config: dict, dense_tensors: dict, packed_modu
         raise PeakError(f"{out_dir} already exists and is not empty (pass overwrite=True to replace it)")
     tensors = _all_tensors(dense_tensors, packed_modules)
     full = build_manifest(dense_tensors, packed_modules, manifest)
+    full["data_sha256"] = _data_sha256(tensors)  # bit rot in tensor data would otherwise load silently
     try:
         manifest_text, config_text = _compact(full), json.dumps(config, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
@@ -204,8 +220,9 @@ def _check_dtype(name, where: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def read_safetensors(path) -> tuple[dict, dict]:
-    """(string metadata, tensors) of a safetensors file, every header field checked against the file size."""
+def read_safetensors(path, expected_sha256=None) -> tuple[dict, dict]:
+    """(string metadata, tensors) of a safetensors file, every header field checked against the file size.
+    expected_sha256(metadata) may return the hex sha256 the data section must have (None: not checked)."""
     path = Path(path)
     try:
         buf = bytearray(path.read_bytes())
@@ -249,6 +266,9 @@ def read_safetensors(path) -> tuple[dict, dict]:
         pos = end
     if pos != data_len:
         raise PeakError(f"{path}: {data_len - pos} bytes after the last tensor (or the file is cut short)")
+    want = expected_sha256(metadata) if expected_sha256 is not None else None
+    if want is not None and hashlib.sha256(memoryview(buf)[data_start:]).hexdigest() != want:
+        raise PeakError(f"{path}: tensor data does not match its checksum (the file is corrupt)")
     for begin, end, name, dtype, shape in spans:
         if end == begin:
             tensors[name] = torch.empty(shape, dtype=dtype)
@@ -273,14 +293,7 @@ def _check_entry(desc, t: torch.Tensor, where: str) -> None:
         raise PeakError(f"{where}: file holds {t.dtype} {tuple(t.shape)}, manifest says {dtype} {shape}")
 
 
-def load_model_folder(folder) -> tuple[dict, dict, dict]:
-    """(manifest, dense_tensors, packed_modules) of a peakllm folder; PeakError on anything inconsistent."""
-    folder = Path(folder)
-    if not (folder / TENSORS_FILE).is_file():
-        raise PeakError(f"{folder} is not a peakllm model folder (no {TENSORS_FILE})")
-    if sys.byteorder != "little":
-        raise PeakError("peakllm folders are little-endian; this machine is big-endian")
-    metadata, tensors = read_safetensors(folder / TENSORS_FILE)
+def _parse_manifest(folder: Path, metadata: dict) -> dict:
     try:
         manifest = json.loads(metadata.get(FORMAT_NAME, ""))
     except (ValueError, RecursionError):
@@ -290,6 +303,22 @@ def load_model_folder(folder) -> tuple[dict, dict, dict]:
     if manifest.get("version") != CONTAINER_VERSION or type(manifest.get("version")) is not int:
         raise PeakError(f"{folder}: container version {manifest.get('version')!r}, this peakllm reads "
                         f"{CONTAINER_VERSION}")
+    digest = manifest.get("data_sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise PeakError(f"{folder}: manifest lacks the data checksum")
+    return manifest
+
+
+def load_model_folder(folder) -> tuple[dict, dict, dict]:
+    """(manifest, dense_tensors, packed_modules) of a peakllm folder; PeakError on anything inconsistent."""
+    folder = Path(folder)
+    if not (folder / TENSORS_FILE).is_file():
+        raise PeakError(f"{folder} is not a peakllm model folder (no {TENSORS_FILE})")
+    if sys.byteorder != "little":
+        raise PeakError("peakllm folders are little-endian; this machine is big-endian")
+    metadata, tensors = read_safetensors(folder / TENSORS_FILE,
+                                         lambda meta: _parse_manifest(folder, meta)["data_sha256"])
+    manifest = _parse_manifest(folder, metadata)
     try:
         copy = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
