@@ -121,7 +121,8 @@ def _stored_g_idx(group_starts: torch.Tensor) -> torch.Tensor:
 
 def intk_matmul(x, qweight, scales, zeros, bits: int, group_starts, perm=None) -> torch.Tensor:
     """fp32 [B, out] = x[:, perm] @ W.T for int-k W (columns in stored order, groups by group_starts)."""
-    in_features = int(perm.numel()) if perm is not None else x.shape[-1]
+    _check(isinstance(group_starts, torch.Tensor) and group_starts.numel() >= 2, "group_starts must be int32 [n_groups + 1]")
+    in_features = int(group_starts[-1])
     _check_x(x, in_features)
     _check_intk(qweight, scales, zeros, bits, group_starts, in_features)
     if perm is not None:
@@ -138,7 +139,8 @@ def intk_matmul(x, qweight, scales, zeros, bits: int, group_starts, perm=None) -
     rc = fns["intk_gemm"](ptr(x), int(x.dtype == torch.bfloat16), ptr(perm) if perm is not None else None, B,
                           in_features, ptr(qweight), ptr(scales), ptr(zeros), ptr(group_starts),
                           group_starts.numel() - 1, out, bits, ptr(y), _threads())
-    _check(rc == 0, f"intk_gemm failed (code {rc})")
+    _check(rc == 0, f"intk_gemm rejected its input (code {rc}): group_starts must rise from 0 to in_features, "
+                    "perm must hold column indices")
     return y
 
 
@@ -154,7 +156,7 @@ def intk_dequantize(qweight, scales, zeros, bits: int, group_starts, in_features
     if W.numel():
         rc = fns["intk_dequant"](ptr(qweight), ptr(scales), ptr(zeros), ptr(group_starts), group_starts.numel() - 1,
                                  in_features, qweight.shape[0], bits, ptr(W), int(dtype == torch.bfloat16), _threads())
-        _check(rc == 0, f"intk_dequant failed (code {rc})")
+        _check(rc == 0, f"intk_dequant rejected its input (code {rc}): group_starts must rise from 0 to in_features")
     return W
 
 
