@@ -426,3 +426,13 @@ def _check_shape(out_features: int, in_features: int, group_size: int, block_row
         raise PeakError(f"sub1 group_size must be -1 or in [1, {MAX_DIM}], got {group_size!r}")
     if type(block_rows) is not int or not 1 <= block_rows <= MAX_DIM:
         raise PeakError(f"sub1 block_rows must be in [1, {MAX_DIM}], got {block_rows!r}")
+
+
+def _register() -> None:
+    # The container loads "sub1" modules once this module is imported (peakllm.formats imports it).
+    from peakllm.formats.container import register_kind
+
+    register_kind(PackedSub1.kind, PackedSub1)
+
+
+_register()

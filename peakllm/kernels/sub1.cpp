@@ -25,22 +25,30 @@ namespace {
 
 constexpr uint32_t SIGN = 0x80000000u;
 constexpr uint32_t COL = 0x7fffffffu;
-constexpr int MAXB = 32;  // batch columns handled per pass (more are done in chunks of 32)
+constexpr int MAXB = 32;
+constexpr int64_t MIN_PARALLEL_WORK = 1 << 15;  // weights x batch; below this one thread is faster  // batch columns handled per pass (more are done in chunks of 32)
 
 template <typename SymT>
-inline int64_t decode_row(const SymT*& sp, const uint64_t* dict, int64_t in, uint32_t* buf) {
+inline int64_t decode_row(const SymT*& sp, const uint64_t* dict, const uint32_t* lanes, int64_t in, uint32_t* buf) {
     int64_t col = 0, n = 0;
     while (col < in) {
         SymT sym;
         std::memcpy(&sym, sp++, sizeof(SymT));  // 16-bit symbols need not be aligned in the stream
         const uint64_t e = dict[sym];
 #ifdef __AVX2__
-        const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)(e >> 16)));
-        const __m256i pos = _mm256_and_si256(lanes, _mm256_set1_epi32(127));
-        const __m256i neg = _mm256_slli_epi32(_mm256_srli_epi32(lanes, 7), 31);
-        const __m256i v = _mm256_or_si256(_mm256_add_epi32(pos, _mm256_set1_epi32((int)col)), neg);
+        __m256i v;
+        if (lanes) {  // 8-bit dictionaries come pre-widened: 256 x 32 bytes stays in L1
+            v = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(lanes + 8 * (size_t)sym)),
+                                 _mm256_set1_epi32((int)col));
+        } else {
+            const __m256i w = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)(e >> 16)));
+            const __m256i pos = _mm256_and_si256(w, _mm256_set1_epi32(127));
+            const __m256i neg = _mm256_slli_epi32(_mm256_srli_epi32(w, 7), 31);
+            v = _mm256_or_si256(_mm256_add_epi32(pos, _mm256_set1_epi32((int)col)), neg);
+        }
         _mm256_storeu_si256((__m256i*)(buf + n), v);
 #else
+        (void)lanes;
         for (int k = 0; k < 6; k++) {
             const uint32_t b = (uint32_t)(e >> (16 + 8 * k)) & 0xffu;
             buf[n + k] = ((uint32_t)col + (b & 127u)) | ((b >> 7) << 31);
@@ -147,9 +155,11 @@ struct Args {
     const uint8_t* stream;
     const int32_t* block_offsets;
     const uint64_t* dict;
+    const uint32_t* lanes;
     const float* scale_pos;
     const float* scale_neg;
     int64_t out, in, group_size, block_rows, batch;
+    int n_threads;
     const float* x;
     float* y;
 };
@@ -159,7 +169,7 @@ void run(const Args& A, const float* xt, int64_t nb_chunks) {
     const int64_t gs = A.group_size > 0 ? A.group_size : A.in;
     const int64_t n_groups = (A.in + gs - 1) / gs;
     const int64_t n_blocks = (A.out + A.block_rows - 1) / A.block_rows;
-#pragma omp parallel
+#pragma omp parallel num_threads(A.n_threads)
     {
         std::vector<uint32_t> buf(A.in + 8);
         alignas(32) float s[MAXB], a[MAXB];
@@ -168,7 +178,7 @@ void run(const Args& A, const float* xt, int64_t nb_chunks) {
             const SymT* sp = (const SymT*)A.stream + A.block_offsets[blk];
             const int64_t r_end = std::min(A.out, (blk + 1) * A.block_rows);
             for (int64_t r = blk * A.block_rows; r < r_end; r++) {
-                const int64_t n = decode_row<SymT>(sp, A.dict, A.in, buf.data());
+                const int64_t n = decode_row<SymT>(sp, A.dict, A.lanes, A.in, buf.data());
                 const float* sp_r = A.scale_pos + r * n_groups;
                 const float* sn_r = SYM ? sp_r : A.scale_neg + r * n_groups;
                 for (int64_t c0 = 0; c0 < nb_chunks; c0++) {
@@ -205,7 +215,7 @@ void dispatch_bp(const Args& A) {
     const int64_t BP = A.batch > MAXB ? MAXB : ((A.batch + 7) / 8) * 8;
     const int64_t chunks = (A.batch + MAXB - 1) / MAXB;
     std::vector<float> xt((size_t)(chunks * A.in * BP), 0.f);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(A.n_threads) if (A.in * A.batch > MIN_PARALLEL_WORK)
     for (int64_t c = 0; c < A.in; c++)
         for (int64_t b = 0; b < A.batch; b++)
             xt[(size_t)(((b / MAXB) * A.in + c) * BP + b % MAXB)] = A.x[b * A.in + c];
@@ -221,15 +231,30 @@ void dispatch_bp(const Args& A) {
 
 extern "C" {
 
-// x [batch, in] fp32, y [batch, out] fp32; scale_neg == nullptr means symmetric scales.
-// group_size <= 0: one group per row. sym_bits: 8 or 16. Returns 0, or -1 for arguments it refuses.
-int sub1_matmul_f32(const uint8_t* stream, const int32_t* block_offsets, const uint64_t* dict, int sym_bits,
-                    const float* scale_pos, const float* scale_neg, int64_t out, int64_t in,
-                    int64_t group_size, int64_t block_rows, const float* x, int64_t batch, float* y,
-                    int n_threads) {
+// One matrix, as prepared once by kernels/sub1.py (a ctypes.Structure with these fields in this order).
+struct Sub1Matrix {
+    const uint8_t* stream;
+    const int32_t* block_offsets;
+    const uint64_t* dict;
+    const uint32_t* lanes;  // widened 8-bit dictionary, or nullptr
+    const float* scale_pos;
+    const float* scale_neg;  // nullptr: symmetric scales
+    int64_t out, in, group_size, block_rows;  // group_size <= 0: one group per row
+    int64_t sym_bits;  // 8 or 16
+};
+
+// x [batch, in] fp32 -> y [batch, out] fp32. Returns 0, or -1 for arguments it refuses.
+int sub1_matmul_f32(const Sub1Matrix* m, const float* x, int64_t batch, float* y, int n_threads) {
+    const int64_t out = m->out, in = m->in, block_rows = m->block_rows, sym_bits = m->sym_bits;
+    const float* scale_neg = m->scale_neg;
     if (out < 1 || in < 1 || in >= (int64_t)COL || block_rows < 1 || batch < 1) return -1;
-    if (n_threads > 0) omp_set_num_threads(n_threads);
-    const Args A{stream, block_offsets, dict, scale_pos, scale_neg, out, in, group_size, block_rows, batch, x, y};
+    // a thread per block at most, and none extra for work smaller than a parallel region's start-up
+    const int64_t n_blocks = (out + block_rows - 1) / block_rows;
+    int threads = n_threads > 0 ? n_threads : omp_get_max_threads();
+    if (out * in * batch < MIN_PARALLEL_WORK) threads = 1;
+    threads = (int)std::min<int64_t>(threads, n_blocks);
+    const Args A{m->stream, m->block_offsets, m->dict, m->lanes, m->scale_pos, scale_neg, out, in,
+                 m->group_size, block_rows, batch, threads, x, y};
     const bool sym = scale_neg == nullptr;
     if (sym_bits == 8) {
         sym ? dispatch_bp<uint8_t, true>(A) : dispatch_bp<uint8_t, false>(A);

@@ -8,13 +8,16 @@ dense matrix never exists; the reference decodes to dense fp32 and calls F.linea
 from __future__ import annotations
 
 import ctypes
+from functools import lru_cache
 from typing import NamedTuple
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 
 from peakllm.errors import PeakError
-from peakllm.formats.sub1 import PackedSub1
+from peakllm.formats.sub1 import NZ_MAX, PackedSub1, Sub1Dictionary
 from peakllm.kernels.build import load_library
 
 _fn = None
@@ -22,13 +25,37 @@ _tried = False
 
 
 class Operands(NamedTuple):
-    """What the kernel reads, prepared once per matrix: the dictionary table and fp32 scales."""
+    """What the kernel reads, prepared once per matrix: the dictionary tables and fp32 scales."""
 
     stream: torch.Tensor
     block_offsets: torch.Tensor
     table: torch.Tensor  # int64 view of the uint64 dictionary entries
+    lanes: torch.Tensor | None  # int32 [256, 8] widened 8-bit dictionary, None for 16-bit
     scale_pos: torch.Tensor
     scale_neg: torch.Tensor | None  # None: symmetric
+    matrix: "_Matrix"  # the C struct pointing at all the above
+
+
+class _Matrix(ctypes.Structure):
+    """struct Sub1Matrix in sub1.cpp: one call then passes a single pointer for the whole matrix."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("stream", "block_offsets", "dict", "lanes", "scale_pos", "scale_neg")] + \
+               [(name, ctypes.c_int64) for name in ("out", "in_", "group_size", "block_rows", "sym_bits")]
+
+
+@lru_cache(maxsize=16)
+def _dictionary_tables(dictionary: Sub1Dictionary) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tables = dictionary.tables
+    table = torch.from_numpy(tables.entry.view("int64"))
+    if dictionary.sym_bits != 8:
+        return table, None
+    # col | neg << 31 for each nonzero slot, zero in unused slots: the kernel adds the word's start column
+    slot = np.arange(8)[None, :]
+    pos = np.zeros((tables.pos.shape[0], 8), dtype=np.int64)
+    pos[:, :NZ_MAX] = tables.pos + (tables.neg.astype(np.int64) << 31)
+    lanes = np.where(slot < tables.nnz[:, None], pos, 0).astype(np.uint32).view(np.int32)
+    return table, torch.from_numpy(np.ascontiguousarray(lanes))
 
 
 def _kernel():
@@ -38,9 +65,7 @@ def _kernel():
         lib = load_library("sub1")
         if lib is not None:
             _fn = lib.sub1_matmul_f32
-            _fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+            _fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
             _fn.restype = ctypes.c_int
     return _fn
 
@@ -50,10 +75,14 @@ def available() -> bool:
 
 
 def operands(packed: PackedSub1) -> Operands:
-    table = torch.from_numpy(packed.dictionary.tables.entry.view("int64"))
-    return Operands(packed.stream.contiguous(), packed.block_offsets.contiguous(), table,
-                    packed.scale_pos.float().contiguous(),
-                    None if packed.sym else packed.scale_neg.float().contiguous())
+    table, lanes = _dictionary_tables(packed.dictionary)
+    stream, offsets = packed.stream.contiguous(), packed.block_offsets.contiguous()
+    scale_pos = packed.scale_pos.float().contiguous()
+    scale_neg = None if packed.sym else packed.scale_neg.float().contiguous()
+    ptrs = [None if t is None else t.data_ptr() for t in (stream, offsets, table, lanes, scale_pos, scale_neg)]
+    matrix = _Matrix(*ptrs, packed.out_features, packed.in_features, packed.group_size, packed.block_rows,
+                     packed.dictionary.sym_bits)
+    return Operands(stream, offsets, table, lanes, scale_pos, scale_neg, matrix)
 
 
 def sub1_reference(x: torch.Tensor, packed: PackedSub1) -> torch.Tensor:
@@ -69,17 +98,13 @@ def sub1_matmul(x: torch.Tensor, packed: PackedSub1, ops: Operands | None = None
     fn = _kernel()
     if fn is None:
         return sub1_reference(x, packed)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, packed.in_features).to(torch.float32).contiguous()
-    batch = x2.shape[0]
-    y = torch.empty(*lead, packed.out_features, dtype=torch.float32)
+    x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    batch = x2.numel() // packed.in_features
+    y = torch.empty(*x.shape[:-1], packed.out_features, dtype=torch.float32)
     if batch == 0:
         return y
-    ops = ops or operands(packed)
-    rc = fn(ops.stream.data_ptr(), ops.block_offsets.data_ptr(), ops.table.data_ptr(), packed.dictionary.sym_bits,
-            ops.scale_pos.data_ptr(), None if ops.scale_neg is None else ops.scale_neg.data_ptr(),
-            packed.out_features, packed.in_features, packed.group_size, packed.block_rows,
-            x2.data_ptr(), batch, y.data_ptr(), n_threads or torch.get_num_threads())
+    ops = ops or operands(packed)  # held until the call returns: it owns the fp32 scales
+    rc = fn(ctypes.addressof(ops.matrix), x2.data_ptr(), batch, y.data_ptr(), n_threads or torch.get_num_threads())
     if rc != 0:
         raise PeakError(f"sub1 kernel refused a [{packed.out_features}, {packed.in_features}] matrix")
     return y

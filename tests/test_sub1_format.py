@@ -1,0 +1,284 @@
+"""The sub-1-bit format: exact round trips, the dictionary against its theory, and corrupt input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from peakllm.errors import PeakError
+from peakllm.formats.sub1 import MAX_LEN, NZ_MAX, PackedSub1, Sub1Dictionary, tunstall
+
+D16 = Sub1Dictionary(16, 230, 128)  # one 16-bit table for most tests: it takes ~1 s to build
+
+
+def ternary(rows, cols, p_zero, seed, p_pos=0.5):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(rows, cols, generator=g)
+    codes = torch.ones(rows, cols, dtype=torch.uint8)
+    nz = u >= p_zero
+    pos = torch.rand(rows, cols, generator=g) < p_pos
+    codes[nz & pos] = 2
+    codes[nz & ~pos] = 0
+    return codes
+
+
+def scales(rows, n_groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(rows, n_groups, generator=g) + 0.05).half()
+
+
+def reference_dequant(codes, s_neg, s_pos, group_size):
+    """Slow and obvious: one weight at a time."""
+    rows, cols = codes.shape
+    gs = cols if group_size == -1 else group_size
+    w = torch.zeros(rows, cols)
+    for r in range(rows):
+        for c in range(cols):
+            if codes[r, c] == 0:
+                w[r, c] = -float(s_neg[r, c // gs])
+            elif codes[r, c] == 2:
+                w[r, c] = float(s_pos[r, c // gs])
+    return w
+
+
+SHAPES = [(1, 1), (1, 300), (3, 7), (17, 1), (16, 129), (33, 250), (5, 1000)]
+
+
+@pytest.mark.parametrize("p_zero", [0.3, 0.6, 0.9, 0.98])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_round_trip_is_exact(shape, p_zero):
+    codes = ternary(*shape, p_zero, seed=shape[0] * 1000 + shape[1])
+    for dictionary, block_rows in ((D16, 16), (Sub1Dictionary.fit(codes, 8), 3)):
+        packed = PackedSub1.encode(codes, scales(shape[0], 1, 1), scales(shape[0], 1, 2), -1, dictionary,
+                                   block_rows=block_rows)
+        assert torch.equal(packed.decode(), codes)
+        again = PackedSub1.from_tensors(packed.to_tensors("m."), packed.metadata(), "m.")
+        assert torch.equal(again.decode(), codes)
+
+
+def test_rows_all_zero_and_all_nonzero():
+    codes = ternary(12, 203, 0.9, seed=3)
+    codes[0] = 1
+    codes[5] = 1
+    codes[7] = 2
+    codes[8, ::2] = 0
+    codes[-1] = 1
+    for dictionary in (D16, Sub1Dictionary(8, 250, 128), Sub1Dictionary(8, 10, 3)):
+        packed = PackedSub1.encode(codes, scales(12, 1, 0), scales(12, 1, 0), -1, dictionary, block_rows=5)
+        assert torch.equal(packed.decode(), codes)
+
+
+@pytest.mark.parametrize("group_size", [-1, 1, 16, 50, 128])
+def test_dequantize_matches_slow_reference(group_size):
+    rows, cols = 9, 131
+    codes = ternary(rows, cols, 0.7, seed=group_size + 10)
+    n_groups = 1 if group_size == -1 else math.ceil(cols / group_size)
+    s_neg, s_pos = scales(rows, n_groups, 4), scales(rows, n_groups, 5)
+    packed = PackedSub1.encode(codes, s_neg, s_pos, group_size, Sub1Dictionary.fit(codes, 8))
+    assert not packed.sym
+    assert torch.equal(packed.dequantize(), reference_dequant(codes, s_neg, s_pos, group_size))
+
+
+def test_symmetric_scales_are_stored_once():
+    codes = ternary(8, 64, 0.8, seed=1)
+    s = scales(8, 1, 1)
+    sym = PackedSub1.encode(codes, s, s, -1, D16)
+    asym = PackedSub1.encode(codes, s, scales(8, 1, 2), -1, D16)
+    assert sym.sym and "scale_neg" not in sym.to_tensors()
+    assert not asym.sym and "scale_neg" in asym.to_tensors()
+    assert asym.nbytes - sym.nbytes == 8 * 2
+
+
+def test_every_row_starts_a_block_when_block_rows_is_one():
+    codes = ternary(7, 90, 0.85, seed=2)
+    packed = PackedSub1.encode(codes, scales(7, 1, 0), scales(7, 1, 0), -1, D16, block_rows=1)
+    assert packed.block_offsets.shape == (8,)
+    for r in range(7):  # each row alone decodes to its codes
+        lo, hi = int(packed.block_offsets[r]), int(packed.block_offsets[r + 1])
+        one = PackedSub1(stream=packed.stream[2 * lo:2 * hi].clone(), block_offsets=torch.tensor([0, hi - lo],
+                         dtype=torch.int32), scale_pos=packed.scale_pos[r:r + 1], scale_neg=packed.scale_neg[r:r + 1],
+                         dictionary=D16, group_size=-1, block_rows=1, in_features=90, out_features=1, sym=True)
+        one.validate()
+        assert torch.equal(one.decode()[0], codes[r])
+
+
+# ---- the dictionary ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sym_bits,p_zero_q", [(8, 128), (8, 240), (16, 230)])
+def test_tunstall_words_are_a_complete_prefix_code(sym_bits, p_zero_q):
+    """Every ternary sequence parses greedily: each node either has all three children, or is a word."""
+    t = tunstall(sym_bits, p_zero_q, 128)
+    child = np.asarray(t.child).reshape(-1, 3)
+    word = np.asarray(t.word)
+    has = child >= 0
+    partial = ~has.all(1)
+    assert (word[1:][partial[1:]] >= 0).all()  # a node missing a child is a word
+    assert t.n_words <= 1 << sym_bits and len(set(word[word >= 0].tolist())) == t.n_words
+    assert t.length.max() <= MAX_LEN and t.nnz.max() <= NZ_MAX
+    # the words decode to distinct sequences
+    seqs = set()
+    for s in range(t.n_words):
+        seq = [1] * int(t.length[s])
+        for k in range(int(t.nnz[s])):
+            seq[int(t.pos[s, k])] = 0 if t.neg[s, k] else 2
+        seqs.add(tuple(seq))
+    assert len(seqs) == t.n_words
+
+
+@pytest.mark.parametrize("p_zero", [0.5, 0.9])
+def test_parse_length_matches_tunstall_theory_and_entropy(p_zero):
+    """On an i.i.d. source the mean word length is the tree's E[L], and bits/value is near the entropy."""
+    rows, cols = 64, 4096
+    codes = ternary(rows, cols, p_zero, seed=7)
+    dictionary = Sub1Dictionary(8, round(256 * p_zero), 128)
+    packed = PackedSub1.encode(codes, scales(rows, 1, 0), scales(rows, 1, 0), -1, dictionary)
+    mean_len = rows * cols / packed.n_symbols
+    assert abs(mean_len - dictionary.tables.expected_len) / dictionary.tables.expected_len < 0.03
+    q = (1 - p_zero) / 2
+    entropy = -(p_zero * math.log2(p_zero) + 2 * q * math.log2(q))
+    code_bits = 8 / mean_len
+    assert entropy <= code_bits < 1.15 * entropy
+
+
+def test_fit_pools_statistics():
+    a, b = ternary(10, 100, 0.9, seed=1), ternary(10, 100, 0.7, seed=2)
+    d = Sub1Dictionary.fit([a, b], 8)
+    zeros = int((a == 1).sum() + (b == 1).sum())
+    assert d.p_zero_q == round(256 * zeros / 2000)
+    with pytest.raises(PeakError):
+        Sub1Dictionary(12, 128, 128)
+    with pytest.raises(PeakError):
+        Sub1Dictionary(8, 0, 128)
+
+
+# ---- bad input and corruption ------------------------------------------------------------------
+
+def test_encode_rejects_bad_input():
+    codes = ternary(4, 10, 0.5, seed=0)
+    s = scales(4, 1, 0)
+    with pytest.raises(PeakError):
+        PackedSub1.encode(codes.float(), s, s, -1)
+    with pytest.raises(PeakError):
+        PackedSub1.encode(codes + 1, s, s, -1, D16)
+    with pytest.raises(PeakError):
+        PackedSub1.encode(codes, scales(4, 2, 0), s, -1, D16)
+    with pytest.raises(PeakError):
+        PackedSub1.encode(codes, s, s, 0, D16)
+    with pytest.raises(PeakError):
+        PackedSub1.encode(codes, s * float("inf"), s, -1, D16)
+
+
+def _valid():
+    codes = ternary(10, 37, 0.8, seed=11)
+    packed = PackedSub1.encode(codes, scales(10, 3, 0), scales(10, 3, 1), 16, Sub1Dictionary(8, 200, 128),
+                               block_rows=4)
+    return packed.to_tensors(""), packed.metadata()
+
+
+def test_specific_corruptions_raise_peak_error():
+    tensors, meta = _valid()
+    cases = []
+    t = dict(tensors)
+    t["stream"] = t["stream"][:-1]
+    cases.append((t, meta))  # truncated stream
+    t = dict(tensors)
+    t["block_offsets"] = t["block_offsets"].clone()
+    t["block_offsets"][1] += 1
+    cases.append((t, meta))  # a block boundary inside a row
+    t = dict(tensors)
+    t["block_offsets"] = t["block_offsets"].clone()
+    t["block_offsets"][-1] = 1 << 30
+    cases.append((t, meta))  # offset past the stream
+    t = dict(tensors)
+    t["stream"] = torch.full_like(t["stream"], 255)  # symbol 255 is unused in this dictionary
+    cases.append((t, meta))
+    cases.append((tensors, {**meta, "version": 2}))
+    cases.append((tensors, {**meta, "in_features": meta["in_features"] + 1}))
+    cases.append((tensors, {**meta, "sym_bits": 16}))
+    cases.append((tensors, {**meta, "sym": True}))
+    cases.append(({k: v for k, v in tensors.items() if k != "scale_neg"}, meta))
+    cases.append(({**tensors, "scale_pos": tensors["scale_pos"].float()}, meta))
+    for t, m in cases:
+        with pytest.raises(PeakError):
+            PackedSub1.from_tensors(t, m)
+
+
+def test_nonzero_past_row_end_is_rejected():
+    """A row's last word may run past the row only with zeros: the kernel reads x at every nonzero."""
+    d = Sub1Dictionary(8, 200, 128)
+    t = d.tables
+    long_nz = next(s for s in range(t.n_words) if t.nnz[s] > 0 and t.span[s] >= 2)
+    stream = torch.tensor([long_nz], dtype=torch.uint8)
+    meta = {"version": 1, "in_features": int(t.span[long_nz]) - 1, "out_features": 1, "group_size": -1,
+            "block_rows": 1, "sym": True, "sym_bits": 8, "p_zero_q": 200, "p_pos_q": 128}
+    tensors = {"stream": stream, "block_offsets": torch.tensor([0, 1], dtype=torch.int32),
+               "scale_pos": torch.ones(1, 1, dtype=torch.float16)}
+    with pytest.raises(PeakError, match="past the end"):
+        PackedSub1.from_tensors(tensors, meta)
+
+
+META_VALUES = st.one_of(st.integers(-3, 70), st.sampled_from([1 << 31, -(1 << 40), 8, 16, 128, 200]),
+                        st.booleans(), st.none(), st.text(max_size=3), st.floats(allow_nan=True))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_from_tensors_raises_only_peak_error(data):
+    from peakllm.kernels.sub1 import sub1_matmul
+
+    tensors, meta = _valid()
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    meta = dict(meta)
+    for _ in range(data.draw(st.integers(1, 4))):
+        what = data.draw(st.sampled_from(["meta", "flip", "resize", "drop", "dtype", "offsets"]))
+        if what == "meta":
+            key = data.draw(st.sampled_from(sorted(meta) + ["bogus"]))
+            meta[key] = data.draw(META_VALUES)
+        elif what == "flip":
+            name = data.draw(st.sampled_from(sorted(tensors)))
+            raw = tensors[name].reshape(-1).view(torch.uint8)
+            if raw.numel():
+                i = data.draw(st.integers(0, raw.numel() - 1))
+                raw[i] = data.draw(st.integers(0, 255))
+        elif what == "resize":
+            name = data.draw(st.sampled_from(sorted(tensors)))
+            n = data.draw(st.integers(0, 3 * tensors[name].numel() + 2))
+            tensors[name] = torch.zeros(n, dtype=tensors[name].dtype)
+        elif what == "drop":
+            tensors.pop(data.draw(st.sampled_from(sorted(tensors))), None)
+        elif what == "dtype":
+            name = data.draw(st.sampled_from(sorted(tensors)))
+            tensors[name] = tensors[name].to(data.draw(st.sampled_from([torch.int64, torch.float32, torch.uint8])))
+        else:
+            off = tensors["block_offsets"]
+            if off.numel():
+                off[data.draw(st.integers(0, off.numel() - 1))] = data.draw(st.integers(-5, 400))
+    try:
+        packed = PackedSub1.from_tensors(tensors, meta)
+    except PeakError:
+        return
+    # whatever is accepted must decode and run through the kernel without trouble
+    codes = packed.decode()
+    assert codes.shape == (packed.out_features, packed.in_features)
+    y = sub1_matmul(torch.ones(2, packed.in_features), packed)
+    assert y.shape == (2, packed.out_features)
+
+
+def test_container_round_trip(tmp_path):
+    from peakllm.formats.container import bits_per_param, load_model_folder, save_model_folder
+
+    codes = ternary(24, 80, 0.9, seed=5)
+    packed = PackedSub1.encode(codes, scales(24, 1, 0), scales(24, 1, 1), -1, D16)
+    save_model_folder(tmp_path / "m", config={"a": 1}, dense_tensors={"emb": torch.randn(3, 4)},
+                      packed_modules={"layers.0.mlp.up_proj": packed}, manifest={})
+    _, dense, modules = load_model_folder(tmp_path / "m")
+    again = modules["layers.0.mlp.up_proj"]
+    assert isinstance(again, PackedSub1)
+    assert torch.equal(again.decode(), codes)
+    assert torch.equal(again.dequantize(), packed.dequantize())
+    assert bits_per_param({"x": packed}) > packed.bits_per_param  # the container adds its manifest entry
