@@ -69,8 +69,9 @@ def dequantize_nm(indices, n, m, in_features, values=None, qweight=None, scales=
     if values is not None:
         kept = values.float()
     else:
-        q = unpack_bitstream(qweight, bits, per_row)
-        kept = torch.stack(_dequantize_kept(list(q), list(cols), scales, zeros, group_size))
+        q = unpack_bitstream(qweight, bits, per_row).float()
+        groups = cols // (in_features if group_size == -1 else group_size)
+        kept = scales.float().gather(1, groups) * (q - zeros.float().gather(1, groups))
     W = torch.zeros(out, in_features)
     W.scatter_(1, cols, kept)
     return W
