@@ -1,0 +1,43 @@
+"""peakllm bench: prefill and decode speed, and how close decoding gets to the memory-bandwidth roofline."""
+
+from __future__ import annotations
+
+from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, emit, set_threads
+from peakllm.errors import PeakError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="prefill/decode tokens per second and the bandwidth roofline",
+                       description="Time prefill and decode of the lean runtime (or of transformers' generate with "
+                       "--hf) on random prompt tokens, measure the machine's read bandwidth in the same run, and "
+                       "report roofline_fraction = decode steps/s x weight bytes per step / bandwidth.")
+    add_model_option(p)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up; medians (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="weights and activations of dense layers (default: %(default)s)")
+    p.add_argument("--hf", action="store_true", help="benchmark transformers' model.generate instead (a baseline)")
+    add_threads_option(p)
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from peakllm.models import load_model
+    from peakllm.runtime.bench import bench
+
+    set_threads(args.threads)
+    if args.repeats < 1 or args.batch < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
+        raise PeakError("need --prompt-tokens >= 1, --new-tokens >= 2, --batch >= 1 and --repeats >= 1")
+    model, _tokenizer = load_model(args.model)
+    result = bench(model, dtype=getattr(torch, DTYPES[args.dtype]), prompt_tokens=args.prompt_tokens,
+                   new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats,
+                   engine="transformers" if args.hf else "peakllm")
+    emit({"model": args.model, **result}, args, "bench")
+    return 0
