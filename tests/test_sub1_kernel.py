@@ -1,0 +1,124 @@
+"""The sub-1-bit kernel against decode-then-matmul, its fallback, and Sub1Linear.
+
+Tolerance: the kernel sums in a different order (and for asymmetric scales through sum+ and sum-
+recombined), so each output may differ from the fp64 reference by a few fp32 ulps of sum_c |w_c x_c|;
+we allow 1e-5 of that magnitude (fp32 eps is 1.2e-7, rows here have at most ~2000 terms).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peakllm.errors import PeakError
+from peakllm.formats.sub1 import PackedSub1, Sub1Dictionary
+from peakllm.kernels import sub1 as K
+from peakllm.runtime.sub1 import Sub1Linear
+
+D8 = Sub1Dictionary(8, 225, 128)
+D16 = Sub1Dictionary(16, 230, 128)
+RTOL = 1e-5
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="no C++ compiler: the kernel cannot be built")
+
+
+def random_packed(rows, cols, p_zero, group_size, sym, dictionary, seed, block_rows=16):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(rows, cols, generator=g)
+    codes = torch.ones(rows, cols, dtype=torch.uint8)
+    codes[u < (1 - p_zero) / 2] = 0
+    codes[u > 1 - (1 - p_zero) / 2] = 2
+    codes[rows // 2] = 1  # one row all zero
+    n_groups = 1 if group_size == -1 else math.ceil(cols / group_size)
+    s_pos = (torch.rand(rows, n_groups, generator=g) + 0.1).half()
+    s_neg = s_pos if sym else (torch.rand(rows, n_groups, generator=g) + 0.1).half()
+    return PackedSub1.encode(codes, s_neg, s_pos, group_size, dictionary, block_rows=block_rows)
+
+
+def check(packed, x, W=None, n_threads=1):
+    # one thread by default: on a shared, oversubscribed machine every 2-thread region can wait a time slice
+    y = K.sub1_matmul(x, packed, n_threads=n_threads)
+    W = packed.dequantize().double() if W is None else W
+    ref = x.double() @ W.T
+    scale = x.double().abs() @ W.abs().T + 1e-30
+    assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], packed.out_features)
+    err = ((y.double() - ref).abs() / scale).max().item()
+    assert err < RTOL, err
+
+
+CASES = [  # rows, cols, p_zero, group_size
+    (1, 1, 0.5, -1), (5, 7, 0.3, -1), (40, 129, 0.9, -1), (19, 300, 0.98, 64), (33, 250, 0.6, 1),
+    (64, 576, 0.92, -1), (24, 192, 0.8, 128), (3, 2000, 0.95, 100),
+]
+
+
+@pytest.mark.parametrize("dictionary", [D8, D16], ids=["8bit", "16bit"])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}x{c[1]}_p{c[2]}_g{c[3]}" for c in CASES])
+def test_kernel_matches_dequantize_then_matmul(case, sym, dictionary):
+    rows, cols, p_zero, group_size = case
+    packed = random_packed(rows, cols, p_zero, group_size, sym, dictionary, seed=rows + cols, block_rows=5)
+    g = torch.Generator().manual_seed(cols)
+    W = packed.dequantize().double()
+    for batch in range(1, 33):
+        check(packed, torch.randn(batch, cols, generator=g), W, n_threads=2 if batch in (1, 9, 32) else 1)
+
+
+def test_kernel_batches_beyond_32_and_leading_dims():
+    packed = random_packed(48, 100, 0.85, 32, False, D8, seed=1)
+    g = torch.Generator().manual_seed(2)
+    for batch in (33, 64, 70):
+        check(packed, torch.randn(batch, 100, generator=g))
+    check(packed, torch.randn(2, 3, 100, generator=g))
+    check(packed, torch.randn(100, generator=g))
+    assert K.sub1_matmul(torch.randn(0, 100), packed).shape == (0, 48)
+
+
+def test_kernel_thread_counts_agree():
+    packed = random_packed(256, 512, 0.9, -1, True, D16, seed=3)
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(4))
+    one = K.sub1_matmul(x, packed, n_threads=1)
+    two = K.sub1_matmul(x, packed, n_threads=2)
+    assert torch.equal(one, two)  # rows are never split between threads, so sums are bit-identical
+
+
+def test_kernel_takes_bf16_activations():
+    packed = random_packed(16, 64, 0.8, -1, True, D8, seed=5)
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.allclose(K.sub1_matmul(x, packed), K.sub1_matmul(x.float(), packed))
+
+
+def test_wrong_width_is_peak_error():
+    packed = random_packed(8, 20, 0.8, -1, True, D8, seed=6)
+    with pytest.raises(PeakError):
+        K.sub1_matmul(torch.randn(1, 21), packed)
+
+
+def test_fallback_without_kernel_is_the_reference(monkeypatch):
+    packed = random_packed(20, 70, 0.9, 16, False, D8, seed=7)
+    x = torch.randn(5, 70)
+    fast = K.sub1_matmul(x, packed)
+    monkeypatch.setattr(K, "_kernel", lambda: None)
+    slow = K.sub1_matmul(x, packed)
+    assert torch.equal(slow, K.sub1_reference(x, packed))
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_sub1_linear_forward():
+    packed = random_packed(30, 90, 0.9, -1, False, D8, seed=8)
+    bias = torch.randn(30)
+    layer = Sub1Linear(packed, bias)
+    assert set(dict(layer.named_buffers())) == {"stream", "block_offsets", "scale_pos", "scale_neg", "bias"}
+    x = torch.randn(2, 5, 90)
+    ref = F.linear(x.double(), packed.dequantize().double(), bias.double())
+    y = layer(x)
+    assert y.shape == (2, 5, 30) and y.dtype == torch.float32
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(PeakError):
+        layer(torch.randn(2, 91))
+    with pytest.raises(PeakError):
+        Sub1Linear(packed, torch.randn(31))
