@@ -55,13 +55,15 @@ class _PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2, dtype = _as_compute(x, self.in_features)
+        bias = self.bias
         if x2.shape[0] > PREFILL_ROWS:
+            # a bf16 x gets a bf16 GEMM on bf16-rounded weights, as a dense bf16 model would
             W, perm = self._dense_for_prefill(x2.dtype)
-            y = F.linear(x2 if perm is None else x2[:, perm], W)
+            y = F.linear(x2 if perm is None else x2[:, perm], W, None if bias is None else bias.to(W.dtype))
         else:
-            y = self._matmul(x2).to(x2.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y = self._matmul(x2)  # fp32, rounded once to x's dtype below
+            if bias is not None:
+                y += bias.float()
         return y.to(dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
