@@ -7,6 +7,7 @@ every size, dtype, shape and offset against the file and the manifest before it 
 unpickles. A packed module is anything with the protocol of formats/intk.py registered under its kind.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -138,7 +139,7 @@ def _data_sha256(tensors: dict) -> str:
     return h.hexdigest()
 
 
-def _write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
+def write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
     names = _storage_order(tensors)
     header, offset = {"__metadata__": metadata}, 0
     for name in names:
@@ -166,8 +167,7 @@ def save_model_folder(out_dir, *, config: dict, dense_tensors: dict, packed_modu
     out_dir = Path(out_dir)
     if sys.byteorder != "little":
         raise PeakError("peakllm folders are little-endian; this machine is big-endian")
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
-        raise PeakError(f"{out_dir} already exists and is not empty (pass overwrite=True to replace it)")
+    refuse_existing(out_dir, overwrite)  # before the hashing, not after
     tensors = _all_tensors(dense_tensors, packed_modules)
     full = build_manifest(dense_tensors, packed_modules, manifest)
     full["data_sha256"] = _data_sha256(tensors)  # bit rot in tensor data would otherwise load silently
@@ -175,20 +175,35 @@ def save_model_folder(out_dir, *, config: dict, dense_tensors: dict, packed_modu
         manifest_text, config_text = _compact(full), json.dumps(config, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise PeakError(f"manifest and config must be JSON-serialisable: {e}") from None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_safetensors(tmp / TENSORS_FILE, tensors, {FORMAT_NAME: manifest_text})
+    with staged_dir(out_dir, overwrite) as tmp:
+        write_safetensors(tmp / TENSORS_FILE, tensors, {FORMAT_NAME: manifest_text})
         (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
         (tmp / CONFIG_FILE).write_text(config_text + "\n")
         if extra_files is not None:
             extra_files(tmp)
+    return out_dir
+
+
+def refuse_existing(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
+        raise PeakError(f"{out_dir} already exists and is not empty (pass overwrite=True to replace it)")
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path, overwrite: bool = False):
+    """A temp dir beside out_dir to write into; renamed onto out_dir when the block succeeds, removed if not.
+    A non-empty out_dir is refused unless overwrite, and then replaced whole."""
+    out_dir = Path(out_dir)
+    refuse_existing(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         _rename_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _rename_into_place(tmp: Path, out_dir: Path) -> None:
