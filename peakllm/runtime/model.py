@@ -150,7 +150,8 @@ class RuntimeModel(nn.Module):
         self.n_layers, self.n_kv_heads, self.head_dim = len(inner.layers), n_kv_heads, head_dim
         self.layers = nn.ModuleList(Block(layer, cfg, dtype) for layer in inner.layers)
         self.register_buffer("embed", inner.embed_tokens.weight.detach().to(dtype), persistent=False)
-        self.norm_weight, self.norm_eps = _norm_params(inner.norm, dtype)
+        norm_weight, self.norm_eps = _norm_params(inner.norm, dtype)
+        self.register_buffer("norm_weight", norm_weight, persistent=False)
         lm_head = hf_model.get_output_embeddings()
         if type(lm_head) is nn.Linear and lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr():
             self.lm_head = DenseLinear(self.embed)  # tied: one tensor serves both, read once per token
