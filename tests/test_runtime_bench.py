@@ -91,9 +91,11 @@ def test_cli_bench_json(monkeypatch, capsys, tiny_tokenizer):
 
     hf = _tiny()
     monkeypatch.setattr(peakllm.models, "load_model", lambda spec: (hf, tiny_tokenizer))
+    monkeypatch.setattr("peakllm.runtime.bench.read_bandwidth_gb_s", lambda size: 40.0)  # wiring, not memory
     code = main(["bench", "--model", "tiny", "--prompt-tokens", "5", "--new-tokens", "3", "--repeats", "1",
                  "--threads", "1", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert KEYS | {"model"} <= set(result) and result["model"] == "tiny" and result["threads"] == 1
+    assert result["bandwidth_gb_s"] == 40.0
     assert main(["bench", "--new-tokens", "1"]) == 2  # a user error, one line on stderr
