@@ -1,8 +1,7 @@
 """runtime/linear.py: packed modules compute F.linear(x, W, bias) on any leading dims, through the
 kernels (<= PREFILL_ROWS rows) and through dequantize + GEMM (prefill), and load the formats room's
 packed tensors via packed_linear. Tolerances: fp32 accumulation order (1e-5 of |x| @ |W|.T plus the
-zero-point split of int-k); for bf16 inputs also bf16 rounding of the output and, in prefill, of W
-(2^-8 of |y| + |x| @ |W|.T).
+zero-point split of int-k); for bf16 inputs also the bf16 rounding of the output (2^-8 of |y|).
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ def intk_layer(out=24, inn=80, bits=4, group_size=32, act_order=True, seed=0):
 def check(y, x, W, bias, big):
     y_ref = F.linear(x.float(), W, bias)
     bound = 1e-5 * (x.float().abs() @ big.T) + 1e-5
-    if y.dtype == torch.bfloat16:  # output rounded to bf16; prefill also rounds W to bf16
-        bound = bound + (y_ref.abs() + x.float().abs() @ W.abs().T) * 2**-8
+    if y.dtype == torch.bfloat16:  # output rounded once from fp32
+        bound = bound + y_ref.abs() * 2**-8
     assert bool(((y.float() - y_ref).abs() <= bound).all()), f"max error {(y.float() - y_ref).abs().max().item():.3g}"
 
 

@@ -300,3 +300,83 @@ def bitmask_dequantize(mask, row_offsets, in_features: int, values=None, qweight
                                     int(dtype == torch.bfloat16), _threads())
         _check(rc == 0, f"bitmask_dequant rejected its input (code {rc}): mask, row_offsets and values disagree")
     return W
+
+
+# ------------------------------------------------------------------------------ prebound calls (decode)
+# Checking every tensor on every call costs tens of microseconds, as much as a small matvec. A module
+# validates its packed tensors once (by calling the checked function above) and then uses one of these
+# closures, which take only x: a contiguous 2-D float32 / bfloat16 CPU tensor of the right width,
+# checked by the caller. They hold references to the tensors whose addresses they keep.
+
+def _addr(t) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _raise_on(rc: int, kernel: str) -> None:
+    if rc:
+        raise PeakError(f"{kernel} rejected its input (code {rc})")
+
+
+def bind_intk(qweight, scales, zeros, bits: int, group_starts, perm=None):
+    """x -> fp32 x[:, perm] @ W.T, for tensors already accepted by intk_matmul."""
+    fns = _kernels("intk")
+    if fns is None:
+        return lambda x: intk_matmul(x, qweight, scales, zeros, bits, group_starts, perm)
+    fn, out, in_features, n_groups = fns["intk_gemm"], qweight.shape[0], int(group_starts[-1]), group_starts.numel() - 1
+    tensors = (qweight, scales, zeros, group_starts, perm)
+    p_perm, p_q, p_s, p_z, p_g = _addr(perm), _addr(qweight), _addr(scales), _addr(zeros), _addr(group_starts)
+
+    def call(x, _keep=tensors):
+        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        _raise_on(fn(x.data_ptr(), int(x.dtype == torch.bfloat16), p_perm, x.shape[0], in_features, p_q, p_s, p_z,
+                     p_g, n_groups, out, bits, y.data_ptr(), torch.get_num_threads()), "intk_gemm")
+        return y
+
+    return call
+
+
+def bind_nm(indices, n: int, m: int, in_features: int, values=None, qweight=None, scales=None, zeros=None,
+            bits=None, group_size=None):
+    """x -> fp32 x @ W.T, for tensors already accepted by nm_matmul."""
+    fns = _kernels("sparse")
+    if fns is None:
+        return lambda x: nm_matmul(x, indices, n, m, values, qweight, scales, zeros, bits, group_size)
+    fn, out = fns["nm_gemm"], indices.shape[0]
+    vals = values if values is not None else qweight
+    kind = _CODES if values is None else _VALUE_KIND[values.dtype]
+    tensors = (indices, vals, scales, zeros)
+    code_args = _code_args(kind, vals, bits, scales, zeros, group_size)
+    p_vals, p_idx = vals.data_ptr(), indices.data_ptr()
+
+    def call(x, _keep=tensors):
+        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        _raise_on(fn(x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], in_features, out, n, m, p_vals, kind,
+                     *code_args, p_idx, y.data_ptr(), torch.get_num_threads()), "nm_gemm")
+        return y
+
+    return call
+
+
+def bind_bitmask(mask, row_offsets, in_features: int, values=None, qweight=None, scales=None, zeros=None, bits=None,
+                 group_size=None, qrow_offsets=None):
+    """x -> fp32 x @ W.T, for tensors already accepted by bitmask_matmul."""
+    fns = _kernels("sparse")
+    if fns is None:
+        return lambda x: bitmask_matmul(x, mask, row_offsets, values, qweight, scales, zeros, bits, group_size,
+                                        qrow_offsets)
+    fn, out = fns["bitmask_gemm"], mask.shape[0]
+    vals = values if values is not None else qweight
+    kind = _CODES if values is None else _VALUE_KIND[values.dtype]
+    tensors = (mask, row_offsets, vals, scales, zeros, qrow_offsets)
+    q, b, sc, z, gs = _code_args(kind, vals, bits, scales, zeros, group_size)
+    p_mask, p_ro, p_vals, p_qro, n_values = mask.data_ptr(), row_offsets.data_ptr(), vals.data_ptr(), _addr(
+        qrow_offsets), vals.numel()
+
+    def call(x, _keep=tensors):
+        y = torch.empty(x.shape[0], out, dtype=torch.float32)
+        _raise_on(fn(x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], in_features, out, p_mask, p_ro, p_vals,
+                     kind, q, p_qro if q else None, b, sc, z, gs, y.data_ptr(), n_values, torch.get_num_threads()),
+                  "bitmask_gemm")
+        return y
+
+    return call

@@ -3,9 +3,11 @@
 Each module holds the packed tensors of docs/DESIGN.md "Packed layouts" as buffers, under their
 on-disk names, and computes `F.linear(x, W, bias)` for any leading dims of x without a dense W:
 up to `PREFILL_ROWS` rows of x (decoding, small batches) the kernels read the packed weights
-directly; beyond that (prefill) the work is compute-bound, so W is dequantized per call into a
-temporary in x's dtype and handed to torch's GEMM (see benchmarks/bench_kernels.py).
-x may be float32 or bfloat16 (other float dtypes run in float32); the result has x's dtype.
+directly; beyond that (prefill) the work is compute-bound, so W is dequantized per call into an fp32
+temporary and handed to torch's fp32 GEMM, also for bf16 x: on the AVX2 dev machine torch's bf16 GEMM
+ran ~8x slower than fp32 (3.5 vs 28 GFLOP/s, 512x576 @ 576x1536, one core), see
+benchmarks/bench_kernels.py. x may be float32 or bfloat16 (other float dtypes run in float32); the
+result has x's dtype, rounded once from fp32.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from peakllm.kernels import ops
 PREFILL_ROWS = 32  # rows of x above which dequantize + torch GEMM is used instead of the kernels
 
 
-def _as_compute(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.dtype]:
+def _as_compute(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x as a contiguous 2-D float32 / bfloat16 tensor (a view when it already is one)."""
     if x.shape[-1] != in_features:
         raise PeakError(f"input has {x.shape[-1]} features, the layer expects {in_features}")
-    dtype = x.dtype
-    x2 = x.reshape(-1, in_features)
-    if dtype not in (torch.float32, torch.bfloat16):
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    if x2.dtype not in (torch.float32, torch.bfloat16):
         x2 = x2.float()
-    return x2.contiguous(), dtype
+    return x2 if x2.is_contiguous() else x2.contiguous()
 
 
 class _PackedLinear(nn.Module):
@@ -41,8 +43,13 @@ class _PackedLinear(nn.Module):
                 raise PeakError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
             bias = bias.detach().clone()
         self.register_buffer("bias", bias)
+        self._kernel = None
 
-    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:  # fp32 [rows, out]
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:  # fp32 [rows, out], every tensor checked
+        raise NotImplementedError
+
+    def _bind(self):
+        """The same as _matmul as a closure over the already checked tensors (ops.bind_*)."""
         raise NotImplementedError
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
@@ -54,17 +61,24 @@ class _PackedLinear(nn.Module):
         return self.dequantize(dtype), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2, dtype = _as_compute(x, self.in_features)
-        bias = self.bias
+        x2 = _as_compute(x, self.in_features)
         if x2.shape[0] > PREFILL_ROWS:
-            # a bf16 x gets a bf16 GEMM on bf16-rounded weights, as a dense bf16 model would
-            W, perm = self._dense_for_prefill(x2.dtype)
-            y = F.linear(x2 if perm is None else x2[:, perm], W, None if bias is None else bias.to(W.dtype))
+            W, perm = self._dense_for_prefill(torch.float32)
+            y = F.linear((x2 if perm is None else x2[:, perm]).float(), W)
         else:
-            y = self._matmul(x2)  # fp32, rounded once to x's dtype below
-            if bias is not None:
-                y += bias.float()
-        return y.to(dtype).reshape(*x.shape[:-1], self.out_features)
+            if self._kernel is None:
+                self._kernel = self._bind()
+            y = self._kernel(x2)
+        bias = self._buffers["bias"]
+        if bias is not None:
+            y += bias.float()
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel = None  # buffers may move: rebind the kernel on the next call
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -100,6 +114,9 @@ class IntKLinear(_PackedLinear):
 
     def _matmul(self, x2):
         return ops.intk_matmul(x2, self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm)
+
+    def _bind(self):
+        return ops.bind_intk(self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm)
 
     def _dense_for_prefill(self, dtype):
         W = ops.intk_dequantize(self._codes(), self.scales, self.zeros, self.bits, self.group_starts,
@@ -154,6 +171,9 @@ class NMLinear(_SparseValues):
     def _matmul(self, x2):
         return ops.nm_matmul(x2, self.indices, self.n, self.m, **self._value_kwargs())
 
+    def _bind(self):
+        return ops.bind_nm(self.indices, self.n, self.m, self.in_features, **self._value_kwargs())
+
     def dequantize(self, dtype=torch.float32):
         return ops.nm_dequantize(self.indices, self.n, self.m, self.in_features, dtype=dtype, **self._value_kwargs())
 
@@ -187,6 +207,9 @@ class BitmaskLinear(_SparseValues):
 
     def _matmul(self, x2):
         return ops.bitmask_matmul(x2, self.mask, self.row_offsets, **self._kwargs())
+
+    def _bind(self):
+        return ops.bind_bitmask(self.mask, self.row_offsets, self.in_features, **self._kwargs())
 
     def dequantize(self, dtype=torch.float32):
         return ops.bitmask_dequantize(self.mask, self.row_offsets, self.in_features, dtype=dtype, **self._kwargs())
