@@ -10,9 +10,9 @@ import torch
 
 from peakllm.errors import PeakError
 
-# Rows are packed in chunks so the per-bit intermediate (rows * n * bits bytes) stays small for
-# embedding-sized matrices.
-_CHUNK_ELEMS = 1 << 24
+# Rows are packed in chunks so the int64 intermediates (8 bytes a code) stay small for embedding-sized
+# matrices.
+_CHUNK_ELEMS = 1 << 22
 
 
 def packed_row_bytes(n: int, bits: int) -> int:
@@ -42,18 +42,16 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     nbytes = packed_row_bytes(n, bits)
     if bits == 8:
         return codes.contiguous().clone()
-    out = torch.empty(rows, nbytes, dtype=torch.uint8)
-    bit_of_code = torch.arange(bits, dtype=torch.uint8)
-    byte_weight = torch.tensor([1 << b for b in range(8)], dtype=torch.int32)
-    for r0, r1 in _row_chunks(rows, n * bits):
-        chunk = codes[r0:r1]
-        # [r, n, bits] of 0/1, flattened into one bitstream per row, LSB first
-        stream = ((chunk.unsqueeze(-1) >> bit_of_code) & 1).reshape(r1 - r0, n * bits)
-        pad = nbytes * 8 - n * bits
-        if pad:
-            stream = torch.nn.functional.pad(stream, (0, pad))
-        out[r0:r1] = (stream.reshape(r1 - r0, nbytes, 8).to(torch.int32) * byte_weight).sum(-1).to(torch.uint8)
-    return out
+    # Eight k-bit codes fill exactly k bytes: build each such 8k-bit word as an int64, then split it.
+    n_words = math.ceil(n / 8)
+    code_shift = torch.arange(8, dtype=torch.int64) * bits
+    byte_shift = torch.arange(bits, dtype=torch.int64) * 8
+    out = torch.empty(rows, n_words * bits, dtype=torch.uint8)
+    for r0, r1 in _row_chunks(rows, n_words * 8):
+        chunk = torch.nn.functional.pad(codes[r0:r1], (0, n_words * 8 - n)).to(torch.int64)
+        words = (chunk.reshape(r1 - r0, n_words, 8) << code_shift).sum(-1, keepdim=True)
+        out[r0:r1] = ((words >> byte_shift) & 0xFF).reshape(r1 - r0, n_words * bits).to(torch.uint8)
+    return out[:, :nbytes].contiguous()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -68,14 +66,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise PeakError(f"{n} codes of {bits} bits need {packed_row_bytes(n, bits)} bytes a row, found {nbytes}")
     if bits == 8:
         return packed.contiguous().clone()
-    out = torch.empty(rows, n, dtype=torch.uint8)
-    bit_of_byte = torch.arange(8, dtype=torch.uint8)
-    code_weight = torch.tensor([1 << b for b in range(bits)], dtype=torch.int32)
-    for r0, r1 in _row_chunks(rows, nbytes * 8):
-        stream = ((packed[r0:r1].unsqueeze(-1) >> bit_of_byte) & 1).reshape(r1 - r0, nbytes * 8)
-        stream = stream[:, : n * bits].reshape(r1 - r0, n, bits)
-        out[r0:r1] = (stream.to(torch.int32) * code_weight).sum(-1).to(torch.uint8)
-    return out
+    n_words = math.ceil(n / 8)
+    code_shift = torch.arange(8, dtype=torch.int64) * bits
+    byte_shift = torch.arange(bits, dtype=torch.int64) * 8
+    out = torch.empty(rows, n_words * 8, dtype=torch.uint8)
+    for r0, r1 in _row_chunks(rows, n_words * 8):
+        chunk = torch.nn.functional.pad(packed[r0:r1], (0, n_words * bits - nbytes)).to(torch.int64)
+        words = (chunk.reshape(r1 - r0, n_words, bits) << byte_shift).sum(-1, keepdim=True)
+        out[r0:r1] = ((words >> code_shift) & ((1 << bits) - 1)).reshape(r1 - r0, n_words * 8).to(torch.uint8)
+    return out[:, :n].contiguous()
 
 
 def padding_is_zero(packed: torch.Tensor, bits: int, n: int) -> bool:

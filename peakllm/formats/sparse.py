@@ -107,31 +107,28 @@ def _ragged_layout(counts: torch.Tensor, bits: int):
     return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(row_bytes, 0)])
 
 
-def _ragged_positions(counts: torch.Tensor, bits: int):
-    """Bit position of every code in the concatenated stream, and the stream's length in bytes."""
-    byte_start = _ragged_layout(counts, bits)
-    rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    first = torch.cumsum(counts, 0) - counts
-    within = torch.arange(int(counts.sum())) - first[rows]
-    return byte_start[rows] * 8 + within * bits, int(byte_start[-1])
+def _ragged_masks(counts: torch.Tensor, bits: int):
+    """Which slots of a [rows, max count] code array and of its packed [rows, max bytes] form are real."""
+    width = int(counts.max()) if counts.numel() else 0
+    code_mask = torch.arange(width) < counts.unsqueeze(1)
+    byte_mask = torch.arange(packed_row_bytes(width, bits)) < ((counts * bits + 7) // 8).unsqueeze(1)
+    return width, code_mask, byte_mask
 
 
 def pack_ragged(codes: torch.Tensor, counts: torch.Tensor, bits: int) -> torch.Tensor:
-    bitpos, nbytes = _ragged_positions(counts, bits)
-    b = torch.arange(bits)
-    gbit = (bitpos.unsqueeze(1) + b).reshape(-1)
-    bitval = ((codes.long().unsqueeze(1) >> b) & 1).reshape(-1)
-    out = torch.zeros(nbytes, dtype=torch.long)
-    out.scatter_add_(0, gbit // 8, bitval << (gbit % 8))  # bits are distinct, so add is or
-    return out.to(torch.uint8)
+    """Rows of counts[r] codes (given concatenated) -> their byte-padded bitstreams, concatenated."""
+    width, code_mask, byte_mask = _ragged_masks(counts, bits)
+    # left-align each row's codes in a zero-padded rectangle: zero codes pack to zero padding bits
+    rect = torch.zeros(counts.numel(), width, dtype=torch.uint8)
+    rect[code_mask] = codes
+    return pack_bits(rect, bits)[byte_mask]
 
 
 def unpack_ragged(stream: torch.Tensor, counts: torch.Tensor, bits: int) -> torch.Tensor:
-    bitpos, _ = _ragged_positions(counts, bits)
-    b = torch.arange(bits)
-    gbit = bitpos.unsqueeze(1) + b
-    bitval = (stream.long()[gbit // 8] >> (gbit % 8)) & 1
-    return (bitval << b).sum(1).to(torch.uint8)
+    width, code_mask, byte_mask = _ragged_masks(counts, bits)
+    rect = torch.zeros(byte_mask.shape, dtype=torch.uint8)
+    rect[byte_mask] = stream
+    return unpack_bits(rect, bits, width)[code_mask]
 
 
 # ---- bitmask ----------------------------------------------------------------------------------
