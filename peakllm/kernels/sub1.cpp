@@ -68,6 +68,15 @@ inline float flip(float v, uint32_t sign) {
     return v;
 }
 
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
 // Signed and plain sums of x over buf[lo, hi) (batch 1).
 template <bool SYM>
 inline void sum_range_1(const uint32_t* buf, int64_t lo, int64_t hi, const float* x, float& s, float& a) {
@@ -88,19 +97,25 @@ inline void sum_range_1(const uint32_t* buf, int64_t lo, int64_t hi, const float
             a1 = _mm256_add_ps(a1, g1);
         }
     }
-    for (; k + 8 <= hi; k += 8) {
+    if (k + 8 <= hi) {
         const __m256i v0 = _mm256_loadu_si256((const __m256i*)(buf + k));
         const __m256 g0 = _mm256_i32gather_ps(x, _mm256_and_si256(v0, colm), 4);
         s0 = _mm256_add_ps(s0, _mm256_xor_ps(g0, _mm256_castsi256_ps(_mm256_and_si256(v0, signm))));
         if (!SYM) a0 = _mm256_add_ps(a0, g0);
+        k += 8;
     }
-    float t[8];
-    _mm256_storeu_ps(t, _mm256_add_ps(s0, s1));
-    for (int i = 0; i < 8; i++) ss += t[i];
-    if (!SYM) {
-        _mm256_storeu_ps(t, _mm256_add_ps(a0, a1));
-        for (int i = 0; i < 8; i++) aa += t[i];
+    if (k < hi) {  // the last 1..7 nonzeros: one masked gather instead of a scalar loop
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(hi - k)), lane);
+        const __m256i v0 = _mm256_maskload_epi32((const int*)(buf + k), live);
+        const __m256 g0 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, _mm256_and_si256(v0, colm),
+                                                   _mm256_castsi256_ps(live), 4);
+        s0 = _mm256_add_ps(s0, _mm256_xor_ps(g0, _mm256_castsi256_ps(_mm256_and_si256(v0, signm))));
+        if (!SYM) a0 = _mm256_add_ps(a0, g0);
+        k = hi;
     }
+    ss = hsum(_mm256_add_ps(s0, s1));
+    if (!SYM) aa = hsum(_mm256_add_ps(a0, a1));
 #endif
     for (; k < hi; k++) {
         const float v = x[buf[k] & COL];
