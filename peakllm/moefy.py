@@ -128,6 +128,12 @@ def kept_share(S: torch.Tensor, scores: torch.Tensor, k: int) -> float:
     return S.gather(1, scores.topk(k, dim=1).indices).sum(dim=1).mean().item()
 
 
+def kept_share_curve(S: torch.Tensor, scores: torch.Tensor) -> list[float]:
+    """kept_share for every k = 1..E at once."""
+    ranked = S.gather(1, scores.argsort(dim=1, descending=True, stable=True))
+    return ranked.cumsum(dim=1).mean(dim=0).tolist()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Driver: checks, calibration hooks, building the MoE model.
 
@@ -200,18 +206,32 @@ def moefy(model, tokenizer, *, experts: int, top_k: int, calib_samples: int = 32
           max_tokens_per_layer: int = MAX_TOKENS_PER_LAYER, progress: bool = True):
     """Convert a dense Llama into a `PeakMoeForCausalLM` with `experts` experts per MLP, `top_k` active per token.
 
-    The dense model is not modified. The result carries `moefy_stats` = {"kept_share": [per layer]}: the mean
-    share of the dense MLP output norm held by the routed experts on the calibration tokens.
+    The dense model is not modified. The result carries `moefy_stats` = {"kept_share": [per layer],
+    "kept_share_by_k": [per layer: [k = 1..E]]}: the mean share of the dense MLP output norm held by the routed
+    experts on the calibration tokens.
     """
     from peakllm.data import calibration_segments
-    from peakllm.models.moe import PeakMoeForCausalLM
 
     check_dense(model, experts, top_k)
     if router_hidden < 0:
         raise PeakError(f"--router-hidden must be >= 0, got {router_hidden}")
     segments = calibration_segments(tokenizer, calib_samples, calib_seqlen, source=calib_source, seed=seed)
     X, A = collect_activations(model, segments, max_tokens=max_tokens_per_layer, seed=seed, progress=progress)
+    return build_moe(model, X, A, experts=experts, top_k=top_k, seed=seed, router_hidden=router_hidden,
+                     router_steps=router_steps, progress=progress)
 
+
+@torch.no_grad()
+def build_moe(model, X, A, *, experts: int, top_k: int, seed: int = 0, router_hidden: int = 0,
+              router_steps: int = 300, progress: bool = True):
+    """The MoE model from the dense one and its calibration activations (from `collect_activations`).
+
+    X and A are only read, so one calibration pass can serve several (experts, top_k); the router is fitted to
+    predict shares, not a top-k set, so it does not depend on top_k (see `set_top_k`).
+    """
+    from peakllm.models.moe import PeakMoeForCausalLM
+
+    check_dense(model, experts, top_k)
     torch.manual_seed(seed)
     moe = PeakMoeForCausalLM(moe_config(model.config, experts, top_k, router_hidden)).eval()
     dense_state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
@@ -237,8 +257,8 @@ def moefy(model, tokenizer, *, experts: int, top_k: int, calib_samples: int = 32
             W, b = fit_router_lstsq(X[l], S)
             block.gate.weight.copy_(W)
             block.gate.bias.copy_(b)
-        kept.append(kept_share(S, block.gate.scores(X[l]), top_k))
-        X[l] = A[l] = None  # free this layer's activations
+        kept.append(kept_share_curve(S, block.gate.scores(X[l])))
     moe = moe.to(next(model.parameters()).dtype)
-    moe.moefy_stats = {"kept_share": kept}
+    # per layer: share of the MLP output norm held by the routed experts (at top_k, and for every k = 1..E)
+    moe.moefy_stats = {"kept_share": [curve[top_k - 1] for curve in kept], "kept_share_by_k": kept}
     return moe

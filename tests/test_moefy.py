@@ -7,13 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from peakllm.errors import PeakError
-from peakllm.models.moe import PeakMoeConfig, PeakMoeForCausalLM, active_params_fraction
+from peakllm.models.moe import PeakMoeConfig, PeakMoeForCausalLM, active_params_fraction, set_top_k
 from peakllm.moefy import (
     balanced_assign,
     balanced_kmeans,
     expert_shares,
     fit_router_lstsq,
+    build_moe,
+    collect_activations,
     kept_share,
+    kept_share_curve,
     moefy,
 )
 
@@ -107,6 +110,25 @@ def test_mlp_router_trains_and_routes(tiny_llama, tiny_tokenizer, text_file):
     x = tokens()
     assert torch.isfinite(moe(x).logits).all()
     assert all(0 < s <= 1 for s in moe.moefy_stats["kept_share"])
+
+
+@torch.no_grad()
+def test_one_calibration_serves_every_top_k(tiny_llama, tiny_tokenizer, text_file):
+    from peakllm.data import calibration_segments
+
+    segments = calibration_segments(tiny_tokenizer, 6, 32, source=str(text_file))
+    X, A = collect_activations(tiny_llama, segments, max_tokens=100, progress=False)
+    assert X[0].shape == (100, 64) and A[0].shape == (100, 128)
+    one = build_moe(tiny_llama, X, A, experts=4, top_k=1, progress=False)
+    three = build_moe(tiny_llama, X, A, experts=4, top_k=3, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), three.state_dict().values()))
+    x = tokens()
+    set_top_k(one, 3)
+    assert one.config.num_experts_per_tok == 3
+    assert torch.equal(one(x).logits, three(x).logits)
+    set_top_k(one, 4)  # all experts: the dense model again
+    torch.testing.assert_close(one(x).logits, tiny_llama(x).logits, atol=2e-5, rtol=1e-5)
+    assert one.moefy_stats["kept_share_by_k"][0][2] == pytest.approx(three.moefy_stats["kept_share"][0])
 
 
 def test_dense_model_untouched(tiny_llama, tiny_tokenizer, text_file):
@@ -205,3 +227,6 @@ def test_expert_shares_and_kept_share_against_loops():
         best = sorted(range(4), key=lambda e: -scores[t, e].item())[:2]
         ref += S[t, best].sum().item() / 10
     assert kept_share(S, scores, 2) == pytest.approx(ref, rel=1e-6)
+    curve = kept_share_curve(S, scores)
+    assert curve == pytest.approx([kept_share(S, scores, k) for k in range(1, 5)], rel=1e-6)
+    assert curve[-1] == pytest.approx(1.0)

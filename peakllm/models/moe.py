@@ -128,6 +128,15 @@ def moe_blocks(model) -> list[PeakMoeBlock]:
     return [layer.mlp for layer in model.model.layers]
 
 
+def set_top_k(model: PeakMoeForCausalLM, top_k: int) -> None:
+    """Route every token to `top_k` experts from now on (the config follows, so save_pretrained keeps it)."""
+    if not 1 <= top_k <= model.config.num_experts:
+        raise ValueError(f"top_k must be in 1..{model.config.num_experts}, got {top_k}")
+    model.config.num_experts_per_tok = top_k
+    for block in moe_blocks(model):
+        block.top_k = block.gate.top_k = top_k
+
+
 def active_params_fraction(model: PeakMoeForCausalLM) -> float:
     """Parameters touched per token / all parameters (tied embedding counted once; k/E of every expert)."""
     cfg = model.config
