@@ -65,3 +65,40 @@ def evaluate(model, tokenizer, dataset: str = "wiki", *, seqlen: int = 512, max_
     result = perplexity(model, windows, batch_size=batch_size, progress=progress)
     result["dataset"] = dataset
     return result
+
+
+def _model_identity(spec: str) -> str:
+    """A key that changes when the model's files change: the spec, or the folder and its files' mtimes."""
+    from pathlib import Path
+
+    from peakllm.models import resolve
+
+    kind, path = resolve(spec)
+    files = [path] if path.is_file() else sorted(Path(path).glob("*.safetensors")) + [Path(path) / "config.json"]
+    stamp = ",".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists())
+    return f"{kind}|{Path(path).resolve()}|{stamp}"
+
+
+def cached_evaluate(model, tokenizer, spec: str, dataset: str = "wiki", *, seqlen: int = 512,
+                    max_tokens: int | None = 16384, progress: bool = True) -> dict:
+    """`evaluate` of an unmodified model loaded from `spec`, remembered in the cache (dense baselines
+    are asked for by every prune/quantize run and cost as much as the run's own evaluation)."""
+    import hashlib
+    import json
+
+    from peakllm.paths import cache_dir
+
+    dtype = str(next(model.parameters()).dtype)
+    key = hashlib.sha256(json.dumps([_model_identity(spec), dataset, seqlen, max_tokens, dtype]).encode()).hexdigest()
+    path = cache_dir() / "evals" / f"{key[:24]}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    result = evaluate(model, tokenizer, dataset, seqlen=seqlen, max_tokens=max_tokens, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+    return result

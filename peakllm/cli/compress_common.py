@@ -1,0 +1,92 @@
+"""What `peakllm prune` and `peakllm quantize` share: calibration and evaluation options, the run itself
+(load → dense ppl → calibrate → save → ppl), and the JSON result."""
+
+from __future__ import annotations
+
+import time
+
+from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, set_threads
+from peakllm.errors import PeakError
+
+
+def add_calibration_options(p) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration segments (default: %(default)s; the papers use 128 x 2048 tokens on GPUs)")
+    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration segment (default: %(default)s)")
+    g.add_argument("--calib-dataset", default="calib",
+                   help="calib (wiki-calib + news, never overlaps the wiki eval split), wiki-calib, news, "
+                   "shakespeare, bible, or a text file (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=8, help="calibration segments per forward (default: %(default)s)")
+    g.add_argument("--no-sequential", action="store_true",
+                   help="collect all of a layer's statistics from its dense inputs in one pass (faster, less accurate) "
+                   "instead of re-running the layer after each group of matrices is compressed")
+    g.add_argument("--blocksize", type=int, default=128, help="solver column block size (default: %(default)s)")
+    g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diag(H) (default: %(default)s)")
+
+
+def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
+    add_model_option(p)
+    p.add_argument("--output", required=True, metavar="DIR", help="folder to write the compressed model to")
+    p.add_argument("--format", choices=formats, default=default_format,
+                   help="hf: dense Hugging Face folder (zeros stored; loads anywhere); peakllm: packed, run by "
+                   "peakllm's kernels; compressed-tensors: for transformers/vLLM (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--eval-tokens", type=int, default=4096,
+                   help="wiki perplexity budget before and after (tokens, seqlen 512); 0 skips evaluation (default: %(default)s)")
+    p.add_argument("--eval-dataset", default="wiki", help="dataset for the before/after perplexity (default: %(default)s)")
+    add_threads_option(p)
+    add_output_options(p)
+
+
+def run_compression(args, recipe, *, extra_result: dict) -> dict:
+    """Everything after argument parsing; returns the JSON result."""
+    from peakllm.calibrate import calibrate
+    from peakllm.data import calibration_segments
+    from peakllm.eval import cached_evaluate, evaluate
+    from peakllm.models import load_model
+    from peakllm.save import check_output, save_compressed
+
+    set_threads(args.threads)
+    if args.eval_tokens < 0:
+        raise PeakError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
+    check_output(args.output, args.overwrite)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    progress = not args.json
+    dense_ppl = None
+    if args.eval_tokens:
+        dense_ppl = cached_evaluate(model, tokenizer, args.model, args.eval_dataset, seqlen=512,
+                                    max_tokens=args.eval_tokens, progress=progress)["ppl"]
+    segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
+                                    seed=args.seed)
+    report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
+                       progress=progress)
+    compress_seconds = time.perf_counter() - start
+    result = {**extra_result, "seconds": compress_seconds, "calib_tokens": report.calib_tokens,
+              "time_breakdown": {k: round(v, 2) for k, v in report.seconds.items()},
+              "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks}
+    sparsity = measured_sparsity(report.modules)
+    if sparsity is not None:
+        result["sparsity"] = sparsity
+    run_info = {"command": args.command, "model": args.model, **extra_result,
+                "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
+                "calib_dataset": args.calib_dataset, "seed": args.seed}
+    sizes = save_compressed(model, tokenizer, report.modules, args.output, fmt=args.format, run_info=run_info,
+                            overwrite=args.overwrite)
+    result.update(sizes)
+    if args.eval_tokens:
+        after = evaluate(model, tokenizer, args.eval_dataset, seqlen=512, max_tokens=args.eval_tokens, progress=progress)
+        result["ppl"], result["dense_ppl"] = after["ppl"], dense_ppl
+    result.update({"output": str(args.output), "format": args.format, "model": args.model})
+    return result
+
+
+def measured_sparsity(modules: dict) -> float | None:
+    """Fraction of zeros over all pruned matrices."""
+    masks = [r.mask for r in modules.values() if getattr(r, "mask", None) is not None]
+    if not masks:
+        return None
+    total = sum(m.numel() for m in masks)
+    return float(sum((~m).sum().item() for m in masks) / total)

@@ -1,0 +1,74 @@
+"""peakllm prune: one-shot pruning (SparseGPT, Wanda, magnitude), unstructured or N:M."""
+
+from __future__ import annotations
+
+from peakllm.cli.common import emit
+from peakllm.cli.compress_common import add_calibration_options, add_run_options, run_compression
+from peakllm.errors import PeakError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "prune", help="one-shot pruning: SparseGPT, Wanda or magnitude; unstructured or N:M",
+        description="Prune every linear layer of the decoder to --sparsity (unstructured) or --pattern N:M "
+        "(N zeros in every M weights), one layer at a time over calibration data, without retraining. "
+        "sparsegpt solves a Hessian-based reconstruction per layer and updates the kept weights; wanda scores "
+        "|W|*||x||; magnitude scores |W|. With --bits, SparseGPT also quantizes the kept weights in the same pass.")
+    p.add_argument("--method", choices=("sparsegpt", "wanda", "magnitude"), default="sparsegpt",
+                   help="(default: %(default)s)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, in [0, 1) (default: 0.5)")
+    g.add_argument("--pattern", default=None, help="N:M semi-structured sparsity, e.g. 2:4 or 4:8")
+    p.add_argument("--owl", action="store_true",
+                   help="outlier-weighted layer-wise sparsity (Yin et al. 2024): layers with more outliers are pruned "
+                   "less; the average stays --sparsity")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="max deviation from --sparsity per layer (default: %(default)s)")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=None,
+                   help="also quantize the kept weights (sparsegpt only; needs --format peakllm)")
+    p.add_argument("--group-size", type=int, default=128, help="quantization group size with --bits; -1 = per row (default: %(default)s)")
+    add_calibration_options(p)
+    add_run_options(p, ("hf", "peakllm"), "hf")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from peakllm.recipes import PruneRecipe, parse_pattern
+    from peakllm.solvers import Grid
+
+    pattern = parse_pattern(args.pattern)
+    sparsity = args.sparsity if args.sparsity is not None else (pattern[0] / pattern[1] if pattern else 0.5)
+    if args.owl and pattern:
+        raise PeakError("--owl allocates unstructured sparsity per layer; it does not combine with --pattern")
+    grid = Grid(bits=args.bits, group_size=args.group_size) if args.bits else None
+    if grid is not None and args.format != "peakllm":
+        raise PeakError("--bits stores codes and masks together: add --format peakllm")
+    recipe = PruneRecipe(args.method, sparsity, pattern, grid, blocksize=args.blocksize, damp=args.damp)
+    if args.owl:
+        recipe.layer_sparsity = _owl_allocation(args, sparsity)
+    extra = {"method": args.method, "sparsity_target": sparsity, "pattern": args.pattern, "bits": args.bits,
+             "owl": args.owl}
+    result = run_compression(args, recipe, extra_result=extra)
+    emit(result, args, f"pruned {args.model} with {args.method}")
+    return 0
+
+
+def _owl_allocation(args, sparsity: float) -> list[float]:
+    """Per-layer sparsities from the dense model's outlier ratios (one extra pass over the calibration data)."""
+    from peakllm.calibrate import decoder_layers, input_sqnorms
+    from peakllm.data import calibration_segments
+    from peakllm.models import load_model
+    from peakllm.solvers import outlier_ratio, owl_sparsities
+
+    model, tokenizer = load_model(args.model)
+    segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
+                                    seed=args.seed)
+    sqnorms = input_sqnorms(model, segments, batch_size=args.batch_size, progress=not args.json)
+    layers, prefix = decoder_layers(model)
+    ratios = []
+    for li in range(len(layers)):
+        names = [n for n in sqnorms if n.startswith(f"{prefix}.{li}.")]
+        weights = {n: model.get_submodule(n).weight for n in names}
+        # the layer's outlier ratio over all its matrices, weighted by their sizes
+        total = sum(w.numel() for w in weights.values())
+        ratios.append(sum(outlier_ratio(weights[n], sqnorms[n]) * weights[n].numel() for n in names) / total)
+    return owl_sparsities(ratios, sparsity, args.owl_lambda)

@@ -1,0 +1,121 @@
+"""What the calibration pipeline does to each matrix: thin adapters from (W, statistics) to a solver.
+
+A recipe names the statistics it needs (`stats`) and implements `compress(name, layer_index, W, stats)`,
+returning a `ModuleResult`. No math lives here: it is all in `peakllm.solvers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from peakllm import solvers
+from peakllm.errors import PeakError
+
+PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
+QUANT_METHODS = ("gptq", "rtn")
+
+
+@dataclass
+class ModuleResult:
+    weight: torch.Tensor                 # the new dense weight (pruned and/or dequantized)
+    mask: torch.Tensor | None = None     # bool [out, in], True = kept
+    quant: solvers.QuantizedWeight | None = None
+    info: solvers.SolveInfo | None = None
+    sparsity: float | None = None        # the sparsity asked of this matrix
+    pattern: tuple[int, int] | None = None  # (N, M) for N:M
+
+
+def parse_pattern(text: str | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): N zeros in every group of M."""
+    if not text:
+        return None
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise PeakError(f"pattern must look like N:M (e.g. 2:4), got {text!r}") from None
+    return check_pattern((n, m))
+
+
+def check_pattern(pattern: tuple[int, int]) -> tuple[int, int]:
+    n, m = pattern
+    if not 0 < n < m:
+        raise PeakError(f"pattern N:M needs 0 < N < M, got {n}:{m}")
+    return n, m
+
+
+@dataclass
+class PruneRecipe:
+    method: str = "sparsegpt"
+    sparsity: float = 0.5
+    pattern: tuple[int, int] | None = None
+    grid: solvers.Grid | None = None     # joint quantization of kept weights (sparsegpt only)
+    blocksize: int = 128
+    damp: float = 0.01
+    layer_sparsity: list[float] | None = None  # per decoder layer (OWL); overrides `sparsity`
+
+    def __post_init__(self):
+        if self.method not in PRUNE_METHODS:
+            raise PeakError(f"unknown pruning method {self.method!r}; choose from {', '.join(PRUNE_METHODS)}")
+        if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise PeakError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.pattern is not None:
+            check_pattern(self.pattern)
+        if self.grid is not None and self.method != "sparsegpt":
+            raise PeakError("joint quantization (--bits) is only available with --method sparsegpt")
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    @property
+    def stats(self) -> set[str]:
+        return {"sparsegpt": {"hessian"}, "wanda": {"sqnorm"}, "magnitude": set()}[self.method] | {"tokens"}
+
+    def check(self, name: str, shape: tuple[int, int]) -> None:
+        if self.pattern is not None and shape[1] % self.pattern[1]:
+            n, m = self.pattern
+            raise PeakError(f"{n}:{m} sparsity needs in_features divisible by {m}, but {name} has {shape[1]}")
+
+    def compress(self, name: str, layer_index: int, W: torch.Tensor, stats: dict) -> ModuleResult:
+        sparsity = self.layer_sparsity[layer_index] if self.layer_sparsity else self.sparsity
+        n, m = self.pattern or (0, 0)
+        if self.method == "sparsegpt":
+            r = solvers.sparsegpt(W, stats["hessian"], sparsity, prunen=n, prunem=m, blocksize=self.blocksize,
+                                  damp=self.damp, grid=self.grid)
+            return ModuleResult(r.weight, r.mask, r.quant, r.info, sparsity, self.pattern)
+        if self.method == "wanda":
+            weight, mask = solvers.wanda(W, stats["sqnorm"], sparsity, prunen=n, prunem=m)
+        else:
+            weight, mask = solvers.magnitude(W, sparsity, prunen=n, prunem=m)
+        return ModuleResult(weight, mask, None, None, sparsity, self.pattern)
+
+
+@dataclass
+class QuantRecipe:
+    method: str = "gptq"
+    grid: solvers.Grid = solvers.Grid()
+    act_order: bool = False
+    blocksize: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise PeakError(f"unknown quantization method {self.method!r}; choose from {', '.join(QUANT_METHODS)}")
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    @property
+    def stats(self) -> set[str]:
+        return {"hessian", "tokens"} if self.method == "gptq" else {"tokens"}
+
+    def compress(self, name: str, layer_index: int, W: torch.Tensor, stats: dict) -> ModuleResult:
+        if self.method == "gptq":
+            q, info = solvers.gptq(W, stats["hessian"], self.grid, blocksize=self.blocksize, damp=self.damp,
+                                   act_order=self.act_order)
+            return ModuleResult(q.weight, None, q, info)
+        q = solvers.rtn(W, self.grid)
+        return ModuleResult(q.weight, None, q, None)

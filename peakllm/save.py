@@ -1,0 +1,117 @@
+"""Writing a compressed model: a plain Hugging Face folder (dense, loads anywhere), a peakllm folder
+(packed: bitmask / N:M / int-k / ternary, run by peakllm's kernels), or a compressed-tensors folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from peakllm.errors import PeakError
+
+FORMATS = ("hf", "peakllm", "compressed-tensors")
+RUN_FILE = "peakllm_run.json"  # what produced a folder (method, settings, measured numbers)
+
+
+def check_output(out_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse to clobber an existing non-empty folder before any work is done."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise PeakError(f"output {out} already exists and is not empty (use --overwrite to replace it)")
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def packed_module(result):
+    """The packed form of one compressed matrix (a ModuleResult from recipes.py)."""
+    from peakllm.formats.intk import PackedIntK, PackedTernary
+    from peakllm.formats.sparse import PackedBitmask, PackedNM
+
+    if result.mask is not None:
+        if result.pattern is not None:
+            n, m = result.pattern
+            return PackedNM.pack(result.weight, result.mask, n, m, result.quant)
+        return PackedBitmask.pack(result.weight, result.mask, result.quant)
+    if result.quant is not None:
+        if result.quant.grid["kind"] == "ternary":
+            return PackedTernary.from_quantized(result.quant)
+        return PackedIntK.from_quantized(result.quant)
+    raise PeakError("a compressed module has neither a mask nor codes to pack")
+
+
+def dense_state(model, skip_modules: set[str]) -> dict[str, torch.Tensor]:
+    """State dict without the packed modules' weights and without tied duplicates."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(".weight") and name[: -len(".weight")] in skip_modules:
+            continue
+        if tied and name == "lm_head.weight":
+            continue
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_info: dict,
+                    overwrite: bool = False) -> dict:
+    """Write `model` (already compressed in place) to `out_dir` in format `fmt`; return size facts."""
+    if fmt not in FORMATS:
+        raise PeakError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
+    out = check_output(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        if any(r.quant is not None for r in modules.values()):
+            raise PeakError("quantized weights need --format peakllm or compressed-tensors (an hf folder would store "
+                            "them dequantized at full size)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+            _replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {"size_bytes": folder_bytes(out), "bits_per_param": None}
+
+    packed = {name: packed_module(r) for name, r in modules.items()}
+    dense = dense_state(model, set(packed))
+
+    def extra(tmp_dir):
+        tokenizer.save_pretrained(tmp_dir)
+        (Path(tmp_dir) / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    if fmt == "peakllm":
+        from peakllm.formats.container import bits_per_param, save_model_folder
+
+        save_model_folder(out, config=config, dense_tensors=dense, packed_modules=packed,
+                          manifest={"method": run_info.get("method"), "run": run_info}, extra_files=extra,
+                          overwrite=overwrite)
+        return {"size_bytes": folder_bytes(out), "bits_per_param": bits_per_param(packed)}
+    from peakllm.formats.compressed_tensors import export_compressed_tensors
+    from peakllm.formats.container import bits_per_param
+
+    export_compressed_tensors(out, config, dense, packed, extra, overwrite=overwrite)
+    return {"size_bytes": folder_bytes(out), "bits_per_param": bits_per_param(packed)}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def weight_file_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
