@@ -125,9 +125,8 @@ static inline void decode32(const uint8_t* p, __m256 w[4]) {
         for (int k = 0; k < 4; k++)
             w[k] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 2 * k), m)));
     } else {  // 3 bits: four 24-bit triples of eight codes, one triple per 32-bit lane
-        uint8_t buf[16] = {0};
-        std::memcpy(buf, p, 12);  // never read past the 12 bytes of the block
-        __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)buf),
+        // reads 16 bytes of which 12 are the block's: the caller guarantees 4 more are readable
+        __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)p),
                                      _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
         __m256i t = _mm256_broadcastsi128_si256(v);
         const __m256i m = _mm256_set1_epi32(7);
@@ -136,6 +135,20 @@ static inline void decode32(const uint8_t* p, __m256 w[4]) {
             w[k] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(t, sh), m));
         }
     }
+}
+#endif
+
+#ifdef __AVX2__
+// Block at column c of row q; for 3 bits near the end of the tensor, a copy with 4 readable spare bytes.
+template <int BITS>
+static inline const uint8_t* block_at(const uint8_t* q, int64_t c, const uint8_t* end, uint8_t* spare) {
+    const uint8_t* p = q + c * BITS / 8;
+    if (BITS == 3 && p + 16 > end) {
+        std::memset(spare, 0, 16);
+        std::memcpy(spare, p, 12);
+        return spare;
+    }
+    return p;
 }
 #endif
 
@@ -155,6 +168,8 @@ static void tile(const Problem& P, int64_t o, int b0) {
     const int64_t in = P.in;
     float corr[NB] = {0};
 #ifdef __AVX2__
+    const uint8_t* end = P.qweight + P.out * P.row_bytes;
+    uint8_t spare[16];
     __m256 tot[NB];
     for (int b = 0; b < NB; b++) tot[b] = _mm256_setzero_ps();
 #endif
@@ -177,7 +192,7 @@ static void tile(const Problem& P, int64_t o, int b0) {
                 const float* xr = P.xblk + b0 * in;
                 for (; c + BLOCK <= e; c += BLOCK) {
                     __m256 w[4];
-                    decode32<BITS>(q + c * BITS / 8, w);
+                    decode32<BITS>(block_at<BITS>(q, c, end, spare), w);
                     for (int k = 0; k < 4; k++) acc[k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xr + c + 8 * k), acc[k]);
                 }
                 __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -187,7 +202,7 @@ static void tile(const Problem& P, int64_t o, int b0) {
                 const __m256 vs = _mm256_set1_ps(scale);
                 for (; c + BLOCK <= e; c += BLOCK) {
                     __m256 w[4];
-                    decode32<BITS>(q + c * BITS / 8, w);
+                    decode32<BITS>(block_at<BITS>(q, c, end, spare), w);
                     for (int k = 0; k < 4; k++) w[k] = _mm256_mul_ps(w[k], vs);
                     for (int b = 0; b < NB; b++) {
                         const float* xr = P.xblk + (b0 + b) * in + c;

@@ -140,8 +140,9 @@ static bool init_tables() {
 static const bool tables_ready = init_tables();
 
 // 8 consecutive kept values starting at k (k a multiple of 8 for codes of 4 / 8 bits), in registers.
+template <int KIND>
 static inline __m256 load8(const Values& V, int64_t base, int64_t k, __m256 scale, __m256 zs) {
-    switch (V.kind) {
+    switch (KIND) {
         case F32: return _mm256_loadu_ps((const float*)V.data + base + k);
         case BF16: return _mm256_castsi256_ps(_mm256_slli_epi32(
             _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)V.data + base + k))), 16));
@@ -166,7 +167,7 @@ static inline __m256 load8(const Values& V, int64_t base, int64_t k, __m256 scal
 
 // ------------------------------------------------------------------------------------------- N:M
 
-template <int NB>
+template <int NB, int KIND>
 static void nm_tile(const float* xf, int64_t in, int64_t out, int keep, int m, const uint8_t* indices,
                     int64_t idx_row_bytes, const Values& V, int64_t o, int b0, float* y, std::atomic<int>& err) {
     const int pos_bits = m <= 2 ? 1 : (32 - __builtin_clz((unsigned)(m - 1)));
@@ -176,20 +177,21 @@ static void nm_tile(const float* xf, int64_t in, int64_t out, int keep, int m, c
     float acc[NB] = {0};
     int64_t k = 0;  // kept values done
 #ifdef __AVX2__
-    const bool fast = m == 4 && keep == 2 && (V.kind != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 16 == 0));
+    const bool fast = m == 4 && keep == 2 && (KIND != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 16 == 0));
     if (fast) {
         __m256 vacc[NB];
         for (int b = 0; b < NB; b++) vacc[b] = _mm256_setzero_ps();
         __m256 scale = _mm256_setzero_ps(), zs = _mm256_setzero_ps();
-        int64_t group = -1;
+        int64_t group = -1, next_group = 0;  // no division per block: groups are walked in order
         for (int64_t c = 0; c + 16 <= in; c += 16, k += 8) {
-            if (V.kind == CODES && c / V.group_size != group) {
+            if (KIND == CODES && c >= next_group) {
                 group = c / V.group_size;
+                next_group = (group + 1) * V.group_size;
                 float s = f16_to_f32(V.scales[o * V.n_groups + group]);
                 scale = _mm256_set1_ps(s);
                 zs = _mm256_set1_ps(s * (float)V.zeros[o * V.n_groups + group]);
             }
-            __m256 w = load8(V, base, k, scale, zs);
+            __m256 w = load8<KIND>(V, base, k, scale, zs);
             __m256i lo = _mm256_load_si256((const __m256i*)NM24_LANES[idx[c / 8]]);
             __m256i hi = _mm256_load_si256((const __m256i*)NM24_LANES[idx[c / 8 + 1]]);
             for (int b = 0; b < NB; b++) {
@@ -214,7 +216,7 @@ static void nm_tile(const float* xf, int64_t in, int64_t out, int keep, int m, c
 
 // ------------------------------------------------------------------------------------------ bitmask
 
-template <int NB>
+template <int NB, int KIND>
 static void bitmask_tile(const float* xf, int64_t in, int64_t out, const uint8_t* mask, const int64_t* row_offsets,
                          const int64_t* qrow_offsets, int64_t total, const Values& V, int64_t o, int b0, float* y,
                          std::atomic<int>& err) {
@@ -226,37 +228,41 @@ static void bitmask_tile(const float* xf, int64_t in, int64_t out, const uint8_t
     float acc[NB] = {0};
     int64_t k = 0, j = 0;
 #ifdef __AVX2__
-    const bool fast = V.kind != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 8 == 0);
+    const bool fast = KIND != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 8 == 0);
     if (fast) {
         __m256 vacc[NB];
         for (int b = 0; b < NB; b++) vacc[b] = _mm256_setzero_ps();
         __m256 scale = _mm256_setzero_ps(), zs = _mm256_setzero_ps();
-        int64_t group = -1;
+        int64_t group = -1, next_group = 0;
         // whole bytes whose 8 values (or 8 codes' bytes) can be read without passing the tensor's end
         for (; j < in / 8; j++) {
             const unsigned mb = mrow[j];
             if (!mb) continue;
             const int pc = __builtin_popcount(mb);
             if (k + pc > row_end) { err = 1; return; }
-            const int64_t end_elem = V.kind != CODES ? base + k + 8 : V.bits == 8 ? base + k + 8 : base + k / 2 + 5;
+            // 8 values (8 bytes of codes) may be read from k on; the last few of the tensor go the scalar way
+            const int64_t end_elem = KIND != CODES || V.bits == 8 ? base + k + 8 : base + k / 2 + 8;
             if (end_elem > total) break;
-            if (V.kind == CODES && j * 8 / V.group_size != group) {
+            if (KIND == CODES && j * 8 >= next_group) {
                 group = j * 8 / V.group_size;
+                next_group = (group + 1) * V.group_size;
                 float s = f16_to_f32(V.scales[o * V.n_groups + group]);
                 scale = _mm256_set1_ps(s);
                 zs = _mm256_set1_ps(s * (float)V.zeros[o * V.n_groups + group]);
             }
             __m256 w;
-            if (V.kind == CODES && V.bits == 4 && (k & 1)) {  // odd start: 8 codes span 5 bytes
-                uint64_t word = 0;
-                std::memcpy(&word, (const uint8_t*)V.data + base + k / 2, 5);
-                uint32_t codes = (uint32_t)(word >> 4);
+            if (KIND == CODES && V.bits == 4) {
+                // 8 codes from nibble k: one 8-byte load shifted by 0 or 4 bits, with no branch on k's
+                // parity (a random one: mispredicting it cost more than the rest of the loop)
+                uint64_t word;
+                std::memcpy(&word, (const uint8_t*)V.data + base + k / 2, 8);
+                uint32_t codes = (uint32_t)(word >> (4 * (k & 1)));
                 __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)codes),
                                                                _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
                                              _mm256_set1_epi32(15));
                 w = _mm256_fmsub_ps(_mm256_cvtepi32_ps(q), scale, zs);
             } else {
-                w = load8(V, base, k, scale, zs);
+                w = load8<KIND>(V, base, k, scale, zs);
             }
             w = _mm256_and_ps(w, _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)FIRST_LANES[pc])));
             const __m256i lanes = _mm256_load_si256((const __m256i*)COMPRESS[mb]);
@@ -315,7 +321,13 @@ int nm_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t out, int n, in
     std::vector<float> xf = load_x(x, x_bf16, B, in);
     std::atomic<int> err{0};
     over_rows(out, B, threads, out * per_row * B, [&](auto nb, int64_t o, int b0) {
-        nm_tile<decltype(nb)::value>(xf.data(), in, out, keep, m, indices, idx_row_bytes, V, o, b0, y, err);
+        constexpr int NB = decltype(nb)::value;
+        switch (V.kind) {
+            case F32: nm_tile<NB, F32>(xf.data(), in, out, keep, m, indices, idx_row_bytes, V, o, b0, y, err); break;
+            case BF16: nm_tile<NB, BF16>(xf.data(), in, out, keep, m, indices, idx_row_bytes, V, o, b0, y, err); break;
+            case F16: nm_tile<NB, F16>(xf.data(), in, out, keep, m, indices, idx_row_bytes, V, o, b0, y, err); break;
+            default: nm_tile<NB, CODES>(xf.data(), in, out, keep, m, indices, idx_row_bytes, V, o, b0, y, err);
+        }
     });
     return err ? 2 : 0;
 }
@@ -344,8 +356,14 @@ int bitmask_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t out, cons
     std::vector<float> xf = load_x(x, x_bf16, B, in);
     std::atomic<int> err{0};
     over_rows(out, B, threads, out * in * B / 2, [&](auto nb, int64_t o, int b0) {
-        bitmask_tile<decltype(nb)::value>(xf.data(), in, out, mask, row_offsets, qrow_offsets, n_values, V, o, b0,
-                                          y, err);
+        constexpr int NB = decltype(nb)::value;
+        const float* xd = xf.data();
+        switch (V.kind) {
+            case F32: bitmask_tile<NB, F32>(xd, in, out, mask, row_offsets, qrow_offsets, n_values, V, o, b0, y, err); break;
+            case BF16: bitmask_tile<NB, BF16>(xd, in, out, mask, row_offsets, qrow_offsets, n_values, V, o, b0, y, err); break;
+            case F16: bitmask_tile<NB, F16>(xd, in, out, mask, row_offsets, qrow_offsets, n_values, V, o, b0, y, err); break;
+            default: bitmask_tile<NB, CODES>(xd, in, out, mask, row_offsets, qrow_offsets, n_values, V, o, b0, y, err);
+        }
     });
     return err ? 2 : 0;
 }
