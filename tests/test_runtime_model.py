@@ -49,14 +49,15 @@ def _hf_logits(hf, ids):
         return hf(ids).logits.float()
 
 
-@pytest.mark.parametrize("fused", [True, False])
+# "layer": one C call per dense layer; "ops": fused ops per module; "torch": the plain torch path.
+@pytest.mark.parametrize("path", ["layer", "ops", "torch"])
 @pytest.mark.parametrize("kind,overrides", CASES)
-def test_prefill_and_decode_match_hf_fp32(kind, overrides, fused):
+def test_prefill_and_decode_match_hf_fp32(kind, overrides, path):
     hf = _tiny(kind, **overrides)
     ids = torch.randint(1, 300, (2, 19), generator=torch.Generator().manual_seed(5))
     ref = _hf_logits(hf, ids)
     rt = RuntimeModel.from_hf(hf, torch.float32)
-    rt.use_fused = fused
+    rt.use_fused, rt.use_layer_kernel = path != "torch", path == "layer"
     rt.setup_cache(2, 32)
     torch.testing.assert_close(rt(ids, 0), ref, rtol=1e-4, atol=1e-4)
 
@@ -69,12 +70,14 @@ def test_prefill_and_decode_match_hf_fp32(kind, overrides, fused):
     torch.testing.assert_close(rt(ids, 0, last_only=True), ref[:, -1:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layer_kernel", [True, False])
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_bf16_runtime_tracks_hf_bf16(kind):
+def test_bf16_runtime_tracks_hf_bf16(kind, layer_kernel):
     hf = _tiny(kind).to(torch.bfloat16)
     ids = torch.randint(1, 300, (1, 12), generator=torch.Generator().manual_seed(6))
     ref = _hf_logits(hf, ids)
     rt = RuntimeModel.from_hf(hf, torch.bfloat16)
+    rt.use_layer_kernel = layer_kernel
     rt.setup_cache(1, 16)
     steps = [rt(ids[:, :3], 0)] + [rt(ids[:, t:t + 1], t) for t in range(3, 12)]
     out = torch.cat(steps, 1).float()
@@ -110,14 +113,16 @@ class _ScaledLinear(nn.Module):
 def test_non_linear_modules_drop_in(fused):
     hf = _tiny("llama")
     ids = torch.randint(1, 300, (1, 9), generator=torch.Generator().manual_seed(7))
-    for layer in hf.model.layers:
-        layer.self_attn.k_proj = _ScaledLinear(layer.self_attn.k_proj)
-        layer.mlp.down_proj = _ScaledLinear(layer.mlp.down_proj)
+    layer = hf.model.layers[0]  # layer 1 stays dense: a mix of the two decode paths
+    layer.self_attn.k_proj = _ScaledLinear(layer.self_attn.k_proj)
+    layer.mlp.down_proj = _ScaledLinear(layer.mlp.down_proj)
     ref = _hf_logits(hf, ids)
     hf.model.layers[0].mlp.down_proj.calls = 0
     rt = RuntimeModel.from_hf(hf)
     rt.use_fused = fused
-    assert rt.layers[1].mlp.down_proj is hf.model.layers[1].mlp.down_proj
+    assert rt.layers[0].mlp.down_proj is hf.model.layers[0].mlp.down_proj
+    rt.setup_cache(1, 16)
+    assert rt._layer_calls[0] is None and rt._layer_calls[1] is not None
     rt.setup_cache(1, 16)
     steps = [rt(ids[:, :5], 0)] + [rt(ids[:, t:t + 1], t) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=1e-4, atol=1e-4)

@@ -9,6 +9,8 @@ which on the decode path runs the compiled streaming matvec of `peakllm.kernels.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,6 +127,26 @@ class Block(nn.Module):
         self.register_buffer("mlp_norm", w2, persistent=False)
         self.dim = w1.shape[0]
 
+    def layer_desc(self, k_cache, v_cache, next_norm, next_eps):
+        """The C description of this layer for the whole-layer decode kernel, or None if it has a
+        non-dense linear (a packed module runs through its own forward instead)."""
+        a, m = self.attn, self.mlp
+        linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        if not self.fused_act or not all(type(lin) is DenseLinear for lin in linears):
+            return None
+        if len({lin.weight.dtype for lin in linears}) != 1:
+            return None
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        desc = dense.LayerDesc(
+            *[ptr(lin.weight) for lin in linears], *[ptr(lin.bias) for lin in linears],
+            ptr(self.mlp_norm), ptr(next_norm), ptr(getattr(a, "q_norm_weight", None)),
+            ptr(getattr(a, "k_norm_weight", None)), ptr(k_cache), ptr(v_cache),
+            self.dim, a.n_heads, a.n_kv_heads, a.head_dim, m.down_proj.in_features, k_cache.shape[2],
+            self.eps, next_eps, getattr(a, "qk_eps", 0.0), a.scaling,
+        )
+        self._desc_refs = (k_cache, v_cache, next_norm)  # the pointers above must stay valid
+        return desc, linears[0].weight.dtype
+
     def forward(self, x, cos, sin_signed, k_cache, v_cache, start_pos, mask):
         h = x + self.attn(F.rms_norm(x, (self.dim,), self.attn_norm, self.eps), cos, sin_signed,
                           k_cache, v_cache, start_pos, mask)
@@ -169,6 +191,8 @@ class RuntimeModel(nn.Module):
         self.batch = 0
         self.k_cache = self.v_cache = None
         self.use_fused = True  # False forces the plain torch path (tests compare the two)
+        self.use_layer_kernel = True  # False: fused ops per module even for all-dense layers
+        self._layer_calls: list = []
 
     @classmethod
     @torch.inference_mode()
@@ -200,6 +224,14 @@ class RuntimeModel(nn.Module):
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
         self.batch = batch
+        self._layer_calls = []
+        for i, layer in enumerate(self.layers):
+            last = i + 1 == len(self.layers)
+            nxt_w, nxt_eps = (self.norm_weight, self.norm_eps) if last else (self.layers[i + 1].attn_norm,
+                                                                              self.layers[i + 1].eps)
+            made = layer.layer_desc(self.k_cache[i], self.v_cache[i], nxt_w, nxt_eps)
+            fn = None if made is None else dense.decode_layer_fn(made[1], self.dtype)
+            self._layer_calls.append(None if fn is None else (fn, ctypes.byref(made[0]), made[0]))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
@@ -225,7 +257,13 @@ class RuntimeModel(nn.Module):
         cos, sin_signed = self.cos[pos, 0], self.sin_signed[pos, 0]
         first = self.layers[0]
         h = dense.add_rmsnorm(x, None, first.attn_norm, first.eps)
+        threads = torch.get_num_threads()
+        cos_p, sin_p = cos.data_ptr(), sin_signed.data_ptr()
         for i, layer in enumerate(self.layers):
+            call = self._layer_calls[i] if self.use_layer_kernel else None
+            if call is not None:  # all-dense layer: one C call, h becomes the next layer's input
+                call[0](call[1], x.data_ptr(), h.data_ptr(), x.shape[0], pos, cos_p, sin_p, threads)
+                continue
             attn = layer.attn.decode(h, cos, sin_signed, self.k_cache[i], self.v_cache[i], pos)
             h = dense.add_rmsnorm(x, attn.view_as(x), layer.mlp_norm, layer.eps)
             if layer.fused_act:
