@@ -301,6 +301,55 @@ static void over_rows(int64_t out, int B, int threads, int64_t work, F tile_at) 
     }
 }
 
+// Writes the kept values of row o into row[] at their columns, given in ascending order by next_col(k).
+// Groups are walked along with the columns, so there is no division per value.
+template <int KIND, typename NextCol>
+static int64_t scatter_row(const Values& V, int64_t base, int64_t count, int64_t o, float* row, NextCol next_col) {
+    int64_t g = -1, next_group = 0;
+    float scale = 0.f, zs = 0.f;
+    for (int64_t k = 0; k < count; k++) {
+        const int64_t col = next_col(k);
+        if (col < 0) return k;
+        float w;
+        if constexpr (KIND == F32) {
+            w = ((const float*)V.data)[base + k];
+        } else if constexpr (KIND == BF16) {
+            w = bf16_to_f32(((const uint16_t*)V.data)[base + k]);
+        } else if constexpr (KIND == F16) {
+            w = f16_to_f32(((const uint16_t*)V.data)[base + k]);
+        } else {
+            while (col >= next_group) {
+                g++;
+                next_group += V.group_size;
+                scale = f16_to_f32(V.scales[o * V.n_groups + g]);
+                zs = scale * (float)V.zeros[o * V.n_groups + g];
+            }
+            w = (float)code_at((const uint8_t*)V.data + base, k, V.bits) * scale - zs;
+        }
+        row[col] = w;
+    }
+    return count;
+}
+
+template <typename NextCol>
+static int64_t scatter_any(const Values& V, int64_t base, int64_t count, int64_t o, float* row, NextCol next_col) {
+    switch (V.kind) {
+        case F32: return scatter_row<F32>(V, base, count, o, row, next_col);
+        case BF16: return scatter_row<BF16>(V, base, count, o, row, next_col);
+        case F16: return scatter_row<F16>(V, base, count, o, row, next_col);
+        default: return scatter_row<CODES>(V, base, count, o, row, next_col);
+    }
+}
+
+static void store_row(const float* row, int64_t in, int64_t o, void* dst, int dst_bf16) {
+    if (dst_bf16) {
+        uint16_t* d = (uint16_t*)dst + o * in;
+        for (int64_t c = 0; c < in; c++) d[c] = f32_to_bf16(row[c]);
+    } else {
+        std::memcpy((float*)dst + o * in, row, in * sizeof(float));
+    }
+}
+
 extern "C" {
 
 // N:M: y [B, out] fp32 = x [B, in] (fp32 / bf16) @ W.T. values: [out, in*K/M] floats of value_kind, or
@@ -368,15 +417,6 @@ int bitmask_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t out, cons
     return err ? 2 : 0;
 }
 
-static void store_row(const float* row, int64_t in, int64_t o, void* dst, int dst_bf16) {
-    if (dst_bf16) {
-        uint16_t* d = (uint16_t*)dst + o * in;
-        for (int64_t c = 0; c < in; c++) d[c] = f32_to_bf16(row[c]);
-    } else {
-        std::memcpy((float*)dst + o * in, row, in * sizeof(float));
-    }
-}
-
 // Dense W [out, in] (fp32 or bf16) of an N:M layout, for prefill GEMMs; arguments as nm_gemm.
 int nm_dequant(int64_t in, int64_t out, int n, int m, const void* values, int value_kind, const uint8_t* qweight,
                int bits, const uint16_t* scales, const uint8_t* zeros, int group_size, const uint8_t* indices,
@@ -399,12 +439,15 @@ int nm_dequant(int64_t in, int64_t out, int n, int m, const void* values, int va
             std::fill(row.begin(), row.end(), 0.f);
             const uint8_t* idx = indices + o * idx_row_bytes;
             const int64_t base = V.kind == CODES ? o * ((per_row * V.bits + 7) / 8) : o * per_row;
-            for (int64_t k = 0; k < per_row; k++) {
+            int64_t group_col = 0, in_group = 0;  // column of the current group of M, kept values seen in it
+            auto next_col = [&](int64_t k) -> int64_t {
                 unsigned pos = code_at(idx, k, pos_bits);
-                if ((int)pos >= m) { err = 1; break; }
-                int64_t col = k / keep * m + pos;
-                row[col] = V.at(base, k, o, col);
-            }
+                if ((int)pos >= m) return -1;
+                int64_t col = group_col + pos;
+                if (++in_group == keep) { in_group = 0; group_col += m; }
+                return col;
+            };
+            if (scatter_any(V, base, per_row, o, row.data(), next_col) != per_row) err = 1;
             store_row(row.data(), in, o, dst, dst_bf16);
         }
     }
@@ -439,13 +482,20 @@ int bitmask_dequant(int64_t in, int64_t out, const uint8_t* mask, const int64_t*
             std::fill(row.begin(), row.end(), 0.f);
             const int64_t cnt = row_offsets[o + 1] - row_offsets[o];
             const int64_t base = V.kind == CODES ? qrow_offsets[o] : row_offsets[o];
-            int64_t k = 0;
-            for (int64_t c = 0; c < in; c++) {
-                if (!(mask[o * mbytes + c / 8] >> (c % 8) & 1)) continue;
-                if (k >= cnt) { err = 1; break; }
-                row[c] = V.at(base, k++, o, c);
-            }
-            if (k != cnt) err = 1;
+            const uint8_t* mrow = mask + o * mbytes;
+            int64_t j = 0;
+            unsigned bits_left = mbytes ? mrow[0] : 0;
+            auto next_col = [&](int64_t) -> int64_t {  // the next set bit of the row's mask, -1 past the end
+                while (!bits_left) {
+                    if (++j >= mbytes) return -1;
+                    bits_left = mrow[j];
+                }
+                int64_t col = j * 8 + __builtin_ctz(bits_left);
+                bits_left &= bits_left - 1;
+                return col < in ? col : -1;
+            };
+            // every kept value needs a set bit, and no set bit may be left over after them
+            if (scatter_any(V, base, cnt, o, row.data(), next_col) != cnt || next_col(0) != -1) err = 1;
             store_row(row.data(), in, o, dst, dst_bf16);
         }
     }
