@@ -25,30 +25,37 @@ namespace {
 
 constexpr uint32_t SIGN = 0x80000000u;
 constexpr uint32_t COL = 0x7fffffffu;
-constexpr int MAXB = 32;
-constexpr int64_t MIN_PARALLEL_WORK = 1 << 15;  // weights x batch; below this one thread is faster  // batch columns handled per pass (more are done in chunks of 32)
+constexpr int MAXB = 32;  // batch columns handled per pass (more are done in chunks of 32)
+constexpr int64_t MIN_PARALLEL_WORK = 1 << 15;  // weights x batch; below this one thread is faster
 
 template <typename SymT>
 inline int64_t decode_row(const SymT*& sp, const uint64_t* dict, const uint32_t* lanes, int64_t in, uint32_t* buf) {
     int64_t col = 0, n = 0;
+    if (sizeof(SymT) == 1 && lanes) {  // 8-bit dictionaries come pre-widened, 256 x 32 bytes in L1: [6 x (pos | neg << 31), len, nnz]
+        while (col < in) {
+            const uint32_t* w = lanes + 8 * (size_t)*sp++;
+#ifdef __AVX2__
+            _mm256_storeu_si256((__m256i*)(buf + n), _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)w),
+                                                                      _mm256_set1_epi32((int)col)));
+#else
+            for (int k = 0; k < 6; k++) buf[n + k] = w[k] + (uint32_t)col;
+#endif
+            col += w[6];
+            n += w[7];
+        }
+        return n;
+    }
     while (col < in) {
         SymT sym;
         std::memcpy(&sym, sp++, sizeof(SymT));  // 16-bit symbols need not be aligned in the stream
         const uint64_t e = dict[sym];
 #ifdef __AVX2__
-        __m256i v;
-        if (lanes) {  // 8-bit dictionaries come pre-widened: 256 x 32 bytes stays in L1
-            v = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(lanes + 8 * (size_t)sym)),
-                                 _mm256_set1_epi32((int)col));
-        } else {
-            const __m256i w = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)(e >> 16)));
-            const __m256i pos = _mm256_and_si256(w, _mm256_set1_epi32(127));
-            const __m256i neg = _mm256_slli_epi32(_mm256_srli_epi32(w, 7), 31);
-            v = _mm256_or_si256(_mm256_add_epi32(pos, _mm256_set1_epi32((int)col)), neg);
-        }
-        _mm256_storeu_si256((__m256i*)(buf + n), v);
+        const __m256i w = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)(e >> 16)));
+        const __m256i pos = _mm256_and_si256(w, _mm256_set1_epi32(127));
+        const __m256i neg = _mm256_slli_epi32(_mm256_srli_epi32(w, 7), 31);
+        _mm256_storeu_si256((__m256i*)(buf + n),
+                            _mm256_or_si256(_mm256_add_epi32(pos, _mm256_set1_epi32((int)col)), neg));
 #else
-        (void)lanes;
         for (int k = 0; k < 6; k++) {
             const uint32_t b = (uint32_t)(e >> (16 + 8 * k)) & 0xffu;
             buf[n + k] = ((uint32_t)col + (b & 127u)) | ((b >> 7) << 31);

@@ -50,11 +50,12 @@ def _dictionary_tables(dictionary: Sub1Dictionary) -> tuple[torch.Tensor, torch.
     table = torch.from_numpy(tables.entry.view("int64"))
     if dictionary.sym_bits != 8:
         return table, None
-    # col | neg << 31 for each nonzero slot, zero in unused slots: the kernel adds the word's start column
-    slot = np.arange(8)[None, :]
-    pos = np.zeros((tables.pos.shape[0], 8), dtype=np.int64)
-    pos[:, :NZ_MAX] = tables.pos + (tables.neg.astype(np.int64) << 31)
-    lanes = np.where(slot < tables.nnz[:, None], pos, 0).astype(np.uint32).view(np.int32)
+    # [col | neg << 31 of each nonzero slot (0 when unused), len, nnz]: the kernel adds the word's start column
+    lanes = np.zeros((tables.pos.shape[0], 8), dtype=np.int64)
+    lanes[:, :NZ_MAX] = tables.pos + (tables.neg.astype(np.int64) << 31)
+    lanes[:, :NZ_MAX] *= np.arange(NZ_MAX)[None, :] < tables.nnz[:, None]
+    lanes[:, 6], lanes[:, 7] = tables.length, tables.nnz
+    lanes = lanes.astype(np.uint32).view(np.int32)
     return table, torch.from_numpy(np.ascontiguousarray(lanes))
 
 

