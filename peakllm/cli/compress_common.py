@@ -45,7 +45,7 @@ def run_compression(args, recipe, *, extra_result: dict) -> dict:
     from peakllm.calibrate import calibrate
     from peakllm.data import calibration_segments
     from peakllm.eval import cached_evaluate, evaluate
-    from peakllm.models import load_model
+    from peakllm.models import load_model, model_bytes
     from peakllm.save import check_output, save_compressed
 
     set_threads(args.threads)
@@ -54,6 +54,7 @@ def run_compression(args, recipe, *, extra_result: dict) -> dict:
     check_output(args.output, args.overwrite)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
+    dense_size_bytes = model_bytes(model)
     progress = not args.json
     dense_ppl = None
     if args.eval_tokens:
@@ -64,7 +65,7 @@ def run_compression(args, recipe, *, extra_result: dict) -> dict:
     report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
                        progress=progress)
     compress_seconds = time.perf_counter() - start
-    result = {**extra_result, "seconds": compress_seconds, "calib_tokens": report.calib_tokens,
+    result = {**extra_result, "seconds": compress_seconds, "dense_size_bytes": dense_size_bytes, "calib_tokens": report.calib_tokens,
               "time_breakdown": {k: round(v, 2) for k, v in report.seconds.items()},
               "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks}
     sparsity = measured_sparsity(report.modules)

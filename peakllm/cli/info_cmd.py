@@ -30,19 +30,8 @@ def module_table(model) -> list[dict]:
     return rows
 
 
-def model_bytes(model) -> int:
-    """Bytes of all parameters and buffers, each tensor counted once (tied weights once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
-
-
 def run(args) -> int:
-    from peakllm.models import load_model, param_count
+    from peakllm.models import load_model, model_bytes, param_count
 
     model, _tok = load_model(args.model)
     cfg = model.config

@@ -164,3 +164,14 @@ def _first_line(exc: BaseException) -> str:
 
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_bytes(model) -> int:
+    """Bytes of all parameters and buffers, each storage counted once (tied weights once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,76 @@
+"""Loading a peakllm folder: dense tensors into a model built from config.json, and every packed
+module either as a runtime module that executes the packed weights (packed="kernel") or rebuilt as a
+dense nn.Linear (packed="dequantize": the reference the kernels are checked against)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from peakllm.errors import PeakError
+
+# packed kinds the runtime executes directly; others (e.g. dense-layout ternary) are dequantized on load
+RUNTIME_KINDS = ("intk", "nm", "bitmask")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def runtime_module(name: str, packed, linear: nn.Linear | None) -> nn.Module | None:
+    """The module that runs `packed` in place of `linear`, or None when the kind has no runtime module."""
+    bias = None if linear is None or linear.bias is None else linear.bias.detach()
+    if packed.kind in RUNTIME_KINDS:
+        from peakllm.runtime.linear import packed_linear
+
+        return packed_linear(packed.kind, packed.to_tensors(""), packed.metadata(), bias=bias)
+    if packed.kind == "sub1":
+        from peakllm.runtime.sub1 import Sub1Linear
+
+        return Sub1Linear.from_packed(packed, bias=bias)
+    return None
+
+
+def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kernel"):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from peakllm.formats.container import load_model_folder
+    from peakllm.models import check_architecture
+
+    if packed not in ("kernel", "dequantize"):
+        raise PeakError(f"packed must be 'kernel' or 'dequantize', got {packed!r}")
+    manifest, dense, modules = load_model_folder(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, OSError, KeyError) as exc:
+        raise PeakError(f"cannot read config/tokenizer of {path}: {str(exc).splitlines()[0][:300]}") from None
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    allowed = {f"{name}.weight" for name in modules}
+    if getattr(config, "tie_word_embeddings", False):
+        allowed.add("lm_head.weight")
+    if unexpected or set(missing) - allowed:
+        bad = sorted(unexpected) or sorted(set(missing) - allowed)
+        raise PeakError(f"{path}: tensors do not fit the model's config (e.g. {bad[0]!r})")
+    for name, pm in modules.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise PeakError(f"{path}: packed module {name!r} does not exist in the model") from None
+        if tuple(linear.weight.shape) != (pm.out_features, pm.in_features):
+            raise PeakError(f"{path}: packed module {name!r} has shape {pm.out_features}x{pm.in_features}, "
+                            f"the model expects {tuple(linear.weight.shape)}")
+        module = runtime_module(name, pm, linear) if packed == "kernel" else None
+        if module is None:
+            linear.weight.data = pm.dequantize().to(dtype)
+        else:
+            _set_module(model, name, module)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.peakllm_manifest = manifest
+    return model, tokenizer
