@@ -316,23 +316,41 @@ def test_fuzz_truncate(saved, cut):
         assert _load_and_check(folder, saved, same_as_saved=True) == "rejected"
 
 
-def _number_paths(obj, path=()):
-    if isinstance(obj, bool):
-        return []
-    if isinstance(obj, int):
-        return [path]
+def _paths(obj, path=()):
+    """Every node below the root: leaves and the objects and lists holding them."""
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
-    return [p for k, v in items for p in _number_paths(v, path + (k,))]
+    out = [path] if path else []
+    return out + [p for k, v in items for p in _paths(v, path + (k,))]
+
+
+def _get(obj, path):
+    for k in path:
+        obj = obj[k]
+    return obj
 
 
 def _set(obj, path, value):
-    for k in path[:-1]:
-        obj = obj[k]
-    obj[path[-1]] = value
+    _get(obj, path[:-1])[path[-1]] = value
 
 
 REPLACEMENTS = st.one_of(st.integers(-3, 70), st.integers(-(1 << 70), 1 << 70), st.sampled_from(
-    [0, 1, -1, 2 ** 31, 2 ** 63, 1.5, 4.0, "8", None, [], True]))
+    [0, 1, -1, 2 ** 31, 2 ** 63, 1.5, 4.0, float("nan"), "8", "", "intk", "F16", None, [], [1], {}, True]))
+
+
+def _fuzz_edit(saved, data, numbers_only: bool):
+    header, manifest = _header(saved[0])
+    header.pop("__metadata__")
+    target = manifest if data.draw(st.booleans()) else header
+    paths = [p for p in _paths(target) if not numbers_only or type(_get(target, p)) is int]
+    path = data.draw(st.sampled_from(paths))
+    old = _get(target, path)
+    near = [st.integers(-2, 2).map(lambda d: old + d)] if type(old) is int else []
+    _set(target, path, data.draw(st.one_of(REPLACEMENTS, *near)))
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "m"
+        shutil.copytree(saved[0], folder)
+        _rewrite(folder, header, manifest)
+        _load_and_check(folder, saved, same_as_saved=False)
 
 
 @FUZZ
@@ -340,22 +358,27 @@ REPLACEMENTS = st.one_of(st.integers(-3, 70), st.integers(-(1 << 70), 1 << 70), 
 def test_fuzz_edit_numbers_consistently(saved, data):
     """Edit one number of the header or the manifest, keeping peakllm.json in step, so only the deeper
     checks (sizes, offsets, shapes, metadata ranges) can catch it."""
-    header, manifest = _header(saved[0])
-    header.pop("__metadata__")
-    in_manifest = data.draw(st.booleans())
-    target = manifest if in_manifest else header
-    paths = _number_paths(target)
-    path = data.draw(st.sampled_from(paths))
-    old = target
-    for k in path:
-        old = old[k]
-    value = data.draw(st.one_of(REPLACEMENTS, st.integers(-2, 2).map(lambda d: old + d)))
-    _set(target, path, value)
+    _fuzz_edit(saved, data, numbers_only=True)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_edit_any_field_consistently(saved, data):
+    """The same with any field or sub-object replaced by a value of another type."""
+    _fuzz_edit(saved, data, numbers_only=False)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_flip_manifest_copy(saved, data):
+    raw = bytearray((saved[0] / "peakllm.json").read_bytes())
+    for _ in range(data.draw(st.integers(1, 3))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "m"
         shutil.copytree(saved[0], folder)
-        _rewrite(folder, header, manifest)
-        _load_and_check(folder, saved, same_as_saved=False)
+        (folder / "peakllm.json").write_bytes(bytes(raw))
+        _load_and_check(folder, saved, same_as_saved=True)
 
 
 def test_checksum_catches_data_flips_but_not_reformatting(saved, tmp_path):

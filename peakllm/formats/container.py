@@ -53,7 +53,7 @@ def register_kind(name: str, cls: type) -> None:
 
 
 def kind_class(name: str) -> type:
-    if name not in _KINDS:
+    if not isinstance(name, str) or name not in _KINDS:
         raise PeakError(f"unknown packed module kind {name!r} (known: {', '.join(sorted(_KINDS))})")
     return _KINDS[name]
 
@@ -230,7 +230,7 @@ def _check_shape(shape, where: str) -> tuple:
 
 
 def _check_dtype(name, where: str) -> torch.dtype:
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise PeakError(f"{where}: unknown dtype {name!r}")
     return DTYPES[name]
 
