@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peakllm.errors import PeakError
 from peakllm.formats.bitpack import pack_bits, unpack_bits
@@ -60,3 +62,12 @@ def test_errors_are_peak_errors():
         pack_bits(codes.to(torch.int32), 4)
     with pytest.raises(PeakError, match="need 1 bytes"):
         unpack_bits(torch.zeros(1, 2, dtype=torch.uint8), 4, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.integers(1, 8), rows=st.integers(0, 4), n=st.integers(0, 70), seed=st.integers(0, 2**31))
+def test_random_shapes_match_reference(bits, rows, n, seed):
+    codes = torch.randint(0, 1 << bits, (rows, n), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert torch.equal(packed, reference_pack(codes, bits))
+    assert torch.equal(unpack_bits(packed, bits, n), codes)

@@ -48,6 +48,7 @@ def make_contents():
         "layers.0.b": PackedBitmask.pack(W, mask, rtn(W, Grid("affine", 2, 8, False))),
         "layers.0.bf": PackedBitmask.pack(W.to(torch.float16), mask),
         "layers.0.nm": PackedNM.pack(W, nm_mask, 2, 4),
+        "layers.0.nmq": PackedNM.pack(W, nm_mask, 2, 4, rtn(W, Grid("affine", 3, 8, True))),
     }
     return {"model_type": "llama", "hidden_size": 8}, dense, packed
 
