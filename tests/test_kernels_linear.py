@@ -78,6 +78,16 @@ def test_state_dict_holds_the_on_disk_tensors():
     assert sorted(layer2.state_dict()) == ["bias", "qweight", "scales", "zeros"]
 
 
+def test_load_state_dict_rederives_the_kernel_layout():
+    """Loading other packed tensors into a built act-order layer must not run the old sorted codes."""
+    layer, *_ = intk_layer(act_order=True, seed=1)
+    other, W, bias, big = intk_layer(act_order=True, seed=2)
+    x = torch.randn(3, 80)
+    layer(x)  # binds the kernel to the first layer's tensors
+    layer.load_state_dict(other.state_dict())
+    check(layer(x), x, W, bias, big)
+
+
 def test_half_inputs_run_in_float32():
     layer, W, bias, big = intk_layer(act_order=False)
     x = torch.randn(2, 80).half()

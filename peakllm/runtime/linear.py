@@ -44,6 +44,16 @@ class _PackedLinear(nn.Module):
             bias = bias.detach().clone()
         self.register_buffer("bias", bias)
         self._kernel = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._prepare())
+
+    def _derive(self) -> None:
+        """Recompute the non-persistent buffers that follow from the packed tensors."""
+
+    def _prepare(self) -> None:
+        """After construction or load_state_dict: derive, check every tensor once, rebind the kernel."""
+        self._derive()
+        self._kernel = None
+        self._matmul(torch.ones(1, self.in_features))
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:  # fp32 [rows, out], every tensor checked
         raise NotImplementedError
@@ -96,18 +106,20 @@ class IntKLinear(_PackedLinear):
                  bias: torch.Tensor | None = None):
         super().__init__(in_features, out_features, bias)
         self.bits, self.group_size = int(bits), int(group_size)
-        starts, perm = ops.intk_groups(self.in_features, self.group_size, g_idx)
-        sorted_codes = None if perm is None else ops.permute_columns(qweight, bits, in_features, perm)
         if scales.shape[0] != self.out_features:
             raise PeakError(f"scales have {scales.shape[0]} rows, the layer has {self.out_features} outputs")
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("g_idx", None if g_idx is None else g_idx.to(torch.int32).contiguous())
-        self.register_buffer("group_starts", starts, persistent=False)
-        self.register_buffer("perm", perm, persistent=False)
-        self.register_buffer("qweight_sorted", sorted_codes, persistent=False)
-        self._matmul(torch.ones(1, self.in_features))  # validates every tensor once
+        for name in ("group_starts", "perm", "qweight_sorted"):
+            self.register_buffer(name, None, persistent=False)
+        self._prepare()
+
+    def _derive(self):
+        self.group_starts, self.perm = ops.intk_groups(self.in_features, self.group_size, self.g_idx)
+        self.qweight_sorted = None if self.perm is None else ops.permute_columns(
+            self.qweight, self.bits, self.in_features, self.perm)
 
     def _codes(self) -> torch.Tensor:
         return self.qweight if self.qweight_sorted is None else self.qweight_sorted
@@ -166,7 +178,7 @@ class NMLinear(_SparseValues):
         self._set_values(values, qweight, scales, zeros, bits, group_size)
         if indices.shape[0] != self.out_features:
             raise PeakError(f"indices have {indices.shape[0]} rows, the layer has {self.out_features} outputs")
-        self._matmul(torch.ones(1, self.in_features))  # validates every tensor once
+        self._prepare()
 
     def _matmul(self, x2):
         return ops.nm_matmul(x2, self.indices, self.n, self.m, **self._value_kwargs())
@@ -198,9 +210,11 @@ class BitmaskLinear(_SparseValues):
         self._set_values(values, qweight, scales, zeros, bits, group_size)
         if mask.shape[0] != self.out_features:
             raise PeakError(f"mask has {mask.shape[0]} rows, the layer has {self.out_features} outputs")
-        qrow = None if qweight is None else ops.bitmask_code_offsets(row_offsets, self.bits)
-        self.register_buffer("qrow_offsets", qrow, persistent=False)
-        self._matmul(torch.ones(1, self.in_features))  # validates every tensor once
+        self.register_buffer("qrow_offsets", None, persistent=False)
+        self._prepare()
+
+    def _derive(self):
+        self.qrow_offsets = None if self.qweight is None else ops.bitmask_code_offsets(self.row_offsets, self.bits)
 
     def _kwargs(self) -> dict:
         return dict(qrow_offsets=self.qrow_offsets, **self._value_kwargs())
