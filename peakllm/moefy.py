@@ -240,7 +240,7 @@ def build_moe(model, X, A, *, experts: int, top_k: int, seed: int = 0, router_hi
         raise PeakError(f"the dense model's weights do not fit the MoE layout: {(unexpected or missing)[:3]}")
     moe.tie_weights()
 
-    kept = []
+    kept, oracle = [], []
     for l, layer in enumerate(tqdm(model.model.layers, desc="moefy: layers", disable=not progress)):
         mlp, block = layer.mlp, moe.model.layers[l].mlp
         W_gate, W_up, W_down = (p.weight.float() for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
@@ -258,7 +258,9 @@ def build_moe(model, X, A, *, experts: int, top_k: int, seed: int = 0, router_hi
             block.gate.weight.copy_(W)
             block.gate.bias.copy_(b)
         kept.append(kept_share_curve(S, block.gate.scores(X[l])))
+        oracle.append(kept_share_curve(S, S))
     moe = moe.to(next(model.parameters()).dtype)
     # per layer: share of the MLP output norm held by the routed experts (at top_k, and for every k = 1..E)
-    moe.moefy_stats = {"kept_share": [curve[top_k - 1] for curve in kept], "kept_share_by_k": kept}
+    moe.moefy_stats = {"kept_share": [curve[top_k - 1] for curve in kept], "kept_share_by_k": kept,
+                       "oracle_share_by_k": oracle}
     return moe
