@@ -8,7 +8,10 @@ kernel dequantizes as q * scale - zero * scale); bf16 activations are compared o
 
 from __future__ import annotations
 
+import ctypes
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -131,6 +134,36 @@ def test_sparse_fallback_without_kernels(monkeypatch):
     W = ref.dequantize_bitmask(mask, row_offsets, 30, values=vals)
     x = torch.randn(2, 30, generator=g)
     assert_close_to(ops.bitmask_matmul(x, mask, row_offsets, values=vals), ref.matmul_ref(x, W), x.abs() @ W.abs().T)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_scalar_build_matches_reference(tmp_path, monkeypatch):
+    """sparse.cpp compiled without AVX2 exercises the scalar code (and fp16 conversion) other CPUs run."""
+    lib_path = tmp_path / "libsparse_scalar.so"
+    subprocess.run(["g++", "-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+                    str(build.HERE / "sparse.cpp"), "-o", str(lib_path)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    fns = {}
+    for name, argtypes in ops._SIGNATURES["sparse"].items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        fns[name] = fn
+    monkeypatch.setitem(ops._fns, "sparse", fns)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 96, generator=g)
+    _, indices = nm_layout(11, 96, 2, 4, g)
+    values = torch.randn(11, 48, generator=g).half()
+    W = ref.dequantize_nm(indices, 2, 4, 96, values=values)
+    assert_close_to(ops.nm_matmul(x, indices, 2, 4, values=values), ref.matmul_ref(x, W), x.abs() @ W.abs().T)
+    keep, mask, row_offsets = bitmask_layout(11, 96, 0.4, g)
+    codes, scales, zeros = random_codes(11, 96, 4, 96, 32, g)
+    rows = [codes[r, : int(c)] for r, c in enumerate(keep.sum(1))]
+    kw = dict(qweight=torch.cat([ref.pack_bitstream(r.reshape(1, -1), 4).reshape(-1) for r in rows]), scales=scales,
+              zeros=zeros, bits=4, group_size=32)
+    W = ref.dequantize_bitmask(mask, row_offsets, 96, **kw)
+    big = code_magnitude([row.nonzero().reshape(-1) for row in keep], rows, scales, zeros, 96, 32)
+    assert_close_to(ops.bitmask_matmul(x, mask, row_offsets, **kw), ref.matmul_ref(x, W), x.abs() @ big.T)
+    assert torch.equal(ops.bitmask_dequantize(mask, row_offsets, 96, **kw), W)
 
 
 def test_sparse_rejects_inconsistent_layouts():

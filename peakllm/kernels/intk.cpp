@@ -10,8 +10,12 @@
 // (Helpers below are repeated in sparse.cpp: build.py hashes one source file, so no shared header.)
 #include <cstdint>
 #include <cstring>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+// The SIMD paths use AVX2 integer ops, FMA and F16C together (every AVX2 CPU has the other two).
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PEAK_AVX2 1
 #endif
 
 static inline float f16_to_f32(uint16_t h) {
@@ -79,7 +83,7 @@ static inline int pick_threads(int threads, int64_t work) {
     return threads;
 }
 
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -104,7 +108,7 @@ static int block_order(int bits, int i) {
     }
 }
 
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
 template <int BITS>
 static inline void decode32(const uint8_t* p, __m256 w[4]) {
     if constexpr (BITS == 8) {
@@ -138,7 +142,7 @@ static inline void decode32(const uint8_t* p, __m256 w[4]) {
 }
 #endif
 
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
 // Block at column c of row q; for 3 bits near the end of the tensor, a copy with 4 readable spare bytes.
 template <int BITS>
 static inline const uint8_t* block_at(const uint8_t* q, int64_t c, const uint8_t* end, uint8_t* spare) {
@@ -167,7 +171,7 @@ static void tile(const Problem& P, int64_t o, int b0) {
     const uint8_t* q = P.qweight + o * P.row_bytes;
     const int64_t in = P.in;
     float corr[NB] = {0};
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
     const uint8_t* end = P.qweight + P.out * P.row_bytes;
     uint8_t spare[16];
     __m256 tot[NB];
@@ -179,7 +183,7 @@ static void tile(const Problem& P, int64_t o, int b0) {
         const float zero = (float)P.zeros[o * P.n_groups + g];
         float part[NB] = {0};  // scalar columns of this group: sum q * x
         int64_t c = a;
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
         int64_t head = std::min(e, (a + BLOCK - 1) / BLOCK * BLOCK);
         for (; c < head; c++) {
             float qc = (float)code_at(q, c, BITS);
@@ -224,7 +228,7 @@ static void tile(const Problem& P, int64_t o, int b0) {
     }
     for (int b = 0; b < NB; b++) {
         float v = corr[b];
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
         v += hsum(tot[b]);
 #endif
         P.y[(b0 + b) * P.out + o] = v;

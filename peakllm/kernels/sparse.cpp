@@ -12,8 +12,12 @@
 // (Helpers below are repeated in intk.cpp: build.py hashes one source file, so no shared header.)
 #include <cstdint>
 #include <cstring>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+// The SIMD paths use AVX2 integer ops, FMA and F16C together (every AVX2 CPU has the other two).
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PEAK_AVX2 1
 #endif
 
 static inline float f16_to_f32(uint16_t h) {
@@ -81,7 +85,7 @@ static inline int pick_threads(int threads, int64_t work) {
     return threads;
 }
 
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -121,7 +125,7 @@ static std::vector<float> load_x(const void* x, int x_bf16, int B, int64_t in) {
     return xf;
 }
 
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
 alignas(32) static int32_t NM24_LANES[256][8];   // index byte -> lanes of its 4 kept columns among 8
 alignas(32) static int32_t COMPRESS[256][8];     // mask byte -> kept lanes first
 alignas(32) static int32_t FIRST_LANES[9][8];    // popcount -> all-ones in its first lanes
@@ -176,7 +180,7 @@ static void nm_tile(const float* xf, int64_t in, int64_t out, int keep, int m, c
     const int64_t base = V.kind == CODES ? o * ((per_row * V.bits + 7) / 8) : o * per_row;
     float acc[NB] = {0};
     int64_t k = 0;  // kept values done
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
     const bool fast = m == 4 && keep == 2 && (KIND != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 16 == 0));
     if (fast) {
         __m256 vacc[NB];
@@ -227,7 +231,7 @@ static void bitmask_tile(const float* xf, int64_t in, int64_t out, const uint8_t
     const int64_t base = V.kind == CODES ? qrow_offsets[o] : row_offsets[o];
     float acc[NB] = {0};
     int64_t k = 0, j = 0;
-#ifdef __AVX2__
+#ifdef PEAK_AVX2
     const bool fast = KIND != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 8 == 0);
     if (fast) {
         __m256 vacc[NB];
