@@ -199,6 +199,17 @@ void run(const Args& A, const float* xt, int64_t nb_chunks) {
         for (int64_t blk = 0; blk < n_blocks; blk++) {
             const SymT* sp = (const SymT*)A.stream + A.block_offsets[blk];
             const int64_t r_end = std::min(A.out, (blk + 1) * A.block_rows);
+            if constexpr (BP == 1) {
+                if (n_groups == 1) {  // the common matvec: one group per row, no batch loops
+                    for (int64_t r = blk * A.block_rows; r < r_end; r++) {
+                        const int64_t n = decode_row<SymT>(sp, A.dict, A.lanes, A.in, buf.data());
+                        sum_range_1<SYM>(buf.data(), 0, n, A.x, s[0], a[0]);
+                        const float p = A.scale_pos[r], q = SYM ? p : A.scale_neg[r];
+                        A.y[r] = SYM ? p * s[0] : 0.5f * (p + q) * s[0] + 0.5f * (p - q) * a[0];
+                    }
+                    continue;
+                }
+            }
             for (int64_t r = blk * A.block_rows; r < r_end; r++) {
                 const int64_t n = decode_row<SymT>(sp, A.dict, A.lanes, A.in, buf.data());
                 const float* sp_r = A.scale_pos + r * n_groups;
