@@ -44,6 +44,10 @@ def quant_params(out, inn, group_size):
                                                                                            dtype=torch.uint8))
 
 
+def packed_bytes(layer) -> int:
+    return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+
+
 def make_layers(out: int, inn: int, group_size: int = 128) -> dict:
     """name -> (module or callable taking x, bytes of weight data read per call)."""
     layers = {}
@@ -54,24 +58,25 @@ def make_layers(out: int, inn: int, group_size: int = 128) -> dict:
     for bits in (8, 4, 3, 2):
         qp = quant_params(out, inn, group_size)
         layer = IntKLinear(inn, out, bits, group_size, random_bytes(out, -(-inn * bits // 8)), **qp)
-        layers[f"int{bits} g{group_size}"] = (layer, sum(t.numel() * t.element_size() for t in layer.state_dict().values()))
+        layers[f"int{bits} g{group_size}"] = (layer, packed_bytes(layer))
     # 2:4 with random positions: 4 positions a byte
     per_row = inn // 2
     indices = random_bytes(out, per_row // 4)
     nm = NMLinear(inn, out, 2, 4, indices, values=torch.randn(out, per_row).bfloat16())
     layers["2:4 bf16"] = (nm, per_row * out * 2 + indices.numel())
     qp = quant_params(out, inn, group_size)
-    nm4 = NMLinear(inn, out, 2, 4, indices, qweight=random_bytes(out, per_row // 2), bits=4, group_size=group_size, **qp)
-    layers[f"2:4 + int4 g{group_size}"] = (nm4, sum(t.numel() * t.element_size() for t in nm4.state_dict().values()))
+    nm4 = NMLinear(inn, out, 2, 4, indices, qweight=random_bytes(out, per_row // 2), bits=4, group_size=group_size,
+                   **qp)
+    layers[f"2:4 + int4 g{group_size}"] = (nm4, packed_bytes(nm4))
     mask = torch.randint(0, 256, (out, -(-inn // 8)), dtype=torch.uint8)  # ~50% kept
     counts = torch.tensor([bin(v).count("1") for v in range(256)])[mask.long()].sum(1)
     row_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     bm = BitmaskLinear(inn, out, mask, row_offsets, values=torch.randn(int(row_offsets[-1])).bfloat16())
-    layers["bitmask 50% bf16"] = (bm, sum(t.numel() * t.element_size() for t in bm.state_dict().values()))
+    layers["bitmask 50% bf16"] = (bm, packed_bytes(bm))
     code_bytes = int(((counts * 4 + 7) // 8).sum())
     bm4 = BitmaskLinear(inn, out, mask, row_offsets, qweight=random_bytes(code_bytes), bits=4, group_size=group_size,
                         **quant_params(out, inn, group_size))
-    layers[f"bitmask 50% + int4 g{group_size}"] = (bm4, sum(t.numel() * t.element_size() for t in bm4.state_dict().values()))
+    layers[f"bitmask 50% + int4 g{group_size}"] = (bm4, packed_bytes(bm4))
     return layers
 
 

@@ -121,7 +121,8 @@ def _stored_g_idx(group_starts: torch.Tensor) -> torch.Tensor:
 
 def intk_matmul(x, qweight, scales, zeros, bits: int, group_starts, perm=None) -> torch.Tensor:
     """fp32 [B, out] = x[:, perm] @ W.T for int-k W (columns in stored order, groups by group_starts)."""
-    _check(isinstance(group_starts, torch.Tensor) and group_starts.numel() >= 2, "group_starts must be int32 [n_groups + 1]")
+    _check(isinstance(group_starts, torch.Tensor) and group_starts.numel() >= 2,
+           "group_starts must be int32 [n_groups + 1]")
     in_features = int(group_starts[-1])
     _check_x(x, in_features)
     _check_intk(qweight, scales, zeros, bits, group_starts, in_features)

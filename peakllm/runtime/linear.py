@@ -144,7 +144,8 @@ class IntKLinear(_PackedLinear):
         return out
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, act_order={self.perm is not None}"
+        act_order = self.perm is not None
+        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, act_order={act_order}"
 
 
 class _SparseValues(_PackedLinear):
