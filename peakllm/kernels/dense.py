@@ -58,6 +58,19 @@ def _kernels() -> dict:
     return _fns
 
 
+_bf16_native: bool | None = None
+
+
+def _native_bf16() -> bool:
+    global _bf16_native
+    if _bf16_native is None:
+        try:
+            _bf16_native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _bf16_native = False
+    return _bf16_native
+
+
 def available() -> bool:
     return bool(_kernels())
 
@@ -77,6 +90,10 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     M = x.numel() // K if K else 0
     fn = _kernels().get((weight.dtype, x.dtype))
     if fn is None or M > MAX_ROWS or M == 0 or not weight.is_contiguous() or weight.dim() != 2:
+        if torch.bfloat16 in (x.dtype, weight.dtype) and not _native_bf16():
+            # Without bf16 hardware torch's bf16 GEMM is ~7x slower than widening to fp32 first.
+            b = None if bias is None else bias.float()
+            return F.linear(x.float(), weight.float(), b).to(x.dtype)
         if weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
