@@ -146,7 +146,7 @@ static inline void decode32(const uint8_t* p, __m256 w[4]) {
 // Block at column c of row q; for 3 bits near the end of the tensor, a copy with 4 readable spare bytes.
 template <int BITS>
 static inline const uint8_t* block_at(const uint8_t* q, int64_t c, const uint8_t* end, uint8_t* spare) {
-    const uint8_t* p = q + c * BITS / 8;
+    const uint8_t* p = q + ((c * BITS) >> 3);  // c >= 0: a shift, not a signed division
     if (BITS == 3 && p + 16 > end) {
         std::memset(spare, 0, 16);
         std::memcpy(spare, p, 12);
@@ -174,8 +174,9 @@ static void tile(const Problem& P, int64_t o, int b0) {
 #ifdef PEAK_AVX2
     const uint8_t* end = P.qweight + P.out * P.row_bytes;
     uint8_t spare[16];
-    __m256 tot[NB];
+    __m256 tot[NB], vtot[4];  // vtot: four independent totals of the single-row path
     for (int b = 0; b < NB; b++) tot[b] = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) vtot[k] = _mm256_setzero_ps();
 #endif
     for (int g = 0; g < P.n_groups; g++) {
         const int64_t a = P.gstart[g], e = P.gstart[g + 1];
@@ -199,8 +200,8 @@ static void tile(const Problem& P, int64_t o, int b0) {
                     decode32<BITS>(block_at<BITS>(q, c, end, spare), w);
                     for (int k = 0; k < 4; k++) acc[k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xr + c + 8 * k), acc[k]);
                 }
-                __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                tot[0] = _mm256_fmadd_ps(_mm256_set1_ps(scale), s, tot[0]);
+                const __m256 vs = _mm256_set1_ps(scale);
+                for (int k = 0; k < 4; k++) vtot[k] = _mm256_fmadd_ps(vs, acc[k], vtot[k]);
             } else {
                 // several rows: scale folded into the decoded weights, which every row then reuses
                 const __m256 vs = _mm256_set1_ps(scale);
@@ -226,6 +227,9 @@ static void tile(const Problem& P, int64_t o, int b0) {
         }
         for (int b = 0; b < NB; b++) corr[b] += scale * (part[b] - zero * P.xsum[(b0 + b) * P.n_groups + g]);
     }
+#ifdef PEAK_AVX2
+    if constexpr (NB == 1) tot[0] = _mm256_add_ps(_mm256_add_ps(vtot[0], vtot[1]), _mm256_add_ps(vtot[2], vtot[3]));
+#endif
     for (int b = 0; b < NB; b++) {
         float v = corr[b];
 #ifdef PEAK_AVX2
