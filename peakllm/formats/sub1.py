@@ -128,7 +128,7 @@ def tunstall(sym_bits: int, p_zero_q: int, p_pos_q: int) -> Tables:
 class Sub1Dictionary:
     """Which Tunstall dictionary a matrix uses: symbol width and the quantized source probabilities."""
 
-    sym_bits: int = 16
+    sym_bits: int = 8
     p_zero_q: int = 230
     p_pos_q: int = 128
 
@@ -141,7 +141,7 @@ class Sub1Dictionary:
                 raise PeakError(f"sub1 dictionary {name} must be an integer in [1, {PROB_Q - 1}], got {v!r}")
 
     @classmethod
-    def fit(cls, codes, sym_bits: int = 16) -> "Sub1Dictionary":
+    def fit(cls, codes, sym_bits: int = 8) -> "Sub1Dictionary":
         """The dictionary for the pooled statistics of one code matrix or a list of them (one per model)."""
         mats = [codes] if isinstance(codes, torch.Tensor) else list(codes)
         n = zeros = pos = 0
@@ -250,12 +250,13 @@ class PackedSub1:
 
     @classmethod
     def encode(cls, codes: torch.Tensor, scale_neg, scale_pos, group_size: int = -1,
-               dictionary: Sub1Dictionary | None = None, *, sym_bits: int = 16,
+               dictionary: Sub1Dictionary | None = None, *, sym_bits: int = 8,
                block_rows: int = DEFAULT_BLOCK_ROWS) -> "PackedSub1":
         """Pack ternary codes uint8 [out, in] with fp16-representable scales [out, n_groups].
 
-        `dictionary=None` fits one on these codes; pass a shared one (`Sub1Dictionary.fit` over all of a
-        model's codes) so every matrix uses the same table.
+        `dictionary=None` fits an 8-bit one on these codes (0.03 s to build, 10 KiB). Better: fit one on all
+        of a model's ternary codes and pass it to every matrix, so all share a table; a shared 16-bit
+        dictionary then saves another ~0.03 bits/param (its 512 KiB table takes ~0.5 s to build).
         """
         if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.dim() != 2:
             raise PeakError("sub1 encode wants ternary codes as a uint8 tensor [out, in]")
