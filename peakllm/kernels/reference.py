@@ -15,9 +15,12 @@ import torch
 def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """uint8 [rows, nbytes] little-endian bitstreams -> int64 codes [rows, count]."""
     rows = packed.shape[0]
-    bit_values = (packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1  # LSB first
+    bit_values = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # LSB first, uint8 to save memory
     stream = bit_values.reshape(rows, -1)[:, : count * bits].reshape(rows, count, bits)
-    return (stream << torch.arange(bits)).sum(-1)
+    codes = torch.zeros(rows, count, dtype=torch.uint8)
+    for b in range(bits):
+        codes |= stream[..., b] << b
+    return codes.to(torch.int64)
 
 
 def unpack_flat_rows(packed: torch.Tensor, bits: int, counts: list[int]) -> list[torch.Tensor]:
