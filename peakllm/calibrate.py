@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from peakllm.calibrate_moe import PARTS, collect_expert_stats, compress_experts, fused_experts
 from peakllm.errors import PeakError
 
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # MoE routers: kept dense by the pipeline
@@ -141,6 +142,8 @@ class CalibrationReport:
                                                    "solver": 0.0, "total": 0.0})
     damping_escalations: int = 0
     fallbacks: int = 0
+    experts_fallback: int = 0                           # experts calibrated on pooled statistics
+    expert_tokens: list = field(default_factory=list)   # tokens each expert matrix saw
     notes: list = field(default_factory=list)
 
 
@@ -191,11 +194,15 @@ def _layer_out(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _flow_groups(layer, linears: dict[str, nn.Linear], x: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """Order the layer's matrices as data flows through them; matrices fed the same tensor form one group."""
+def _flow_groups(layer, linears: dict[str, nn.Linear], experts: dict[str, nn.Module], x: torch.Tensor,
+                 kwargs: dict) -> list[list[str]]:
+    """Order the layer's matrices as data flows through them; matrices fed the same tensor form one group.
+    A fused experts module appears as one group ["@experts:<name>"]."""
     calls: list[tuple[str, torch.Tensor]] = []  # tensors kept alive for the pass, so identity is meaningful
     hooks = [mod.register_forward_pre_hook(lambda m, a, n=name: calls.append((n, a[0])))
              for name, mod in linears.items()]
+    hooks += [mod.register_forward_pre_hook(lambda m, a, n=name: calls.append((f"@experts:{n}", None)))
+              for name, mod in experts.items()]
     try:
         layer(x, **kwargs)
     finally:
@@ -208,12 +215,12 @@ def _flow_groups(layer, linears: dict[str, nn.Linear], x: torch.Tensor, kwargs: 
         if name in seen:
             continue
         seen.add(name)
-        if groups and inp is last_input:
+        if groups and inp is last_input and inp is not None:
             groups[-1].append(name)
         else:
             groups.append([name])
         last_input = inp
-    missing = [n for n in linears if n not in seen]
+    missing = [n for n in list(linears) + [f"@experts:{e}" for e in experts] if n not in seen]
     if missing:
         groups.append(missing)  # never called on these inputs (e.g. unused experts): compressed last
     return groups
@@ -236,12 +243,15 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
         raise PeakError(f"calibration batch size must be >= 1, got {batch_size}")
     layers, prefix = decoder_layers(model)
     moe = is_moe(model)
-    if not any(compressible_linears(layer, moe) for layer in layers):
+    if not any(compressible_linears(layer, moe) or fused_experts(layer) for layer in layers):
         raise PeakError(f"{type(model).__name__} has no linear layers peakllm can compress")
     if hasattr(method, "check"):  # refuse impossible settings before any work is done
         for li, layer in enumerate(layers):
             for name, mod in compressible_linears(layer, moe).items():
                 method.check(f"{prefix}.{li}.{name}", tuple(mod.weight.shape))
+            for name, mod in fused_experts(layer).items():
+                for part in PARTS:
+                    method.check(f"{prefix}.{li}.{name}.{part}.0", tuple(getattr(mod, part).shape[1:]))
     report = CalibrationReport(layers=len(layers), calib_tokens=int(segments.numel()))
     t_start = time.perf_counter()
     acts, layer_kwargs = capture_inputs(model, segments, batch_size, offload_bytes)
@@ -251,13 +261,25 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
     try:
         for li, layer in enumerate(layers):
             linears = compressible_linears(layer, moe)
-            if linears:
+            experts = fused_experts(layer)
+            if linears or experts:
                 needs_data = bool(kinds - {"tokens"})
                 if needs_data and sequential:
-                    groups = _flow_groups(layer, linears, acts[0], layer_kwargs[0][li])
+                    groups = _flow_groups(layer, linears, experts, acts[0], layer_kwargs[0][li])
                 else:
-                    groups = [list(linears)]
+                    groups = [list(linears)] + [[f"@experts:{e}"] for e in experts]
                 for group in groups:
+                    if group[0].startswith("@experts:"):
+                        ename = group[0].split(":", 1)[1]
+                        for part in PARTS:
+                            if needs_data:
+                                stats = collect_expert_stats(layer, experts[ename], part, acts, layer_kwargs, li, kinds,
+                                                             Stats, _StopLayer, report)
+                            else:
+                                stats = [{"tokens": 0}] * getattr(experts[ename], part).shape[0]
+                            compress_experts(f"{prefix}.{li}.{ename}", experts[ename], part, stats, method, li, report)
+                        continue
+                    group = [n for n in group if n in linears]
                     if needs_data:
                         stats = _collect(layer, {n: linears[n] for n in group}, acts, layer_kwargs, li, kinds, report,
                                          stop_early=sequential)
@@ -268,6 +290,9 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
                         mod = linears[name]
                         full = f"{prefix}.{li}.{name}"
                         result = method.compress(full, li, mod.weight.data, stats.pop(name))
+                        if result is None:  # the method keeps this matrix as it is
+                            report.seconds["solver"] += time.perf_counter() - t0
+                            continue
                         mod.weight.data.copy_(result.weight.to(mod.weight.dtype))
                         report.modules[full] = result
                         info = getattr(result, "info", None)

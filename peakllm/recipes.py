@@ -92,6 +92,12 @@ class PruneRecipe:
         return ModuleResult(weight, mask, None, None, sparsity, self.pattern)
 
 
+def is_expert(name: str) -> bool:
+    """Matrices of fused MoE experts are named <...>.experts.<gate_up_proj|down_proj>.<e>."""
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[-3] == "experts" and parts[-1].isdigit()
+
+
 @dataclass
 class QuantRecipe:
     method: str = "gptq"
@@ -99,6 +105,10 @@ class QuantRecipe:
     act_order: bool = False
     blocksize: int = 128
     damp: float = 0.01
+    dense_grid: solvers.Grid | None = None  # MoE models: grid of the non-expert matrices (None: same as grid)
+    keep_dense: bool = False                # MoE models: leave the non-expert matrices as they are
+
+    moe: bool = False                       # set by the caller for MoE models
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -112,10 +122,18 @@ class QuantRecipe:
     def stats(self) -> set[str]:
         return {"hessian", "tokens"} if self.method == "gptq" else {"tokens"}
 
-    def compress(self, name: str, layer_index: int, W: torch.Tensor, stats: dict) -> ModuleResult:
+    def grid_for(self, name: str, moe: bool) -> solvers.Grid | None:
+        if not moe or is_expert(name):
+            return self.grid
+        return None if self.keep_dense else (self.dense_grid or self.grid)
+
+    def compress(self, name: str, layer_index: int, W: torch.Tensor, stats: dict) -> ModuleResult | None:
+        grid = self.grid_for(name, self.moe)
+        if grid is None:
+            return None
         if self.method == "gptq":
-            q, info = solvers.gptq(W, stats["hessian"], self.grid, blocksize=self.blocksize, damp=self.damp,
+            q, info = solvers.gptq(W, stats["hessian"], grid, blocksize=self.blocksize, damp=self.damp,
                                    act_order=self.act_order)
             return ModuleResult(q.weight, None, q, info)
-        q = solvers.rtn(W, self.grid)
+        q = solvers.rtn(W, grid)
         return ModuleResult(q.weight, None, q, None)

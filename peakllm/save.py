@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from peakllm.errors import PeakError
+from peakllm.recipes import is_expert
 
-FORMATS = ("hf", "peakllm", "compressed-tensors")
+FORMATS = ("hf", "peakllm", "sub1", "compressed-tensors")
 RUN_FILE = "peakllm_run.json"  # what produced a folder (method, settings, measured numbers)
 
 
@@ -35,10 +36,12 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def packed_module(result):
-    """The packed form of one compressed matrix (a ModuleResult from recipes.py)."""
+def packed_module(result, fmt: str = "peakllm"):
+    """The packed form of one compressed matrix (a ModuleResult from recipes.py). In the `sub1` format
+    ternary matrices use the sub-1-bit dictionary code; elsewhere they use the dense 2-bit layout."""
     from peakllm.formats.intk import PackedIntK, PackedTernary
     from peakllm.formats.sparse import PackedBitmask, PackedNM
+    from peakllm.formats.sub1 import PackedSub1
 
     if result.mask is not None:
         if result.pattern is not None:
@@ -47,6 +50,8 @@ def packed_module(result):
         return PackedBitmask.pack(result.weight, result.mask, result.quant)
     if result.quant is not None:
         if result.quant.grid["kind"] == "ternary":
+            if fmt == "sub1":
+                return PackedSub1.from_quantized(result.quant)
             return PackedTernary.from_quantized(result.quant)
         return PackedIntK.from_quantized(result.quant)
     raise PeakError("a compressed module has neither a mask nor codes to pack")
@@ -55,9 +60,12 @@ def packed_module(result):
 def dense_state(model, skip_modules: set[str]) -> dict[str, torch.Tensor]:
     """State dict without the packed modules' weights and without tied duplicates."""
     tied = getattr(model.config, "tie_word_embeddings", False)
+    fused = {name.rsplit(".", 1)[0] for name in skip_modules if is_expert(name)}  # <experts>.<part>
     out = {}
     for name, t in model.state_dict().items():
         if name.endswith(".weight") and name[: -len(".weight")] in skip_modules:
+            continue
+        if name in fused:
             continue
         if tied and name == "lm_head.weight":
             continue
@@ -86,7 +94,7 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
             shutil.rmtree(tmp, ignore_errors=True)
         return {"size_bytes": folder_bytes(out), "bits_per_param": None}
 
-    packed = {name: packed_module(r) for name, r in modules.items()}
+    packed = {name: packed_module(r, fmt) for name, r in modules.items()}
     dense = dense_state(model, set(packed))
 
     def extra(tmp_dir):
@@ -95,13 +103,19 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    if fmt == "peakllm":
+    if fmt in ("peakllm", "sub1"):
         from peakllm.formats.container import bits_per_param, save_model_folder
 
         save_model_folder(out, config=config, dense_tensors=dense, packed_modules=packed,
                           manifest={"method": run_info.get("method"), "run": run_info}, extra_files=extra,
                           overwrite=overwrite)
-        return {"size_bytes": folder_bytes(out), "bits_per_param": bits_per_param(packed)}
+        sizes = {"size_bytes": folder_bytes(out), "bits_per_param": bits_per_param(packed)}
+        experts = {n: p for n, p in packed.items() if is_expert(n)}
+        if experts:
+            sizes["bits_per_param_experts"] = bits_per_param(experts)
+            total_params = sum(t.numel() for t in dense.values()) + sum(p.num_params for p in packed.values())
+            sizes["bits_per_param_total"] = 8 * weight_file_bytes(out) / total_params
+        return sizes
     from peakllm.formats.compressed_tensors import export_compressed_tensors
     from peakllm.formats.container import bits_per_param
 

@@ -62,12 +62,20 @@ def run_compression(args, recipe, *, extra_result: dict) -> dict:
                                     max_tokens=args.eval_tokens, progress=progress)["ppl"]
     segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
                                     seed=args.seed)
+    if hasattr(recipe, "moe"):
+        from peakllm.calibrate import is_moe
+
+        recipe.moe = is_moe(model)
     report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
                        progress=progress)
     compress_seconds = time.perf_counter() - start
     result = {**extra_result, "seconds": compress_seconds, "dense_size_bytes": dense_size_bytes, "calib_tokens": report.calib_tokens,
               "time_breakdown": {k: round(v, 2) for k, v in report.seconds.items()},
               "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks}
+    if report.expert_tokens:
+        tokens = sorted(report.expert_tokens)
+        result.update(experts_fallback=report.experts_fallback, expert_tokens_min=tokens[0],
+                      expert_tokens_median=tokens[len(tokens) // 2])
     sparsity = measured_sparsity(report.modules)
     if sparsity is not None:
         result["sparsity"] = sparsity

@@ -23,8 +23,11 @@ def register(sub) -> None:
     p.add_argument("--act-order", action="store_true",
                    help="GPTQ: quantize columns in order of decreasing Hessian diagonal (helps at 2-3 bits)")
     p.add_argument("--mse", action="store_true", help="search the clipping range that minimises squared error")
+    p.add_argument("--dense-bits", choices=("2", "3", "4", "8", "keep"), default=None,
+                   help="MoE models: grid of the non-expert matrices (attention, shared experts); 'keep' leaves them "
+                   "as they are (default: the same as --bits; routers and embeddings always stay dense)")
     add_calibration_options(p)
-    add_run_options(p, ("peakllm", "compressed-tensors"), "peakllm")
+    add_run_options(p, ("peakllm", "sub1", "compressed-tensors"), "peakllm")
     p.set_defaults(func=run)
 
 
@@ -40,9 +43,16 @@ def run(args) -> int:
     if args.format == "compressed-tensors" and (ternary or grid.bits not in (4, 8)):
         raise PeakError("compressed-tensors export supports 4- and 8-bit grids; use --format peakllm for "
                         f"{args.bits}-bit")
-    recipe = QuantRecipe(args.method, grid, act_order=args.act_order, blocksize=args.blocksize, damp=args.damp)
+    if args.format == "sub1" and not ternary:
+        raise PeakError("--format sub1 stores ternary codes: use --bits ternary")
+    dense_grid = None
+    if args.dense_bits not in (None, "keep"):
+        dense_grid = Grid(bits=int(args.dense_bits), group_size=args.group_size if args.group_size > 0 else 128,
+                          sym=args.sym, mse=args.mse)
+    recipe = QuantRecipe(args.method, grid, act_order=args.act_order, blocksize=args.blocksize, damp=args.damp,
+                         dense_grid=dense_grid, keep_dense=args.dense_bits == "keep")
     extra = {"method": args.method, "bits": args.bits if ternary else int(args.bits), "group_size": args.group_size,
-             "sym": args.sym, "act_order": args.act_order}
+             "sym": args.sym, "act_order": args.act_order, "dense_bits": args.dense_bits}
     result = run_compression(args, recipe, extra_result=extra)
     emit(result, args, f"quantized {args.model} with {args.method}")
     return 0

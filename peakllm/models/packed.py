@@ -30,7 +30,7 @@ def runtime_module(name: str, packed, linear: nn.Linear | None) -> nn.Module | N
     if packed.kind == "sub1":
         from peakllm.runtime.sub1 import Sub1Linear
 
-        return Sub1Linear.from_packed(packed, bias=bias)
+        return Sub1Linear(packed, bias=bias)
     return None
 
 
@@ -42,6 +42,9 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
 
     if packed not in ("kernel", "dequantize"):
         raise PeakError(f"packed must be 'kernel' or 'dequantize', got {packed!r}")
+    import peakllm.formats.sub1  # noqa: F401 - registers the "sub1" kind with the container
+    from peakllm.recipes import is_expert
+
     manifest, dense, modules = load_model_folder(path)
     try:
         config = AutoConfig.from_pretrained(str(path))
@@ -51,7 +54,9 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
     check_architecture(config)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(dense, strict=False)
-    allowed = {f"{name}.weight" for name in modules}
+    experts = {name: pm for name, pm in modules.items() if is_expert(name)}
+    modules = {name: pm for name, pm in modules.items() if name not in experts}
+    allowed = {f"{name}.weight" for name in modules} | {name.rsplit(".", 1)[0] for name in experts}
     if getattr(config, "tie_word_embeddings", False):
         allowed.add("lm_head.weight")
     if unexpected or set(missing) - allowed:
@@ -70,7 +75,48 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
             linear.weight.data = pm.dequantize().to(dtype)
         else:
             _set_module(model, name, module)
+    _load_experts(model, experts, packed, dtype, path)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.peakllm_manifest = manifest
     return model, tokenizer
+
+
+def _load_experts(model, experts: dict, packed: str, dtype, path) -> None:
+    """Per-expert packed matrices <experts>.<part>.<e> back into their MoE block."""
+    from peakllm.runtime.experts import PackedExperts
+
+    blocks: dict[str, dict[str, dict[int, object]]] = {}
+    for name, pm in experts.items():
+        prefix, part, e = name.rsplit(".", 2)
+        blocks.setdefault(prefix, {}).setdefault(part, {})[int(e)] = pm
+    for prefix, parts in blocks.items():
+        try:
+            fused = model.get_submodule(prefix)
+        except AttributeError:
+            raise PeakError(f"{path}: experts module {prefix!r} does not exist in the model") from None
+        E = fused.gate_up_proj.shape[0]
+        for part in ("gate_up_proj", "down_proj"):
+            got = parts.get(part, {})
+            if sorted(got) != list(range(E)):
+                raise PeakError(f"{path}: {prefix}.{part} needs packed matrices for experts 0..{E - 1}")
+            for e, pm in got.items():
+                if tuple(getattr(fused, part).shape[1:]) != (pm.out_features, pm.in_features):
+                    raise PeakError(f"{path}: {prefix}.{part}.{e} has the wrong shape")
+        if packed == "dequantize":
+            for part in ("gate_up_proj", "down_proj"):
+                param = getattr(fused, part)
+                for e, pm in parts[part].items():
+                    param.data[e] = pm.dequantize().to(dtype)
+            continue
+        mods = {}
+        for part in ("gate_up_proj", "down_proj"):
+            mods[part] = []
+            for e in range(E):
+                pm = parts[part][e]
+                module = runtime_module(f"{prefix}.{part}.{e}", pm, None)
+                if module is None:
+                    module = nn.Linear(pm.in_features, pm.out_features, bias=False, dtype=dtype)
+                    module.weight.data = pm.dequantize().to(dtype)
+                mods[part].append(module)
+        _set_module(model, prefix, PackedExperts(mods["gate_up_proj"], mods["down_proj"], fused.act_fn))

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from peakllm.calibrate import calibrate
+from peakllm.cli import main
+from peakllm.models import load_model
+from peakllm.recipes import QuantRecipe
+from peakllm.solvers import Grid
+
+
+def tiny_moe(experts=4, top_k=2):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=experts, num_experts_per_tok=top_k, tie_word_embeddings=True,
+                         max_position_embeddings=256)
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
+class Recording(QuantRecipe):
+    def compress(self, name, layer_index, W, stats):
+        self.seen[name] = stats
+        return super().compress(name, layer_index, W, stats)
+
+
+def test_each_expert_gets_the_hessian_of_its_own_tokens():
+    model = tiny_moe()
+    segments = torch.randint(0, 300, (3, 16))
+    recipe = Recording("gptq", Grid(bits=4, group_size=16))
+    recipe.seen, recipe.moe = {}, True
+    report = calibrate(model, segments, recipe, batch_size=3, progress=False)
+    # reference: the tokens the router sends to each expert of layer 0 in the final model (its attention
+    # was compressed before the experts were calibrated, exactly as the pipeline saw it)
+    routed = []
+    block = model.model.layers[0].mlp
+    h = block.experts.register_forward_pre_hook(lambda m, a: routed.append((a[0].clone(), a[1].clone())))
+    with torch.no_grad():
+        model(input_ids=segments)
+    h.remove()
+    hidden = torch.cat([r[0] for r in routed]).double()
+    index = torch.cat([r[1] for r in routed])
+    for e in range(4):
+        x = hidden[(index == e).any(-1)]
+        got = recipe.seen[f"model.layers.0.mlp.experts.gate_up_proj.{e}"]
+        assert got["tokens"] == x.shape[0]
+        assert torch.allclose(got["hessian"].double(), 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert sum(report.expert_tokens[:4]) == 48 * 2  # every token goes to top_k = 2 experts
+    assert "model.layers.0.mlp.gate.weight" not in report.modules  # the router stays dense
+
+
+def test_expert_without_tokens_falls_back_without_nans():
+    model = tiny_moe()
+    for layer in model.model.layers:  # expert 3 is never chosen: its routes become "dropped" (index E)
+        layer.mlp.gate.register_forward_hook(lambda m, a, o: (o[0], o[1], torch.where(o[2] == 3, 4, o[2])))
+    segments = torch.randint(1, 300, (2, 16))
+    recipe = QuantRecipe("gptq", Grid(kind="ternary", group_size=-1))
+    recipe.moe = True
+    report = calibrate(model, segments, recipe, progress=False)
+    assert report.experts_fallback == 4  # expert 3's gate_up and down, in both layers
+    for name, r in report.modules.items():
+        assert torch.isfinite(r.weight).all(), name
+
+
+@pytest.mark.parametrize("fmt", ["sub1", "peakllm"])
+def test_ternary_moe_folder_runs_from_compressed_form(capsys, tmp_path, tiny_tokenizer, text_file, fmt):
+    model = tiny_moe(experts=4, top_k=2)
+    src = tmp_path / "moe"
+    model.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    out = tmp_path / "q"
+    code = main(["quantize", "--model", str(src), "--bits", "ternary", "--group-size", "-1", "--format", fmt,
+                 "--dense-bits", "4", "--calib-dataset", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32",
+                 "--eval-dataset", str(text_file), "--eval-tokens", "512", "--output", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["experts_fallback"] == 0
+    assert {"bits_per_param_experts", "bits_per_param_total"} <= result.keys()
+    packed, _ = load_model(str(out))
+    reference, _ = load_model(str(out), packed="dequantize")
+    assert type(packed.model.layers[0].mlp.experts).__name__ == "PackedExperts"
+    ids = torch.randint(0, 300, (1, 12))
+    routes = {}
+    for tag, m in (("packed", packed), ("reference", reference)):
+        seen = []
+        h = m.model.layers[1].mlp.gate.register_forward_hook(lambda mod, a, o: seen.append(o[2]))
+        with torch.no_grad():
+            routes[tag] = (m(input_ids=ids).logits, seen[0])
+        h.remove()
+    assert torch.equal(routes["packed"][1], routes["reference"][1])  # identical routing
+    assert torch.allclose(routes["packed"][0], routes["reference"][0], atol=1e-4, rtol=1e-4)
