@@ -138,21 +138,41 @@ template <int BP, bool SYM>
 inline void sum_range_b(const uint32_t* buf, int64_t lo, int64_t hi, const float* xt, float* s, float* a) {
 #ifdef __AVX2__
     constexpr int NV = BP / 8;
-    __m256 sv[NV], av[NV];
-    for (int j = 0; j < NV; j++) sv[j] = av[j] = _mm256_setzero_ps();
-    for (int64_t k = lo; k < hi; k++) {
+    constexpr int U = NV == 1 ? 2 : 1;  // independent accumulator sets, so an add's latency is hidden
+    __m256 sv[U][NV], av[U][NV];
+    for (int u = 0; u < U; u++)
+        for (int j = 0; j < NV; j++) sv[u][j] = av[u][j] = _mm256_setzero_ps();
+    int64_t k = lo;
+    for (; k + U <= hi; k += U) {
+        for (int u = 0; u < U; u++) {
+            const uint32_t v = buf[k + u];
+            const float* xp = xt + (int64_t)(v & COL) * BP;
+            const __m256 sg = _mm256_castsi256_ps(_mm256_set1_epi32((int)(v & SIGN)));
+            for (int j = 0; j < NV; j++) {
+                const __m256 xv = _mm256_loadu_ps(xp + 8 * j);
+                sv[u][j] = _mm256_add_ps(sv[u][j], _mm256_xor_ps(xv, sg));
+                if (!SYM) av[u][j] = _mm256_add_ps(av[u][j], xv);
+            }
+        }
+    }
+    for (; k < hi; k++) {
         const uint32_t v = buf[k];
         const float* xp = xt + (int64_t)(v & COL) * BP;
         const __m256 sg = _mm256_castsi256_ps(_mm256_set1_epi32((int)(v & SIGN)));
         for (int j = 0; j < NV; j++) {
             const __m256 xv = _mm256_loadu_ps(xp + 8 * j);
-            sv[j] = _mm256_add_ps(sv[j], _mm256_xor_ps(xv, sg));
-            if (!SYM) av[j] = _mm256_add_ps(av[j], xv);
+            sv[0][j] = _mm256_add_ps(sv[0][j], _mm256_xor_ps(xv, sg));
+            if (!SYM) av[0][j] = _mm256_add_ps(av[0][j], xv);
         }
     }
+    for (int u = 1; u < U; u++)
+        for (int j = 0; j < NV; j++) {
+            sv[0][j] = _mm256_add_ps(sv[0][j], sv[u][j]);
+            av[0][j] = _mm256_add_ps(av[0][j], av[u][j]);
+        }
     for (int j = 0; j < NV; j++) {
-        _mm256_storeu_ps(s + 8 * j, sv[j]);
-        _mm256_storeu_ps(a + 8 * j, av[j]);
+        _mm256_storeu_ps(s + 8 * j, sv[0][j]);
+        _mm256_storeu_ps(a + 8 * j, av[0][j]);
     }
 #else
     for (int j = 0; j < BP; j++) s[j] = a[j] = 0.f;
