@@ -85,3 +85,16 @@ def test_timings_and_shapes():
     out = generate(rt, None, [5, 6, 7], 8, stop_at_eos=False, timings=timings)
     assert out.shape == (1, 8)
     assert timings["steps"] == 7 and timings["prefill_s"] > 0 and timings["decode_s"] > 0
+
+
+def test_generate_text_matches_hf_loop(tiny_tokenizer):
+    from peakllm.runtime.generate import generate_text
+    from peakllm.runtime.hf_loop import hf_generate_text
+
+    hf = _random_llama()
+    ids = tiny_tokenizer("Sphinx of black quartz", return_tensors="pt")["input_ids"]
+    pieces = []
+    text, n = generate_text(hf, tiny_tokenizer, ids, 12, stream=pieces.append)
+    ref_text, ref_n = hf_generate_text(hf, tiny_tokenizer, ids, 12)
+    assert (text, n) == (ref_text, ref_n)
+    assert "".join(pieces) == text

@@ -7,7 +7,8 @@
 // accumulates in fp32. Weights are fp32 or bf16 (bf16 -> fp32 is a 16-bit left shift, exact);
 // activations x / y are fp32 or bf16. x is widened to fp32 once per call, before the threads start.
 //
-// Exported symbols: dense_<w>w_<x>x for w, x in {f32, bf16}.
+// Exported symbols: dense_<w>w_<x>x for w, x in {f32, bf16}; the decode-step helpers below
+// (add_rmsnorm_<x>, silu_mul_<x>, attn_decode_<x>, decode_layer_<w>w_<x>x); read_sum_f32.
 
 #include <cstdint>
 #include <cmath>

@@ -104,3 +104,24 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, *, temperature: 
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, steps=n)
     return out[:, : n + 1]
+
+
+def generate_text(hf_model, tokenizer, ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int | None = 0, stream: Callable[[str], None] | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[str, int]:
+    """(text, number of new tokens) for an HF model: through the lean runtime when it supports the
+    architecture, else through `runtime.hf_loop` (same signature as `hf_generate_text`)."""
+    from peakllm.runtime.model import SUPPORTED, RuntimeModel
+
+    if getattr(hf_model.config, "model_type", None) not in SUPPORTED:
+        from peakllm.runtime.hf_loop import hf_generate_text
+
+        return hf_generate_text(hf_model, tokenizer, ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, stream=stream)
+    prompt = torch.as_tensor(ids, dtype=torch.long)
+    model = RuntimeModel.from_hf(hf_model, dtype, max_seq=prompt.shape[-1] + max_new_tokens)
+    out = generate(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   stream=stream)[0]
+    eos = _eos_ids(model, tokenizer)
+    kept = [t for t in out.tolist() if t not in eos]
+    return tokenizer.decode(kept, skip_special_tokens=True), len(out)
