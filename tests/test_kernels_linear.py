@@ -88,6 +88,21 @@ def test_load_state_dict_rederives_the_kernel_layout():
     check(layer(x), x, W, bias, big)
 
 
+def test_dtype_casts_keep_the_packed_layout():
+    """model.to(bf16) must not turn fp16 scales or float values into another layout."""
+    layer, W, bias, big = intk_layer(act_order=True, seed=3)
+    x = torch.randn(2, 80)
+    layer.to(torch.bfloat16)
+    assert layer.scales.dtype == torch.float16 and layer.qweight.dtype == torch.uint8
+    check(layer(x), x, W, layer.bias.float(), big)
+    weight, mask = sparse_weights(8, 32, n=2, m=4)
+    pos = mask.reshape(8, -1, 4).nonzero()[:, 2].reshape(8, -1)
+    nm = NMLinear(32, 8, 2, 4, ref.pack_bitstream(pos, 2), values=weight[mask].reshape(8, -1))
+    nm.half()
+    assert nm.values.dtype == torch.float32
+    torch.testing.assert_close(nm(x[:, :32]), x[:, :32] @ (weight * mask).T, rtol=1e-5, atol=1e-5)
+
+
 def test_half_inputs_run_in_float32():
     layer, W, bias, big = intk_layer(act_order=False)
     x = torch.randn(2, 80).half()

@@ -86,9 +86,17 @@ class _PackedLinear(nn.Module):
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.bfloat16()`, ... move the packed tensors but never change their dtypes: fp16 scales
+        or float values cast to a model's dtype would no longer be the layout the kernels read."""
         self._kernel = None  # buffers may move: rebind the kernel on the next call
-        return super()._apply(fn, *args, **kwargs)
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            moved = fn(buf)
+            keep_dtype = name != "bias" and moved.dtype != buf.dtype
+            self._buffers[name] = buf.to(moved.device) if keep_dtype else moved
+        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
