@@ -83,6 +83,9 @@ def test_transformers_loads_export_with_same_logits(tmp_path, scheme):
 
     ref, packed, out = quantize_and_export(tmp_path, SCHEMES[scheme])
     assert (out / "marker.txt").read_text() == "tokenizer here"
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied: stored once, as the embedding
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "pack-quantized" and qc["quant_method"] == "compressed-tensors"
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -129,3 +132,33 @@ def test_unrepresentable_schemes_raise(tmp_path):
     (tmp_path / "x" / "keep").write_text("")
     with pytest.raises(PeakError, match="not empty"):
         export_compressed_tensors(tmp_path / "x", cfg, {}, {"a": _mod()})
+
+
+@pytest.mark.slow
+def test_default_model_int4_export_loads_in_transformers(tmp_path):
+    """The real default model (SmolLM2-135M), every decoder linear RTN int4 g32 symmetric, exported and
+    loaded back by transformers: same logits as the model holding our dequantized weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peakllm.models import load_model
+
+    model, tokenizer = load_model("default")
+    packed = {n: PackedIntK.from_quantized(rtn(m.weight.data, Grid("affine", 4, 32, True)))
+              for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    dense = {k: v for k, v in model.state_dict().items() if k.removesuffix(".weight") not in packed}
+    out = export_compressed_tensors(tmp_path / "ct", model.config.to_dict(), dense, packed,
+                                    tokenizer_save_fn=tokenizer.save_pretrained)
+    with torch.no_grad():
+        for n, mod in packed.items():
+            model.get_submodule(n).weight.copy_(mod.dequantize())
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(out)("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = model(ids).logits, loaded(ids).logits
+    assert all(torch.equal(loaded.get_submodule(n).weight, mod.dequantize()) for n, mod in packed.items())
+    assert (want - got).abs().max().item() <= 1e-4  # identical weights; logits here are O(10)
+    size = (out / "model.safetensors").stat().st_size
+    quantized_params = sum(m.num_params for m in packed.values())
+    # 4 bits a weight + an fp32 scale per 32, the rest (embedding once, norms) dense fp32, plus the header
+    dense_bytes = sum(t.numel() * t.element_size() for k, t in dense.items() if k != "lm_head.weight")
+    assert size < dense_bytes + quantized_params * (4 + 32 / 32) / 8 + 200_000

@@ -118,6 +118,8 @@ def export_compressed_tensors(out_dir, hf_model_config: dict, dense_tensors: dic
         raise PeakError("nothing to export: no quantized modules (save a dense model with transformers instead)")
     dtype = _model_dtype(hf_model_config, dense_tensors)
     tensors = dict(dense_tensors)
+    if hf_model_config.get("tie_word_embeddings") and "lm_head.weight" not in packed_modules:
+        tensors.pop("lm_head.weight", None)  # transformers re-ties it to the embedding on load
     for name, mod in packed_modules.items():
         for key, t in module_tensors(name, mod, dtype).items():
             if key in tensors or f"{name}.weight" in dense_tensors:
