@@ -169,3 +169,16 @@ def test_default_model_logits_match_hf(default_model):
     inv_freq = 1.0 / theta ** (torch.arange(0, rt.head_dim, 2).float() / rt.head_dim)
     torch.testing.assert_close(rt.cos[7, 0, : rt.head_dim // 2], torch.cos(7 * inv_freq))
     assert F.softmax(out[0, -1], -1).max() > 0.1  # a real model is confident about "Rome"-like continuations
+
+
+def test_without_compiled_kernels_the_torch_path_serves(monkeypatch):
+    from peakllm.kernels import dense
+
+    monkeypatch.setattr(dense, "_fns", {})  # as if g++ were missing: every kernel falls back to torch
+    hf = _tiny("qwen3")
+    ids = torch.randint(1, 300, (1, 8), generator=torch.Generator().manual_seed(8))
+    rt = RuntimeModel.from_hf(hf)
+    rt.setup_cache(1, 8)
+    assert rt._layer_calls == [None, None]
+    steps = [rt(ids[:, :3], 0)] + [rt(ids[:, t:t + 1], t) for t in range(3, 8)]
+    torch.testing.assert_close(torch.cat(steps, 1), _hf_logits(hf, ids), rtol=1e-4, atol=1e-4)
