@@ -6,6 +6,7 @@ zero-point split of int-k); for bf16 inputs also the bf16 rounding of the output
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -101,6 +102,19 @@ def test_dtype_casts_keep_the_packed_layout():
     nm.half()
     assert nm.values.dtype == torch.float32
     torch.testing.assert_close(nm(x[:, :32]), x[:, :32] @ (weight * mask).T, rtol=1e-5, atol=1e-5)
+
+
+def test_copies_and_pickles_run_their_own_tensors(tmp_path):
+    layer, W, bias, big = intk_layer(act_order=True, seed=4)
+    x = torch.randn(2, 80)
+    y = layer(x)
+    clone = copy.deepcopy(layer)
+    clone.scales.mul_(2)  # in place: only the clone's kernel may see it
+    torch.testing.assert_close(layer(x), y)
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), y)
+    assert not torch.allclose(clone(x), y)
 
 
 def test_half_inputs_run_in_float32():

@@ -32,6 +32,10 @@ def _as_compute(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x2 if x2.is_contiguous() else x2.contiguous()
 
 
+def _after_load(module, _incompatible_keys) -> None:
+    module._prepare()  # a function at module level, so layers stay picklable
+
+
 class _PackedLinear(nn.Module):
     """Common forward: the kernel for few rows, dequantize + GEMM for many."""
 
@@ -44,7 +48,7 @@ class _PackedLinear(nn.Module):
             bias = bias.detach().clone()
         self.register_buffer("bias", bias)
         self._kernel = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._prepare())
+        self.register_load_state_dict_post_hook(_after_load)
 
     def _derive(self) -> None:
         """Recompute the non-persistent buffers that follow from the packed tensors."""
@@ -85,6 +89,12 @@ class _PackedLinear(nn.Module):
         if x.dtype != torch.float32:
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def __getstate__(self):
+        # the bound kernel holds raw addresses of this instance's tensors: copies and pickles rebind
+        state = self.__dict__.copy()
+        state["_kernel"] = None
+        return state
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.bfloat16()`, ... move the packed tensors but never change their dtypes: fp16 scales
