@@ -147,11 +147,12 @@ def speed(weights: dict | None, p_zero: float, how: str, rounds: int) -> None:
     threads = torch.get_num_threads()
     print(f"threads: {threads}, kernel compiled: {K.available()}, load average: {os.getloadavg()[0]:.1f}, weights: "
           f"{'default model, ' + how if weights is not None else f'random i.i.d., P(0)={p_zero}'}\n")
-    print(f"Wall: median us per matvec, {threads} threads, interleaved rounds. CPU: median CPU-time us per "
-          "matvec of one thread (torch.set_num_threads(1)).\n")
-    print("| matrix | P(0) | bits/param 8-bit / 16-bit | wall sub1 8 / 16 | wall torch fp32 / bf16 | "
-          "wall 16-bit / bf16 | CPU sub1 8 / 16 | CPU torch fp32 / bf16 | CPU 16-bit / bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"Median us per matvec over interleaved rounds: wall-clock with {threads} threads, wall-clock with 1 "
+          "thread, and CPU time of the calling thread with 1 thread (torch.set_num_threads(1)); each cell is "
+          "sub1 8-bit / sub1 16-bit / torch fp32 / torch bf16.\n")
+    print(f"| matrix | P(0) | bits/param 8-bit / 16-bit | wall {threads} threads | wall 1 thread | CPU 1 thread | "
+          "CPU 8-bit / bf16 | CPU 16-bit / bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (codes, scale) in mats.items():
         rows, cols = codes.shape
         W = (scale.float() * (codes.float() - 1)).contiguous()
@@ -171,11 +172,15 @@ def speed(weights: dict | None, p_zero: float, how: str, rounds: int) -> None:
 
         t = timeit_interleaved(fns(threads), rounds)
         torch.set_num_threads(1)
+        t1 = timeit_interleaved(fns(1), rounds)
         c = cpu_time_us(fns(1))
         torch.set_num_threads(threads)
-        print(f"| {name} | {(codes == 1).float().mean():.3f} | {bits[8]:.3f} / {bits[16]:.3f} | "
-              f"{t[8]:.1f} / {t[16]:.1f} | {t['fp32']:.1f} / {t['bf16']:.1f} | {t[16] / t['bf16']:.2f} | "
-              f"{c[8]:.1f} / {c[16]:.1f} | {c['fp32']:.1f} / {c['bf16']:.1f} | {c[16] / c['bf16']:.2f} |", flush=True)
+
+        def cell(d):
+            return " / ".join(f"{d[k]:.1f}" for k in (8, 16, "fp32", "bf16"))
+
+        print(f"| {name} | {(codes == 1).float().mean():.3f} | {bits[8]:.3f} / {bits[16]:.3f} | {cell(t)} | "
+              f"{cell(t1)} | {cell(c)} | {c[8] / c['bf16']:.2f} | {c[16] / c['bf16']:.2f} |", flush=True)
 
 
 def main() -> None:
