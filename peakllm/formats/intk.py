@@ -46,14 +46,18 @@ def check_version(meta: dict, kind: str) -> None:
         raise PeakError(f"{kind} module has format version {version}; this peakllm reads version {FORMAT_VERSION}")
 
 
-def take(tensors: dict, name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-    """The tensor called name, which must exist with exactly this dtype and shape."""
-    t = tensors.get(name)
-    if t is None:
+def check_tensor(t, name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """t, which must be a tensor of exactly this dtype and shape."""
+    if not isinstance(t, torch.Tensor):
         raise PeakError(f"missing tensor {name!r}")
     if t.dtype != dtype or tuple(t.shape) != tuple(shape):
         raise PeakError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
     return t
+
+
+def take(tensors: dict, name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """The tensor called name, which must exist with exactly this dtype and shape."""
+    return check_tensor(tensors.get(name), name, dtype, shape)
 
 
 def n_groups_of(in_features: int, group_size: int) -> int:
@@ -194,9 +198,9 @@ class PackedIntK:
 
     def validate(self) -> None:
         rows, cols, g = self.out_features, self.in_features, self.n_groups
-        take({"qweight": self.qweight}, "qweight", torch.uint8, (rows, packed_row_bytes(cols, self.bits)))
-        take({"scales": self.scales}, "scales", torch.float16, (rows, g))
-        take({"zeros": self.zeros}, "zeros", torch.uint8, (rows, g))
+        check_tensor(self.qweight, "qweight", torch.uint8, (rows, packed_row_bytes(cols, self.bits)))
+        check_tensor(self.scales, "scales", torch.float16, (rows, g))
+        check_tensor(self.zeros, "zeros", torch.uint8, (rows, g))
         if not torch.isfinite(self.scales).all():
             raise PeakError("int-k scales hold non-finite values")
         if self.zeros.numel() and int(self.zeros.max()) >= 1 << self.bits:
@@ -206,7 +210,7 @@ class PackedIntK:
         if not padding_is_zero(self.qweight, self.bits, cols):
             raise PeakError("int-k qweight has non-zero padding bits")
         if self.g_idx is not None:
-            take({"g_idx": self.g_idx}, "g_idx", torch.int32, (cols,))
+            check_tensor(self.g_idx, "g_idx", torch.int32, (cols,))
             if int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= g:
                 raise PeakError(f"int-k g_idx values must lie in [0, {g})")
 
@@ -302,9 +306,9 @@ class PackedTernary:
 
     def validate(self) -> None:
         rows, g = self.out_features, self.n_groups
-        take({"q": self.qweight}, "q", torch.uint8, (rows, packed_row_bytes(self.in_features, 2)))
+        check_tensor(self.qweight, "qweight", torch.uint8, (rows, packed_row_bytes(self.in_features, 2)))
         for name, t in (("scale_neg", self.scale_neg), ("scale_pos", self.scale_pos)):
-            take({name: t}, name, torch.float16, (rows, g))
+            check_tensor(t, name, torch.float16, (rows, g))
             if not torch.isfinite(t).all():
                 raise PeakError(f"ternary {name} holds non-finite values")
         if self.sym and not torch.equal(self.scale_neg, self.scale_pos):

@@ -18,8 +18,8 @@ import torch
 from peakllm.errors import PeakError
 from peakllm.formats.bitpack import pack_bits, packed_row_bytes, padding_is_zero, unpack_bits
 from peakllm.formats.intk import (
-    FORMAT_VERSION, INTK_BITS, MAX_DIM, canonical_g_idx, check_version, fp16_params, meta_bool, meta_int,
-    n_groups_of, take,
+    FORMAT_VERSION, INTK_BITS, MAX_DIM, canonical_g_idx, check_tensor, check_version, fp16_params, meta_bool,
+    meta_int, n_groups_of, take,
 )
 
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,8 +70,8 @@ def _dequant_kept(codes, rows, cols, scales, zeros, group_size):
 
 def _validate_quant(mod, rows: int) -> None:
     g = n_groups_of(mod.in_features, mod.group_size)
-    take({"scales": mod.scales}, "scales", torch.float16, (rows, g))
-    take({"zeros": mod.zeros}, "zeros", torch.uint8, (rows, g))
+    check_tensor(mod.scales, "scales", torch.float16, (rows, g))
+    check_tensor(mod.zeros, "zeros", torch.uint8, (rows, g))
     if not torch.isfinite(mod.scales).all():
         raise PeakError("scales hold non-finite values")
     if mod.zeros.numel() and int(mod.zeros.max()) >= 1 << mod.bits:
@@ -92,11 +92,10 @@ def _read_quant_meta(metadata: dict):
     return bits, group_size, meta_bool(metadata, "sym")
 
 
-def _take_values(tensors: dict, name: str, shape: tuple) -> torch.Tensor:
-    t = tensors.get(name)
-    if t is None or t.dtype not in VALUE_DTYPES:
+def _check_values(t, name: str, shape: tuple) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in VALUE_DTYPES:
         raise PeakError(f"tensor {name!r} must exist as fp32, fp16 or bf16")
-    return take(tensors, name, t.dtype, shape)
+    return check_tensor(t, name, t.dtype, shape)
 
 
 # ---- ragged rows of k-bit codes (bitmask + int-k) ---------------------------------------------
@@ -204,8 +203,8 @@ class PackedBitmask:
 
     def validate(self) -> None:
         rows, cols = self.out_features, self.in_features
-        take({"mask": self.mask}, "mask", torch.uint8, (rows, packed_row_bytes(cols, 1)))
-        take({"row_offsets": self.row_offsets}, "row_offsets", torch.int64, (rows + 1,))
+        check_tensor(self.mask, "mask", torch.uint8, (rows, packed_row_bytes(cols, 1)))
+        check_tensor(self.row_offsets, "row_offsets", torch.int64, (rows + 1,))
         if not padding_is_zero(self.mask, 1, cols):
             raise PeakError("bitmask has bits set past the last column")
         counts = self.dense_mask().sum(1)
@@ -214,10 +213,10 @@ class PackedBitmask:
             raise PeakError("bitmask row_offsets disagree with the mask's kept counts")
         nnz = int(expected[-1])
         if self.bits == 0:
-            _take_values({"values": self.values}, "values", (nnz,))
+            _check_values(self.values, "values", (nnz,))
             return
         nbytes = int(_ragged_layout(counts, self.bits)[-1])
-        take({"qweight": self.qweight}, "qweight", torch.uint8, (nbytes,))
+        check_tensor(self.qweight, "qweight", torch.uint8, (nbytes,))
         _validate_quant(self, rows)
 
     @classmethod
@@ -230,17 +229,11 @@ class PackedBitmask:
                                 (out_features, packed_row_bytes(in_features, 1))),
                       row_offsets=take(tensors, prefix + "row_offsets", torch.int64, (out_features + 1,)),
                       in_features=in_features, out_features=out_features, bits=bits, group_size=group_size, sym=sym)
-        if bits == 0:
-            values = tensors.get(prefix + "values")
-            packed = cls(values=values, **fields)
-            if values is None:
-                raise PeakError(f"missing tensor {prefix + 'values'!r}")
-        else:
-            packed = cls(qweight=tensors.get(prefix + "qweight"), scales=tensors.get(prefix + "scales"),
-                         zeros=tensors.get(prefix + "zeros"), **fields)
-            for name in ("qweight", "scales", "zeros"):
-                if getattr(packed, name) is None:
-                    raise PeakError(f"missing tensor {prefix + name!r}")
+        names = ("values",) if bits == 0 else ("qweight", "scales", "zeros")
+        for name in names:
+            if prefix + name not in tensors:
+                raise PeakError(f"missing tensor {prefix + name!r}")
+        packed = cls(**fields, **{name: tensors[prefix + name] for name in names})
         packed.validate()
         return packed
 
@@ -343,16 +336,16 @@ class PackedNM:
         rows, kept, ib = self.out_features, self.kept, index_bits(self.m)
         if not (2 <= self.m <= 256 and 1 <= self.n < self.m) or self.in_features % self.m:
             raise PeakError(f"bad N:M shape: {self.n}:{self.m} over {self.in_features} columns")
-        take({"indices": self.indices}, "indices", torch.uint8, (rows, packed_row_bytes(kept, ib)))
+        check_tensor(self.indices, "indices", torch.uint8, (rows, packed_row_bytes(kept, ib)))
         if not padding_is_zero(self.indices, ib, kept):
             raise PeakError("N:M indices have non-zero padding bits")
         pos = unpack_bits(self.indices, ib, kept).reshape(rows, -1, self.m - self.n).long()
         if pos.numel() and (int(pos.max()) >= self.m or not bool((pos.diff(dim=-1) > 0).all())):
             raise PeakError(f"N:M indices must be ascending positions below {self.m} within each group")
         if self.bits == 0:
-            _take_values({"values": self.values}, "values", (rows, kept))
+            _check_values(self.values, "values", (rows, kept))
             return
-        take({"qweight": self.qweight}, "qweight", torch.uint8, (rows, packed_row_bytes(kept, self.bits)))
+        check_tensor(self.qweight, "qweight", torch.uint8, (rows, packed_row_bytes(kept, self.bits)))
         if not padding_is_zero(self.qweight, self.bits, kept):
             raise PeakError("N:M qweight has non-zero padding bits")
         _validate_quant(self, rows)
