@@ -105,7 +105,11 @@ def matmul_ref(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 def pack_bitstream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """int codes [rows, n] (< 2**bits) -> uint8 [rows, ceil(n*bits/8)] little-endian bitstreams."""
     rows, n = codes.shape
-    stream = ((codes.to(torch.int64).unsqueeze(-1) >> torch.arange(bits)) & 1).reshape(rows, n * bits)
+    bit_values = (codes.to(torch.uint8).unsqueeze(-1) >> torch.arange(bits, dtype=torch.uint8)) & 1
     nbytes = math.ceil(n * bits / 8)
-    stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - n * bits)).reshape(rows, nbytes, 8)
-    return (stream << torch.arange(8)).sum(-1).to(torch.uint8)
+    stream = torch.nn.functional.pad(bit_values.reshape(rows, n * bits), (0, nbytes * 8 - n * bits))
+    stream = stream.reshape(rows, nbytes, 8)
+    packed = torch.zeros(rows, nbytes, dtype=torch.uint8)
+    for b in range(8):
+        packed |= stream[..., b] << b
+    return packed
