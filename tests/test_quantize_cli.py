@@ -73,3 +73,21 @@ def test_refuses_to_overwrite(capsys, tmp_path, tiny_model_dir, text_file):
     code, out = quantize(tmp_path, tiny_model_dir, text_file, "--bits", "4")
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_compressed_tensors_export_loads_in_plain_transformers(capsys, tmp_path, tiny_model_dir, text_file):
+    from transformers import AutoModelForCausalLM
+
+    code, out = quantize(tmp_path, tiny_model_dir, text_file, "--bits", "4", "--group-size", "32", "--sym",
+                         "--format", "compressed-tensors")
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["format"] == "compressed-tensors"
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    # peakllm's own view of the same quantization: a packed folder from the identical run (same seed)
+    code, ours_dir = quantize(tmp_path / "again", tiny_model_dir, text_file, "--bits", "4", "--group-size", "32",
+                              "--sym")
+    capsys.readouterr()
+    ours, _ = load_model(str(ours_dir), packed="dequantize")
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

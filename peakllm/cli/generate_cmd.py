@@ -42,7 +42,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool):
 
 def run(args) -> int:
     from peakllm.models import load_model
-    from peakllm.runtime.hf_loop import hf_generate_text as generate_text
+    from peakllm.runtime.generate import generate_text
 
     set_threads(args.threads)
     if args.max_new_tokens < 1:
