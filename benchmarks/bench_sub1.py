@@ -3,6 +3,7 @@
     python benchmarks/bench_sub1.py stats            # zero fractions, run lengths, bits/param (real model)
     python benchmarks/bench_sub1.py speed            # median matvec time, Markdown table (real model)
     python benchmarks/bench_sub1.py speed --random 0.92   # same on synthetic i.i.d. ternary codes
+    python benchmarks/bench_sub1.py batch            # batches 1..32, one thread, random codes
 
 Weights are the default model's MLP matrices (SmolLM2-135M, already Q4_1 in its GGUF). There are no
 MoE weights on PyPI, so "expert-sized" means the slices an E=8 split of the dense MLP would give each
@@ -183,9 +184,35 @@ def speed(weights: dict | None, p_zero: float, how: str, rounds: int) -> None:
               f"{cell(t1)} | {cell(c)} | {c[8] / c['bf16']:.2f} | {c[16] / c['bf16']:.2f} |", flush=True)
 
 
+def batches(p_zero: float) -> None:
+    """Small-batch matmul, one thread, CPU time: one decode serves the whole batch."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    print(f"random i.i.d. codes, P(0)={p_zero}, 8-bit dictionary, one thread, median CPU-time us per call, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print("| matrix | batch | sub1 | torch fp32 | torch bf16 |")
+    print("|---|---|---|---|---|")
+    for rows, cols in ((1536 // E, 576), (1536, 576)):
+        u = torch.rand(rows, cols, generator=g)
+        codes = torch.ones(rows, cols, dtype=torch.uint8)
+        codes[u < (1 - p_zero) / 2] = 0
+        codes[u > 1 - (1 - p_zero) / 2] = 2
+        scale = torch.full((rows, 1), 0.01).half()
+        W = scale.float() * (codes.float() - 1)
+        Wb = W.bfloat16()
+        packed = PackedSub1.encode(codes, scale, scale, -1)
+        ops = K.operands(packed)
+        for batch in (1, 4, 8, 16, 32):
+            x = torch.randn(batch, cols, generator=g)
+            xb = x.bfloat16()
+            c = cpu_time_us({"sub1": lambda: K.sub1_matmul(x, packed, ops, 1), "fp32": lambda: F.linear(x, W),
+                             "bf16": lambda: F.linear(xb, Wb)}, reps=10, rounds=9)
+            print(f"| {rows}x{cols} | {batch} | {c['sub1']:.1f} | {c['fp32']:.1f} | {c['bf16']:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["stats", "speed"])
+    ap.add_argument("mode", choices=["stats", "speed", "batch"])
     ap.add_argument("--schemes", default="minmax,rtn,mean0.7", help="ternarisations for stats")
     ap.add_argument("--how", default="minmax", help="ternarisation for speed")
     ap.add_argument("--random", type=float, default=None, metavar="P0", help="speed on random codes, no model")
@@ -194,6 +221,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "stats":
         stats(mlp_weights(), args.schemes.split(","), args.encode_every)
+    elif args.mode == "batch":
+        batches(args.random or 0.92)
     else:
         speed(None if args.random is not None else mlp_weights(), args.random or 0.0, args.how, args.rounds)
 
