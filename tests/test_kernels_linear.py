@@ -156,8 +156,12 @@ def test_packed_linear_runs_the_formats_layouts():
     weight, nm_mask = sparse_weights(out, inn, n=2, m=4)
     _, bm_mask = sparse_weights(out, inn, density=0.3, seed=2)
     qw = affine_qw(weight, 4, 16)
+    g_idx = torch.empty(inn, dtype=torch.int32)
+    g_idx[torch.randperm(inn)] = (torch.arange(inn) // 16).to(torch.int32)  # act-order groups
     packs = [
         formats_intk.PackedIntK.from_codes(qw.codes, qw.params["scale"], qw.params["zero"], bits=4, group_size=16),
+        formats_intk.PackedIntK.from_codes(qw.codes, qw.params["scale"], qw.params["zero"], bits=4, group_size=16,
+                                           g_idx=g_idx),
         formats_sparse.PackedNM.pack(weight, nm_mask, 2, 4),
         formats_sparse.PackedNM.pack(weight, nm_mask, 2, 4, qw=qw),
         formats_sparse.PackedBitmask.pack(weight, bm_mask),
