@@ -122,3 +122,32 @@ def test_sub1_linear_forward():
         layer(torch.randn(2, 91))
     with pytest.raises(PeakError):
         Sub1Linear(packed, torch.randn(31))
+
+
+def test_portable_build_without_avx2_agrees(tmp_path):
+    """The scalar fallback (machines without AVX2) computes the same products as the AVX2 path."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from peakllm.kernels.build import HERE
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++")
+    lib_path = tmp_path / "libsub1_portable.so"
+    flags = ["-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    subprocess.run([cxx, *flags, str(HERE / "sub1.cpp"), "-o", str(lib_path)], check=True, capture_output=True)
+    fn = ctypes.CDLL(str(lib_path)).sub1_matmul_f32
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    for dictionary, group_size, sym in ((D8, -1, True), (D16, 32, False), (D8, 7, False)):
+        packed = random_packed(21, 100, 0.85, group_size, sym, dictionary, seed=9)
+        ops = K.operands(packed)
+        W = packed.dequantize().double()
+        for batch in (1, 3, 17):
+            x = torch.randn(batch, 100, generator=torch.Generator().manual_seed(batch))
+            y = torch.empty(batch, 21)
+            assert fn(ctypes.addressof(ops.matrix), x.data_ptr(), batch, y.data_ptr(), 1) == 0
+            ref = x.double() @ W.T
+            assert ((y.double() - ref).abs() / (x.double().abs() @ W.abs().T + 1e-30)).max() < RTOL
