@@ -62,8 +62,11 @@ def test_weight_bytes_use_packed_nbytes():
     assert weight_bytes_per_step(RuntimeModel.from_hf(hf)) == base - lin.weight.numel() * 4 + 123
 
 
+@pytest.mark.parametrize("probe_weights", [False, True])
 @pytest.mark.parametrize("engine", ["peakllm", "transformers"])
-def test_bench_result_is_consistent(engine):
+def test_bench_result_is_consistent(engine, probe_weights, monkeypatch):
+    if probe_weights:  # read the model's own weights as the bandwidth probe (real models are big enough)
+        monkeypatch.setattr("peakllm.runtime.bench.PROBE_MIN_BYTES", 0)
     hf = _tiny()
     result = bench(hf, prompt_tokens=6, new_tokens=4, batch=2, repeats=1, engine=engine,
                    bandwidth_bytes=1 << 24)

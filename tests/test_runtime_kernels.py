@@ -98,3 +98,5 @@ def test_attn_decode_matches_sdpa(qk_norm):
 
 def test_read_bandwidth_is_positive():
     assert dense.read_bandwidth_gb_s(size_bytes=1 << 22, repeats=2) > 0.1
+    tensors = [torch.randn(1000, 37), torch.randn(3).to(torch.bfloat16), torch.randn(70000)]  # odd byte sizes
+    assert dense.read_tensors_gb_s(tensors) > 0.1

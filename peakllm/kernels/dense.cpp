@@ -424,6 +424,44 @@ void dense_f32w_bf16x(const bf16_t* x, const float* W, const float* bias, bf16_t
 void dense_bf16w_bf16x(const bf16_t* x, const bf16_t* W, const float* bias, bf16_t* y, int M, int N, int K, int nt) {
     dense<bf16_t, bf16_t>(x, W, bias, y, M, N, K, nt);
 }
+// Read n buffers once with all threads (the bytes are OR-ed, never interpreted): the read bandwidth
+// of exactly the bytes a decode step streams, without its arithmetic. Each thread takes one contiguous
+// share of the concatenated bytes, in 64-byte lines.
+unsigned long long read_buffers(const unsigned char* const* ptrs, const long* sizes, int n, int nthreads) {
+    long total = 0;
+    for (int i = 0; i < n; ++i) total += sizes[i];
+    unsigned long long result = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : result)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const long lo = total / 64 * t / nt * 64, hi = t + 1 == nt ? total : total / 64 * (t + 1) / nt * 64;
+        long start = 0;
+        unsigned long long acc = 0;
+#if defined(__AVX2__)
+        __m256i v0 = _mm256_setzero_si256(), v1 = _mm256_setzero_si256();
+#endif
+        for (int i = 0; i < n; ++i) {
+            const long b0 = lo > start ? lo - start : 0, b1 = hi - start < sizes[i] ? hi - start : sizes[i];
+            const unsigned char* p = ptrs[i];
+            long j = b0;
+#if defined(__AVX2__)
+            for (; j + 64 <= b1; j += 64) {
+                v0 = _mm256_or_si256(v0, _mm256_loadu_si256((const __m256i*)(p + j)));
+                v1 = _mm256_or_si256(v1, _mm256_loadu_si256((const __m256i*)(p + j + 32)));
+            }
+#endif
+            for (; j < b1; ++j) acc |= p[j];
+            start += sizes[i];
+        }
+#if defined(__AVX2__)
+        alignas(32) unsigned long long lanes[4];
+        _mm256_store_si256((__m256i*)lanes, _mm256_or_si256(v0, v1));
+        acc |= lanes[0] | lanes[1] | lanes[2] | lanes[3];
+#endif
+        result |= acc;
+    }
+    return result;
+}
 // Sum of a large fp32 buffer with all threads: the machine's read bandwidth, for the roofline.
 double read_sum_f32(const float* p, long n, int nthreads) {
     double total = 0.0;

@@ -53,6 +53,10 @@ def _kernels() -> dict:
                     layer.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
                     layer.restype = None
                     _fns[("decode_layer", wd, xd)] = layer
+            rb = lib.read_buffers
+            rb.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            rb.restype = ctypes.c_ulonglong
+            _fns["read_buffers"] = rb
             read = lib.read_sum_f32
             read.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
             read.restype = ctypes.c_double
@@ -163,6 +167,26 @@ def decode_layer_fn(weight_dtype: torch.dtype, x_dtype: torch.dtype):
     fn(byref(desc), x_ptr, h_ptr, B, pos, cos_ptr, sin_signed_ptr, threads): x is the residual stream
     [B, dim] (updated in place), h holds attn_norm(x) on entry and next_norm(x) on return."""
     return _kernels().get(("decode_layer", weight_dtype, x_dtype))
+
+
+def read_tensors_gb_s(tensors: list[torch.Tensor]) -> float:
+    """GB/s of one pass reading these (contiguous) tensors with all threads: the bytes one decode step
+    streams, read without arithmetic. Use on a set much larger than the last-level cache."""
+    import time
+
+    tensors = [t for t in tensors if t.numel() and t.is_contiguous()]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    fn = _kernels().get("read_buffers")
+    if fn is None:
+        t0 = time.perf_counter()
+        for t in tensors:
+            t.reshape(-1).view(torch.uint8).amax()
+        return nbytes / (time.perf_counter() - t0) / 1e9
+    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_long * len(tensors))(*[t.numel() * t.element_size() for t in tensors])
+    t0 = time.perf_counter()
+    fn(ptrs, sizes, len(tensors), torch.get_num_threads())
+    return nbytes / (time.perf_counter() - t0) / 1e9
 
 
 def read_bandwidth_gb_s(size_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -17,15 +17,13 @@ import torch
 from torch import nn
 
 from peakllm.errors import PeakError
-from peakllm.kernels.dense import read_bandwidth_gb_s
+from peakllm.kernels.dense import read_bandwidth_gb_s, read_tensors_gb_s
+
+PROBE_MIN_BYTES = 128 << 20  # 4x a 32 MiB last-level cache: reading the weights then measures memory
 
 
-def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
-    """Bytes of weights one decode step reads: every linear (dense or packed, as stored), the norms,
-    the lm_head (the tied embedding counts once, as the head), and `batch` embedding rows.
-
-    Works on a RuntimeModel and on an HF model alike; rotary tables and KV caches are not weights.
-    """
+def _weights(model: nn.Module):
+    """(embedding table, tied?, [(module, tensors)]) with each weight tensor listed once."""
     if hasattr(model, "embed") and isinstance(model.embed, torch.Tensor):
         embed = model.embed
         head = getattr(model.lm_head, "weight", None)
@@ -35,26 +33,33 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
         head = None if out is None else getattr(out, "weight", None)
     tied = head is not None and head.data_ptr() == embed.data_ptr()
     seen: set[int] = set()
-    total = 0
+    groups = []
     for name, module in model.named_modules():
         if "rotary" in name:
             continue
-        tensors = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False) if b is not None]
+        tensors = [t for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+                   if t is not None and t.data_ptr() not in seen and (tied or t.data_ptr() != embed.data_ptr())]
+        seen.update(t.data_ptr() for t in tensors)
+        if tensors:
+            groups.append((module, tensors))
+    return embed, groups
+
+
+def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
+    """Bytes of weights one decode step reads: every linear (dense or packed, as stored), the norms,
+    the lm_head (the tied embedding counts once, as the head), and `batch` embedding rows.
+
+    Works on a RuntimeModel and on an HF model alike; rotary tables and KV caches are not weights.
+    """
+    embed, groups = _weights(model)
+    total = 0
+    for module, tensors in groups:
         if hasattr(module, "packed_nbytes"):
             # A packed module knows its stored bytes (it may keep helper copies that one step never reads).
-            if not any(t.data_ptr() in seen for t in tensors):
-                total += int(module.packed_nbytes())
-            seen.update(t.data_ptr() for t in tensors)
-            continue
-        for t in tensors:
-            if t.data_ptr() in seen:
-                continue
-            seen.add(t.data_ptr())
-            if t.data_ptr() == embed.data_ptr() and not tied:
-                continue  # an untied embedding table is only looked up, added below
-            total += t.numel() * t.element_size()
-    total += batch * embed.shape[1] * embed.element_size()
-    return total
+            total += int(module.packed_nbytes())
+        else:
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total + batch * embed.shape[1] * embed.element_size()
 
 
 def peak_rss_bytes() -> int:
@@ -67,8 +72,10 @@ def _prompt(vocab_size: int, batch: int, prompt_tokens: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
 
 
-def bench_runtime(model, prompt_tokens: int, new_tokens: int, batch: int = 1, repeats: int = 3) -> dict:
-    """Median prefill tok/s, decode tok/s and time to first token of `generate` on a RuntimeModel."""
+def bench_runtime(model, prompt_tokens: int, new_tokens: int, batch: int = 1, repeats: int = 3,
+                  after_each=None) -> dict:
+    """Median prefill tok/s, decode tok/s and time to first token of `generate` on a RuntimeModel;
+    "decode_runs" lists each repeat's decode tok/s. `after_each()` runs after every timed repeat."""
     from peakllm.runtime.generate import generate
 
     prompt = _prompt(model.config.vocab_size, batch, prompt_tokens)
@@ -79,14 +86,17 @@ def bench_runtime(model, prompt_tokens: int, new_tokens: int, batch: int = 1, re
         timings: dict = {}
         generate(model, None, prompt, new_tokens, stop_at_eos=False, timings=timings)
         runs.append(timings)
+        if after_each is not None:
+            after_each()
     prefill_s = statistics.median(r["prefill_s"] for r in runs)
-    decode_s = statistics.median(r["decode_s"] / r["steps"] for r in runs)
-    return {"prefill_tok_s": batch * prompt_tokens / prefill_s, "decode_tok_s": batch / decode_s,
-            "ttft_s": prefill_s}
+    decode_runs = [batch * r["steps"] / r["decode_s"] for r in runs]
+    return {"prefill_tok_s": batch * prompt_tokens / prefill_s, "decode_tok_s": statistics.median(decode_runs),
+            "ttft_s": prefill_s, "decode_runs": decode_runs}
 
 
 @torch.inference_mode()
-def bench_hf(hf_model, prompt_tokens: int, new_tokens: int, batch: int = 1, repeats: int = 3) -> dict:
+def bench_hf(hf_model, prompt_tokens: int, new_tokens: int, batch: int = 1, repeats: int = 3,
+             after_each=None) -> dict:
     """The same figures for transformers' own `generate` (greedy, exactly new_tokens tokens).
 
     TTFT is a 1-token generate; decode tok/s = (new_tokens - 1) steps over the extra time of the full run.
@@ -101,47 +111,72 @@ def bench_hf(hf_model, prompt_tokens: int, new_tokens: int, batch: int = 1, repe
         return time.perf_counter() - t0
 
     run(min(new_tokens, 4))  # warm-up
-    first = [run(1) for _ in range(repeats)]
-    full = [run(new_tokens) for _ in range(repeats)]
-    ttft = statistics.median(first)
-    decode_s = max(statistics.median(full) - ttft, 1e-9) / (new_tokens - 1)
-    return {"prefill_tok_s": batch * prompt_tokens / ttft, "decode_tok_s": batch / decode_s, "ttft_s": ttft}
+    ttft = statistics.median(run(1) for _ in range(repeats))
+    decode_runs = []
+    for _ in range(repeats):
+        decode_runs.append(batch * (new_tokens - 1) / max(run(new_tokens) - ttft, 1e-9))
+        if after_each is not None:
+            after_each()
+    return {"prefill_tok_s": batch * prompt_tokens / ttft, "decode_tok_s": statistics.median(decode_runs),
+            "ttft_s": ttft, "decode_runs": decode_runs}
 
 
 def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 128, new_tokens: int = 64,
           batch: int = 1, repeats: int = 3, engine: str = "peakllm", bandwidth_bytes: int = 1 << 30) -> dict:
     """Benchmark `hf_model` through the lean runtime (engine='peakllm') or transformers ('transformers').
 
-    Returns prefill/decode tok/s, ttft_s, peak_rss_bytes (before the bandwidth probe allocates its
-    buffer), weight_bytes (read per decode step), bandwidth_gb_s and roofline_fraction =
-    decode steps/s * weight_bytes / bandwidth (steps/s = decode_tok_s / batch; equal when batch is 1).
+    Returns prefill/decode tok/s (medians), ttft_s, peak_rss_bytes (before any probe buffer is
+    allocated), weight_bytes (read per decode step), bandwidth_gb_s (median probe) and
+    roofline_fraction = median over repeats of decode steps/s * weight_bytes / that repeat's bandwidth
+    (steps/s = decode_tok_s / batch; equal when batch is 1).
     """
     if prompt_tokens < 1 or new_tokens < 2 or batch < 1 or repeats < 1:
         raise PeakError("need --prompt-tokens >= 1, --new-tokens >= 2, --batch >= 1 and --repeats >= 1")
     limit = getattr(hf_model.config, "max_position_embeddings", None)
     if limit and prompt_tokens + new_tokens > limit:
         raise PeakError(f"prompt + new tokens = {prompt_tokens + new_tokens} exceeds the model's {limit} positions")
+    # The machine may be shared: bandwidth is probed right after each timed repeat, by reading the very
+    # weight tensors a step streams (no extra memory), and each repeat is set against its own probe.
+    probes: list[float] = []
+    state: dict = {}
+
+    def probe() -> None:
+        if state["tensors"] is not None:
+            probes.append(read_tensors_gb_s(state["tensors"]))
+
     if engine == "transformers":
         model = hf_model.to(dtype)
-        speed = bench_hf(model, prompt_tokens, new_tokens, batch, repeats)
+        state["tensors"] = _probe_tensors(model)
+        speed = bench_hf(model, prompt_tokens, new_tokens, batch, repeats, after_each=probe)
     elif engine == "peakllm":
         from peakllm.runtime.model import RuntimeModel
 
         model = RuntimeModel.from_hf(hf_model, dtype, max_seq=prompt_tokens + new_tokens)
-        speed = bench_runtime(model, prompt_tokens, new_tokens, batch, repeats)
+        state["tensors"] = _probe_tensors(model)
+        speed = bench_runtime(model, prompt_tokens, new_tokens, batch, repeats, after_each=probe)
     else:
         raise PeakError(f"unknown engine '{engine}' (peakllm or transformers)")
     weight_bytes = weight_bytes_per_step(model, batch)
     rss = peak_rss_bytes()
-    bandwidth = read_bandwidth_gb_s(bandwidth_bytes)  # far larger than the caches, so it measures memory
+    decode_runs = speed.pop("decode_runs")
+    if not probes:  # weights that fit in the caches say nothing about memory: read a large buffer instead
+        probes = [read_bandwidth_gb_s(bandwidth_bytes)] * len(decode_runs)
+    fractions = [tok_s / batch * weight_bytes / (gb_s * 1e9) for tok_s, gb_s in zip(decode_runs, probes)]
     return {
         "engine": engine,
         "dtype": str(dtype).removeprefix("torch."),
         **speed,
         "peak_rss_bytes": rss,
         "weight_bytes": weight_bytes,
-        "bandwidth_gb_s": bandwidth,
-        "roofline_fraction": speed["decode_tok_s"] / batch * weight_bytes / (bandwidth * 1e9),
+        "bandwidth_gb_s": statistics.median(probes),
+        "roofline_fraction": statistics.median(fractions),
         "threads": torch.get_num_threads(),
         "batch": batch,
     }
+
+
+def _probe_tensors(model: nn.Module) -> list[torch.Tensor] | None:
+    """The model's weight tensors when they are large enough to stream from memory, else None."""
+    _embed, groups = _weights(model)
+    tensors = [t for _module, ts in groups for t in ts]
+    return tensors if sum(t.numel() * t.element_size() for t in tensors) >= PROBE_MIN_BYTES else None
