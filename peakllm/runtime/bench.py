@@ -2,8 +2,8 @@
 
 Decoding one token per sequence reads every weight once, so tokens/s can be no higher than
 bandwidth / bytes per step. `bench` times the lean runtime (or, for comparison, transformers'
-`model.generate`) and reports the fraction of that roofline it reaches, with the bandwidth measured
-in the same process a moment later (the machine is shared, so only same-run ratios mean much).
+`model.generate`) and reports the fraction of that roofline it reaches, with the bandwidth probed in
+the same process right after each timed repeat (the machine is shared, so only same-run ratios mean much).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ PROBE_MIN_BYTES = 128 << 20  # 4x a 32 MiB last-level cache: reading the weights
 
 
 def _weights(model: nn.Module):
-    """(embedding table, tied?, [(module, tensors)]) with each weight tensor listed once."""
+    """(embedding table, [(module, its weight tensors)]), each tensor listed once; an untied embedding
+    table is left out (a step reads only its looked-up rows)."""
     if hasattr(model, "embed") and isinstance(model.embed, torch.Tensor):
         embed = model.embed
         head = getattr(model.lm_head, "weight", None)
