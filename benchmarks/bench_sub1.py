@@ -73,7 +73,7 @@ def entropy(p0: float, pp: float) -> float:
 
 def stats(weights: dict, schemes: list[str], encode_every: int) -> None:
     print("| ternarisation | P(0) | P(+) | row P(0) min / median / max | mean zero run (geometric) | "
-          "P(run >= 20) (geometric) | H iid bits | 8-bit codes bits/param | 16-bit codes bits/param |")
+          "P(run >= 20) (geometric) | H iid bits | stored bits/param, 8-bit | stored bits/param, 16-bit |")
     print("|---|---|---|---|---|---|---|---|---|")
     names = sorted(weights)
     for how in schemes:
