@@ -66,7 +66,7 @@ def balanced_assign(sim: torch.Tensor, size: int) -> torch.Tensor:
 def balanced_kmeans(P: torch.Tensor, E: int, *, iters: int = 20, seed: int = 0) -> torch.Tensor:
     """Spherical k-means of the rows of P [n, d] into E clusters of exactly n/E rows; returns labels [n]."""
     n = P.shape[0]
-    P = F.normalize(P.float(), dim=1)
+    P = F.normalize(P.float(), dim=1).contiguous()  # contiguous: a transposed view makes P @ C.T 3x slower
     gen = torch.Generator().manual_seed(seed)
     C = P[torch.randperm(n, generator=gen)[:E]]
     labels = None
@@ -75,7 +75,7 @@ def balanced_kmeans(P: torch.Tensor, E: int, *, iters: int = 20, seed: int = 0) 
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
-        C = F.normalize(torch.zeros(E, P.shape[1]).index_add_(0, labels, P), dim=1)
+        C = F.normalize(F.one_hot(labels, E).T.float() @ P, dim=1)  # cluster sums; a matmul beats index_add_ here
     return labels
 
 
@@ -232,11 +232,15 @@ def build_moe(model, X, A, *, experts: int, top_k: int, seed: int = 0, router_hi
     from peakllm.models.moe import PeakMoeForCausalLM
 
     check_dense(model, experts, top_k)
+    from transformers.initialization import no_init_weights
+
     torch.manual_seed(seed)
-    moe = PeakMoeForCausalLM(moe_config(model.config, experts, top_k, router_hidden)).eval()
+    with no_init_weights():  # every parameter is overwritten below; random init of 100M+ weights costs seconds
+        moe = PeakMoeForCausalLM(moe_config(model.config, experts, top_k, router_hidden)).eval()
     dense_state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
     missing, unexpected = moe.load_state_dict(dense_state, strict=False)
-    if unexpected or any(".mlp." not in k for k in missing if k != "lm_head.weight"):
+    if unexpected or any(".mlp." not in k for k in missing if k != "lm_head.weight") or (
+            "lm_head.weight" in missing and not model.config.tie_word_embeddings):
         raise PeakError(f"the dense model's weights do not fit the MoE layout: {(unexpected or missing)[:3]}")
     moe.tie_weights()
 

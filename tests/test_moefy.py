@@ -230,3 +230,15 @@ def test_expert_shares_and_kept_share_against_loops():
     curve = kept_share_curve(S, scores)
     assert curve == pytest.approx([kept_share(S, scores, k) for k in range(1, 5)], rel=1e-6)
     assert curve[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_default_model_all_experts_equal_dense(default_model):
+    model, tokenizer = default_model
+    moe = moefy(model, tokenizer, experts=8, top_k=8, calib_samples=2, calib_seqlen=64, progress=False)
+    assert moe.model.layers[0].mlp.experts.gate_up_proj.shape == (8, 2 * 192, 576)
+    x = tokenizer("MoEfication splits a dense MLP into experts.", return_tensors="pt").input_ids
+    torch.testing.assert_close(moe(x).logits, model(x).logits, atol=1e-3, rtol=1e-4)
+    set_top_k(moe, 2)
+    assert not torch.allclose(moe(x).logits, model(x).logits, atol=1e-3)
