@@ -284,3 +284,21 @@ def test_container_round_trip(tmp_path):
     assert torch.equal(again.decode(), codes)
     assert torch.equal(again.dequantize(), packed.dequantize())
     assert bits_per_param({"x": packed}) > packed.bits_per_param  # the container adds its manifest entry
+
+
+def test_from_quantized_reproduces_the_solver_weights():
+    from peakllm.solvers.gptq import gptq
+    from peakllm.solvers.grids import Grid
+    from peakllm.solvers.rtn import rtn
+
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(24, 70, generator=g), torch.randn(200, 70, generator=g)
+    for grid in (Grid(kind="ternary", group_size=-1, sym=True), Grid(kind="ternary", group_size=16)):
+        q = rtn(W, grid)
+        assert torch.equal(PackedSub1.from_quantized(q).dequantize(), q.weight)
+    q, _ = gptq(W, X.T @ X, Grid(kind="ternary", group_size=-1), act_order=True)  # one group: order is moot
+    assert torch.equal(PackedSub1.from_quantized(q).dequantize(), q.weight)
+    q, _ = gptq(W, X.T @ X, Grid(kind="ternary", group_size=16), act_order=True)
+    assert not torch.equal(q.g_idx.long(), torch.arange(70) // 16)  # act-order groups are not contiguous
+    with pytest.raises(PeakError, match="act-order"):
+        PackedSub1.from_quantized(q)

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from peakllm.errors import PeakError
-from peakllm.formats.intk import MAX_DIM, check_version, fp16_params, meta_bool, meta_int, n_groups_of, take
+from peakllm.formats.intk import (
+    MAX_DIM, canonical_g_idx, check_version, fp16_params, meta_bool, meta_int, n_groups_of, take,
+)
 
 FORMAT_VERSION = 1
 SYM_BITS = (8, 16)
@@ -298,10 +300,10 @@ class PackedSub1:
         if not isinstance(grid, dict) or grid.get("kind") != "ternary":
             raise PeakError(f"sub1 packs ternary QuantizedWeights, got grid {grid!r}")
         group_size = grid.get("group_size")
-        if qw.g_idx is not None and group_size != -1:
-            gi = torch.arange(qw.codes.shape[1]) // group_size
-            if not torch.equal(qw.g_idx.long(), gi):
-                raise PeakError("sub1 has no g_idx: act-order groups cannot be stored")
+        _check_shape(*qw.codes.shape, group_size, kw.get("block_rows", DEFAULT_BLOCK_ROWS))
+        n_groups = n_groups_of(qw.codes.shape[1], group_size)
+        if canonical_g_idx(qw.g_idx, qw.codes.shape[1], group_size, n_groups) is not None:
+            raise PeakError("sub1 has no g_idx: act-order groups cannot be stored")
         return cls.encode(qw.codes, qw.params["scale_neg"], qw.params["scale_pos"], group_size, dictionary, **kw)
 
     # -- sizes
