@@ -22,7 +22,7 @@ D8 = Sub1Dictionary(8, 225, 128)
 D16 = Sub1Dictionary(16, 230, 128)
 RTOL = 1e-5
 
-pytestmark = pytest.mark.skipif(not K.available(), reason="no C++ compiler: the kernel cannot be built")
+needs_kernel = pytest.mark.skipif(not K.available(), reason="no C++ compiler: the kernel cannot be built")
 
 
 def random_packed(rows, cols, p_zero, group_size, sym, dictionary, seed, block_rows=16):
@@ -55,6 +55,7 @@ CASES = [  # rows, cols, p_zero, group_size
 ]
 
 
+@needs_kernel
 @pytest.mark.parametrize("dictionary", [D8, D16], ids=["8bit", "16bit"])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}x{c[1]}_p{c[2]}_g{c[3]}" for c in CASES])
@@ -67,6 +68,7 @@ def test_kernel_matches_dequantize_then_matmul(case, sym, dictionary):
         check(packed, torch.randn(batch, cols, generator=g), W, n_threads=2 if batch in (1, 9, 32) else 1)
 
 
+@needs_kernel
 def test_kernel_batches_beyond_32_and_leading_dims():
     packed = random_packed(48, 100, 0.85, 32, False, D8, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -77,6 +79,7 @@ def test_kernel_batches_beyond_32_and_leading_dims():
     assert K.sub1_matmul(torch.randn(0, 100), packed).shape == (0, 48)
 
 
+@needs_kernel
 def test_kernel_thread_counts_agree():
     packed = random_packed(256, 512, 0.9, -1, True, D16, seed=3)
     x = torch.randn(4, 512, generator=torch.Generator().manual_seed(4))
