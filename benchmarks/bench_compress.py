@@ -27,8 +27,9 @@ from peakllm.recipes import PruneRecipe, QuantRecipe
 from peakllm.save import packed_module
 from peakllm.solvers import Grid
 
-PRUNE_ROWS = [(m, s, p) for m in ("magnitude", "wanda", "sparsegpt")
-              for s, p in ((0.5, None), (0.6, None), (0.7, None), (0.5, (2, 4)), (0.5, (4, 8)))]
+# the rows that decide the headline claims first (50% and 2:4), then the rest
+PRUNE_ROWS = [(m, s, p) for s, p in ((0.5, None), (0.5, (2, 4)), (0.6, None), (0.5, (4, 8)), (0.7, None))
+              for m in ("sparsegpt", "wanda", "magnitude")]
 QUANT_ROWS = ([("rtn", b, g, False) for b in (3, 2) for g in (-1, 128, 64, 32)]
               + [("gptq", b, g, ao) for b in (3, 2) for g in (-1, 128, 64, 32) for ao in (False, True)]
               + [(m, b, g, False) for m in ("rtn", "gptq") for b in (8, 4) for g in (-1, 128, 32)])

@@ -254,6 +254,10 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
                     method.check(f"{prefix}.{li}.{name}.{part}.0", tuple(getattr(mod, part).shape[1:]))
     report = CalibrationReport(layers=len(layers), calib_tokens=int(segments.numel()))
     t_start = time.perf_counter()
+    if not set(method.stats) - {"tokens"}:  # e.g. magnitude, RTN: the data changes nothing, skip the passes
+        _compress_without_data(layers, prefix, moe, method, report, progress)
+        report.seconds["total"] = time.perf_counter() - t_start
+        return report
     acts, layer_kwargs = capture_inputs(model, segments, batch_size, offload_bytes)
     report.seconds["capture"] = time.perf_counter() - t_start
     kinds = set(method.stats)
@@ -263,8 +267,7 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
             linears = compressible_linears(layer, moe)
             experts = fused_experts(layer)
             if linears or experts:
-                needs_data = bool(kinds - {"tokens"})
-                if needs_data and sequential:
+                if sequential:
                     groups = _flow_groups(layer, linears, experts, acts[0], layer_kwargs[0][li])
                 else:
                     groups = [list(linears)] + [[f"@experts:{e}"] for e in experts]
@@ -272,19 +275,13 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
                     if group[0].startswith("@experts:"):
                         ename = group[0].split(":", 1)[1]
                         for part in PARTS:
-                            if needs_data:
-                                stats = collect_expert_stats(layer, experts[ename], part, acts, layer_kwargs, li, kinds,
-                                                             Stats, _StopLayer, report)
-                            else:
-                                stats = [{"tokens": 0}] * getattr(experts[ename], part).shape[0]
+                            stats = collect_expert_stats(layer, experts[ename], part, acts, layer_kwargs, li, kinds,
+                                                         Stats, _StopLayer, report)
                             compress_experts(f"{prefix}.{li}.{ename}", experts[ename], part, stats, method, li, report)
                         continue
                     group = [n for n in group if n in linears]
-                    if needs_data:
-                        stats = _collect(layer, {n: linears[n] for n in group}, acts, layer_kwargs, li, kinds, report,
-                                         stop_early=sequential)
-                    else:  # e.g. magnitude pruning, RTN: nothing to learn from the data
-                        stats = {n: {"tokens": report.calib_tokens} for n in group}
+                    stats = _collect(layer, {n: linears[n] for n in group}, acts, layer_kwargs, li, kinds, report,
+                                     stop_early=sequential)
                     for name in group:
                         t0 = time.perf_counter()
                         mod = linears[name]
@@ -372,3 +369,21 @@ def input_sqnorms(model, segments: torch.Tensor, *, batch_size: int = 8, progres
         for h in handles:
             h.remove()
     return {n: s.finish()["sqnorm"] for n, s in stats.items()}
+
+
+def _compress_without_data(layers, prefix: str, moe: bool, method, report: CalibrationReport, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    for li, layer in enumerate(tqdm(layers, desc=f"compressing ({method.name})", unit="layer", disable=not progress)):
+        t0 = time.perf_counter()
+        for name, mod in compressible_linears(layer, moe).items():
+            full = f"{prefix}.{li}.{name}"
+            result = method.compress(full, li, mod.weight.data, {"tokens": 0})
+            if result is not None:
+                mod.weight.data.copy_(result.weight.to(mod.weight.dtype))
+                report.modules[full] = result
+        report.seconds["solver"] += time.perf_counter() - t0
+        for name, experts in fused_experts(layer).items():
+            for part in PARTS:
+                E = getattr(experts, part).shape[0]
+                compress_experts(f"{prefix}.{li}.{name}", experts, part, [{"tokens": 0}] * E, method, li, report)

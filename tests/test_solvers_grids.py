@@ -101,7 +101,7 @@ def _ternary_brute(row, sym):
 
 @pytest.mark.parametrize("sym", [False, True])
 def test_ternary_fit_is_least_squares(sym):
-    grid = Grid(kind="ternary", sym=sym)
+    grid = Grid(kind="ternary", sym=sym, mse=True)
     W = _weights(rows=6, cols=11, seed=3)
     W[0] = W[0].abs() + 0.01  # all positive: the negative level is unused
     p = fit(W, grid)
@@ -148,3 +148,16 @@ def test_rtn_groups_partial_last_group(grid):
         for name in p:
             assert torch.equal(qw.params[name][:, k:k + 1], p[name])
         assert torch.equal(qw.weight[:, cols], dequantize(quantize(W[:, cols], p, grid), p, grid))
+
+
+def test_ternary_default_fit_is_qmoe_minmax():
+    """Default ternary fit: levels {-s, 0, s} with s = (max - min) / 2 per row (fp16), zero code for |w| <= s/2."""
+    torch.manual_seed(3)
+    W = torch.randn(6, 40)
+    grid = Grid(kind="ternary")
+    p = fit(W, grid)
+    s = ((W.max(1).values - W.min(1).values) / 2).half().float()[:, None]
+    assert torch.equal(p["scale_pos"], s) and torch.equal(p["scale_neg"], s)
+    codes = quantize(W, p, grid)
+    assert torch.equal(codes == 1, W.abs() <= s / 2)
+    assert (codes == 1).float().mean() > 0.5  # mostly zeros on Gaussian rows

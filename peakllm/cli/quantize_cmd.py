@@ -22,7 +22,9 @@ def register(sub) -> None:
     p.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at the middle)")
     p.add_argument("--act-order", action="store_true",
                    help="GPTQ: quantize columns in order of decreasing Hessian diagonal (helps at 2-3 bits)")
-    p.add_argument("--mse", action="store_true", help="search the clipping range that minimises squared error")
+    p.add_argument("--mse", action="store_true",
+                   help="affine grids: search the clipping range that minimises squared error; ternary: least-squares "
+                   "levels instead of QMoE's min-max grid (lower error, far fewer zeros, so no sub-1-bit storage)")
     p.add_argument("--dense-bits", choices=("2", "3", "4", "8", "keep"), default=None,
                    help="MoE models: grid of the non-expert matrices (attention, shared experts); 'keep' leaves them "
                    "as they are (default: the same as --bits; routers and embeddings always stay dense)")

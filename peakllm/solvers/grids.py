@@ -29,7 +29,8 @@ class Grid:
     kind "affine": ``w = scale * (q - zero)``, ``q`` in ``[0, 2^bits - 1]``; ``sym`` fixes ``zero = 2^(bits-1)``.
     kind "ternary": codes {0, 1, 2} mean {-scale_neg, 0, +scale_pos}; ``sym`` forces equal scales.
     ``bits`` is ignored for ternary and recorded as 2 (the width of its dense code layout).
-    ``mse`` searches shrunken clip ranges for the affine fit (ternary fits are least-squares already).
+    ``mse`` searches shrunken clip ranges for the affine fit; for ternary it selects the least-squares fit
+    instead of QMoE's min-max grid.
     """
 
     kind: str = "affine"
@@ -110,14 +111,22 @@ def fit(W_cols: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
 
     affine: min-max over each row with 0 inside the range (as GPTQ); with ``grid.mse`` the range is shrunk
     by factors 1, 0.99, ..., 0.21 and the one with the least squared error per row is kept.
-    ternary: the exact least-squares fit per row. Asymmetric: the positive and negative sides are
-    independent, each side's level is the mean of its top-k magnitudes for the best k. Symmetric: the same
-    on |w| with one shared level.
+    ternary (default, as QMoE): the 3-level min-max grid, levels {-s, 0, +s} with s = (max - min) / 2, so
+    weights within s/2 of zero (most of them) become 0 -- the sparsity the sub-1-bit code feeds on.
+    ternary with ``grid.mse``: the exact least-squares fit per row (lower error, far fewer zeros).
+    Asymmetric: the positive and negative sides are independent, each side's level is the mean of its
+    top-k magnitudes for the best k. Symmetric: the same on |w| with one shared level.
     """
     x = W_cols.detach()
     if x.dim() != 2 or x.shape[1] == 0:
         raise PeakError(f"fit needs a [rows, cols] block with cols >= 1, got shape {tuple(x.shape)}")
     if grid.kind == "ternary":
+        if not grid.mse:  # QMoE's fit: the 3-level min-max grid, whose middle level is 0
+            xmin = x.min(dim=1, keepdim=True).values.clamp(max=0)
+            xmax = x.max(dim=1, keepdim=True).values.clamp(min=0)
+            span = torch.where(xmax - xmin == 0, torch.ones_like(xmax), xmax - xmin)
+            s = _fp16(span / 2).clamp_min(_FP16.tiny)
+            return {"scale_neg": s, "scale_pos": s.clone()}
         if grid.sym:
             s = _fp16(_ternary_side(x.abs()))
             return {"scale_neg": s, "scale_pos": s.clone()}
