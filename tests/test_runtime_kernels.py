@@ -100,3 +100,31 @@ def test_read_bandwidth_is_positive():
     assert dense.read_bandwidth_gb_s(size_bytes=1 << 22, repeats=2) > 0.1
     tensors = [torch.randn(1000, 37), torch.randn(3).to(torch.bfloat16), torch.randn(70000)]  # odd byte sizes
     assert dense.read_tensors_gb_s(tensors) > 0.1
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])  # scalar fallback; AVX2 + FMA
+def test_portable_builds_agree(tmp_path, march):
+    """The non-native code paths of dense.cpp, built by hand, against F.linear and attention."""
+    import ctypes
+    import platform
+    import shutil
+    import subprocess
+
+    from peakllm.kernels.build import HERE
+
+    cxx = shutil.which("g++")
+    if cxx is None or platform.machine() != "x86_64":
+        pytest.skip("needs g++ on x86-64")
+    lib_path = tmp_path / f"dense_{march}.so"
+    flags = ["-O2", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    subprocess.run([cxx, *flags, str(HERE / "dense.cpp"), "-o", str(lib_path)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    g = torch.Generator().manual_seed(9)
+    for wd, ws in [(torch.float32, "f32"), (torch.bfloat16, "bf16")]:
+        fn = getattr(lib, f"dense_{ws}w_f32x")
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+        M, N, K = 3, 41, 83
+        W, x, bias = torch.randn(N, K, generator=g).to(wd), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+        y = torch.empty(M, N)
+        fn(x.data_ptr(), W.data_ptr(), bias.data_ptr(), y.data_ptr(), M, N, K, 2)
+        torch.testing.assert_close(y, F.linear(x, W.float(), bias), rtol=1e-5, atol=1e-5)
