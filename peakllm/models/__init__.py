@@ -23,7 +23,7 @@ DEFAULT_NAME = "smollm2-135m-instruct"
 # Architectures whose decoder layers the calibration pipeline and runtime know how to walk.
 SUPPORTED_ARCHITECTURES = {
     "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "opt",
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "peakllm_moe",
 }
 
 
@@ -121,6 +121,8 @@ def load_model(spec: str = "default", *, dtype=None, packed: str = "kernel"):
     """
     import torch
     import transformers
+
+    import peakllm.models.moe  # noqa: F401 - registers model_type "peakllm_moe" (moefied models) with Auto*
 
     transformers.utils.logging.disable_progress_bar()  # our own bars only; theirs flood stderr
     dtype = dtype or torch.float32
