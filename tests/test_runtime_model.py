@@ -182,3 +182,26 @@ def test_without_compiled_kernels_the_torch_path_serves(monkeypatch):
     assert rt._layer_calls == [None, None]
     steps = [rt(ids[:, :3], 0)] + [rt(ids[:, t:t + 1], t) for t in range(3, 8)]
     torch.testing.assert_close(torch.cat(steps, 1), _hf_logits(hf, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_intk_modules_run_in_the_runtime(dtype):
+    from peakllm.runtime.linear import IntKLinear
+
+    hf = _tiny("llama")
+    g = torch.Generator().manual_seed(10)
+    for layer in hf.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out_f, in_f = getattr(layer.mlp, name).weight.shape
+            groups = (in_f + 31) // 32
+            setattr(layer.mlp, name, IntKLinear(
+                in_f, out_f, 4, 32, torch.randint(0, 256, (out_f, (in_f * 4 + 7) // 8), generator=g, dtype=torch.uint8),
+                (torch.rand(out_f, groups, generator=g) * 0.05).half(),
+                torch.randint(0, 16, (out_f, groups), generator=g, dtype=torch.uint8)))
+    ids = torch.randint(1, 300, (2, 10), generator=g)
+    ref = _hf_logits(hf, ids)
+    rt = RuntimeModel.from_hf(hf, dtype)
+    rt.setup_cache(2, 16)
+    out = torch.cat([rt(ids[:, :4], 0)] + [rt(ids[:, t:t + 1], t) for t in range(4, 10)], 1).float()
+    tol = 1e-4 if dtype == torch.float32 else 0.03 * ref.abs().max().item()  # bf16: rounding of activations
+    assert (out - ref).abs().max().item() <= tol
