@@ -67,7 +67,8 @@ def _build(name: str) -> Path:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++)")
-    key = hashlib.sha256(src.read_bytes() + " ".join([cxx, *CXX_FLAGS, _cpu_tag()]).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))  # a header change must rebuild too
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join([cxx, *CXX_FLAGS, _cpu_tag()]).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "kernels" / key
     lib_path = out_dir / f"lib{name}.so"
     if lib_path.exists():
@@ -76,7 +77,7 @@ def _build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *CXX_FLAGS, str(src), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *CXX_FLAGS, f"-I{HERE}", str(src), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[:2000]}")
         os.replace(tmp, lib_path)
