@@ -19,7 +19,7 @@ from peakllm.errors import PeakError
 from peakllm.kernels import dense
 from peakllm.kernels.dense import dense_linear
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "peakllm_moe")
 DEFAULT_MAX_SEQ = 2048
 
 
@@ -119,8 +119,12 @@ class Block(nn.Module):
     def __init__(self, hf_layer: nn.Module, cfg: dict, dtype: torch.dtype):
         super().__init__()
         self.attn = Attention(hf_layer.self_attn, cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"], dtype)
-        self.mlp = MLP(hf_layer.mlp, dtype)
-        self.fused_act = isinstance(self.mlp.act_fn, nn.SiLU) or type(self.mlp.act_fn).__name__ == "SiLUActivation"
+        if hasattr(hf_layer.mlp, "gate_proj"):
+            self.mlp = MLP(hf_layer.mlp, dtype)
+            self.fused_act = isinstance(self.mlp.act_fn, nn.SiLU) or type(self.mlp.act_fn).__name__ == "SiLUActivation"
+        else:  # e.g. a mixture-of-experts block (dense or with packed experts): run the model's own module
+            self.mlp = hf_layer.mlp.to(dtype)
+            self.fused_act = False
         w1, self.eps = _norm_params(hf_layer.input_layernorm, dtype)
         w2, _ = _norm_params(hf_layer.post_attention_layernorm, dtype)
         self.register_buffer("attn_norm", w1, persistent=False)
@@ -131,8 +135,10 @@ class Block(nn.Module):
         """The C description of this layer for the whole-layer decode kernel, or None if it has a
         non-dense linear (a packed module runs through its own forward instead)."""
         a, m = self.attn, self.mlp
+        if not self.fused_act:
+            return None
         linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-        if not self.fused_act or not all(type(lin) is DenseLinear for lin in linears):
+        if not all(type(lin) is DenseLinear for lin in linears):
             return None
         if len({lin.weight.dtype for lin in linears}) != 1:
             return None
