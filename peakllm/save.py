@@ -36,7 +36,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def packed_module(result, fmt: str = "peakllm"):
+def packed_module(result, fmt: str = "peakllm", dictionary=None):
     """The packed form of one compressed matrix (a ModuleResult from recipes.py). In the `sub1` format
     ternary matrices use the sub-1-bit dictionary code; elsewhere they use the dense 2-bit layout."""
     from peakllm.formats.intk import PackedIntK, PackedTernary
@@ -51,7 +51,7 @@ def packed_module(result, fmt: str = "peakllm"):
     if result.quant is not None:
         if result.quant.grid["kind"] == "ternary":
             if fmt == "sub1":
-                return PackedSub1.from_quantized(result.quant)
+                return PackedSub1.from_quantized(result.quant, dictionary)
             return PackedTernary.from_quantized(result.quant)
         return PackedIntK.from_quantized(result.quant)
     raise PeakError("a compressed module has neither a mask nor codes to pack")
@@ -94,7 +94,14 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
             shutil.rmtree(tmp, ignore_errors=True)
         return {"size_bytes": folder_bytes(out), "bits_per_param": None}
 
-    packed = {name: packed_module(r, fmt) for name, r in modules.items()}
+    dictionary = None
+    if fmt == "sub1":  # one dictionary fitted to all ternary codes of the model (it is stored as 3 integers)
+        from peakllm.formats.sub1 import Sub1Dictionary
+
+        codes = [r.quant.codes for r in modules.values() if r.quant is not None and r.quant.grid["kind"] == "ternary"]
+        if codes:
+            dictionary = Sub1Dictionary.fit(codes, 16)
+    packed = {name: packed_module(r, fmt, dictionary) for name, r in modules.items()}
     dense = dense_state(model, set(packed))
 
     def extra(tmp_dir):
