@@ -38,14 +38,16 @@ def test_cli_writes_loadable_folder(tmp_path, tiny_model_dir, text_file, capsys)
 
 
 def test_output_loads_with_load_model(tmp_path, tiny_model_dir, text_file):
-    from peakllm.models import SUPPORTED_ARCHITECTURES, load_model
+    from peakllm.models import load_model
+    from peakllm.models.moe import PeakMoeForCausalLM
 
-    if "peakllm_moe" not in SUPPORTED_ARCHITECTURES:
-        pytest.skip("peakllm.models does not list 'peakllm_moe' yet (needs the registering import in models/__init__)")
     out = tmp_path / "moe"
     assert main(moefy_args(tiny_model_dir, text_file, out, "--json")) == 0
-    model, _tok = load_model(str(out))
-    assert model.config.model_type == "peakllm_moe"
+    model, tokenizer = load_model(str(out))
+    assert isinstance(model, PeakMoeForCausalLM) and model.config.num_experts == 4
+    ids = tokenizer("Sphinx of black quartz", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
 
 
 @pytest.mark.parametrize("experts,top_k,extra", [("3", "1", []), ("4", "5", []), ("4", "0", []),
