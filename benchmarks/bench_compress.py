@@ -49,6 +49,7 @@ def bits_per_param(modules) -> float | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=("prune", "quantize", "scaling"), required=True)
+    ap.add_argument("--table-from", metavar="LOG", help="only print the table of the rows already in LOG")
     ap.add_argument("--model", default="default")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
@@ -57,6 +58,10 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="comma-separated row indices to run")
     ap.add_argument("--log", default=None, help="append JSON lines here")
     args = ap.parse_args()
+    if args.table_from:
+        rows = [json.loads(line) for line in open(args.table_from) if line.strip()]
+        print(markdown([r for r in rows if r.get("command") == f"bench-{args.suite}"], args.suite))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)

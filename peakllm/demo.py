@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
             "--max-new-tokens", "24")
     elif which == "qmoe":
         moe, qmoe = out / "moe", out / "qmoe-sub1"
-        run("moefy", "--experts", "8", "--top-k", "4", "--calib-samples", "16", "--eval-tokens", EVAL_TOKENS,
+        run("moefy", "--experts", "16", "--top-k", "12", "--calib-samples", "16", "--eval-tokens", EVAL_TOKENS,
             "--output", str(moe), "--log", str(log))
         run("quantize", "--model", str(moe), "--method", "gptq", "--bits", "ternary", "--group-size", "-1",
             "--format", "sub1", "--dense-bits", "4", "--calib-samples", "64", "--eval-tokens", EVAL_TOKENS,
