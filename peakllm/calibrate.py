@@ -255,6 +255,7 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
     report = CalibrationReport(layers=len(layers), calib_tokens=int(segments.numel()))
     t_start = time.perf_counter()
     if not set(method.stats) - {"tokens"}:  # e.g. magnitude, RTN: the data changes nothing, skip the passes
+        report.calib_tokens = 0
         _compress_without_data(layers, prefix, moe, method, report, progress)
         report.seconds["total"] = time.perf_counter() - t_start
         return report
