@@ -69,16 +69,21 @@ def _plot_sparsity(records, ax) -> bool:
     pts = [r for r in records if "ppl" in r and "method" in r and ("sparsity" in r or "pattern" in r)]
     if not pts:
         return False
-    by_method = defaultdict(list)
+    by_method, patterns = defaultdict(list), []
     for r in pts:
         if r.get("pattern"):
-            ax.scatter([r.get("sparsity", 0.5)], [r["ppl"]], marker="x")
-            ax.annotate(f"{r['method']} {r['pattern']}", (r.get("sparsity", 0.5), r["ppl"]), fontsize=7)
+            patterns.append(r)
         else:
             by_method[r["method"]].append((r.get("sparsity_target", r["sparsity"]), r["ppl"]))
+    colors = {}
     for method, xy in sorted(by_method.items()):
         xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=method)
+        line, = ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=method)
+        colors[method] = line.get_color()
+    for r in patterns:  # N:M points in their method's colour
+        xy = (r.get("sparsity", 0.5), r["ppl"])
+        ax.scatter([xy[0]], [xy[1]], marker="x", color=colors.get(r["method"]))
+        ax.annotate(f"{r['method']} {r['pattern']}", xy, fontsize=7)
     dense = [r["dense_ppl"] for r in pts if r.get("dense_ppl")]
     if dense:
         ax.axhline(dense[0], color="gray", linestyle="--", label="dense")
