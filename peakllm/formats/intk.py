@@ -120,8 +120,21 @@ def _check_dims(out_features: int, in_features: int, group_size: int) -> None:
 
 # ---- int-k ------------------------------------------------------------------------------------
 
+class PackedSize:
+    """Sizes every packed matrix kind reports the same way (mixed into the dataclasses below and in
+    sparse.py / sub1.py): parameters of the original matrix, and bytes of everything stored for it."""
+
+    @property
+    def num_params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+
 @dataclass
-class PackedIntK:
+class PackedIntK(PackedSize):
     kind: ClassVar[str] = "intk"
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -168,14 +181,6 @@ class PackedIntK:
     @property
     def n_groups(self) -> int:
         return n_groups_of(self.in_features, self.group_size)
-
-    @property
-    def num_params(self) -> int:
-        return self.out_features * self.in_features
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def codes(self) -> torch.Tensor:
         return unpack_bits(self.qweight, self.bits, self.in_features)
@@ -242,7 +247,7 @@ class PackedIntK:
 # ---- ternary (dense layout) -------------------------------------------------------------------
 
 @dataclass
-class PackedTernary:
+class PackedTernary(PackedSize):
     kind: ClassVar[str] = "ternary"
     qweight: torch.Tensor
     scale_neg: torch.Tensor
@@ -277,14 +282,6 @@ class PackedTernary:
     @property
     def n_groups(self) -> int:
         return n_groups_of(self.in_features, self.group_size)
-
-    @property
-    def num_params(self) -> int:
-        return self.out_features * self.in_features
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def codes(self) -> torch.Tensor:
         return unpack_bits(self.qweight, 2, self.in_features)

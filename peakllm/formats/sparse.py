@@ -19,7 +19,7 @@ from peakllm.errors import PeakError
 from peakllm.formats.bitpack import pack_bits, packed_row_bytes, padding_is_zero, unpack_bits
 from peakllm.formats.intk import (
     FORMAT_VERSION, INTK_BITS, MAX_DIM, canonical_g_idx, check_tensor, check_version, fp16_params, meta_bool,
-    meta_int, n_groups_of, take,
+    meta_int, n_groups_of, take, PackedSize,
 )
 
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -133,7 +133,7 @@ def unpack_ragged(stream: torch.Tensor, counts: torch.Tensor, bits: int) -> torc
 # ---- bitmask ----------------------------------------------------------------------------------
 
 @dataclass
-class PackedBitmask:
+class PackedBitmask(PackedSize):
     kind: ClassVar[str] = "bitmask"
     mask: torch.Tensor
     row_offsets: torch.Tensor
@@ -163,14 +163,6 @@ class PackedBitmask:
                          group_size=group_size, sym=sym, **fields)
         packed.validate()
         return packed
-
-    @property
-    def num_params(self) -> int:
-        return self.out_features * self.in_features
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def dense_mask(self) -> torch.Tensor:
         return unpack_bits(self.mask, 1, self.in_features).bool()
@@ -245,7 +237,7 @@ def index_bits(m: int) -> int:
 
 
 @dataclass
-class PackedNM:
+class PackedNM(PackedSize):
     kind: ClassVar[str] = "nm"
     indices: torch.Tensor
     n: int
@@ -291,14 +283,6 @@ class PackedNM:
                          bits=bits, group_size=group_size, sym=sym, **fields)
         packed.validate()
         return packed
-
-    @property
-    def num_params(self) -> int:
-        return self.out_features * self.in_features
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def columns(self) -> torch.Tensor:
         """Original column of every kept value, int64 [out, kept]."""

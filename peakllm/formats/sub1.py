@@ -27,7 +27,7 @@ import torch
 
 from peakllm.errors import PeakError
 from peakllm.formats.intk import (
-    MAX_DIM, canonical_g_idx, check_version, fp16_params, meta_bool, meta_int, n_groups_of, take,
+    MAX_DIM, PackedSize, canonical_g_idx, check_version, fp16_params, meta_bool, meta_int, n_groups_of, take,
 )
 
 FORMAT_VERSION = 1
@@ -236,7 +236,7 @@ def parse(symbols: np.ndarray, block_offsets: np.ndarray, out_features: int, in_
 # ---- the packed module -------------------------------------------------------------------------
 
 @dataclass
-class PackedSub1:
+class PackedSub1(PackedSize):
     kind: ClassVar[str] = "sub1"
     stream: torch.Tensor
     block_offsets: torch.Tensor
@@ -315,14 +315,6 @@ class PackedSub1:
     @property
     def n_symbols(self) -> int:
         return self.stream.numel() * 8 // self.dictionary.sym_bits
-
-    @property
-    def num_params(self) -> int:
-        return self.out_features * self.in_features
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     @property
     def bits_per_param(self) -> float:
