@@ -16,8 +16,11 @@ def register(sub) -> None:
 
 
 def _is_packed(mod) -> bool:
-    return hasattr(mod, "in_features") and hasattr(mod, "out_features") and not isinstance(mod, __import__("torch").nn.Linear) \
-        and any(True for _ in mod.buffers(recurse=False))
+    """A runtime module holding packed weights: linear-shaped, not nn.Linear, with buffers of its own."""
+    import torch.nn as nn
+
+    return (hasattr(mod, "in_features") and hasattr(mod, "out_features") and not isinstance(mod, nn.Linear)
+            and any(True for _ in mod.buffers(recurse=False)))
 
 
 def _stored_bytes(mod) -> int:
