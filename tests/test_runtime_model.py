@@ -49,7 +49,7 @@ def _hf_logits(hf, ids):
         return hf(ids).logits.float()
 
 
-# "layer": one C call per dense layer; "ops": fused ops per module; "torch": the plain torch path.
+# "layer": the whole-step engine (one C call per token); "ops": fused ops per module; "torch": plain torch.
 @pytest.mark.parametrize("path", ["layer", "ops", "torch"])
 @pytest.mark.parametrize("kind,overrides", CASES)
 def test_prefill_and_decode_match_hf_fp32(kind, overrides, path):
@@ -57,7 +57,7 @@ def test_prefill_and_decode_match_hf_fp32(kind, overrides, path):
     ids = torch.randint(1, 300, (2, 19), generator=torch.Generator().manual_seed(5))
     ref = _hf_logits(hf, ids)
     rt = RuntimeModel.from_hf(hf, torch.float32)
-    rt.use_fused, rt.use_layer_kernel = path != "torch", path == "layer"
+    rt.use_fused, rt.use_step_engine = path != "torch", path == "layer"
     rt.setup_cache(2, 32)
     torch.testing.assert_close(rt(ids, 0), ref, rtol=1e-4, atol=1e-4)
 
@@ -77,7 +77,7 @@ def test_bf16_runtime_tracks_hf_bf16(kind, layer_kernel):
     ids = torch.randint(1, 300, (1, 12), generator=torch.Generator().manual_seed(6))
     ref = _hf_logits(hf, ids)
     rt = RuntimeModel.from_hf(hf, torch.bfloat16)
-    rt.use_layer_kernel = layer_kernel
+    rt.use_step_engine = layer_kernel
     rt.setup_cache(1, 16)
     steps = [rt(ids[:, :3], 0)] + [rt(ids[:, t:t + 1], t) for t in range(3, 12)]
     out = torch.cat(steps, 1).float()
@@ -122,7 +122,7 @@ def test_non_linear_modules_drop_in(fused):
     rt.use_fused = fused
     assert rt.layers[0].mlp.down_proj is hf.model.layers[0].mlp.down_proj
     rt.setup_cache(1, 16)
-    assert rt._layer_calls[0] is None and rt._layer_calls[1] is not None
+    assert rt._step is None  # a module the engine cannot describe: the op-by-op path runs every layer
     rt.setup_cache(1, 16)
     steps = [rt(ids[:, :5], 0)] + [rt(ids[:, t:t + 1], t) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=1e-4, atol=1e-4)
@@ -174,12 +174,15 @@ def test_default_model_logits_match_hf(default_model):
 def test_without_compiled_kernels_the_torch_path_serves(monkeypatch):
     from peakllm.kernels import dense
 
+    from peakllm.kernels import decode
+
     monkeypatch.setattr(dense, "_fns", {})  # as if g++ were missing: every kernel falls back to torch
+    monkeypatch.setattr(decode, "_fns", {})
     hf = _tiny("qwen3")
     ids = torch.randint(1, 300, (1, 8), generator=torch.Generator().manual_seed(8))
     rt = RuntimeModel.from_hf(hf)
     rt.setup_cache(1, 8)
-    assert rt._layer_calls == [None, None]
+    assert rt._step is None
     steps = [rt(ids[:, :3], 0)] + [rt(ids[:, t:t + 1], t) for t in range(3, 8)]
     torch.testing.assert_close(torch.cat(steps, 1), _hf_logits(hf, ids), rtol=1e-4, atol=1e-4)
 

@@ -43,6 +43,7 @@ static inline float bf16_to_f32(uint16_t h) {
 static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
     uint32_t u;
     std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // keep NaN a NaN
     u += 0x7fff + ((u >> 16) & 1);
     return (uint16_t)(u >> 16);
 }

@@ -47,12 +47,6 @@ def _kernels() -> dict:
                 for fn in (norm, act, attn):
                     fn.restype = None
                 _fns[("add_rmsnorm", xd)], _fns[("silu_mul", xd)], _fns[("attn_decode", xd)] = norm, act, attn
-            for wd, ws in _SUFFIX.items():
-                for xd, xs in _SUFFIX.items():
-                    layer = getattr(lib, f"decode_layer_{ws}w_{xs}x")
-                    layer.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-                    layer.restype = None
-                    _fns[("decode_layer", wd, xd)] = layer
             rb = lib.read_buffers
             rb.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
             rb.restype = ctypes.c_ulonglong
@@ -150,23 +144,6 @@ def attn_decode(q, k, v, q_norm, k_norm, eps: float, cos, sin_signed, k_cache, v
         sin_signed.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
         B, n_heads, KV, D, S, pos, scale, torch.get_num_threads())
     return out
-
-
-class LayerDesc(ctypes.Structure):
-    """Pointers and sizes of one dense decoder layer, for `decode_layer` (mirrors the C struct)."""
-
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")]
-                + [(n, ctypes.c_void_p) for n in ("bq", "bk", "bv", "bo", "bg", "bu", "bd")]
-                + [(n, ctypes.c_void_p) for n in ("mlp_norm", "next_norm", "qn", "kn", "kc", "vc")]
-                + [(n, ctypes.c_int) for n in ("dim", "n_heads", "n_kv", "head_dim", "inter", "max_seq")]
-                + [(n, ctypes.c_float) for n in ("eps", "next_eps", "qk_eps", "scale")])
-
-
-def decode_layer_fn(weight_dtype: torch.dtype, x_dtype: torch.dtype):
-    """The whole-layer decode kernel for these dtypes, or None. Called as
-    fn(byref(desc), x_ptr, h_ptr, B, pos, cos_ptr, sin_signed_ptr, threads): x is the residual stream
-    [B, dim] (updated in place), h holds attn_norm(x) on entry and next_norm(x) on return."""
-    return _kernels().get(("decode_layer", weight_dtype, x_dtype))
 
 
 def read_tensors_gb_s(tensors: list[torch.Tensor]) -> float:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peakllm.errors import PeakError
-from peakllm.kernels import ops
+from peakllm.kernels import decode, ops
 
 PREFILL_ROWS = 32  # rows of x above which dequantize + torch GEMM is used instead of the kernels
 
@@ -147,6 +147,11 @@ class IntKLinear(_PackedLinear):
 
     def _bind(self):
         return ops.bind_intk(self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm)
+
+    def decode_lin(self, keep: list):
+        """This layer as a descriptor of the whole-step decode engine (kernels/decode.py)."""
+        return decode.intk_lin(self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm,
+                               self.bias, self.in_features, self.out_features, keep)
 
     def _dense_for_prefill(self, dtype):
         W = ops.intk_dequantize(self._codes(), self.scales, self.zeros, self.bits, self.group_starts,

@@ -5,18 +5,20 @@ from a precomputed table, RMSNorm, grouped-query attention, and one `forward(tok
 both prefill and decode. The linear layers are the HF model's own modules, so packed modules
 (`peakllm.runtime.linear`) drop in unchanged; a plain dense `nn.Linear` becomes a `DenseLinear`,
 which on the decode path runs the compiled streaming matvec of `peakllm.kernels.dense`.
+
+Decoding one token runs, when every layer can be described to it (dense fp32/bf16 or int-k linears,
+SiLU-gated MLP), the whole-step engine of `peakllm.kernels.decode`: one C call for all layers and the
+lm_head. Otherwise (other packed kinds, MoE blocks) each module runs on its own, op by op.
 """
 
 from __future__ import annotations
-
-import ctypes
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peakllm.errors import PeakError
-from peakllm.kernels import dense
+from peakllm.kernels import decode, dense
 from peakllm.kernels.dense import dense_linear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "peakllm_moe")
@@ -34,6 +36,9 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_linear(x, self.weight, self.bias)
+
+    def decode_lin(self, keep: list):
+        return decode.dense_lin(self.weight, self.bias, keep)
 
 
 def _linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -131,27 +136,24 @@ class Block(nn.Module):
         self.register_buffer("mlp_norm", w2, persistent=False)
         self.dim = w1.shape[0]
 
-    def layer_desc(self, k_cache, v_cache, next_norm, next_eps):
-        """The C description of this layer for the whole-layer decode kernel, or None if it has a
-        non-dense linear (a packed module runs through its own forward instead)."""
+    def decode_layer(self, k_cache, v_cache, next_norm, next_eps, keep: list):
+        """This layer as the decode engine's C description, or None when one of its parts is something
+        the engine cannot run (then the op-by-op path runs the whole model)."""
         a, m = self.attn, self.mlp
         if not self.fused_act:
             return None
-        linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-        if not all(type(lin) is DenseLinear for lin in linears):
-            return None
-        if len({lin.weight.dtype for lin in linears}) != 1:
-            return None
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        desc = dense.LayerDesc(
-            *[ptr(lin.weight) for lin in linears], *[ptr(lin.bias) for lin in linears],
-            ptr(self.mlp_norm), ptr(next_norm), ptr(getattr(a, "q_norm_weight", None)),
-            ptr(getattr(a, "k_norm_weight", None)), ptr(k_cache), ptr(v_cache),
-            self.dim, a.n_heads, a.n_kv_heads, a.head_dim, m.down_proj.in_features, k_cache.shape[2],
-            self.eps, next_eps, getattr(a, "qk_eps", 0.0), a.scaling,
-        )
-        self._desc_refs = (k_cache, v_cache, next_norm)  # the pointers above must stay valid
-        return desc, linears[0].weight.dtype
+        lins = []
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            made = lin.decode_lin(keep) if hasattr(lin, "decode_lin") else None
+            if made is None:
+                return None
+            lins.append(made)
+        qn, kn = getattr(a, "q_norm_weight", None), getattr(a, "k_norm_weight", None)
+        keep.extend(t for t in (self.mlp_norm, next_norm, qn, kn, k_cache, v_cache) if t is not None)
+        p = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        return decode.Layer(*lins, p(self.mlp_norm), p(next_norm), p(qn), p(kn), p(k_cache), p(v_cache),
+                            self.dim, a.n_heads, a.n_kv_heads, a.head_dim, m.down_proj.in_features,
+                            k_cache.shape[2], self.eps, next_eps, getattr(a, "qk_eps", 0.0), a.scaling)
 
     def forward(self, x, cos, sin_signed, k_cache, v_cache, start_pos, mask):
         h = x + self.attn(F.rms_norm(x, (self.dim,), self.attn_norm, self.eps), cos, sin_signed,
@@ -197,8 +199,8 @@ class RuntimeModel(nn.Module):
         self.batch = 0
         self.k_cache = self.v_cache = None
         self.use_fused = True  # False forces the plain torch path (tests compare the two)
-        self.use_layer_kernel = True  # False: fused ops per module even for all-dense layers
-        self._layer_calls: list = []
+        self.use_step_engine = True  # False: the op-by-op decode path (tests compare the two)
+        self._step = None
 
     @classmethod
     @torch.inference_mode()
@@ -230,14 +232,24 @@ class RuntimeModel(nn.Module):
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
         self.batch = batch
-        self._layer_calls = []
+        self._step = self._build_step(batch)
+
+    def _build_step(self, batch: int):
+        """The decode engine's description of the model, or None if a layer needs the op-by-op path."""
+        if not decode.available(self.dtype):
+            return None
+        keep: list = []
+        layers = []
         for i, layer in enumerate(self.layers):
             last = i + 1 == len(self.layers)
             nxt_w, nxt_eps = (self.norm_weight, self.norm_eps) if last else (self.layers[i + 1].attn_norm,
                                                                               self.layers[i + 1].eps)
-            made = layer.layer_desc(self.k_cache[i], self.v_cache[i], nxt_w, nxt_eps)
-            fn = None if made is None else dense.decode_layer_fn(made[1], self.dtype)
-            self._layer_calls.append(None if fn is None else (fn, ctypes.byref(made[0]), made[0]))
+            made = layer.decode_layer(self.k_cache[i], self.v_cache[i], nxt_w, nxt_eps, keep)
+            if made is None:
+                return None
+            layers.append(made)
+        head = self.lm_head.decode_lin(keep) if hasattr(self.lm_head, "decode_lin") else None
+        return decode.Step(layers, head, self.dtype, batch, keep)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
@@ -263,13 +275,10 @@ class RuntimeModel(nn.Module):
         cos, sin_signed = self.cos[pos, 0], self.sin_signed[pos, 0]
         first = self.layers[0]
         h = dense.add_rmsnorm(x, None, first.attn_norm, first.eps)
-        threads = torch.get_num_threads()
-        cos_p, sin_p = cos.data_ptr(), sin_signed.data_ptr()
+        if self._step is not None and self.use_step_engine:  # every layer (and the lm_head) in one C call
+            logits = self._step.run(x, h, pos, cos, sin_signed, torch.get_num_threads())
+            return self.lm_head(h) if logits is None else logits
         for i, layer in enumerate(self.layers):
-            call = self._layer_calls[i] if self.use_layer_kernel else None
-            if call is not None:  # all-dense layer: one C call, h becomes the next layer's input
-                call[0](call[1], x.data_ptr(), h.data_ptr(), x.shape[0], pos, cos_p, sin_p, threads)
-                continue
             attn = layer.attn.decode(h, cos, sin_signed, self.k_cache[i], self.v_cache[i], pos)
             h = dense.add_rmsnorm(x, attn.view_as(x), layer.mlp_norm, layer.eps)
             if layer.fused_act:

@@ -1,0 +1,132 @@
+"""The whole-step decode engine (decode.cpp): one C call per token for every layer and the lm_head.
+
+The runtime describes each linear layer as a `Lin` (dense fp32/bf16 weights or group-wise int-k codes)
+and each decoder layer as a `Layer`; `Step` holds the C arrays, keeps every tensor they point to alive,
+and runs a step. Layers the engine cannot describe (other packed kinds, mixture-of-experts blocks,
+other activations) make the runtime use its op-by-op path instead, which computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from peakllm.kernels.build import load_library
+
+LIN_F32, LIN_BF16, LIN_INTK = 0, 1, 2
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+class Lin(ctypes.Structure):
+    """One linear layer (mirrors the C struct)."""
+
+    _fields_ = ([(n, ctypes.c_int) for n in ("kind", "in_features", "out_features", "bits", "n_groups")]
+                + [(n, ctypes.c_void_p) for n in ("w", "bias", "scales", "zeros", "gstart", "perm")])
+
+
+class Layer(ctypes.Structure):
+    """One decoder layer (mirrors the C struct)."""
+
+    _fields_ = ([(n, Lin) for n in ("q", "k", "v", "o", "g", "u", "d")]
+                + [(n, ctypes.c_void_p) for n in ("mlp_norm", "next_norm", "qn", "kn", "kc", "vc")]
+                + [(n, ctypes.c_int) for n in ("dim", "n_heads", "n_kv", "head_dim", "inter", "max_seq")]
+                + [(n, ctypes.c_float) for n in ("eps", "next_eps", "qk_eps", "scale")])
+
+
+_fns: dict | None = None
+
+
+def _kernels() -> dict:
+    global _fns
+    if _fns is None:
+        _fns = {}
+        lib = load_library("decode")
+        if lib is not None:
+            for dtype, s in _SUFFIX.items():
+                fn = getattr(lib, f"decode_step_{s}")
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_void_p] * 3 + [
+                    ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+                fn.restype = None
+                _fns[dtype] = fn
+            size = lib.decode_scratch_size
+            size.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            size.restype = ctypes.c_ulong
+            _fns["scratch_size"] = size
+            apply = lib.lin_apply_f32
+            apply.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
+            apply.restype = None
+            _fns["lin_apply_f32"] = apply
+    return _fns
+
+
+def available(dtype: torch.dtype) -> bool:
+    return dtype in _kernels()
+
+
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _bias(bias: torch.Tensor | None, keep: list) -> int | None:
+    if bias is None:
+        return None
+    b = bias.detach().float().contiguous()
+    keep.append(b)
+    return b.data_ptr()
+
+
+def dense_lin(weight: torch.Tensor, bias: torch.Tensor | None, keep: list) -> Lin | None:
+    """A dense layer (fp32 or bf16 weight [out, in], contiguous), or None for other weights."""
+    kind = {torch.float32: LIN_F32, torch.bfloat16: LIN_BF16}.get(weight.dtype)
+    if kind is None or weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    keep.append(weight)
+    return Lin(kind, weight.shape[1], weight.shape[0], 0, 0, weight.data_ptr(), _bias(bias, keep))
+
+
+def intk_lin(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_starts: torch.Tensor,
+             perm: torch.Tensor | None, bias: torch.Tensor | None, in_features: int, out_features: int,
+             keep: list) -> Lin | None:
+    """A group-wise int-k layer whose tensors were already checked (IntKLinear), or None if unusual."""
+    tensors = (codes, scales, zeros, group_starts) + (() if perm is None else (perm,))
+    if not all(t.is_contiguous() for t in tensors) or scales.dtype != torch.float16 or zeros.dtype != torch.uint8:
+        return None
+    if group_starts.dtype != torch.int32 or (perm is not None and perm.dtype != torch.int32):
+        return None
+    keep.extend(tensors)
+    return Lin(LIN_INTK, in_features, out_features, bits, group_starts.numel() - 1, codes.data_ptr(),
+               _bias(bias, keep), scales.data_ptr(), zeros.data_ptr(), group_starts.data_ptr(), _p(perm))
+
+
+def lin_apply(lin: Lin, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias for fp32 x [B, in] through the engine's per-thread row split (tests)."""
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], lin.out_features)
+    _kernels()["lin_apply_f32"](ctypes.byref(lin), x.data_ptr(), y.data_ptr(), x.shape[0],
+                                threads or torch.get_num_threads())
+    return y
+
+
+class Step:
+    """The C description of a whole model for one batch size; `run` decodes one token."""
+
+    def __init__(self, layers: list[Layer], head: Lin | None, dtype: torch.dtype, batch: int, keep: list):
+        self.layers = (Layer * len(layers))(*layers)
+        self.head = head
+        self.dtype, self.batch = dtype, batch
+        self._keep = keep  # every tensor a pointer above refers to
+        n = _kernels()["scratch_size"](self.layers, len(layers), batch)
+        self.scratch = torch.empty(int(n), dtype=dtype)
+        self.fn = _kernels()[dtype]
+        self.vocab = None if head is None else head.out_features
+
+    def run(self, x: torch.Tensor, h: torch.Tensor, pos: int, cos: torch.Tensor, sin_signed: torch.Tensor,
+            threads: int) -> torch.Tensor | None:
+        """x [B, 1, dim] residual (in place), h = attn_norm(x) of layer 0 (becomes the final norm's
+        output); returns logits [B, 1, vocab] when the engine has the lm_head, else None."""
+        logits = None if self.head is None else torch.empty(x.shape[0], 1, self.vocab, dtype=self.dtype)
+        self.fn(self.layers, len(self.layers), None if self.head is None else ctypes.byref(self.head),
+                x.data_ptr(), h.data_ptr(), _p(logits), x.shape[0], pos, cos.data_ptr(), sin_signed.data_ptr(),
+                self.scratch.data_ptr(), threads)
+        return logits

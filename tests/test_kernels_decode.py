@@ -1,0 +1,111 @@
+"""The whole-step decode engine (kernels/decode.cpp) against the op-by-op kernels and torch.
+
+Each linear kind through the engine's per-thread row split must equal its reference (same tolerance as
+tests/test_kernels_intk.py: a few fp32 ulps of M = |x| @ |W|.T, since sums are split and reordered), and
+a whole model decoded by the engine must give the logits of the op-by-op path to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peakllm.kernels import decode, ops
+from peakllm.kernels import reference as ref
+from peakllm.runtime.linear import IntKLinear
+from peakllm.runtime.model import RuntimeModel
+from test_kernels_intk import assert_close_to, magnitude, random_intk
+from test_runtime_model import _tiny
+
+pytestmark = pytest.mark.skipif(not decode.available(torch.float32), reason="decode engine not built")
+
+SHAPES = [(1, 32, 32), (7, 100, 32), (33, 576, 128), (20, 256, 64), (13, 96, -1), (5, 40, 7)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("out,inn,group_size", SHAPES)
+def test_intk_lin_matches_reference(bits, out, inn, group_size):
+    for act_order in (False, True):
+        codes, qweight, scales, zeros, g_idx = random_intk(out, inn, bits, group_size, act_order, seed=out * bits)
+        W = ref.dequantize_intk(qweight, scales, zeros, bits, inn, group_size, g_idx)
+        starts, perm = ops.intk_groups(inn, group_size, g_idx)
+        q = qweight if perm is None else ops.permute_columns(qweight, bits, inn, perm)
+        bias = torch.randn(out)
+        keep: list = []
+        lin = decode.intk_lin(q, scales, zeros, bits, starts, perm, bias, inn, out, keep)
+        for batch in (1, 2, 5):
+            x = torch.randn(batch, inn)
+            mag = magnitude(x, codes, scales, zeros, group_size, g_idx)
+            for threads in (1, 2, 3):
+                assert_close_to(decode.lin_apply(lin, x, threads), ref.matmul_ref(x, W) + bias, mag)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_lin_matches_torch(dtype):
+    for out, inn in [(1, 8), (7, 100), (33, 576), (64, 17)]:
+        W = torch.randn(out, inn).to(dtype)
+        bias = torch.randn(out)
+        lin = decode.dense_lin(W, bias, [])
+        for batch in (1, 3):
+            x = torch.randn(batch, inn)
+            y_ref = F.linear(x, W.float(), bias)
+            mag = x.abs() @ W.float().abs().T
+            for threads in (1, 2):
+                assert_close_to(decode.lin_apply(lin, x, threads), y_ref, mag)
+
+
+def _packed_tiny(seed=0):
+    """A tiny Llama whose linears are int-k of mixed widths, one with act-order and bias."""
+    hf = _tiny("llama")
+    g = torch.Generator().manual_seed(seed)
+    widths = iter([4, 3, 2, 8, 4, 4, 3] * 4)
+    for layer in hf.model.layers:
+        mods = [(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        mods += [(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        for parent, name in mods:
+            out_f, in_f = getattr(parent, name).weight.shape
+            bits = next(widths)
+            _, qweight, scales, zeros, g_idx = random_intk(out_f, in_f, bits, 32, name == "v_proj",
+                                                          seed=int(torch.randint(0, 1000, (1,), generator=g)))
+            scales = (scales.float() * 0.1).half()
+            bias = torch.randn(out_f, generator=g) * 0.1 if name == "q_proj" else None
+            setattr(parent, name, IntKLinear(in_f, out_f, bits, 32, qweight, scales, zeros, g_idx=g_idx, bias=bias))
+    return hf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_engine_equals_op_by_op_path_on_packed_model(batch, dtype):
+    hf = _packed_tiny()
+    ids = torch.randint(1, 300, (batch, 12), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for engine in (True, False):
+        rt = RuntimeModel.from_hf(hf, dtype)
+        rt.use_step_engine = engine
+        rt.setup_cache(batch, 16)
+        assert (rt._step is not None) is True  # every layer is describable: the engine runs when enabled
+        outs.append(torch.cat([rt(ids[:, :4], 0)] + [rt(ids[:, t:t + 1], t) for t in range(4, 12)], 1).float())
+    scale = outs[1].abs().max().item()
+    tol = 1e-5 * scale if dtype == torch.float32 else 0.02 * scale  # bf16: one rounding of differently summed values
+    assert (outs[0] - outs[1]).abs().max().item() <= tol
+    assert torch.equal(outs[0][:, -1].argmax(-1), outs[1][:, -1].argmax(-1))
+
+
+def test_engine_runs_with_more_threads_than_cores():
+    # Oversubscribed threads meet at the spin barrier, which yields the core after a while: still correct.
+    hf = _packed_tiny(seed=1)
+    ids = torch.randint(1, 300, (1, 8), generator=torch.Generator().manual_seed(4))
+    rt = RuntimeModel.from_hf(hf)
+    rt.setup_cache(1, 8)
+    rt(ids[:, :4], 0)
+    x = rt(ids[:, 4:5], 4)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(5)
+        rt.setup_cache(1, 8)
+        rt(ids[:, :4], 0)
+        y = rt(ids[:, 4:5], 4)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
