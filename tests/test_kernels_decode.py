@@ -109,3 +109,57 @@ def test_engine_runs_with_more_threads_than_cores():
     finally:
         torch.set_num_threads(old)
     torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def _sparse_packs(out, inn, group_size, seed):
+    from test_kernels_linear import affine_qw, sparse_weights
+
+    from peakllm.formats.sparse import PackedBitmask, PackedNM
+
+    weight, nm_mask = sparse_weights(out, inn, n=2, m=4, seed=seed)
+    _, nm48 = sparse_weights(out, inn, n=4, m=8, seed=seed + 1)
+    _, bm_mask = sparse_weights(out, inn, density=0.45, seed=seed + 2)
+    qw = affine_qw(weight, 4, group_size)
+    qw8 = affine_qw(weight, 8, group_size)
+    return [PackedNM.pack(weight, nm_mask, 2, 4), PackedNM.pack(weight, nm_mask, 2, 4, qw=qw),
+            PackedNM.pack(weight, nm48, 4, 8, qw=qw8), PackedNM.pack(weight.bfloat16(), nm48, 4, 8),
+            PackedBitmask.pack(weight, bm_mask), PackedBitmask.pack(weight, bm_mask, qw=qw)]
+
+
+@pytest.mark.parametrize("out,inn,group_size", [(20, 64, 16), (37, 576, 128), (9, 200, 40)])
+def test_sparse_lins_match_the_modules_and_the_dense_reference(out, inn, group_size):
+    from peakllm.runtime.linear import packed_linear
+
+    bias = torch.randn(out)
+    for pack in _sparse_packs(out, inn, group_size, seed=out):
+        layer = packed_linear(pack.kind, pack.to_tensors(), pack.metadata(), bias=bias)
+        lin = layer.decode_lin([])
+        assert lin is not None
+        W = layer.dequantize()
+        for batch in (1, 2, 5):
+            x = torch.randn(batch, inn)
+            mag = x.abs() @ W.abs().T + bias.abs()
+            for threads in (1, 2):
+                y = decode.lin_apply(lin, x, threads)
+                assert_close_to(y, F.linear(x, W, bias), mag)
+                assert_close_to(y, layer(x), mag)
+
+
+def test_sparse_model_runs_in_the_engine():
+    from peakllm.runtime.linear import packed_linear
+
+    hf = _tiny("llama")
+    for i, layer in enumerate(hf.model.layers):
+        for parent, name in [(layer.self_attn, "o_proj"), (layer.mlp, "up_proj"), (layer.mlp, "down_proj")]:
+            out_f, in_f = getattr(parent, name).weight.shape
+            pack = _sparse_packs(out_f, in_f, 32, seed=i)[1 if name == "up_proj" else 5 if name == "down_proj" else 0]
+            setattr(parent, name, packed_linear(pack.kind, pack.to_tensors(), pack.metadata()))
+    ids = torch.randint(1, 300, (2, 10), generator=torch.Generator().manual_seed(9))
+    outs = []
+    for engine in (True, False):
+        rt = RuntimeModel.from_hf(hf)
+        rt.use_step_engine = engine
+        rt.setup_cache(2, 12)
+        assert rt._step is not None
+        outs.append(torch.cat([rt(ids[:, :3], 0)] + [rt(ids[:, t:t + 1], t) for t in range(3, 10)], 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5 * outs[1].abs().max().item())

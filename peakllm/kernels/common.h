@@ -1,6 +1,8 @@
 // Helpers shared by the packed-weight kernels (intk.cpp, sparse.cpp): fp16/bf16 conversion, bitstream
 // reads, activation loading, thread choice, horizontal sums. build.py hashes this header with each source.
 #pragma once
+
+enum { MAX_TILE = 4 };  // rows of x a packed-weight tile serves at once
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif

@@ -8,8 +8,8 @@
 // the dependent phases of a layer (~0.1 us each):
 //   q, k, v rows | k/v RoPE + cache append | attention heads | o rows | residual + RMSNorm |
 //   gate, up rows | SiLU * up | down rows | residual + next RMSNorm
-// Each linear is a `Lin` descriptor: dense fp32 / bf16 weights (dense_impl.h) or group-wise int-k codes
-// (intk_impl.h). Every thread takes a contiguous band of output rows of each linear (one stream through
+// Each linear is a `Lin` descriptor: dense fp32 / bf16 weights (dense_impl.h), group-wise int-k codes
+// (intk_impl.h), or N:M / bitmask sparse weights with float or int-k kept values (sparse_impl.h). Every thread takes a contiguous band of output rows of each linear (one stream through
 // the weights per thread) and prepares its own copy of the activations (x widened / reordered for the
 // kernel; a few KB, cheaper than another barrier). Arithmetic and rounding are those of the per-op
 // kernels, so the engine computes exactly what the op-by-op path computes.
@@ -17,21 +17,28 @@
 // gracefully instead of collapsing.
 #include "dense_impl.h"
 #include "intk_impl.h"
+#include "sparse_impl.h"
 
 #include <atomic>
 #include <sched.h>
 
-enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INTK = 2 };
+enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INTK = 2, LIN_NM = 3, LIN_BITMASK = 4 };
 
 // One linear layer y = x @ W.T + bias as the engine reads it.
 struct Lin {
     int kind, in, out, bits, n_groups;
-    const void* w;          // dense weights [out, in] (fp32 / bf16), or int-k codes [out, ceil(in*bits/8)]
+    int n, m, value_kind, group_size;  // sparse: N zeros per M; kept values' kind (sparse_impl.h) and code groups
+    const void* w;          // dense weights [out, in] (fp32 / bf16), int-k codes [out, ceil(in*bits/8)],
+                            // or the sparse layouts' kept values / codes
     const float* bias;      // [out] or null
-    const uint16_t* scales; // int-k: fp16 [out, n_groups]
-    const uint8_t* zeros;   // int-k: uint8 [out, n_groups]
+    const uint16_t* scales; // int-k codes (dense or sparse): fp16 [out, n_groups]
+    const uint8_t* zeros;   // int-k codes: uint8 [out, n_groups]
     const int32_t* gstart;  // int-k: group column ranges [n_groups + 1]
     const int32_t* perm;    // int-k act-order: x columns gathered by perm, or null
+    const uint8_t* index;   // N:M positions or the bitmask
+    const int64_t* row_offsets;   // bitmask: first kept value of each row [out + 1]
+    const int64_t* qrow_offsets;  // bitmask with codes: first code byte of each row [out + 1]
+    int64_t total;          // bitmask: elements (floats) or bytes (codes) of the kept values
 };
 
 // One Llama-style decoder layer: the seven linears, norms, and this layer's KV cache [B, KV, S, D].
@@ -69,6 +76,32 @@ struct Barrier {
     }
 };
 
+// One sparse tile: rows b0..b0+NB-1 of x against output feature o (errors: positions or offsets that
+// disagree with the layout, which the modules' checks at load time rule out).
+template <int NB>
+static void sparse_tile(const Lin& L, const Values& V, const float* xf, int64_t o, int b0, float* yf,
+                        std::atomic<int>& err) {
+    if (L.kind == LIN_NM) {
+        const int keep = L.m - L.n, pos_bits = L.m <= 2 ? 1 : (32 - __builtin_clz((unsigned)(L.m - 1)));
+        const int64_t idx_row_bytes = ((int64_t)L.in / L.m * keep * pos_bits + 7) / 8;
+        switch (V.kind) {
+            case F32: nm_tile<NB, F32>(xf, L.in, L.out, keep, L.m, L.index, idx_row_bytes, V, o, b0, yf, err); break;
+            case BF16: nm_tile<NB, BF16>(xf, L.in, L.out, keep, L.m, L.index, idx_row_bytes, V, o, b0, yf, err); break;
+            case F16: nm_tile<NB, F16>(xf, L.in, L.out, keep, L.m, L.index, idx_row_bytes, V, o, b0, yf, err); break;
+            default: nm_tile<NB, CODES>(xf, L.in, L.out, keep, L.m, L.index, idx_row_bytes, V, o, b0, yf, err);
+        }
+        return;
+    }
+#define PEAK_BITMASK(K) bitmask_tile<NB, K>(xf, L.in, L.out, L.index, L.row_offsets, L.qrow_offsets, L.total, V, o, b0, yf, err)
+    switch (V.kind) {
+        case F32: PEAK_BITMASK(F32); break;
+        case BF16: PEAK_BITMASK(BF16); break;
+        case F16: PEAK_BITMASK(F16); break;
+        default: PEAK_BITMASK(CODES);
+    }
+#undef PEAK_BITMASK
+}
+
 // One thread's reusable buffers (thread_local: OpenMP keeps its worker threads between calls).
 struct Work {
     std::vector<float> wide, split, yf, attn;
@@ -77,9 +110,33 @@ struct Work {
 
 // Thread t's share of the output rows of y [B, out] = x [B, in] @ W.T + bias.
 template <typename TX>
-static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Work& w) {
+static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Work& w, std::atomic<int>& err) {
     int lo, hi;
-    if (L.kind == LIN_INTK) {
+    if (L.kind == LIN_NM || L.kind == LIN_BITMASK) {
+        share(L.out, 1, t, nt, lo, hi);
+        if (lo >= hi) return;
+        w.wide.assign((size_t)B * L.in + 8, 0.f);  // +8: whole-vector loads of the last columns stay inside
+        for (int b = 0; b < B; ++b) load_x_row(x, sizeof(TX) == 2, nullptr, L.in, b, &w.wide[(size_t)b * L.in]);
+        w.yf.resize((size_t)B * L.out);
+        float* yf = w.yf.data();
+        const int64_t gsz = L.group_size == -1 ? (L.in > 0 ? L.in : 1) : L.group_size;
+        const Values V{L.w, L.value_kind, L.bits, L.scales, L.zeros, (int)((L.in + gsz - 1) / gsz), gsz};
+        for (int o = lo; o < hi; ++o) {
+            int b0 = 0;
+            for (; b0 + MAX_TILE <= B; b0 += MAX_TILE) sparse_tile<MAX_TILE>(L, V, w.wide.data(), o, b0, yf, err);
+            switch (B - b0) {
+                case 1: sparse_tile<1>(L, V, w.wide.data(), o, b0, yf, err); break;
+                case 2: sparse_tile<2>(L, V, w.wide.data(), o, b0, yf, err); break;
+                case 3: sparse_tile<3>(L, V, w.wide.data(), o, b0, yf, err); break;
+                default: break;
+            }
+        }
+        for (int b = 0; b < B; ++b)
+            for (int o = lo; o < hi; ++o) {
+                const size_t i = (size_t)b * L.out + o;
+                store1(y + i, yf[i] + (L.bias ? L.bias[o] : 0.f));
+            }
+    } else if (L.kind == LIN_INTK) {
         share(L.out, 1, t, nt, lo, hi);
         if (lo >= hi) return;
         intk_prepare(x, sizeof(TX) == 2, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.px);
@@ -126,9 +183,10 @@ static size_t scratch_size(const Layer* layers, int n_layers, int B) {
 // x [B, dim]: the residual stream (updated in place); h [B, dim]: attn_norm(x) of layer 0 on entry,
 // the final norm's output on return; logits [B, head->out] when head is given.
 template <typename TX>
-static void decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x, TX* h, TX* logits, int B, int pos,
+static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x, TX* h, TX* logits, int B, int pos,
                         const TX* cos, const TX* sin_signed, TX* scratch, int nthreads) {
     Barrier bar;
+    std::atomic<int> err{0};
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -143,9 +201,9 @@ static void decode_step(const Layer* layers, int n_layers, const Lin* head, TX* 
             TX* d = act + (size_t)B * I;
             w.attn.resize(3 * (size_t)D + pos + 1);
 
-            lin_rows<TX>(L.q, h, q, B, t, nt, w);
-            lin_rows<TX>(L.k, h, k, B, t, nt, w);
-            lin_rows<TX>(L.v, h, v, B, t, nt, w);
+            lin_rows<TX>(L.q, h, q, B, t, nt, w, err);
+            lin_rows<TX>(L.k, h, k, B, t, nt, w, err);
+            lin_rows<TX>(L.v, h, v, B, t, nt, w, err);
             bar.wait(nt);
             share(B * KV, 1, t, nt, lo, hi);
             for (int i = lo; i < hi; ++i)
@@ -157,20 +215,20 @@ static void decode_step(const Layer* layers, int n_layers, const Lin* head, TX* 
                 attend_head<TX>(q, (const TX*)L.qn, L.qk_eps, cos, sin_signed, (const TX*)L.kc, (const TX*)L.vc, a,
                                 i / H, i % H, H, KV, D, L.max_seq, pos, L.scale, w.attn.data());
             bar.wait(nt);
-            lin_rows<TX>(L.o, a, o, B, t, nt, w);
+            lin_rows<TX>(L.o, a, o, B, t, nt, w, err);
             bar.wait(nt);
             share(B, 1, t, nt, lo, hi);
             for (int b = lo; b < hi; ++b)
                 add_rmsnorm<TX>(x + (size_t)b * dim, o + (size_t)b * dim, (const TX*)L.mlp_norm, h + (size_t)b * dim,
                                 1, dim, L.eps);
             bar.wait(nt);
-            lin_rows<TX>(L.g, h, g, B, t, nt, w);
-            lin_rows<TX>(L.u, h, u, B, t, nt, w);
+            lin_rows<TX>(L.g, h, g, B, t, nt, w, err);
+            lin_rows<TX>(L.u, h, u, B, t, nt, w, err);
             bar.wait(nt);
             share(B * I, 8, t, nt, lo, hi);
             if (lo < hi) silu_mul<TX>(g + lo, u + lo, act + lo, hi - lo);
             bar.wait(nt);
-            lin_rows<TX>(L.d, act, d, B, t, nt, w);
+            lin_rows<TX>(L.d, act, d, B, t, nt, w, err);
             bar.wait(nt);
             share(B, 1, t, nt, lo, hi);
             for (int b = lo; b < hi; ++b)
@@ -178,8 +236,9 @@ static void decode_step(const Layer* layers, int n_layers, const Lin* head, TX* 
                                 1, dim, L.next_eps);
             bar.wait(nt);
         }
-        if (head) lin_rows<TX>(*head, h, logits, B, t, nt, w);
+        if (head) lin_rows<TX>(*head, h, logits, B, t, nt, w, err);
     }
+    return err.load();
 }
 
 extern "C" {
@@ -188,18 +247,20 @@ unsigned long decode_scratch_size(const Layer* layers, int n_layers, int B) {
 }
 
 // One linear through the engine's row split (for tests: must equal the per-op kernels).
-void lin_apply_f32(const Lin* L, const float* x, float* y, int B, int nthreads) {
+int lin_apply_f32(const Lin* L, const float* x, float* y, int B, int nthreads) {
+    std::atomic<int> err{0};
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
     {
         static thread_local Work w;
-        lin_rows<float>(*L, x, y, B, omp_get_thread_num(), omp_get_num_threads(), w);
+        lin_rows<float>(*L, x, y, B, omp_get_thread_num(), omp_get_num_threads(), w, err);
     }
+    return err.load();
 }
 
 #define STEP_EXPORT(X, S)                                                                                   \
-    void decode_step_##S(const Layer* layers, int n_layers, const Lin* head, X* x, X* h, X* logits, int B,   \
-                         int pos, const X* cos, const X* sin_signed, X* scratch, int nthreads) {             \
-        decode_step<X>(layers, n_layers, head, x, h, logits, B, pos, cos, sin_signed, scratch, nthreads);   \
+    int decode_step_##S(const Layer* layers, int n_layers, const Lin* head, X* x, X* h, X* logits, int B,    \
+                        int pos, const X* cos, const X* sin_signed, X* scratch, int nthreads) {              \
+        return decode_step<X>(layers, n_layers, head, x, h, logits, B, pos, cos, sin_signed, scratch, nthreads);   \
     }
 STEP_EXPORT(float, f32)
 STEP_EXPORT(bf16_t, bf16)

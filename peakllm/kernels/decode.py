@@ -1,6 +1,7 @@
 """The whole-step decode engine (decode.cpp): one C call per token for every layer and the lm_head.
 
-The runtime describes each linear layer as a `Lin` (dense fp32/bf16 weights or group-wise int-k codes)
+The runtime describes each linear layer as a `Lin` (dense fp32/bf16 weights, group-wise int-k codes, or
+N:M / bitmask sparse weights with float or int-k kept values)
 and each decoder layer as a `Layer`; `Step` holds the C arrays, keeps every tensor they point to alive,
 and runs a step. Layers the engine cannot describe (other packed kinds, mixture-of-experts blocks,
 other activations) make the runtime use its op-by-op path instead, which computes the same numbers.
@@ -12,17 +13,22 @@ import ctypes
 
 import torch
 
+from peakllm.errors import PeakError
 from peakllm.kernels.build import load_library
 
-LIN_F32, LIN_BF16, LIN_INTK = 0, 1, 2
+LIN_F32, LIN_BF16, LIN_INTK, LIN_NM, LIN_BITMASK = 0, 1, 2, 3, 4
+_VALUE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # sparse_impl.h; 3 = int-k codes
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 class Lin(ctypes.Structure):
     """One linear layer (mirrors the C struct)."""
 
-    _fields_ = ([(n, ctypes.c_int) for n in ("kind", "in_features", "out_features", "bits", "n_groups")]
-                + [(n, ctypes.c_void_p) for n in ("w", "bias", "scales", "zeros", "gstart", "perm")])
+    _fields_ = ([(n, ctypes.c_int) for n in ("kind", "in_features", "out_features", "bits", "n_groups", "n", "m",
+                                              "value_kind", "group_size")]
+                + [(n, ctypes.c_void_p) for n in ("w", "bias", "scales", "zeros", "gstart", "perm", "index",
+                                                  "row_offsets", "qrow_offsets")]
+                + [("total", ctypes.c_int64)])
 
 
 class Layer(ctypes.Structure):
@@ -47,7 +53,7 @@ def _kernels() -> dict:
                 fn = getattr(lib, f"decode_step_{s}")
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_void_p] * 3 + [
                     ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-                fn.restype = None
+                fn.restype = ctypes.c_int
                 _fns[dtype] = fn
             size = lib.decode_scratch_size
             size.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -55,7 +61,7 @@ def _kernels() -> dict:
             _fns["scratch_size"] = size
             apply = lib.lin_apply_f32
             apply.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
-            apply.restype = None
+            apply.restype = ctypes.c_int
             _fns["lin_apply_f32"] = apply
     return _fns
 
@@ -82,7 +88,7 @@ def dense_lin(weight: torch.Tensor, bias: torch.Tensor | None, keep: list) -> Li
     if kind is None or weight.dim() != 2 or not weight.is_contiguous():
         return None
     keep.append(weight)
-    return Lin(kind, weight.shape[1], weight.shape[0], 0, 0, weight.data_ptr(), _bias(bias, keep))
+    return Lin(kind, weight.shape[1], weight.shape[0], w=weight.data_ptr(), bias=_bias(bias, keep))
 
 
 def intk_lin(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_starts: torch.Tensor,
@@ -95,16 +101,54 @@ def intk_lin(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
     if group_starts.dtype != torch.int32 or (perm is not None and perm.dtype != torch.int32):
         return None
     keep.extend(tensors)
-    return Lin(LIN_INTK, in_features, out_features, bits, group_starts.numel() - 1, codes.data_ptr(),
-               _bias(bias, keep), scales.data_ptr(), zeros.data_ptr(), group_starts.data_ptr(), _p(perm))
+    return Lin(LIN_INTK, in_features, out_features, bits, group_starts.numel() - 1, w=codes.data_ptr(),
+               bias=_bias(bias, keep), scales=scales.data_ptr(), zeros=zeros.data_ptr(), gstart=group_starts.data_ptr(),
+               perm=_p(perm))
+
+
+def _sparse_values(values, qweight, scales, zeros, bits, group_size, keep: list) -> dict | None:
+    if values is not None:
+        if values.dtype not in _VALUE_KIND or not values.is_contiguous():
+            return None
+        keep.append(values)
+        return dict(value_kind=_VALUE_KIND[values.dtype], w=values.data_ptr(), group_size=-1)
+    if not all(t.is_contiguous() for t in (qweight, scales, zeros)):
+        return None
+    keep.extend((qweight, scales, zeros))
+    return dict(value_kind=3, w=qweight.data_ptr(), bits=bits, group_size=group_size, scales=scales.data_ptr(),
+                zeros=zeros.data_ptr())
+
+
+def nm_lin(indices, n: int, m: int, in_features: int, out_features: int, values=None, qweight=None, scales=None,
+           zeros=None, bits=None, group_size=None, bias=None, *, keep: list) -> Lin | None:
+    """An N:M sparse layer whose tensors were already checked (NMLinear), or None if unusual."""
+    vals = _sparse_values(values, qweight, scales, zeros, bits, group_size, keep)
+    if vals is None or not indices.is_contiguous():
+        return None
+    keep.append(indices)
+    return Lin(LIN_NM, in_features, out_features, n=n, m=m, index=indices.data_ptr(), bias=_bias(bias, keep), **vals)
+
+
+def bitmask_lin(mask, row_offsets, in_features: int, out_features: int, values=None, qweight=None, scales=None,
+                zeros=None, bits=None, group_size=None, qrow_offsets=None, bias=None, *, keep: list) -> Lin | None:
+    """A bitmask sparse layer whose tensors were already checked (BitmaskLinear), or None if unusual."""
+    vals = _sparse_values(values, qweight, scales, zeros, bits, group_size, keep)
+    if vals is None or not (mask.is_contiguous() and row_offsets.is_contiguous()):
+        return None
+    keep.extend(t for t in (mask, row_offsets, qrow_offsets) if t is not None)
+    total = (values if values is not None else qweight).numel()
+    return Lin(LIN_BITMASK, in_features, out_features, index=mask.data_ptr(), row_offsets=row_offsets.data_ptr(),
+               qrow_offsets=_p(qrow_offsets), total=total, bias=_bias(bias, keep), **vals)
 
 
 def lin_apply(lin: Lin, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """y = x @ W.T + bias for fp32 x [B, in] through the engine's per-thread row split (tests)."""
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], lin.out_features)
-    _kernels()["lin_apply_f32"](ctypes.byref(lin), x.data_ptr(), y.data_ptr(), x.shape[0],
-                                threads or torch.get_num_threads())
+    rc = _kernels()["lin_apply_f32"](ctypes.byref(lin), x.data_ptr(), y.data_ptr(), x.shape[0],
+                                     threads or torch.get_num_threads())
+    if rc:
+        raise PeakError("the decode engine found sparse positions / offsets that disagree with the layout")
     return y
 
 
@@ -126,7 +170,9 @@ class Step:
         """x [B, 1, dim] residual (in place), h = attn_norm(x) of layer 0 (becomes the final norm's
         output); returns logits [B, 1, vocab] when the engine has the lm_head, else None."""
         logits = None if self.head is None else torch.empty(x.shape[0], 1, self.vocab, dtype=self.dtype)
-        self.fn(self.layers, len(self.layers), None if self.head is None else ctypes.byref(self.head),
-                x.data_ptr(), h.data_ptr(), _p(logits), x.shape[0], pos, cos.data_ptr(), sin_signed.data_ptr(),
-                self.scratch.data_ptr(), threads)
+        rc = self.fn(self.layers, len(self.layers), None if self.head is None else ctypes.byref(self.head),
+                     x.data_ptr(), h.data_ptr(), _p(logits), x.shape[0], pos, cos.data_ptr(), sin_signed.data_ptr(),
+                     self.scratch.data_ptr(), threads)
+        if rc:
+            raise PeakError("the decode engine found sparse positions / offsets that disagree with the layout")
         return logits

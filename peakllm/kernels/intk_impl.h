@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <vector>
 
-enum { BLOCK = 32, MAX_TILE = 4 };
+enum { BLOCK = 32 };
 
 // Lane order of the SIMD decoders: lane i of the 32 decoded values is column order<bits>(i) of the block.
 static int block_order(int bits, int i) {

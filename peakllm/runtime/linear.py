@@ -210,6 +210,10 @@ class NMLinear(_SparseValues):
     def _bind(self):
         return ops.bind_nm(self.indices, self.n, self.m, self.in_features, **self._value_kwargs())
 
+    def decode_lin(self, keep: list):
+        return decode.nm_lin(self.indices, self.n, self.m, self.in_features, self.out_features, bias=self.bias,
+                             keep=keep, **self._value_kwargs())
+
     def dequantize(self, dtype=torch.float32):
         return ops.nm_dequantize(self.indices, self.n, self.m, self.in_features, dtype=dtype, **self._value_kwargs())
 
@@ -248,6 +252,10 @@ class BitmaskLinear(_SparseValues):
 
     def _bind(self):
         return ops.bind_bitmask(self.mask, self.row_offsets, self.in_features, **self._kwargs())
+
+    def decode_lin(self, keep: list):
+        return decode.bitmask_lin(self.mask, self.row_offsets, self.in_features, self.out_features, bias=self.bias,
+                                  keep=keep, **self._kwargs())
 
     def dequantize(self, dtype=torch.float32):
         return ops.bitmask_dequantize(self.mask, self.row_offsets, self.in_features, dtype=dtype, **self._kwargs())
