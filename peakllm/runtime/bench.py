@@ -64,6 +64,15 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident memory of this process's address space. On Linux this is VmHWM, not ru_maxrss:
+    ru_maxrss survives exec, so a bench started from a large parent process would report the parent's."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
 
