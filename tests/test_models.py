@@ -67,3 +67,37 @@ def test_default_model_is_smollm2(default_model):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert models.param_count(model) == 134_515_008
     assert model.config.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_packed_folder_loads_on_a_meta_skeleton_with_derived_buffers(tmp_path, family, tiny_tokenizer):
+    """Loading builds the model on the meta device: every tensor must come out real and equal to the
+    saved model's, including buffers derived from the config (RoPE inverse frequencies, Gemma-3's
+    embedding scale), and the loaded weights must not be re-initialised on the way."""
+    import transformers as tf
+
+    from peakllm.formats.container import save_model_folder
+    from peakllm.formats.intk import PackedIntK
+    from peakllm.models.packed import load_peakllm_folder
+    from peakllm.save import dense_state
+
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    if family == "gemma3":
+        hf = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**common, head_dim=16)).eval()
+    else:
+        hf = tf.LlamaForCausalLM(tf.LlamaConfig(**common)).eval()
+    name = "model.layers.1.mlp.down_proj"
+    codes = torch.randint(0, 16, (64, 128), dtype=torch.uint8)
+    pack = PackedIntK.from_codes(codes, torch.rand(64, 4) / 16 + 0.01, torch.full((64, 4), 8.0), bits=4, group_size=32)
+    save_model_folder(tmp_path / "m", config=hf.config.to_dict(), dense_tensors=dense_state(hf, {name}),
+                      packed_modules={name: pack}, manifest={}, extra_files=tiny_tokenizer.save_pretrained)
+    loaded, _ = load_peakllm_folder(tmp_path / "m", packed="dequantize")
+    with torch.no_grad():
+        hf.get_submodule(name).weight.copy_(pack.dequantize())
+    want = dict(hf.named_parameters()) | dict(hf.named_buffers())
+    got = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert set(got) == set(want)
+    for key, t in got.items():
+        assert not t.is_meta, key
+        torch.testing.assert_close(t, want[key], rtol=0, atol=0, msg=key)

@@ -52,8 +52,13 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
     except (ValueError, OSError, KeyError) as exc:
         raise PeakError(f"cannot read config/tokenizer of {path}: {str(exc).splitlines()[0][:300]}") from None
     check_architecture(config)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(dense, strict=False)
+    # The skeleton is built on the meta device and the stored dense tensors are assigned into it, so the
+    # dense weights of the packed layers are never allocated (nor randomly initialised): peak memory is
+    # what the packed model needs, not the dense model's size on top.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dense.items()}
+    missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     experts = {name: pm for name, pm in modules.items() if is_expert(name)}
     modules = {name: pm for name, pm in modules.items() if name not in experts}
     allowed = {f"{name}.weight" for name in modules} | {name.rsplit(".", 1)[0] for name in experts}
@@ -72,14 +77,40 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
                             f"the model expects {tuple(linear.weight.shape)}")
         module = runtime_module(name, pm, linear) if packed == "kernel" else None
         if module is None:
-            linear.weight.data = pm.dequantize().to(dtype)
+            linear.weight = nn.Parameter(pm.dequantize().to(dtype))
         else:
             _set_module(model, name, module)
     _load_experts(model, experts, packed, dtype, path)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    _materialize(model, path)
     model.peakllm_manifest = manifest
     return model, tokenizer
+
+
+def _materialize(model: nn.Module, path) -> None:
+    """Compute what the meta skeleton left empty: buffers derived from the config (e.g. RoPE inverse
+    frequencies), by the model's own initialiser. Anything else still empty means the folder lacks it."""
+    for module in model.modules():
+        metas = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if not metas:
+            continue
+        for n in metas:
+            module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+        # The initialiser may also (re)initialise the module's loaded tensors (e.g. Gemma-3's scaled
+        # embedding): it sees meta stand-ins for them instead, and the loaded ones are put back.
+        loaded = {n: t for n, t in module._parameters.items() if t is not None}
+        loaded_buffers = {n: t for n, t in module._buffers.items() if t is not None and n not in metas}
+        for n, t in loaded.items():
+            module._parameters[n] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+        for n, t in loaded_buffers.items():
+            module._buffers[n] = torch.empty_like(t, device="meta")
+        model._init_weights(module)
+        module._parameters.update(loaded)
+        module._buffers.update(loaded_buffers)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise PeakError(f"{path}: no stored tensor for {left[0]!r}")
 
 
 def _load_experts(model, experts: dict, packed: str, dtype, path) -> None:
@@ -106,8 +137,10 @@ def _load_experts(model, experts: dict, packed: str, dtype, path) -> None:
         if packed == "dequantize":
             for part in ("gate_up_proj", "down_proj"):
                 param = getattr(fused, part)
+                full = torch.empty(param.shape, dtype=dtype)
                 for e, pm in parts[part].items():
-                    param.data[e] = pm.dequantize().to(dtype)
+                    full[e] = pm.dequantize().to(dtype)
+                setattr(fused, part, nn.Parameter(full))
             continue
         mods = {}
         for part in ("gate_up_proj", "down_proj"):
