@@ -113,7 +113,7 @@ template <typename TX>
 static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Work& w, std::atomic<int>& err) {
     int lo, hi;
     if (L.kind == LIN_NM || L.kind == LIN_BITMASK) {
-        share(L.out, 1, t, nt, lo, hi);
+        share(L.out, 4, t, nt, lo, hi);
         if (lo >= hi) return;
         w.wide.assign((size_t)B * L.in + 8, 0.f);  // +8: whole-vector loads of the last columns stay inside
         for (int b = 0; b < B; ++b) load_x_row(x, sizeof(TX) == 2, nullptr, L.in, b, &w.wide[(size_t)b * L.in]);
@@ -121,7 +121,17 @@ static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Wor
         float* yf = w.yf.data();
         const int64_t gsz = L.group_size == -1 ? (L.in > 0 ? L.in : 1) : L.group_size;
         const Values V{L.w, L.value_kind, L.bits, L.scales, L.zeros, (int)((L.in + gsz - 1) / gsz), gsz};
-        for (int o = lo; o < hi; ++o) {
+        int o = lo;
+#ifdef PEAK_AVX2
+        // int-k kept values are compute-bound: four rows per x load pay off. Float kept values are
+        // memory-bound, and eight concurrent streams (values and positions of four rows) measured slower
+        // than one row at a time (2:4 fp32 layers 10-12 vs 13-19 ms a token on the dev machine).
+        if (B == 1 && L.kind == LIN_NM && V.kind == CODES && nm24_fast(L.n, L.m, V)) {
+            const int64_t idx_row_bytes = ((int64_t)L.in / 2 * 2 + 7) / 8;  // 2 kept of 4, 2-bit positions
+            for (; o + 4 <= hi; o += 4) nm24_tile4_b1<CODES>(w.wide.data(), L.in, L.index, idx_row_bytes, V, o, yf);
+        }
+#endif
+        for (; o < hi; ++o) {
             int b0 = 0;
             for (; b0 + MAX_TILE <= B; b0 += MAX_TILE) sparse_tile<MAX_TILE>(L, V, w.wide.data(), o, b0, yf, err);
             switch (B - b0) {

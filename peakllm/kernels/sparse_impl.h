@@ -129,6 +129,58 @@ static void nm_tile(const float* xf, int64_t in, int64_t out, int keep, int m, c
     for (int b = 0; b < NB; b++) y[(b0 + b) * out + o] = acc[b];
 }
 
+#ifdef PEAK_AVX2
+// Whether 2:4 rows with these kept values can take the AVX2 path (nm_tile's `fast` condition).
+static inline bool nm24_fast(int n, int m, const Values& V) {
+    return m == 4 && n == 2 && (V.kind != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 16 == 0));
+}
+
+// 2:4 at batch 1: output features o..o+3 against one row of x. One load of x serves the four rows, and
+// the four rows' accumulators are independent chains (nm_tile's single chain per row waits on the FMA
+// latency at every 16 columns). Code scales change with the column, so they are looked up once per
+// group for all four rows. Requires nm24_fast.
+template <int KIND>
+static void nm24_tile4_b1(const float* xf, int64_t in, const uint8_t* indices, int64_t idx_row_bytes,
+                          const Values& V, int64_t o, float* y) {
+    const int64_t per_row = in / 2;
+    const uint8_t* idx[4];
+    int64_t base[4];
+    for (int r = 0; r < 4; r++) {
+        idx[r] = indices + (o + r) * idx_row_bytes;
+        base[r] = KIND == CODES ? (o + r) * ((per_row * V.bits + 7) / 8) : (o + r) * per_row;
+    }
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    alignas(32) float sc[4] = {0.f, 0.f, 0.f, 0.f}, zsc[4] = {0.f, 0.f, 0.f, 0.f};
+    int64_t next_group = 0, k = 0, c = 0;
+    for (; c + 16 <= in; c += 16, k += 8) {
+        if (KIND == CODES && c >= next_group) {
+            const int64_t g = c / V.group_size;
+            next_group = (g + 1) * V.group_size;
+            for (int r = 0; r < 4; r++) {
+                sc[r] = f16_to_f32(V.scales[(o + r) * V.n_groups + g]);
+                zsc[r] = sc[r] * (float)V.zeros[(o + r) * V.n_groups + g];
+            }
+        }
+        const __m256 x0 = _mm256_loadu_ps(xf + c), x1 = _mm256_loadu_ps(xf + c + 8);
+        for (int r = 0; r < 4; r++) {
+            const __m256 w = load8<KIND>(V, base[r], k, _mm256_broadcast_ss(sc + r), _mm256_broadcast_ss(zsc + r));
+            const __m256i lo = _mm256_load_si256((const __m256i*)NM24_LANES[idx[r][c / 8]]);
+            const __m256i hi = _mm256_load_si256((const __m256i*)NM24_LANES[idx[r][c / 8 + 1]]);
+            const __m256 xs = _mm256_blend_ps(_mm256_permutevar8x32_ps(x0, lo), _mm256_permutevar8x32_ps(x1, hi), 0xf0);
+            acc[r] = _mm256_fmadd_ps(w, xs, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        float s = hsum(acc[r]);
+        for (int64_t kk = k; kk < per_row; kk++) {  // columns past the last whole 16
+            const int64_t col = kk / 2 * 4 + code_at(idx[r], kk, 2);
+            s += V.at(base[r], kk, o + r, col) * xf[col];
+        }
+        y[o + r] = s;
+    }
+}
+#endif
+
 // ------------------------------------------------------------------------------------------ bitmask
 
 template <int NB, int KIND>
