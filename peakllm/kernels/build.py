@@ -41,7 +41,8 @@ def _cpu_tag() -> str:
 
 
 def _warn_once(name: str, msg: str) -> None:
-    if name not in _warned:
+    # One line per process, not one per library: without a compiler every library fails the same way.
+    if not _warned:
         _warned.add(name)
         warnings.warn(f"peakllm: {msg}; using the slower pure-torch path", RuntimeWarning, stacklevel=3)
 
