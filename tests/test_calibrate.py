@@ -128,6 +128,33 @@ def test_prune_cli_writes_loadable_folder(capsys, tmp_path, tiny_model_dir, text
     assert torch.equal(w, ours.model.layers[0].mlp.up_proj.weight)
 
 
+def test_prune_cli_owl_allocates_per_layer_sparsity_loading_the_model_once(capsys, tmp_path, tiny_model_dir, text_file,
+                                                                          monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import peakllm.models
+    from peakllm.cli import main
+
+    loads = []
+    real_load = peakllm.models.load_model
+    monkeypatch.setattr(peakllm.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    out = tmp_path / "owl"
+    code = main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--owl",
+                 "--owl-lambda", "0.1", "--calib-dataset", str(text_file), "--calib-samples", "4",
+                 "--calib-seqlen", "32", "--eval-tokens", "0", "--output", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["owl"] is True
+    assert len(loads) == 1  # the outlier pass runs on the model the pipeline then prunes
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    per_layer = []
+    for layer in hf.model.layers:
+        ws = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        per_layer.append(sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws))
+    assert all(0.4 - 0.01 <= s <= 0.6 + 0.01 for s in per_layer)  # within --sparsity +- --owl-lambda
+    assert max(per_layer) - min(per_layer) > 0.005  # non-uniform: OWL moved sparsity between layers
+    assert abs(result["sparsity"] - 0.5) < 0.02
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--sparsity", "1.5"], "sparsity"),
     (["--pattern", "4:4"], "0 < N < M"),

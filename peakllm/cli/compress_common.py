@@ -40,8 +40,10 @@ def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
     add_output_options(p)
 
 
-def run_compression(args, recipe, *, extra_result: dict) -> dict:
-    """Everything after argument parsing; returns the JSON result."""
+def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None) -> dict:
+    """Everything after argument parsing; returns the JSON result. `before_calibrate(model, segments)`,
+    when given, runs on the loaded dense model and its calibration segments just before calibration
+    (e.g. OWL's per-layer sparsity allocation), inside the timed part."""
     from peakllm.calibrate import calibrate
     from peakllm.data import calibration_segments
     from peakllm.eval import cached_evaluate, evaluate
@@ -66,6 +68,8 @@ def run_compression(args, recipe, *, extra_result: dict) -> dict:
         from peakllm.calibrate import is_moe
 
         recipe.moe = is_moe(model)
+    if before_calibrate is not None:
+        before_calibrate(model, segments)
     report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
                        progress=progress)
     compress_seconds = time.perf_counter() - start

@@ -43,25 +43,23 @@ def run(args) -> int:
     if grid is not None and args.format != "peakllm":
         raise PeakError("--bits stores codes and masks together: add --format peakllm")
     recipe = PruneRecipe(args.method, sparsity, pattern, grid, blocksize=args.blocksize, damp=args.damp)
-    if args.owl:
-        recipe.layer_sparsity = _owl_allocation(args, sparsity)
     extra = {"method": args.method, "sparsity_target": sparsity, "pattern": args.pattern, "bits": args.bits,
              "owl": args.owl}
-    result = run_compression(args, recipe, extra_result=extra)
+
+    def owl(model, segments):
+        recipe.layer_sparsity = _owl_allocation(model, segments, args, sparsity)
+
+    result = run_compression(args, recipe, extra_result=extra, before_calibrate=owl if args.owl else None)
     emit(result, args, f"pruned {args.model} with {args.method}")
     return 0
 
 
-def _owl_allocation(args, sparsity: float) -> list[float]:
-    """Per-layer sparsities from the dense model's outlier ratios (one extra pass over the calibration data)."""
+def _owl_allocation(model, segments, args, sparsity: float) -> list[float]:
+    """Per-layer sparsities from the dense model's outlier ratios (one extra pass over the calibration data,
+    on the model the pipeline then prunes: it is loaded once)."""
     from peakllm.calibrate import decoder_layers, input_sqnorms
-    from peakllm.data import calibration_segments
-    from peakllm.models import load_model
     from peakllm.solvers import outlier_ratio, owl_sparsities
 
-    model, tokenizer = load_model(args.model)
-    segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
-                                    seed=args.seed)
     sqnorms = input_sqnorms(model, segments, batch_size=args.batch_size, progress=not args.json)
     layers, prefix = decoder_layers(model)
     ratios = []
