@@ -163,3 +163,26 @@ def test_sparse_model_runs_in_the_engine():
         assert rt._step is not None
         outs.append(torch.cat([rt(ids[:, :3], 0)] + [rt(ids[:, t:t + 1], t) for t in range(3, 10)], 1))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5 * outs[1].abs().max().item())
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_sub1_lin_matches_the_dense_reference(sym):
+    """Sub-1-bit rows through the engine's row split: bands that start inside a block of rows decode
+    that block's earlier rows and drop them."""
+    from test_sub1_kernel import D8, D16, random_packed
+
+    from peakllm.kernels import sub1 as K
+
+    for dictionary, (rows, cols, p_zero, group_size, block_rows) in [
+            (D8, (37, 129, 0.9, -1, 16)), (D16, (19, 300, 0.98, 64, 8)), (D8, (64, 576, 0.92, 128, 16)),
+            (D16, (5, 7, 0.3, -1, 2))]:
+        packed = random_packed(rows, cols, p_zero, group_size, sym, dictionary, seed=rows, block_rows=block_rows)
+        bias = torch.randn(rows)
+        keep: list = []  # holds the operands the descriptor points into
+        lin = decode.sub1_lin(K.operands(packed), bias, cols, rows, keep)
+        W = packed.dequantize()
+        for batch in (1, 3):
+            x = torch.randn(batch, cols)
+            for threads in (1, 2, 3):
+                assert_close_to(decode.lin_apply(lin, x, threads), F.linear(x, W, bias),
+                                x.abs() @ W.abs().T + bias.abs())

@@ -18,18 +18,19 @@
 #include "dense_impl.h"
 #include "intk_impl.h"
 #include "sparse_impl.h"
+#include "sub1_impl.h"
 
 #include <atomic>
 #include <sched.h>
 
-enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INTK = 2, LIN_NM = 3, LIN_BITMASK = 4 };
+enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INTK = 2, LIN_NM = 3, LIN_BITMASK = 4, LIN_SUB1 = 5 };
 
 // One linear layer y = x @ W.T + bias as the engine reads it.
 struct Lin {
     int kind, in, out, bits, n_groups;
     int n, m, value_kind, group_size;  // sparse: N zeros per M; kept values' kind (sparse_impl.h) and code groups
     const void* w;          // dense weights [out, in] (fp32 / bf16), int-k codes [out, ceil(in*bits/8)],
-                            // or the sparse layouts' kept values / codes
+                            // the sparse layouts' kept values / codes, or a Sub1Matrix (sub1_impl.h)
     const float* bias;      // [out] or null
     const uint16_t* scales; // int-k codes (dense or sparse): fp16 [out, n_groups]
     const uint8_t* zeros;   // int-k codes: uint8 [out, n_groups]
@@ -41,13 +42,25 @@ struct Lin {
     int64_t total;          // bitmask: elements (floats) or bytes (codes) of the kept values
 };
 
-// One Llama-style decoder layer: the seven linears, norms, and this layer's KV cache [B, KV, S, D].
+// A mixture-of-experts MLP (peakllm_moe, batch 1, fp32): a linear router scores the E experts, the
+// top k run (gate_up [2I, dim]: gate rows first; down [dim, I]) and their outputs are summed.
+struct Moe {
+    Lin router;            // [E, dim] (+ bias)
+    const Lin* gate_up;    // E of them
+    const Lin* down;       // E of them
+    int n_experts, top_k, inter;
+    float* work;           // E + 3 * top_k * inter + top_k * dim floats
+};
+
+// One Llama-style decoder layer: the seven linears (g, u, d unused when moe is set), norms, and this
+// layer's KV cache [B, KV, S, D].
 struct Layer {
     Lin q, k, v, o, g, u, d;
     const void *mlp_norm, *next_norm, *qn, *kn;
     void *kc, *vc;
     int dim, n_heads, n_kv, head_dim, inter, max_seq;
     float eps, next_eps, qk_eps, scale;
+    const Moe* moe;
 };
 
 static constexpr int SPINS_BEFORE_YIELD = 1 << 14;
@@ -105,16 +118,28 @@ static void sparse_tile(const Lin& L, const Values& V, const float* xf, int64_t 
 // One thread's reusable buffers (thread_local: OpenMP keeps its worker threads between calls).
 struct Work {
     std::vector<float> wide, split, yf, attn;
+    std::vector<uint32_t> sub1buf;
     PreparedX px;
 };
 
 // Thread t's share of the output rows of y [B, out] = x [B, in] @ W.T + bias.
+// Rows [lo, hi) of y [B, out] = x [B, in] @ W.T + bias.
 template <typename TX>
-static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Work& w, std::atomic<int>& err) {
-    int lo, hi;
+static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, Work& w, std::atomic<int>& err) {
+    if (lo >= hi) return;
+    if (L.kind == LIN_SUB1) {  // one row of x at a time: the stream is decoded per row of x
+        const Sub1Matrix& m = *(const Sub1Matrix*)L.w;
+        w.wide.resize((size_t)L.in);
+        w.yf.resize((size_t)L.out);
+        w.sub1buf.resize((size_t)L.in + 8);
+        for (int b = 0; b < B; ++b) {
+            load_x_row(x, sizeof(TX) == 2, nullptr, L.in, b, w.wide.data());
+            sub1k::rows_b1_any(m, w.wide.data(), w.yf.data(), lo, hi, w.sub1buf.data());
+            for (int o = lo; o < hi; ++o) store1(y + (size_t)b * L.out + o, w.yf[o] + (L.bias ? L.bias[o] : 0.f));
+        }
+        return;
+    }
     if (L.kind == LIN_NM || L.kind == LIN_BITMASK) {
-        share(L.out, 4, t, nt, lo, hi);
-        if (lo >= hi) return;
         w.wide.assign((size_t)B * L.in + 8, 0.f);  // +8: whole-vector loads of the last columns stay inside
         for (int b = 0; b < B; ++b) load_x_row(x, sizeof(TX) == 2, nullptr, L.in, b, &w.wide[(size_t)b * L.in]);
         w.yf.resize((size_t)B * L.out);
@@ -147,8 +172,6 @@ static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Wor
                 store1(y + i, yf[i] + (L.bias ? L.bias[o] : 0.f));
             }
     } else if (L.kind == LIN_INTK) {
-        share(L.out, 1, t, nt, lo, hi);
-        if (lo >= hi) return;
         intk_prepare(x, sizeof(TX) == 2, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.px);
         float* yf;
         if constexpr (sizeof(TX) == sizeof(float)) {
@@ -167,17 +190,27 @@ static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Wor
                     store1(y + i, yf[i] + (L.bias ? L.bias[o] : 0.f));
                 }
     } else if (L.kind == LIN_F32) {
-        share(L.out, 4, t, nt, lo, hi);
-        if (lo >= hi) return;
         const float* xf = prepare_x<float, TX>(x, B, L.in, w.wide, w.split);
         dense_rows<float, TX>(xf, (const float*)L.w, L.bias, y, B, L.out, L.in, lo, hi);
     } else {
-        share(L.out, 4, t, nt, lo, hi);
-        if (lo >= hi) return;
         const float* xf = prepare_x<bf16_t, TX>(x, B, L.in, w.wide, w.split);
         dense_rows<bf16_t, TX>(xf, (const bf16_t*)L.w, L.bias, y, B, L.out, L.in, lo, hi);
     }
 }
+
+// Thread t's band of the output rows (whole 4-row tiles, except for int-k whose tiles start anywhere).
+template <typename TX>
+static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Work& w, std::atomic<int>& err) {
+    int lo, hi;
+    share(L.out, L.kind == LIN_INTK ? 1 : 4, t, nt, lo, hi);
+    lin_range<TX>(L, x, y, B, lo, hi, w, err);
+}
+
+// The MoE MLP of one token (B = 1, fp32) from h = mlp_norm(x) into d [dim]: router + top-k by thread 0,
+// then every thread takes the same band of the I rows of each selected expert's gate and up (so it
+// can apply SiLU * up itself), then a band of the dim output rows of every expert's down, summed.
+static void moe_mlp(const Moe& M, int dim, const float* h, float* d, int t, int nt, Work& w, std::atomic<int>& err,
+                    Barrier& bar);
 
 // Scratch TX elements the step needs for batch B (the largest layer).
 static size_t scratch_size(const Layer* layers, int n_layers, int B) {
@@ -232,6 +265,12 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
                 add_rmsnorm<TX>(x + (size_t)b * dim, o + (size_t)b * dim, (const TX*)L.mlp_norm, h + (size_t)b * dim,
                                 1, dim, L.eps);
             bar.wait(nt);
+            if constexpr (sizeof(TX) == sizeof(float)) {
+                if (L.moe) {
+                    moe_mlp(*L.moe, dim, (const float*)h, (float*)d, t, nt, w, err, bar);
+                    goto residual;
+                }
+            }
             lin_rows<TX>(L.g, h, g, B, t, nt, w, err);
             lin_rows<TX>(L.u, h, u, B, t, nt, w, err);
             bar.wait(nt);
@@ -240,6 +279,7 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
             bar.wait(nt);
             lin_rows<TX>(L.d, act, d, B, t, nt, w, err);
             bar.wait(nt);
+        residual:
             share(B, 1, t, nt, lo, hi);
             for (int b = lo; b < hi; ++b)
                 add_rmsnorm<TX>(x + (size_t)b * dim, d + (size_t)b * dim, (const TX*)L.next_norm, h + (size_t)b * dim,
@@ -249,6 +289,49 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
         if (head) lin_rows<TX>(*head, h, logits, B, t, nt, w, err);
     }
     return err.load();
+}
+
+static void moe_mlp(const Moe& M, int dim, const float* h, float* d, int t, int nt, Work& w, std::atomic<int>& err,
+                    Barrier& bar) {
+    const int E = M.n_experts, K = M.top_k, I = M.inter;
+    float* scores = M.work;
+    float* gu = scores + E;                      // [K, 2I]
+    float* act = gu + (size_t)K * 2 * I;          // [K, I]
+    float* parts = act + (size_t)K * I;           // [K, dim]
+    int* chosen = (int*)(parts + (size_t)K * dim);  // [K] (room for it is counted in work)
+    if (t == 0) {
+        lin_range<float>(M.router, h, scores, 1, 0, E, w, err);
+        // top k by score, highest first; ties keep the lower index (torch.topk's order does not matter:
+        // the experts' outputs are summed)
+        for (int j = 0; j < K; ++j) {
+            int best = -1;
+            for (int e = 0; e < E; ++e) {
+                bool taken = false;
+                for (int i = 0; i < j; ++i) taken |= chosen[i] == e;
+                if (!taken && (best < 0 || scores[e] > scores[best])) best = e;
+            }
+            chosen[j] = best;
+        }
+    }
+    bar.wait(nt);
+    int lo, hi;
+    share(I, 1, t, nt, lo, hi);
+    for (int j = 0; j < K; ++j) {
+        const Lin& G = M.gate_up[chosen[j]];
+        float* out = gu + (size_t)j * 2 * I;
+        lin_range<float>(G, h, out, 1, lo, hi, w, err);          // gate rows
+        lin_range<float>(G, h, out, 1, I + lo, I + hi, w, err);  // up rows
+        if (lo < hi) silu_mul<float>(out + lo, out + I + lo, act + (size_t)j * I + lo, hi - lo);
+    }
+    bar.wait(nt);
+    share(dim, 4, t, nt, lo, hi);
+    for (int j = 0; j < K; ++j) lin_range<float>(M.down[chosen[j]], act + (size_t)j * I, parts + (size_t)j * dim, 1, lo, hi, w, err);
+    for (int r = lo; r < hi; ++r) {
+        float s = 0.f;
+        for (int j = 0; j < K; ++j) s += parts[(size_t)j * dim + r];
+        d[r] = s;
+    }
+    bar.wait(nt);
 }
 
 extern "C" {

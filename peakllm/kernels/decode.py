@@ -16,7 +16,7 @@ import torch
 from peakllm.errors import PeakError
 from peakllm.kernels.build import load_library
 
-LIN_F32, LIN_BF16, LIN_INTK, LIN_NM, LIN_BITMASK = 0, 1, 2, 3, 4
+LIN_F32, LIN_BF16, LIN_INTK, LIN_NM, LIN_BITMASK, LIN_SUB1 = 0, 1, 2, 3, 4, 5
 _VALUE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # sparse_impl.h; 3 = int-k codes
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -31,13 +31,33 @@ class Lin(ctypes.Structure):
                 + [("total", ctypes.c_int64)])
 
 
+class Moe(ctypes.Structure):
+    """A mixture-of-experts MLP: linear router, top-k experts summed (mirrors the C struct)."""
+
+    _fields_ = [("router", Lin), ("gate_up", ctypes.POINTER(Lin)), ("down", ctypes.POINTER(Lin)),
+                ("n_experts", ctypes.c_int), ("top_k", ctypes.c_int), ("inter", ctypes.c_int),
+                ("work", ctypes.c_void_p)]
+
+
 class Layer(ctypes.Structure):
-    """One decoder layer (mirrors the C struct)."""
+    """One decoder layer (mirrors the C struct); `moe` points to a Moe or is null."""
 
     _fields_ = ([(n, Lin) for n in ("q", "k", "v", "o", "g", "u", "d")]
                 + [(n, ctypes.c_void_p) for n in ("mlp_norm", "next_norm", "qn", "kn", "kc", "vc")]
                 + [(n, ctypes.c_int) for n in ("dim", "n_heads", "n_kv", "head_dim", "inter", "max_seq")]
-                + [(n, ctypes.c_float) for n in ("eps", "next_eps", "qk_eps", "scale")])
+                + [(n, ctypes.c_float) for n in ("eps", "next_eps", "qk_eps", "scale")]
+                + [("moe", ctypes.c_void_p)])
+
+
+def moe(router: Lin, gate_up: list[Lin], down: list[Lin], top_k: int, inter: int, dim: int, keep: list):
+    """The C description of a MoE MLP (batch 1, fp32); returns its address for Layer.moe."""
+    E = len(gate_up)
+    gu, dn = (Lin * E)(*gate_up), (Lin * E)(*down)
+    work = torch.zeros(E + 3 * top_k * inter + top_k * dim + top_k)  # the last top_k floats hold ints
+    m = Moe(router, ctypes.cast(gu, ctypes.POINTER(Lin)), ctypes.cast(dn, ctypes.POINTER(Lin)), E, top_k, inter,
+            work.data_ptr())
+    keep.extend((gu, dn, work, m))
+    return ctypes.addressof(m)
 
 
 _fns: dict | None = None
@@ -139,6 +159,12 @@ def bitmask_lin(mask, row_offsets, in_features: int, out_features: int, values=N
     total = (values if values is not None else qweight).numel()
     return Lin(LIN_BITMASK, in_features, out_features, index=mask.data_ptr(), row_offsets=row_offsets.data_ptr(),
                qrow_offsets=_p(qrow_offsets), total=total, bias=_bias(bias, keep), **vals)
+
+
+def sub1_lin(operands, bias: torch.Tensor | None, in_features: int, out_features: int, keep: list) -> Lin:
+    """A sub-1-bit layer from its prepared kernel operands (kernels/sub1.py `operands`)."""
+    keep.append(operands)  # the struct and every tensor it points to
+    return Lin(LIN_SUB1, in_features, out_features, w=ctypes.addressof(operands.matrix), bias=_bias(bias, keep))
 
 
 def lin_apply(lin: Lin, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:

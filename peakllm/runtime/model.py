@@ -53,6 +53,41 @@ def _norm_params(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, flo
     return norm.weight.detach().to(dtype), float(eps)
 
 
+def _any_lin(module: nn.Module, keep: list):
+    """A decode-engine descriptor for a runtime module or a plain nn.Linear, or None."""
+    if hasattr(module, "decode_lin"):
+        return module.decode_lin(keep)
+    if type(module) is nn.Linear:
+        return decode.dense_lin(module.weight.detach(), module.bias, keep)
+    return None
+
+
+def _moe_desc(block: nn.Module, dim: int, batch: int, keep: list):
+    """The engine's description of a peakllm_moe MLP block (linear router, SiLU experts summed), at
+    batch 1 in fp32; None for anything else (its op-by-op path then runs)."""
+    from peakllm.models.moe import PeakMoeBlock, PeakMoeExperts
+    from peakllm.runtime.experts import PackedExperts
+
+    if batch != 1 or type(block) is not PeakMoeBlock or block.gate.hidden is not None:
+        return None
+    router = decode.dense_lin(block.gate.weight.detach(), block.gate.bias, keep)
+    experts = block.experts
+    if router is None or not isinstance(experts.act_fn, nn.SiLU) and type(experts.act_fn).__name__ != "SiLUActivation":
+        return None
+    if isinstance(experts, PackedExperts):
+        gate_up = [_any_lin(mod, keep) for mod in experts.gate_up]
+        down = [_any_lin(mod, keep) for mod in experts.down]
+    elif isinstance(experts, PeakMoeExperts):
+        gate_up = [decode.dense_lin(w, None, keep) for w in experts.gate_up_proj.detach()]
+        down = [decode.dense_lin(w, None, keep) for w in experts.down_proj.detach()]
+    else:
+        return None
+    if any(lin is None for lin in gate_up + down):
+        return None
+    inter = gate_up[0].out_features // 2
+    return decode.moe(router, gate_up, down, block.top_k, inter, dim, keep)
+
+
 class Attention(nn.Module):
     def __init__(self, hf_attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
@@ -136,24 +171,32 @@ class Block(nn.Module):
         self.register_buffer("mlp_norm", w2, persistent=False)
         self.dim = w1.shape[0]
 
-    def decode_layer(self, k_cache, v_cache, next_norm, next_eps, keep: list):
+    def decode_layer(self, k_cache, v_cache, next_norm, next_eps, keep: list, batch: int = 1):
         """This layer as the decode engine's C description, or None when one of its parts is something
         the engine cannot run (then the op-by-op path runs the whole model)."""
         a, m = self.attn, self.mlp
-        if not self.fused_act:
-            return None
+        moe = None
+        if self.fused_act:
+            mlp_linears = (m.gate_proj, m.up_proj, m.down_proj)
+        else:
+            moe = _moe_desc(m, self.dim, batch, keep) if self.attn_norm.dtype == torch.float32 else None
+            if moe is None:
+                return None
+            mlp_linears = ()
         lins = []
-        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, *mlp_linears):
             made = lin.decode_lin(keep) if hasattr(lin, "decode_lin") else None
             if made is None:
                 return None
             lins.append(made)
+        lins += [decode.Lin()] * (7 - len(lins))  # a MoE layer's MLP is described by `moe`
         qn, kn = getattr(a, "q_norm_weight", None), getattr(a, "k_norm_weight", None)
         keep.extend(t for t in (self.mlp_norm, next_norm, qn, kn, k_cache, v_cache) if t is not None)
         p = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         return decode.Layer(*lins, p(self.mlp_norm), p(next_norm), p(qn), p(kn), p(k_cache), p(v_cache),
-                            self.dim, a.n_heads, a.n_kv_heads, a.head_dim, m.down_proj.in_features,
-                            k_cache.shape[2], self.eps, next_eps, getattr(a, "qk_eps", 0.0), a.scaling)
+                            self.dim, a.n_heads, a.n_kv_heads, a.head_dim,
+                            0 if moe is not None else m.down_proj.in_features, k_cache.shape[2], self.eps, next_eps,
+                            getattr(a, "qk_eps", 0.0), a.scaling, moe)
 
     def forward(self, x, cos, sin_signed, k_cache, v_cache, start_pos, mask):
         h = x + self.attn(F.rms_norm(x, (self.dim,), self.attn_norm, self.eps), cos, sin_signed,
@@ -244,7 +287,7 @@ class RuntimeModel(nn.Module):
             last = i + 1 == len(self.layers)
             nxt_w, nxt_eps = (self.norm_weight, self.norm_eps) if last else (self.layers[i + 1].attn_norm,
                                                                               self.layers[i + 1].eps)
-            made = layer.decode_layer(self.k_cache[i], self.v_cache[i], nxt_w, nxt_eps, keep)
+            made = layer.decode_layer(self.k_cache[i], self.v_cache[i], nxt_w, nxt_eps, keep, batch)
             if made is None:
                 return None
             layers.append(made)

@@ -42,6 +42,12 @@ class Sub1Linear(nn.Module):
             y = y + self.bias.float()
         return y if x.dtype == torch.float32 or not x.dtype.is_floating_point else y.to(x.dtype)
 
+    def decode_lin(self, keep: list):
+        """This layer as a descriptor of the whole-step decode engine (kernels/decode.py)."""
+        from peakllm.kernels import decode
+
+        return decode.sub1_lin(self._ops, self.bias, self.in_features, self.out_features, keep)
+
     def extra_repr(self) -> str:
         p = self.packed
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
