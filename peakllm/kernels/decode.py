@@ -1,10 +1,10 @@
 """The whole-step decode engine (decode.cpp): one C call per token for every layer and the lm_head.
 
-The runtime describes each linear layer as a `Lin` (dense fp32/bf16 weights, group-wise int-k codes, or
-N:M / bitmask sparse weights with float or int-k kept values)
+The runtime describes each linear layer as a `Lin` (dense fp32/bf16 weights, group-wise int-k codes,
+N:M / bitmask sparse weights with float or int-k kept values, or a sub-1-bit stream)
 and each decoder layer as a `Layer`; `Step` holds the C arrays, keeps every tensor they point to alive,
-and runs a step. Layers the engine cannot describe (other packed kinds, mixture-of-experts blocks,
-other activations) make the runtime use its op-by-op path instead, which computes the same numbers.
+and runs a step. Layers the engine cannot describe (other module types, MoE blocks at batch > 1 or
+in bf16, other activations) make the runtime use its op-by-op path instead, which computes the same numbers.
 """
 
 from __future__ import annotations

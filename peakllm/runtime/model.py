@@ -6,9 +6,10 @@ both prefill and decode. The linear layers are the HF model's own modules, so pa
 (`peakllm.runtime.linear`) drop in unchanged; a plain dense `nn.Linear` becomes a `DenseLinear`,
 which on the decode path runs the compiled streaming matvec of `peakllm.kernels.dense`.
 
-Decoding one token runs, when every layer can be described to it (dense fp32/bf16 or int-k linears,
-SiLU-gated MLP), the whole-step engine of `peakllm.kernels.decode`: one C call for all layers and the
-lm_head. Otherwise (other packed kinds, MoE blocks) each module runs on its own, op by op.
+Decoding one token runs, when every layer can be described to it (dense, int-k, sparse or sub-1-bit
+linears; SiLU-gated MLP, or a peakllm_moe block at batch 1 in fp32), the whole-step engine of
+`peakllm.kernels.decode`: one C call for all layers and the lm_head. Otherwise each module runs on its
+own, op by op.
 """
 
 from __future__ import annotations
