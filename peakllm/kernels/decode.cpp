@@ -9,7 +9,9 @@
 //   q, k, v rows | k/v RoPE + cache append | attention heads | o rows | residual + RMSNorm |
 //   gate, up rows | SiLU * up | down rows | residual + next RMSNorm
 // Each linear is a `Lin` descriptor: dense fp32 / bf16 weights (dense_impl.h), group-wise int-k codes
-// (intk_impl.h), or N:M / bitmask sparse weights with float or int-k kept values (sparse_impl.h). Every thread takes a contiguous band of output rows of each linear (one stream through
+// (intk_impl.h), N:M / bitmask sparse weights with float or int-k kept values (sparse_impl.h), or a
+// sub-1-bit stream (sub1_impl.h). A layer's MLP may instead be a mixture of experts (`Moe`, batch 1):
+//   router + top-k | gate/up rows of each chosen expert, SiLU * up | down rows of each, summed Every thread takes a contiguous band of output rows of each linear (one stream through
 // the weights per thread) and prepares its own copy of the activations (x widened / reordered for the
 // kernel; a few KB, cheaper than another barrier). Arithmetic and rounding are those of the per-op
 // kernels, so the engine computes exactly what the op-by-op path computes.
