@@ -102,3 +102,19 @@ def test_cli_bench_json(monkeypatch, capsys, tiny_tokenizer):
     assert KEYS | {"model"} <= set(result) and result["model"] == "tiny" and result["threads"] == 1
     assert result["bandwidth_gb_s"] == 40.0
     assert main(["bench", "--new-tokens", "1"]) == 2  # a user error, one line on stderr
+
+
+def test_weight_bytes_of_moe_count_only_routed_experts():
+    from peakllm.models.moe import PeakMoeConfig, PeakMoeForCausalLM
+
+    cfg = PeakMoeConfig(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                        num_experts=4, num_experts_per_tok=1, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64)
+    hf = PeakMoeForCausalLM(cfg).eval()
+    experts = sum(p.numel() * 4 for layer in hf.model.layers for p in layer.mlp.experts.parameters())
+    everything = sum(p.numel() * 4 for p in hf.parameters())  # tied: the embedding is counted once
+    for batch in (1, 2):
+        read = 1 - (1 - 1 / 4) ** batch  # share of experts that `batch` uniformly routed tokens touch
+        expect = everything - experts + int(experts * read) + batch * 64 * 4
+        assert abs(weight_bytes_per_step(hf, batch=batch) - expect) <= 2
+        assert abs(weight_bytes_per_step(RuntimeModel.from_hf(hf), batch=batch) - expect) <= 2

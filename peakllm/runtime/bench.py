@@ -46,21 +46,39 @@ def _weights(model: nn.Module):
     return embed, groups
 
 
+def _expert_shares(model: nn.Module, batch: int) -> dict[int, float]:
+    """{id(module): share of its bytes a decode step reads} for the modules under MoE experts: a step
+    reads only the experts its tokens are routed to. With k of E experts per token that is k/E at batch
+    1, and E * (1 - (1 - k/E)^B) / E expected distinct experts at batch B under uniform routing."""
+    shares: dict[int, float] = {}
+    for block in model.modules():
+        E, k, experts = getattr(block, "num_experts", None), getattr(block, "top_k", None), getattr(block, "experts", None)
+        if not (isinstance(E, int) and isinstance(k, int) and isinstance(experts, nn.Module) and 0 < k <= E):
+            continue
+        share = 1.0 - (1.0 - k / E) ** batch
+        for module in experts.modules():
+            shares[id(module)] = share
+    return shares
+
+
 def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
     """Bytes of weights one decode step reads: every linear (dense or packed, as stored), the norms,
-    the lm_head (the tied embedding counts once, as the head), and `batch` embedding rows.
+    the lm_head (the tied embedding counts once, as the head), and `batch` embedding rows; of the
+    experts of a MoE block, the share its tokens are routed to (`_expert_shares`).
 
     Works on a RuntimeModel and on an HF model alike; rotary tables and KV caches are not weights.
     """
     embed, groups = _weights(model)
-    total = 0
+    shares = _expert_shares(model, batch)
+    total = 0.0
     for module, tensors in groups:
         if hasattr(module, "packed_nbytes"):
             # A packed module knows its stored bytes (it may keep helper copies that one step never reads).
-            total += int(module.packed_nbytes())
+            nbytes = int(module.packed_nbytes())
         else:
-            total += sum(t.numel() * t.element_size() for t in tensors)
-    return total + batch * embed.shape[1] * embed.element_size()
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        total += nbytes * shares.get(id(module), 1.0)
+    return int(total) + batch * embed.shape[1] * embed.element_size()
 
 
 def peak_rss_bytes() -> int:
