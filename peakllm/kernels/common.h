@@ -1,5 +1,5 @@
 // Helpers shared by the packed-weight kernels (intk.cpp, sparse.cpp): fp16/bf16 conversion, bitstream
-// reads, activation loading, thread choice, horizontal sums. build.py hashes this header with each source.
+// reads, activation loading, thread choice and row shares, horizontal sums. build.py hashes this header with each source.
 #pragma once
 
 enum { MAX_TILE = 4 };  // rows of x a packed-weight tile serves at once
@@ -69,6 +69,15 @@ static inline void load_x_row(const void* x, int x_bf16, const int32_t* perm, in
         const float* xf = (const float*)x + b * in;
         for (int64_t c = 0; c < in; c++) dst[c] = xf[perm ? perm[c] : c];
     }
+}
+
+// Thread t's share [lo, hi) of n items, in units of `align` (the last share takes the remainder).
+static inline void share(int n, int align, int t, int nt, int& lo, int& hi) {
+    const int units = (n + align - 1) / align;
+    lo = (int)((long)units * t / nt) * align;
+    hi = (int)((long)units * (t + 1) / nt) * align;
+    if (hi > n) hi = n;
+    if (lo > n) lo = n;
 }
 
 static inline int pick_threads(int threads, int64_t work) {

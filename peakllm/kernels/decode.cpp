@@ -91,14 +91,30 @@ struct Barrier {
     }
 };
 
+// Rows [lo, hi) of y [B, out] from their fp32 values yf [B, out], plus the bias, rounded once to TX.
+template <typename TX>
+static void store_band(const float* yf, const float* bias, TX* y, int B, int out, int lo, int hi) {
+    for (int b = 0; b < B; ++b)
+        for (int o = lo; o < hi; ++o) {
+            const size_t i = (size_t)b * out + o;
+            store1(y + i, yf[i] + (bias ? bias[o] : 0.f));
+        }
+}
+
+// Bytes of one row of N:M positions (ceil(log2 M) bits per kept value).
+static inline int64_t nm_index_row_bytes(const Lin& L) {
+    const int pos_bits = L.m <= 2 ? 1 : (32 - __builtin_clz((unsigned)(L.m - 1)));
+    return ((int64_t)L.in / L.m * (L.m - L.n) * pos_bits + 7) / 8;
+}
+
 // One sparse tile: rows b0..b0+NB-1 of x against output feature o (errors: positions or offsets that
 // disagree with the layout, which the modules' checks at load time rule out).
 template <int NB>
 static void sparse_tile(const Lin& L, const Values& V, const float* xf, int64_t o, int b0, float* yf,
                         std::atomic<int>& err) {
     if (L.kind == LIN_NM) {
-        const int keep = L.m - L.n, pos_bits = L.m <= 2 ? 1 : (32 - __builtin_clz((unsigned)(L.m - 1)));
-        const int64_t idx_row_bytes = ((int64_t)L.in / L.m * keep * pos_bits + 7) / 8;
+        const int keep = L.m - L.n;
+        const int64_t idx_row_bytes = nm_index_row_bytes(L);
         switch (V.kind) {
             case F32: nm_tile<NB, F32>(xf, L.in, L.out, keep, L.m, L.index, idx_row_bytes, V, o, b0, yf, err); break;
             case BF16: nm_tile<NB, BF16>(xf, L.in, L.out, keep, L.m, L.index, idx_row_bytes, V, o, b0, yf, err); break;
@@ -124,7 +140,6 @@ struct Work {
     PreparedX px;
 };
 
-// Thread t's share of the output rows of y [B, out] = x [B, in] @ W.T + bias.
 // Rows [lo, hi) of y [B, out] = x [B, in] @ W.T + bias.
 template <typename TX>
 static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, Work& w, std::atomic<int>& err) {
@@ -132,13 +147,13 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
     if (L.kind == LIN_SUB1) {  // one row of x at a time: the stream is decoded per row of x
         const Sub1Matrix& m = *(const Sub1Matrix*)L.w;
         w.wide.resize((size_t)L.in);
-        w.yf.resize((size_t)L.out);
+        w.yf.resize((size_t)B * L.out);
         w.sub1buf.resize((size_t)L.in + 8);
         for (int b = 0; b < B; ++b) {
             load_x_row(x, sizeof(TX) == 2, nullptr, L.in, b, w.wide.data());
-            sub1k::rows_b1_any(m, w.wide.data(), w.yf.data(), lo, hi, w.sub1buf.data());
-            for (int o = lo; o < hi; ++o) store1(y + (size_t)b * L.out + o, w.yf[o] + (L.bias ? L.bias[o] : 0.f));
+            sub1k::rows_b1_any(m, w.wide.data(), w.yf.data() + (size_t)b * L.out, lo, hi, w.sub1buf.data());
         }
+        store_band<TX>(w.yf.data(), L.bias, y, B, L.out, lo, hi);
         return;
     }
     if (L.kind == LIN_NM || L.kind == LIN_BITMASK) {
@@ -153,10 +168,9 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
         // int-k kept values are compute-bound: four rows per x load pay off. Float kept values are
         // memory-bound, and eight concurrent streams (values and positions of four rows) measured slower
         // than one row at a time (2:4 fp32 layers 10-12 vs 13-19 ms a token on the dev machine).
-        if (B == 1 && L.kind == LIN_NM && V.kind == CODES && nm24_fast(L.n, L.m, V)) {
-            const int64_t idx_row_bytes = ((int64_t)L.in / 2 * 2 + 7) / 8;  // 2 kept of 4, 2-bit positions
-            for (; o + 4 <= hi; o += 4) nm24_tile4_b1<CODES>(w.wide.data(), L.in, L.index, idx_row_bytes, V, o, yf);
-        }
+        if (B == 1 && L.kind == LIN_NM && V.kind == CODES && nm24_fast(L.n, L.m, V))
+            for (; o + 4 <= hi; o += 4)
+                nm24_tile4_b1<CODES>(w.wide.data(), L.in, L.index, nm_index_row_bytes(L), V, o, yf);
 #endif
         for (; o < hi; ++o) {
             int b0 = 0;
@@ -168,11 +182,7 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
                 default: break;
             }
         }
-        for (int b = 0; b < B; ++b)
-            for (int o = lo; o < hi; ++o) {
-                const size_t i = (size_t)b * L.out + o;
-                store1(y + i, yf[i] + (L.bias ? L.bias[o] : 0.f));
-            }
+        store_band<TX>(yf, L.bias, y, B, L.out, lo, hi);
     } else if (L.kind == LIN_INTK) {
         intk_prepare(x, sizeof(TX) == 2, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.px);
         float* yf;
@@ -185,12 +195,7 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
         const Problem P{(const uint8_t*)L.w, L.scales, L.zeros, L.gstart, L.in, L.out, ((int64_t)L.in * L.bits + 7) / 8,
                         L.bits, L.n_groups, B, w.px.xp.data(), w.px.xblk.data(), w.px.xsum.data(), yf};
         intk_rows_any(P, lo, hi);
-        if (L.bias || sizeof(TX) != sizeof(float))
-            for (int b = 0; b < B; ++b)
-                for (int o = lo; o < hi; ++o) {
-                    const size_t i = (size_t)b * L.out + o;
-                    store1(y + i, yf[i] + (L.bias ? L.bias[o] : 0.f));
-                }
+        if (L.bias || sizeof(TX) != sizeof(float)) store_band<TX>(yf, L.bias, y, B, L.out, lo, hi);
     } else if (L.kind == LIN_F32) {
         const float* xf = prepare_x<float, TX>(x, B, L.in, w.wide, w.split);
         dense_rows<float, TX>(xf, (const float*)L.w, L.bias, y, B, L.out, L.in, lo, hi);

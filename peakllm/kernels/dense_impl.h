@@ -247,15 +247,6 @@ static void dense_rows(const float* xf, const TW* W, const float* bias, TY* y, i
     }
 }
 
-// Thread t's share [lo, hi) of n items, in units of `align` (the last share takes the remainder).
-static inline void share(int n, int align, int t, int nt, int& lo, int& hi) {
-    const int units = (n + align - 1) / align;
-    lo = (int)((long)units * t / nt) * align;
-    hi = (int)((long)units * (t + 1) / nt) * align;
-    if (hi > n) hi = n;
-    if (lo > n) lo = n;
-}
-
 template <typename TW, typename TX>
 static void dense(const TX* x, const TW* W, const float* bias, TX* y, int M, int N, int K, int nthreads) {
     // Widen x to fp32 once; M*K is small on the decode path (M = batch).

@@ -31,8 +31,9 @@ int intk_gemm(const void* x, int x_bf16, const int32_t* perm, int B, int64_t in,
     const int64_t work = out * in * B;
 #pragma omp parallel num_threads(pick_threads(threads, work))
     {   // contiguous bands of whole 4-row tiles, one per thread
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), tiles = (out + 3) / 4;
-        intk_rows_any(P, std::min(out, tiles * t / nt * 4), std::min(out, tiles * (t + 1) / nt * 4));
+        int lo, hi;
+        share((int)out, 4, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+        intk_rows_any(P, lo, hi);
     }
     return 0;
 }

@@ -102,12 +102,11 @@ int nm_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t out, int n, in
     if (B == 1 && V.kind == CODES && nm24_fast(n, m, V)) {  // the decode engine's batch-1 2:4 tile
 #pragma omp parallel num_threads(pick_threads(threads, out * per_row))
         {
-            const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), tiles = out / 4;
-            const int64_t lo = tiles * t / nt * 4, hi = tiles * (t + 1) / nt * 4;
-            for (int64_t o = lo; o < hi; o += 4) nm24_tile4_b1<CODES>(xf.data(), in, indices, idx_row_bytes, V, o, y);
-            if (t == nt - 1)
-                for (int64_t o = tiles * 4; o < out; o++)
-                    nm_tile<1, CODES>(xf.data(), in, out, keep, m, indices, idx_row_bytes, V, o, 0, y, err);
+            int lo, hi;
+            share((int)out, 4, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+            int o = lo;
+            for (; o + 4 <= hi; o += 4) nm24_tile4_b1<CODES>(xf.data(), in, indices, idx_row_bytes, V, o, y);
+            for (; o < hi; o++) nm_tile<1, CODES>(xf.data(), in, out, keep, m, indices, idx_row_bytes, V, o, 0, y, err);
         }
         return err ? 2 : 0;
     }
