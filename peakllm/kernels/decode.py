@@ -94,6 +94,11 @@ def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _check(rc: int) -> None:
+    if rc:
+        raise PeakError("the decode engine found sparse positions / offsets that disagree with the layout")
+
+
 def _bias(bias: torch.Tensor | None, keep: list) -> int | None:
     if bias is None:
         return None
@@ -171,10 +176,8 @@ def lin_apply(lin: Lin, x: torch.Tensor, threads: int | None = None) -> torch.Te
     """y = x @ W.T + bias for fp32 x [B, in] through the engine's per-thread row split (tests)."""
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], lin.out_features)
-    rc = _kernels()["lin_apply_f32"](ctypes.byref(lin), x.data_ptr(), y.data_ptr(), x.shape[0],
-                                     threads or torch.get_num_threads())
-    if rc:
-        raise PeakError("the decode engine found sparse positions / offsets that disagree with the layout")
+    _check(_kernels()["lin_apply_f32"](ctypes.byref(lin), x.data_ptr(), y.data_ptr(), x.shape[0],
+                                       threads or torch.get_num_threads()))
     return y
 
 
@@ -196,9 +199,7 @@ class Step:
         """x [B, 1, dim] residual (in place), h = attn_norm(x) of layer 0 (becomes the final norm's
         output); returns logits [B, 1, vocab] when the engine has the lm_head, else None."""
         logits = None if self.head is None else torch.empty(x.shape[0], 1, self.vocab, dtype=self.dtype)
-        rc = self.fn(self.layers, len(self.layers), None if self.head is None else ctypes.byref(self.head),
-                     x.data_ptr(), h.data_ptr(), _p(logits), x.shape[0], pos, cos.data_ptr(), sin_signed.data_ptr(),
-                     self.scratch.data_ptr(), threads)
-        if rc:
-            raise PeakError("the decode engine found sparse positions / offsets that disagree with the layout")
+        _check(self.fn(self.layers, len(self.layers), None if self.head is None else ctypes.byref(self.head),
+                       x.data_ptr(), h.data_ptr(), _p(logits), x.shape[0], pos, cos.data_ptr(), sin_signed.data_ptr(),
+                       self.scratch.data_ptr(), threads))
         return logits

@@ -54,6 +54,10 @@ def _norm_params(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, flo
     return norm.weight.detach().to(dtype), float(eps)
 
 
+def _is_silu(fn) -> bool:
+    return isinstance(fn, nn.SiLU) or type(fn).__name__ == "SiLUActivation"
+
+
 def _any_lin(module: nn.Module, keep: list):
     """A decode-engine descriptor for a runtime module or a plain nn.Linear, or None."""
     if hasattr(module, "decode_lin"):
@@ -73,7 +77,7 @@ def _moe_desc(block: nn.Module, dim: int, batch: int, keep: list):
         return None
     router = decode.dense_lin(block.gate.weight.detach(), block.gate.bias, keep)
     experts = block.experts
-    if router is None or not isinstance(experts.act_fn, nn.SiLU) and type(experts.act_fn).__name__ != "SiLUActivation":
+    if router is None or not _is_silu(experts.act_fn):
         return None
     if isinstance(experts, PackedExperts):
         gate_up = [_any_lin(mod, keep) for mod in experts.gate_up]
@@ -162,7 +166,7 @@ class Block(nn.Module):
         self.attn = Attention(hf_layer.self_attn, cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"], dtype)
         if hasattr(hf_layer.mlp, "gate_proj"):
             self.mlp = MLP(hf_layer.mlp, dtype)
-            self.fused_act = isinstance(self.mlp.act_fn, nn.SiLU) or type(self.mlp.act_fn).__name__ == "SiLUActivation"
+            self.fused_act = _is_silu(self.mlp.act_fn)
         else:  # e.g. a mixture-of-experts block (dense or with packed experts): run the model's own module
             self.mlp = hf_layer.mlp.to(dtype)
             self.fused_act = False
@@ -184,12 +188,9 @@ class Block(nn.Module):
             if moe is None:
                 return None
             mlp_linears = ()
-        lins = []
-        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, *mlp_linears):
-            made = lin.decode_lin(keep) if hasattr(lin, "decode_lin") else None
-            if made is None:
-                return None
-            lins.append(made)
+        lins = [_any_lin(lin, keep) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, *mlp_linears)]
+        if any(lin is None for lin in lins):
+            return None
         lins += [decode.Lin()] * (7 - len(lins))  # a MoE layer's MLP is described by `moe`
         qn, kn = getattr(a, "q_norm_weight", None), getattr(a, "k_norm_weight", None)
         keep.extend(t for t in (self.mlp_norm, next_norm, qn, kn, k_cache, v_cache) if t is not None)
@@ -292,7 +293,7 @@ class RuntimeModel(nn.Module):
             if made is None:
                 return None
             layers.append(made)
-        head = self.lm_head.decode_lin(keep) if hasattr(self.lm_head, "decode_lin") else None
+        head = _any_lin(self.lm_head, keep)
         return decode.Step(layers, head, self.dtype, batch, keep)
 
     @torch.inference_mode()
