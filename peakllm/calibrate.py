@@ -228,12 +228,16 @@ def _flow_groups(layer, linears: dict[str, nn.Linear], experts: dict[str, nn.Mod
 
 @torch.inference_mode()
 def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, sequential: bool = True,
-              offload_bytes: int | None = 2 << 30, progress: bool = True) -> CalibrationReport:
+              offload_bytes: int | None = 2 << 30, progress: bool = True, io=None) -> CalibrationReport:
     """Compress every linear matrix in the decoder layers of `model` in place with `method`.
 
     `segments` [n, seqlen] are calibration token ids. `method.stats` names the statistics it needs
     ({"hessian"}, {"sqnorm"} or both); `method.compress(name, layer_index, W, stats)` returns an object with
     a `.weight` (the new dense weight) and whatever it wants kept (masks, codes, solve info).
+
+    `io` (streaming, see calibrate_stream.py) brings layers in and out: `io.start_layer` and, when it is
+    above 0, `io.resume_acts(acts)` (the checkpointed inputs of that layer); `io.load(li)` before layer li is
+    touched, `io.done(li, layer, acts, report)` once it is compressed and `acts` hold the next layer's inputs.
     """
     from tqdm.auto import tqdm
 
@@ -254,17 +258,25 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
                     method.check(f"{prefix}.{li}.{name}.{part}.0", tuple(getattr(mod, part).shape[1:]))
     report = CalibrationReport(layers=len(layers), calib_tokens=int(segments.numel()))
     t_start = time.perf_counter()
+    start = io.start_layer if io is not None else 0
     if not set(method.stats) - {"tokens"}:  # e.g. magnitude, RTN: the data changes nothing, skip the passes
         report.calib_tokens = 0
-        _compress_without_data(layers, prefix, moe, method, report, progress)
+        _compress_without_data(layers, prefix, moe, method, report, progress, io)
         report.seconds["total"] = time.perf_counter() - t_start
         return report
     acts, layer_kwargs = capture_inputs(model, segments, batch_size, offload_bytes)
+    if start:
+        acts = io.resume_acts(acts)
     report.seconds["capture"] = time.perf_counter() - t_start
     kinds = set(method.stats)
-    bar = tqdm(total=len(layers), desc=f"calibrating ({method.name})", unit="layer", disable=not progress)
+    bar = tqdm(total=len(layers), initial=start, desc=f"calibrating ({method.name})", unit="layer",
+               disable=not progress)
     try:
         for li, layer in enumerate(layers):
+            if li < start:
+                continue
+            if io is not None:
+                layer = io.load(li)
             linears = compressible_linears(layer, moe)
             experts = fused_experts(layer)
             if linears or experts:
@@ -305,6 +317,8 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
             acts.close()
             acts = nxt
             report.seconds["forward"] += time.perf_counter() - t0
+            if io is not None:
+                io.done(li, layer, acts, report)
             bar.update(1)
     finally:
         bar.close()
@@ -372,10 +386,18 @@ def input_sqnorms(model, segments: torch.Tensor, *, batch_size: int = 8, progres
     return {n: s.finish()["sqnorm"] for n, s in stats.items()}
 
 
-def _compress_without_data(layers, prefix: str, moe: bool, method, report: CalibrationReport, progress: bool) -> None:
+def _compress_without_data(layers, prefix: str, moe: bool, method, report: CalibrationReport, progress: bool,
+                           io=None) -> None:
     from tqdm.auto import tqdm
 
-    for li, layer in enumerate(tqdm(layers, desc=f"compressing ({method.name})", unit="layer", disable=not progress)):
+    start = io.start_layer if io is not None else 0
+    bar = tqdm(total=len(layers), initial=start, desc=f"compressing ({method.name})", unit="layer",
+               disable=not progress)
+    for li, layer in enumerate(layers):
+        if li < start:
+            continue
+        if io is not None:
+            layer = io.load(li)
         t0 = time.perf_counter()
         for name, mod in compressible_linears(layer, moe).items():
             full = f"{prefix}.{li}.{name}"
@@ -388,3 +410,7 @@ def _compress_without_data(layers, prefix: str, moe: bool, method, report: Calib
             for part in PARTS:
                 E = getattr(experts, part).shape[0]
                 compress_experts(f"{prefix}.{li}.{name}", experts, part, [{"tokens": 0}] * E, method, li, report)
+        if io is not None:
+            io.done(li, layer, None, report)
+        bar.update(1)
+    bar.close()

@@ -73,6 +73,22 @@ def dense_state(model, skip_modules: set[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def layer_tensors(layer, prefix: str, results: dict, fmt: str) -> tuple[dict, dict]:
+    """(dense tensors, packed modules) of one compressed decoder layer under its full names, as the
+    whole-model writers would store them (streaming writes them shard by shard)."""
+    packed = {} if fmt == "hf" else {name: packed_module(r, fmt) for name, r in results.items()}
+    fused = {name.rsplit(".", 1)[0] for name in packed if is_expert(name)}
+    dense = {}
+    for name, t in layer.state_dict().items():
+        full = prefix + name
+        if full.endswith(".weight") and full[: -len(".weight")] in packed:
+            continue
+        if full in fused:
+            continue
+        dense[full] = t.detach().contiguous()
+    return dense, packed
+
+
 def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_info: dict,
                     overwrite: bool = False) -> dict:
     """Write `model` (already compressed in place) to `out_dir` in format `fmt`; return size facts."""

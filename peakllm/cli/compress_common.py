@@ -36,8 +36,49 @@ def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
     p.add_argument("--eval-tokens", type=int, default=4096,
                    help="wiki perplexity budget before and after (tokens, seqlen 512); 0 skips evaluation (default: %(default)s)")
     p.add_argument("--eval-dataset", default="wiki", help="dataset for the before/after perplexity (default: %(default)s)")
+    g = p.add_argument_group("big models (streaming)")
+    g.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                   help="read the model one decoder layer at a time from its safetensors shards and write the output "
+                   "shard by shard, so peak memory is one layer plus activations whatever the model's size; auto: "
+                   "when the model in fp32 would take more than half of --max-memory (default: %(default)s)")
+    g.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="memory budget, e.g. 4GB; a streamed run predicts its peak from the shapes first and refuses "
+                   "to start if it cannot fit (default: what the machine has available)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted streamed run of the same --output from its last finished layer "
+                   "(same input and arguments required; the result is identical to an uninterrupted run)")
     add_threads_option(p)
     add_output_options(p)
+
+
+def wants_stream(args) -> bool:
+    """--stream on/off, or auto: stream when the input is a safetensors folder too big to hold in fp32."""
+    from peakllm import memory
+    from peakllm.models import resolve
+
+    mode = getattr(args, "stream", "off")
+    if getattr(args, "resume", False):
+        if mode == "off":
+            raise PeakError("--resume continues a streamed run: it cannot be combined with --stream off")
+        return True
+    if mode != "auto":
+        return mode == "on"
+    kind, path = resolve(args.model)
+    if kind != "hf":
+        return False
+    from peakllm.models.stream import SOURCE_DTYPES, SourceFiles
+
+    src = SourceFiles.scan(path)
+    fp32 = sum(4 * _numel(shape) for _, dtype, shape in src.tensors.values() if dtype in SOURCE_DTYPES)
+    budget = memory.parse_size(args.max_memory) if args.max_memory else memory.available_bytes()
+    return budget is not None and fp32 > budget // 2
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None) -> dict:
@@ -53,6 +94,17 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None) 
     set_threads(args.threads)
     if args.eval_tokens < 0:
         raise PeakError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
+    if wants_stream(args):
+        from peakllm.calibrate_stream import run_streamed
+
+        if before_calibrate is not None:
+            raise PeakError("this option needs the whole model in memory (e.g. --owl's outlier pass); "
+                            "use --stream off")
+        return run_streamed(args, recipe, extra_result=extra_result, progress=not args.json)
+    if getattr(args, "max_memory", None):
+        from peakllm import memory
+
+        memory.parse_size(args.max_memory)  # a malformed size fails before the work
     check_output(args.output, args.overwrite)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)

@@ -77,15 +77,19 @@ def quantization_config(packed_modules: dict) -> dict:
     so with any asymmetric module the config asks transformers to dequantize at load time instead; that path
     decodes every module with the first config group, so it takes exactly one scheme.
     """
+    return config_from_schemes({name: _scheme(mod) for name, mod in packed_modules.items()})
+
+
+def config_from_schemes(schemes: dict) -> dict:
+    """quantization_config from each module's scheme (see quantization_config)."""
     groups: dict[str, dict] = {}
-    for name, mod in packed_modules.items():
-        scheme = _scheme(mod)
+    for name, scheme in schemes.items():
         key = json.dumps(scheme, sort_keys=True)
         groups.setdefault(key, {"targets": [], **scheme})["targets"].append(name)
     config = {"quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
               "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
               "ignore": [], "kv_cache_scheme": None, "global_compression_ratio": None}
-    if any(not mod.sym for mod in packed_modules.values()):
+    if any(not scheme["weights"]["symmetric"] for scheme in schemes.values()):
         if len(groups) > 1:
             raise PeakError("compressed-tensors export of asymmetric weights takes one scheme (bits, group size) "
                             "for all layers, since transformers can only dequantize those at load time and then "

@@ -27,12 +27,13 @@ from peakllm.formats.sparse import PackedBitmask, PackedNM
 FORMAT_NAME = "peakllm"
 CONTAINER_VERSION = 1
 TENSORS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # sharded folders (written layer by layer, formats/shards.py)
 MANIFEST_FILE = "peakllm.json"
 CONFIG_FILE = "config.json"
 MAX_HEADER_BYTES = 256 << 20
 MAX_NDIM = 8
 MAX_DIM_SIZE = 1 << 40
-RESERVED_KEYS = ("format", "version", "dense", "modules", "data_sha256")
+RESERVED_KEYS = ("format", "version", "dense", "modules", "data_sha256", "shards")
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -308,32 +309,66 @@ def _check_entry(desc, t: torch.Tensor, where: str) -> None:
         raise PeakError(f"{where}: file holds {t.dtype} {tuple(t.shape)}, manifest says {dtype} {shape}")
 
 
-def _parse_manifest(folder: Path, metadata: dict) -> dict:
+def _parse_manifest(folder: Path, metadata: dict, sharded: bool = False) -> dict:
     try:
         manifest = json.loads(metadata.get(FORMAT_NAME, ""))
-    except (ValueError, RecursionError):
-        raise PeakError(f"{folder / TENSORS_FILE}: no valid peakllm manifest in the header") from None
+    except (ValueError, RecursionError, TypeError):
+        raise PeakError(f"{folder}: no valid peakllm manifest in {INDEX_FILE if sharded else TENSORS_FILE}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise PeakError(f"{folder}: manifest does not name format {FORMAT_NAME!r}")
     if manifest.get("version") != CONTAINER_VERSION or type(manifest.get("version")) is not int:
         raise PeakError(f"{folder}: container version {manifest.get('version')!r}, this peakllm reads "
                         f"{CONTAINER_VERSION}")
+    if sharded:
+        shards = manifest.get("shards")
+        if not isinstance(shards, dict) or not shards or not all(
+                isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in shards.items()):
+            raise PeakError(f"{folder}: manifest lacks the shards' checksums")
+        return manifest
     digest = manifest.get("data_sha256")
     if not isinstance(digest, str) or len(digest) != 64:
         raise PeakError(f"{folder}: manifest lacks the data checksum")
     return manifest
 
 
+def _read_sharded(folder: Path) -> tuple[dict, dict]:
+    """(manifest, tensors) of a sharded peakllm folder: the index holds the manifest, the manifest each
+    shard's checksum; every shard is read whole and checked, and must hold exactly what the index says."""
+    try:
+        index = json.loads((folder / INDEX_FILE).read_text())
+        weight_map, meta = index["weight_map"], index["metadata"]
+        if not isinstance(weight_map, dict) or not isinstance(meta, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        raise PeakError(f"{folder / INDEX_FILE} is missing or not a valid index") from None
+    manifest = _parse_manifest(folder, meta, sharded=True)
+    tensors = {}
+    for fname, digest in sorted(manifest["shards"].items()):
+        if "/" in fname or "\\" in fname or fname.startswith(".") or not (folder / fname).is_file():
+            raise PeakError(f"{folder}: shard {fname!r} is missing")
+        _, part = read_safetensors(folder / fname, lambda _m, d=digest: d)
+        for name, t in part.items():
+            if weight_map.get(name) != fname:
+                raise PeakError(f"{folder}: {INDEX_FILE} does not place {name!r} in {fname}")
+            tensors[name] = t
+    if set(weight_map) != set(tensors):
+        raise PeakError(f"{folder}: {INDEX_FILE} lists tensors that no shard holds")
+    return manifest, tensors
+
+
 def load_model_folder(folder) -> tuple[dict, dict, dict]:
     """(manifest, dense_tensors, packed_modules) of a peakllm folder; PeakError on anything inconsistent."""
     folder = Path(folder)
-    if not (folder / TENSORS_FILE).is_file():
-        raise PeakError(f"{folder} is not a peakllm model folder (no {TENSORS_FILE})")
     if sys.byteorder != "little":
         raise PeakError("peakllm folders are little-endian; this machine is big-endian")
-    metadata, tensors = read_safetensors(folder / TENSORS_FILE,
-                                         lambda meta: _parse_manifest(folder, meta)["data_sha256"])
-    manifest = _parse_manifest(folder, metadata)
+    if (folder / TENSORS_FILE).is_file():
+        metadata, tensors = read_safetensors(folder / TENSORS_FILE,
+                                             lambda meta: _parse_manifest(folder, meta)["data_sha256"])
+        manifest = _parse_manifest(folder, metadata)
+    elif (folder / INDEX_FILE).is_file():
+        manifest, tensors = _read_sharded(folder)
+    else:
+        raise PeakError(f"{folder} is not a peakllm model folder (no {TENSORS_FILE} or {INDEX_FILE})")
     try:
         copy = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):

@@ -143,6 +143,19 @@ def load_model(spec: str = "default", *, dtype=None, packed: str = "kernel"):
     return model, tokenizer
 
 
+def load_tokenizer(spec: str = "default"):
+    """Only the tokenizer of a model spec (HF folder, default model, or peakllm folder)."""
+    from transformers import AutoTokenizer
+
+    kind, path = resolve(spec)
+    if kind == "gguf":
+        return _load_gguf(path)[1]
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, OSError, KeyError) as exc:
+        raise PeakError(f"cannot load the tokenizer of {path}: {_first_line(exc)}") from None
+
+
 def _load_hf_folder(path: Path, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

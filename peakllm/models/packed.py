@@ -83,14 +83,17 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
     _load_experts(model, experts, packed, dtype, path)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _materialize(model, path)
+    materialize_buffers(model)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise PeakError(f"{path}: no stored tensor for {left[0]!r}")
     model.peakllm_manifest = manifest
     return model, tokenizer
 
 
-def _materialize(model: nn.Module, path) -> None:
-    """Compute what the meta skeleton left empty: buffers derived from the config (e.g. RoPE inverse
-    frequencies), by the model's own initialiser. Anything else still empty means the folder lacks it."""
+def materialize_buffers(model: nn.Module) -> None:
+    """Compute what a meta skeleton leaves empty: buffers derived from the config (e.g. RoPE inverse
+    frequencies), by the model's own initialiser; parameters are left as they are (loaded or meta)."""
     for module in model.modules():
         metas = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
         if not metas:
@@ -108,9 +111,6 @@ def _materialize(model: nn.Module, path) -> None:
         model._init_weights(module)
         module._parameters.update(loaded)
         module._buffers.update(loaded_buffers)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise PeakError(f"{path}: no stored tensor for {left[0]!r}")
 
 
 def _load_experts(model, experts: dict, packed: str, dtype, path) -> None:

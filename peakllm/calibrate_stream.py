@@ -1,0 +1,347 @@
+"""Compressing a model bigger than memory: the calibration pipeline over layers streamed from disk.
+
+`run_streamed` drives `calibrate()` with an `io` that reads each decoder layer from the input's shards
+just before it is needed (models/stream.py), writes it to the output's shard as soon as it is compressed
+(formats/shards.py), checkpoints what a restart needs, and drops it: peak memory is one layer plus the
+calibration activations, whatever the model's size. The numbers are those of the in-memory run: the
+same fp32 weights, the same layer calls in the same order.
+
+Output goes to `.<name>.partial` beside the output folder, renamed into place at the end. After every
+layer `.resume/` in it holds the layer's output activations (calibration and evaluation), the report's
+counters and the writer's state, committed by an atomic rename of `state.json`; `--resume` continues from
+the last committed layer, after checking that the input files and the run's arguments are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from peakllm.errors import PeakError
+
+STATE_VERSION = 1
+KILL_ENV = "PEAKLLM_KILL_AFTER_LAYER"  # fault injection for tests: SIGKILL self once this layer is committed
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+class Checkpoint:
+    def __init__(self, folder: Path):
+        self.dir = folder / ".resume"
+
+    def load(self) -> dict | None:
+        try:
+            return json.loads((self.dir / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save(self, li: int, tensors: dict[str, list], state: dict) -> None:
+        self.dir.mkdir(exist_ok=True)
+        final = self.dir / f"layer-{li}"
+        tmp = self.dir / f".layer-{li}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for kind, items in tensors.items():
+            for b, t in enumerate(items):
+                torch.save(t, tmp / f"{kind}-{b}.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        state = {**state, "layers_done": li + 1, "acts_dir": final.name}
+        (self.dir / "state.json.tmp").write_text(json.dumps(state))
+        os.replace(self.dir / "state.json.tmp", self.dir / "state.json")
+        for old in self.dir.glob("layer-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def tensors(self, state: dict, kind: str) -> list[torch.Tensor]:
+        folder = self.dir / state["acts_dir"]
+        n = len(list(folder.glob(f"{kind}-*.pt")))
+        return [torch.load(folder / f"{kind}-{b}.pt", weights_only=True) for b in range(n)]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StreamIO:
+    """What calibrate() calls around each layer in streaming mode."""
+
+    def __init__(self, streamed, writer, ckpt: Checkpoint, fmt: str, state: dict | None, run_state: dict,
+                 eval_kwargs, eval_dense: list, eval_comp: list, offload_bytes):
+        self.sm, self.writer, self.ckpt, self.fmt = streamed, writer, ckpt, fmt
+        self.state, self.run_state = state, run_state
+        self.start_layer = state["layers_done"] if state else 0
+        self.eval_kwargs, self.eval_dense, self.eval_comp = eval_kwargs, eval_dense, eval_comp
+        self.offload_bytes = offload_bytes
+        self.seconds = {"read": 0.0, "write": 0.0, "evaluation": 0.0}
+        self._outer_loaded = True
+        self.mask_zeros, self.mask_total = (state or {}).get("mask", (0, 0))
+
+    def resume_acts(self, acts):
+        from peakllm.calibrate import Activations
+
+        acts.close()
+        out = Activations(self.offload_bytes)
+        for t in self.ckpt.tensors(self.state, "calib"):
+            out.append(t)
+        return out
+
+    def _eval_through(self, layer, li: int, acts: list) -> list:
+        from peakllm.calibrate import _layer_out
+
+        t0 = time.perf_counter()
+        out = [_layer_out(layer(x, **self.eval_kwargs[w][li])) for w, x in enumerate(acts)]
+        self.seconds["evaluation"] += time.perf_counter() - t0
+        return out
+
+    def load(self, li: int):
+        if self._outer_loaded:  # the embedding was needed only to capture the inputs of layer 0
+            self.sm.release_outer()
+            self._outer_loaded = False
+        t0 = time.perf_counter()
+        layer = self.sm.load_layer(li)
+        self.seconds["read"] += time.perf_counter() - t0
+        if self.eval_dense:
+            self.eval_dense = self._eval_through(layer, li, self.eval_dense)
+        return layer
+
+    def done(self, li: int, layer, acts, report) -> None:
+        from peakllm.save import layer_tensors
+
+        if self.eval_comp:
+            self.eval_comp = self._eval_through(layer, li, self.eval_comp)
+        t0 = time.perf_counter()
+        prefix = f"{self.sm.prefix}.{li}."
+        results = {n: report.modules.pop(n) for n in [n for n in report.modules if n.startswith(prefix)]}
+        for r in results.values():
+            if getattr(r, "mask", None) is not None:
+                self.mask_zeros += int((~r.mask).sum())
+                self.mask_total += r.mask.numel()
+        dense, packed = layer_tensors(layer, prefix, results, self.fmt)
+        self.writer.write(li, dense, packed)
+        self.sm.release_layer(li)
+        del dense, packed, results
+        self.seconds["write"] += time.perf_counter() - t0
+        tensors = {"calib": [acts[b] for b in range(len(acts))] if acts is not None else [],
+                   "evald": self.eval_dense, "evalc": self.eval_comp}
+        state = {**self.run_state, "writer": self.writer.state(), "report": _report_state(report),
+                 "io_seconds": self.seconds, "mask": (self.mask_zeros, self.mask_total)}
+        self.ckpt.save(li, tensors, state)
+        if os.environ.get(KILL_ENV) == str(li):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _report_state(report) -> dict:
+    return {k: getattr(report, k) for k in ("damping_escalations", "fallbacks", "experts_fallback", "expert_tokens",
+                                             "seconds", "notes")}
+
+
+def _restore_report(report, saved: dict) -> None:
+    for k, v in saved.items():
+        if k == "seconds":
+            for name, s in v.items():
+                report.seconds[name] = report.seconds.get(name, 0.0) + s
+        elif k in ("expert_tokens", "notes"):
+            getattr(report, k)[:0] = v
+        else:
+            setattr(report, k, getattr(report, k) + v)
+
+
+@torch.inference_mode()
+def head_nll(model, hidden: list, windows: torch.Tensor) -> float:
+    """Summed NLL of the windows from their last hidden states: final norm, lm_head, as the model does."""
+    from peakllm.calibrate import base_model
+    from peakllm.eval import window_nll
+
+    norm = getattr(base_model(model), "norm", None)
+    if norm is None or getattr(model.config, "final_logit_softcapping", None):
+        raise PeakError(f"streaming evaluation does not know the output head of {type(model).__name__}")
+    total = 0.0
+    for w, h in enumerate(hidden):
+        logits = model.get_output_embeddings()(norm(h))
+        total += float(window_nll(logits, windows[w:w + 1]))
+    return total
+
+
+def ppl_of(total_nll: float, windows: torch.Tensor) -> float:
+    import math
+
+    mean = total_nll / (windows.shape[0] * (windows.shape[1] - 1))
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+def _run_args(args, extra_result: dict) -> dict:
+    """What must not change between a run and its --resume (the result would differ)."""
+    keys = ("model", "format", "calib_samples", "calib_seqlen", "calib_dataset", "seed", "batch_size",
+            "no_sequential", "blocksize", "damp", "eval_tokens", "eval_dataset")
+    return {"command": args.command, **{k: getattr(args, k, None) for k in keys}, **extra_result,
+            "threads": torch.get_num_threads()}
+
+
+def _start(out: Path, partial: Path, resume: bool, overwrite: bool) -> bool:
+    """Check the output and the unfinished-run folder; True when a fresh partial folder is to be made."""
+    from peakllm.save import check_output
+
+    if resume:
+        if not (partial / ".resume" / "state.json").is_file():
+            raise PeakError(f"nothing to resume: {partial} holds no checkpoint of an unfinished run")
+        return False
+    check_output(out, overwrite)
+    if partial.exists():
+        if not overwrite:
+            raise PeakError(f"an unfinished run of {out} is in {partial}: pass --resume to continue it, or "
+                            "--overwrite to start again")
+        shutil.rmtree(partial)
+    return True
+
+
+def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
+    """prune/quantize of a model read layer by layer (see the module doc); returns the JSON result."""
+    from peakllm import memory
+    from peakllm.calibrate import calibrate, capture_inputs, is_moe
+    from peakllm.data import calibration_segments, eval_windows, tokenize_source
+    from peakllm.formats.shards import ShardWriter
+    from peakllm.models.stream import StreamedModel
+    from peakllm.save import RUN_FILE, _replace_dir, folder_bytes
+
+    start = time.perf_counter()
+    out = Path(args.output)
+    partial = partial_dir(out)
+    resume = bool(getattr(args, "resume", False))
+    fresh = _start(out, partial, resume, args.overwrite)
+    if args.format == "sub1":
+        raise PeakError("--format sub1 fits one dictionary to all of a model's codes, which the streaming path "
+                        "does not do yet: use --stream off, or --format peakllm (ternary in 2 bits)")
+    sm = StreamedModel.open(args.model)  # every shard's header checked here, before any work
+    model, tokenizer = sm.model, sm.tokenizer
+    if hasattr(recipe, "moe"):
+        recipe.moe = is_moe(model)
+    if args.format == "hf" and getattr(recipe, "grid", None) is not None:
+        raise PeakError("quantized weights need --format peakllm or compressed-tensors")
+    if hasattr(recipe, "check"):
+        from peakllm.calibrate import compressible_linears
+        from peakllm.calibrate_moe import PARTS, fused_experts
+
+        for li, layer in enumerate(sm.layers):
+            for name, mod in compressible_linears(layer, recipe.moe if hasattr(recipe, "moe") else is_moe(model)).items():
+                recipe.check(f"{sm.prefix}.{li}.{name}", tuple(mod.weight.shape))
+            for name, mod in fused_experts(layer).items():
+                for part in PARTS:
+                    recipe.check(f"{sm.prefix}.{li}.{name}.{part}.0", tuple(getattr(mod, part).shape[1:]))
+    hessian = "hessian" in recipe.stats
+    needs_data = bool(set(recipe.stats) - {"tokens"})
+    calib_tokens = args.calib_samples * args.calib_seqlen if needs_data else 0
+    budget = memory.parse_size(args.max_memory) if args.max_memory else memory.available_bytes()
+    offload = 2 << 30
+    kw = dict(calib_tokens=calib_tokens, calib_seqlen=args.calib_seqlen, batch_size=args.batch_size,
+              hessian=hessian, eval_tokens=args.eval_tokens)
+    pred = memory.predict(sm, offload_bytes=offload, **kw)
+    if budget is not None and pred["predicted_peak_bytes"] > budget:
+        spill = memory.predict(sm, offload_bytes=0, **kw)
+        room = budget - spill["predicted_peak_bytes"]
+        if room < 0:
+            raise PeakError(
+                f"this run needs about {memory.gb(spill['predicted_peak_bytes'])} at its peak "
+                f"({spill['peak_phase']}), more than the {memory.gb(budget)} budget even with every calibration "
+                f"activation spilled to disk:\n{memory.describe(spill)}\nfewer tokens per forward (--batch-size), "
+                "a shorter --calib-seqlen, --eval-tokens 0, or a larger --max-memory would help")
+        offload = room // 2
+        pred = memory.predict(sm, offload_bytes=offload, **kw)
+    if budget is not None and shutil.disk_usage(out.parent if out.parent.exists() else Path(".")).free < sm.bytes_on_disk() // 2:
+        raise PeakError(f"not enough free disk beside {out} for the output (about {memory.gb(sm.bytes_on_disk() // 2)})")
+    run_state = {"version": STATE_VERSION, "args": _run_args(args, extra_result), "input": sm.source.fingerprint()}
+    ckpt = Checkpoint(partial)
+    state = None
+    if resume:
+        state = ckpt.load()
+        if state is None or state.get("version") != STATE_VERSION:
+            raise PeakError(f"the checkpoint in {partial} is unreadable or from another peakllm version")
+        if state["input"] != run_state["input"]:
+            raise PeakError(f"the input model {args.model} changed since the interrupted run; start again with --overwrite")
+        if state["args"] != run_state["args"]:
+            diff = sorted(k for k in set(state["args"]) | set(run_state["args"])
+                          if state["args"].get(k) != run_state["args"].get(k))
+            raise PeakError(f"--resume needs the interrupted run's arguments; these differ: {', '.join(diff)}")
+    elif fresh:
+        partial.mkdir(parents=True)
+    try:
+        segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
+                                        seed=args.seed)
+        total = len(sm.layers) + 1
+        writer = (ShardWriter.from_state(partial, state["writer"], sm.source_dtype) if state
+                  else ShardWriter(partial, args.format, total, sm.source_dtype))
+        sm.load_outer("input")
+        windows, eval_kwargs, eval_dense, eval_comp = None, None, [], []
+        if args.eval_tokens:
+            windows = eval_windows(tokenize_source(tokenizer, args.eval_dataset), 512, args.eval_tokens)
+            eacts, eval_kwargs = capture_inputs(model, windows, 1, None)
+            eval_dense = [eacts[w] for w in range(len(eacts))]
+            eval_comp = list(eval_dense)
+            if state:
+                eval_dense, eval_comp = ckpt.tensors(state, "evald"), ckpt.tensors(state, "evalc")
+        io = StreamIO(sm, writer, ckpt, args.format, state, run_state, eval_kwargs, eval_dense, eval_comp, offload)
+        report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
+                           offload_bytes=offload, progress=progress, io=io)
+        if state:
+            _restore_report(report, state["report"])
+        # the rest: embeddings, final norm, lm_head (tied: stored once, as the embedding)
+        sm.load_outer("all")
+        outer = {}
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        for name, mod in sm.outer_modules():
+            for n, t in mod.state_dict().items():
+                full = f"{name}.{n}" if name else n
+                if not (tied and full == "lm_head.weight"):
+                    outer[full] = t.detach().contiguous()
+        writer.write(total - 1, outer, {})
+        result = {**extra_result}
+        if args.eval_tokens:
+            t0 = time.perf_counter()
+            result["dense_ppl"] = ppl_of(head_nll(model, io.eval_dense, windows), windows)
+            result["ppl"] = ppl_of(head_nll(model, io.eval_comp, windows), windows)
+            io.seconds["evaluation"] += time.perf_counter() - t0
+        sm.release_outer()
+        run_info = {"command": args.command, "model": args.model, **extra_result, "calib_samples": args.calib_samples,
+                    "calib_seqlen": args.calib_seqlen, "calib_dataset": args.calib_dataset, "seed": args.seed,
+                    "streamed": True}
+        config = model.config.to_dict()
+        if args.format in ("hf", "compressed-tensors"):
+            config["dtype"] = sm.stored_dtype_name()
+        writer.finish(config, {"method": run_info.get("method"), "run": run_info})
+        tokenizer.save_pretrained(partial)
+        (partial / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+        ckpt.remove()
+        if out.exists():
+            _replace_dir(partial, out)
+        else:
+            os.replace(partial, out)
+    except BaseException:
+        if fresh and not resume and not (partial / ".resume" / "state.json").is_file():
+            shutil.rmtree(partial, ignore_errors=True)  # nothing worth resuming yet
+        raise
+    seconds = time.perf_counter() - start
+    result.update({"seconds": seconds, "calib_tokens": report.calib_tokens, "streamed": True,
+                   "resumed_at_layer": state["layers_done"] if state else None,
+                   "time_breakdown": {**{k: round(v, 2) for k, v in report.seconds.items()},
+                                      **{k: round(v, 2) for k, v in io.seconds.items()}},
+                   "seconds_per_layer": round(seconds / len(sm.layers), 2),
+                   "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks,
+                   "params": sm.num_params(), "input_bytes": sm.bytes_on_disk(),
+                   "max_memory_bytes": budget, "predicted_peak_rss_bytes": pred["predicted_peak_bytes"],
+                   "predicted_peak_phase": pred["peak_phase"], "peak_rss_bytes": memory.peak_rss_bytes(),
+                   "size_bytes": folder_bytes(out), "bits_per_param": writer.bits_per_param(),
+                   "output": str(out), "format": args.format, "model": args.model})
+    if io.mask_total:
+        result["sparsity"] = io.mask_zeros / io.mask_total
+    if report.expert_tokens:
+        tokens = sorted(report.expert_tokens)
+        result.update(experts_fallback=report.experts_fallback, expert_tokens_min=tokens[0],
+                      expert_tokens_median=tokens[len(tokens) // 2])
+    return result

@@ -1,0 +1,113 @@
+"""Writing a model folder one shard at a time, in every output format, for models bigger than memory.
+
+The streaming pipeline hands over each decoder layer's tensors as soon as the layer is compressed
+(`write(k, dense, packed)`), and the rest (embeddings, norms, lm_head) last; `finish()` writes the index
+and config. What the writer must remember between shards (tensor descriptions, module entries, shard
+checksums, size accounting) is small and JSON-serialisable (`state()` / `from_state()`), so a killed run
+resumes with the shards already on disk. Formats:
+  - peakllm / sub1: shards in the container's layout; the manifest (as in a single-file folder, with
+    each shard's sha256 instead of one data checksum) lives in `model.safetensors.index.json`'s metadata
+    and in peakllm.json;
+  - hf: dense weights (pruned or not) in the input's dtype, the standard sharded Hugging Face layout;
+  - compressed-tensors: pack-quantized int-k tensors, standard sharded layout, quantization_config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from peakllm.errors import PeakError
+from peakllm.formats.container import (CONFIG_FILE, CONTAINER_VERSION, FORMAT_NAME, INDEX_FILE, MANIFEST_FILE,
+                                       RESERVED_KEYS, _all_tensors, _compact, _data_sha256, _describe, _module_entry,
+                                       write_safetensors)
+
+
+def shard_name(k: int, total: int) -> str:
+    return f"model-{k + 1:05d}-of-{total:05d}.safetensors"
+
+
+class ShardWriter:
+    def __init__(self, folder: Path, fmt: str, total: int, dtype: torch.dtype = torch.float32):
+        self.folder, self.fmt, self.total, self.dtype = Path(folder), fmt, total, dtype
+        self.dense: dict = {}       # name -> {"dtype", "shape"}
+        self.modules: dict = {}     # name -> manifest entry
+        self.schemes: dict = {}     # compressed-tensors: name -> scheme
+        self.shards: dict = {}      # file -> sha256 (peakllm) or "" (others)
+        self.weight_map: dict = {}
+        self.total_size = 0
+        self.packed_bits = 0        # for bits_per_param, counted as container.bits_per_param does
+        self.packed_params = 0
+
+    def state(self) -> dict:
+        return {k: getattr(self, k) for k in ("fmt", "total", "dense", "modules", "schemes", "shards", "weight_map",
+                                              "total_size", "packed_bits", "packed_params")}
+
+    @classmethod
+    def from_state(cls, folder: Path, state: dict, dtype: torch.dtype) -> "ShardWriter":
+        w = cls(folder, state["fmt"], state["total"], dtype)
+        for k, v in state.items():
+            setattr(w, k, v)
+        return w
+
+    def write(self, k: int, dense: dict, packed: dict) -> str:
+        """Write shard k (atomically: temp file, then rename) and remember what it holds."""
+        fname = shard_name(k, self.total)
+        tmp = self.folder / f".{fname}.tmp"
+        if self.fmt in ("peakllm", "sub1"):
+            tensors = _all_tensors(dense, packed)
+            digest = _data_sha256(tensors)
+            write_safetensors(tmp, tensors, {"peakllm_shard": fname})
+            self.shards[fname] = digest
+            self.dense.update({n: _describe(t) for n, t in dense.items()})
+            for name, mod in packed.items():
+                entry = _module_entry(mod)
+                self.modules[name] = entry
+                self.packed_bits += 8 * (mod.nbytes + len(_compact({name: entry}).encode()))
+                self.packed_params += mod.num_params
+        else:
+            tensors = {n: (t.to(self.dtype) if t.is_floating_point() else t).contiguous() for n, t in dense.items()}
+            if self.fmt == "compressed-tensors":
+                from peakllm.formats.compressed_tensors import _scheme, module_tensors
+
+                for name, mod in packed.items():
+                    tensors.update(module_tensors(name, mod, self.dtype))
+                    self.schemes[name] = _scheme(mod)
+                    self.packed_bits += 8 * mod.nbytes
+                    self.packed_params += mod.num_params
+            elif packed:
+                raise PeakError("quantized weights need --format peakllm or compressed-tensors")
+            write_safetensors(tmp, tensors, {"format": "pt"})
+            self.shards[fname] = ""
+        for name, t in tensors.items():
+            self.weight_map[name] = fname
+            self.total_size += t.numel() * t.element_size()
+        os.replace(tmp, self.folder / fname)
+        return fname
+
+    def bits_per_param(self) -> float | None:
+        return self.packed_bits / self.packed_params if self.packed_params else None
+
+    def finish(self, config: dict, manifest: dict | None = None) -> None:
+        """Index and config.json (the caller adds tokenizer and run files)."""
+        config = dict(config)
+        config.pop("quantization_config", None)
+        index_meta: dict = {"total_size": self.total_size}
+        if self.fmt in ("peakllm", "sub1"):
+            full = {k: v for k, v in (manifest or {}).items() if k not in RESERVED_KEYS}
+            full.update(format=FORMAT_NAME, version=CONTAINER_VERSION, dense=self.dense, modules=self.modules,
+                        shards=self.shards)
+            index_meta[FORMAT_NAME] = _compact(full)
+            (self.folder / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        elif self.fmt == "compressed-tensors":
+            from peakllm.formats.compressed_tensors import config_from_schemes
+
+            if not self.schemes:
+                raise PeakError("nothing to export: no quantized modules")
+            config["quantization_config"] = config_from_schemes(self.schemes)
+        index = {"metadata": index_meta, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (self.folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,123 @@
+"""Memory budgets: parse sizes, read what the machine has, predict a streamed run's peak from shapes alone.
+
+The prediction is made before anything is loaded, from the config's shapes (on the meta skeleton): the
+process as it stands (Python, torch, transformers) plus the largest of the run's phases. Each phase is a
+sum of named terms, so a refusal can say what does not fit and what would.
+"""
+
+from __future__ import annotations
+
+import re
+
+from peakllm.errors import PeakError
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '512MiB', '3.5g', '1000000' -> bytes (binary units: 1 GB = 2^30 bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise PeakError(f"cannot read the size {text!r}: give e.g. 4GB, 512MB or a number of bytes")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise PeakError(f"a memory size must be positive, got {text!r}")
+    return value
+
+
+def _status(field: str, path: str = "/proc/self/status") -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def available_bytes() -> int | None:
+    return _status("MemAvailable", "/proc/meminfo")
+
+
+def rss_bytes() -> int:
+    return _status("VmRSS") or 0
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: the peak resident set of this process so far."""
+    return _status("VmHWM") or 0
+
+
+def gb(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GB"
+
+
+def layer_terms(layer, *, batch_tokens: int, seqlen: int, batch: int, hessian: bool, source_bytes: int) -> dict:
+    """Bytes one decoder layer needs while it is compressed (from its meta shapes)."""
+    import torch.nn as nn
+
+    from peakllm.calibrate_moe import fused_experts
+
+    params = sum(p.numel() for p in layer.parameters())
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    widest = max((m.in_features for m in linears), default=0)
+    biggest = max((m.in_features * m.out_features for m in linears), default=0)
+    by_width: dict[int, int] = {}
+    for m in linears:
+        by_width[m.in_features] = by_width.get(m.in_features, 0) + 1
+    terms = {"layer weights fp32": 4 * params, "layer as read from disk": source_bytes * params}
+    if hessian:
+        # matrices fed the same input share a group (q/k/v): up to three Hessians at once; the solve then
+        # keeps H, its inverse and working copies of W
+        group = max((min(n, 3) * w * w for w, n in by_width.items()), default=0)
+        terms["Hessians"] = 4 * group
+        terms["solver workspace"] = 4 * (3 * widest * widest + 4 * biggest)
+    for experts in fused_experts(layer).values():
+        E, _, H = experts.gate_up_proj.shape
+        I = experts.down_proj.shape[2]
+        if hessian:
+            terms["Hessians"] = max(terms.get("Hessians", 0), 4 * (E + 1) * max(H * H, I * I))
+        terms["solver workspace"] = terms.get("solver workspace", 0) + 4 * 4 * experts.gate_up_proj[0].numel()
+    inter = max((m.out_features for m in linears), default=0)
+    heads = getattr(getattr(layer, "self_attn", None), "config", None)
+    n_heads = getattr(heads, "num_attention_heads", 1) if heads is not None else 1
+    terms["forward intermediates"] = 4 * batch_tokens * (3 * inter + 4 * widest) + 4 * batch * n_heads * seqlen * seqlen
+    return terms
+
+
+def predict(streamed, *, calib_tokens: int, calib_seqlen: int, batch_size: int, hessian: bool, eval_tokens: int,
+            offload_bytes: int | None) -> dict:
+    """The peak of a streamed compression, phase by phase; acts held in RAM are capped at offload_bytes."""
+    cfg = streamed.model.config
+    hidden = cfg.hidden_size
+    vocab = cfg.vocab_size
+    acts = 4 * calib_tokens * hidden
+    in_ram = acts if offload_bytes is None else min(acts, offload_bytes)
+    eval_acts = 2 * 4 * eval_tokens * hidden
+    src = streamed.source_dtype.itemsize
+    common = {"calibration activations (in RAM, current + next layer)": 2 * in_ram,
+              "evaluation activations (dense + compressed)": eval_acts}
+    phases = {"capture (embedding in fp32)": {**common, "embedding fp32": 4 * vocab * hidden}}
+    worst_layer, worst = None, -1
+    for i, layer in enumerate(streamed.layers):
+        terms = layer_terms(layer, batch_tokens=batch_size * calib_seqlen, seqlen=calib_seqlen, batch=batch_size,
+                            hessian=hessian, source_bytes=src)
+        if sum(terms.values()) > worst:
+            worst_layer, worst = terms, sum(terms.values())
+    phases["largest decoder layer"] = {**common, **worst_layer}
+    if eval_tokens:
+        phases["evaluation head (norm + lm_head fp32, logits)"] = {
+            "evaluation activations (dense + compressed)": eval_acts, "lm_head fp32": 4 * vocab * hidden,
+            "logits": 3 * 4 * 512 * vocab}
+    base = rss_bytes()
+    name, terms = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    return {"predicted_peak_bytes": base + sum(terms.values()), "baseline_bytes": base, "peak_phase": name,
+            "terms": terms, "activation_bytes": acts, "activations_in_ram_bytes": in_ram}
+
+
+def describe(prediction: dict) -> str:
+    lines = [f"  process so far: {gb(prediction['baseline_bytes'])}"]
+    lines += [f"  {k}: {gb(v)}" for k, v in sorted(prediction["terms"].items(), key=lambda kv: -kv[1]) if v]
+    return "\n".join(lines)
