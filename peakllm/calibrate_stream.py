@@ -154,29 +154,6 @@ def _restore_report(report, saved: dict) -> None:
             setattr(report, k, getattr(report, k) + v)
 
 
-@torch.inference_mode()
-def head_nll(model, hidden: list, windows: torch.Tensor) -> float:
-    """Summed NLL of the windows from their last hidden states: final norm, lm_head, as the model does."""
-    from peakllm.calibrate import base_model
-    from peakllm.eval import window_nll
-
-    norm = getattr(base_model(model), "norm", None)
-    if norm is None or getattr(model.config, "final_logit_softcapping", None):
-        raise PeakError(f"streaming evaluation does not know the output head of {type(model).__name__}")
-    total = 0.0
-    for w, h in enumerate(hidden):
-        logits = model.get_output_embeddings()(norm(h))
-        total += float(window_nll(logits, windows[w:w + 1]))
-    return total
-
-
-def ppl_of(total_nll: float, windows: torch.Tensor) -> float:
-    import math
-
-    mean = total_nll / (windows.shape[0] * (windows.shape[1] - 1))
-    return math.exp(mean) if mean < 700 else float("inf")
-
-
 def _run_args(args, extra_result: dict) -> dict:
     """What must not change between a run and its --resume (the result would differ)."""
     keys = ("model", "format", "calib_samples", "calib_seqlen", "calib_dataset", "seed", "batch_size",
@@ -207,6 +184,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
     from peakllm import memory
     from peakllm.calibrate import calibrate, capture_inputs, is_moe
     from peakllm.data import calibration_segments, eval_windows, tokenize_source
+    from peakllm.eval.stream import head_nll, ppl_of
     from peakllm.formats.shards import ShardWriter
     from peakllm.models.stream import StreamedModel
     from peakllm.save import RUN_FILE, _replace_dir, folder_bytes

@@ -23,6 +23,10 @@ def register(sub) -> None:
                    help="evaluate only the first windows within this many tokens; 0 = the whole text (default: %(default)s)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of dense weights and compute (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                   help="run one decoder layer at a time, read from the safetensors shards, so a model bigger than "
+                   "memory can be evaluated (same perplexity; fp32, batch 1); auto: when the model in fp32 would "
+                   "take more than half of the available memory (default: %(default)s)")
     add_threads_option(p)
     add_output_options(p)
     p.set_defaults(func=run)
@@ -47,13 +51,24 @@ def run(args) -> int:
     set_threads(args.threads)
     if args.max_tokens < 0:
         raise PeakError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    model, tokenizer = load_model(args.model, dtype=torch_dtype(args.dtype))
-    result = evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
-                      batch_size=args.batch_size, progress=not args.json)
+    from peakllm.cli.compress_common import wants_stream
+
+    args.max_memory, args.resume = None, False
+    if wants_stream(args):
+        from peakllm.eval.stream import stream_evaluate
+
+        if args.dtype != "fp32" or args.batch_size != 1:
+            raise PeakError("a streamed evaluation runs in fp32 with one window per forward (--dtype fp32 --batch-size 1)")
+        result = stream_evaluate(args.model, args.dataset, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
+                                 progress=not args.json)
+    else:
+        model, tokenizer = load_model(args.model, dtype=torch_dtype(args.dtype))
+        result = evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
+                          batch_size=args.batch_size, progress=not args.json)
     out = {
         "ppl": result["ppl"], "tokens": result["tokens"], "seqlen": result["seqlen"], "seconds": result["seconds"],
         "tokens_per_second": result["tokens_per_second"], "model": args.model, "dataset": args.dataset,
-        "dtype": args.dtype,
+        "dtype": args.dtype, "streamed": bool(result.get("streamed")),
     }
     emit(out, args, f"perplexity of {args.model} on {args.dataset}")
     return 0

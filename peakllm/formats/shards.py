@@ -66,8 +66,7 @@ class ShardWriter:
             for name, mod in packed.items():
                 entry = _module_entry(mod)
                 self.modules[name] = entry
-                self.packed_bits += 8 * (mod.nbytes + len(_compact({name: entry}).encode()))
-                self.packed_params += mod.num_params
+                self._count(name, mod, entry)
         else:
             tensors = {n: (t.to(self.dtype) if t.is_floating_point() else t).contiguous() for n, t in dense.items()}
             if self.fmt == "compressed-tensors":
@@ -76,8 +75,7 @@ class ShardWriter:
                 for name, mod in packed.items():
                     tensors.update(module_tensors(name, mod, self.dtype))
                     self.schemes[name] = _scheme(mod)
-                    self.packed_bits += 8 * mod.nbytes
-                    self.packed_params += mod.num_params
+                    self._count(name, mod, _module_entry(mod))
             elif packed:
                 raise PeakError("quantized weights need --format peakllm or compressed-tensors")
             write_safetensors(tmp, tensors, {"format": "pt"})
@@ -87,6 +85,11 @@ class ShardWriter:
             self.total_size += t.numel() * t.element_size()
         os.replace(tmp, self.folder / fname)
         return fname
+
+    def _count(self, name: str, mod, entry: dict) -> None:
+        # as container.bits_per_param counts them, whatever the format
+        self.packed_bits += 8 * (mod.nbytes + len(_compact({name: entry}).encode()))
+        self.packed_params += mod.num_params
 
     def bits_per_param(self) -> float | None:
         return self.packed_bits / self.packed_params if self.packed_params else None

@@ -1,0 +1,239 @@
+"""Streamed compression and evaluation (models bigger than memory) against the in-memory path, on tiny
+random models of real families written by `synthesize` as sharded safetensors folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peakllm.cli import main
+from peakllm.errors import PeakError
+
+
+def _synth(tmp_path, tokenizer, shape="tiny-llama", dtype=torch.float32, name="src"):
+    from peakllm.models.synth import synthesize
+
+    out = tmp_path / name
+    synthesize(shape, out, tokenizer=tokenizer, dtype=dtype, progress=False)
+    return out
+
+
+@pytest.fixture
+def llama_dir(tmp_path, tiny_tokenizer):
+    return _synth(tmp_path, tiny_tokenizer)
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _run(command, model, out, text_file, *extra, capsys=None):
+    code = main([command, "--model", str(model), "--calib-dataset", str(text_file), "--calib-samples", "3",
+                 "--calib-seqlen", "32", "--batch-size", "2", "--eval-dataset", str(text_file), "--eval-tokens", "512",
+                 "--output", str(out), "--json", *extra])
+    result = json.loads(capsys.readouterr().out) if capsys is not None and code == 0 else None
+    return code, result
+
+
+CASES = [
+    ("quantize", "peakllm", ("--method", "gptq", "--bits", "4", "--group-size", "32")),
+    ("quantize", "peakllm", ("--method", "gptq", "--bits", "3", "--group-size", "16", "--act-order")),
+    ("quantize", "peakllm", ("--method", "rtn", "--bits", "ternary", "--group-size", "-1")),
+    ("quantize", "compressed-tensors", ("--method", "gptq", "--bits", "4", "--group-size", "32", "--sym")),
+    ("prune", "hf", ("--method", "sparsegpt", "--sparsity", "0.5")),
+    ("prune", "peakllm", ("--method", "wanda", "--pattern", "2:4")),
+    ("prune", "peakllm", ("--method", "magnitude", "--sparsity", "0.6")),
+    ("prune", "peakllm", ("--method", "sparsegpt", "--pattern", "2:4", "--bits", "4", "--group-size", "32")),
+]
+
+
+@pytest.mark.parametrize("command,fmt,extra", CASES)
+def test_streamed_output_equals_in_memory_bit_for_bit(capsys, tmp_path, llama_dir, text_file, command, fmt, extra):
+    args = (*extra, "--format", fmt)
+    code, mem = _run(command, llama_dir, tmp_path / "mem", text_file, *args, "--stream", "off", capsys=capsys)
+    assert code == 0
+    code, streamed = _run(command, llama_dir, tmp_path / "str", text_file, *args, "--stream", "on", capsys=capsys)
+    assert code == 0 and streamed["streamed"] is True
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert streamed["ppl"] == mem["ppl"] and streamed["dense_ppl"] == mem["dense_ppl"]
+    assert streamed.get("bits_per_param") == mem.get("bits_per_param")
+    assert streamed.get("sparsity") == pytest.approx(mem.get("sparsity")) if "sparsity" in mem else True
+    assert len(list((tmp_path / "str").glob("model-*-of-*.safetensors"))) == 4  # 3 layers + the rest
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_streamed_moe_experts_equal_in_memory(capsys, tmp_path, tiny_tokenizer, text_file):
+    src = _synth(tmp_path, tiny_tokenizer, "tiny-olmoe")
+    extra = ("--method", "gptq", "--bits", "4", "--group-size", "32")
+    code, mem = _run("quantize", src, tmp_path / "mem", text_file, *extra, "--stream", "off", capsys=capsys)
+    assert code == 0
+    code, streamed = _run("quantize", src, tmp_path / "str", text_file, *extra, "--stream", "on", capsys=capsys)
+    assert code == 0
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(".experts.gate_up_proj.3." in n for n in b)
+    assert streamed["ppl"] == mem["ppl"] and streamed["expert_tokens_min"] == mem["expert_tokens_min"]
+
+
+def test_sharded_peakllm_folder_runs_like_the_single_file_one(capsys, tmp_path, llama_dir, text_file):
+    from peakllm.models import load_model
+
+    extra = ("--method", "gptq", "--bits", "4", "--group-size", "32")
+    assert _run("quantize", llama_dir, tmp_path / "mem", text_file, *extra, "--stream", "off", capsys=capsys)[0] == 0
+    assert _run("quantize", llama_dir, tmp_path / "str", text_file, *extra, "--stream", "on", capsys=capsys)[0] == 0
+    m1, _ = load_model(str(tmp_path / "mem"))
+    m2, _ = load_model(str(tmp_path / "str"))
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(m1(input_ids=ids).logits, m2(input_ids=ids).logits)
+
+
+def test_streamed_eval_equals_in_memory(capsys, llama_dir, text_file):
+    ppl = {}
+    for mode in ("off", "on"):
+        assert main(["eval", "--model", str(llama_dir), "--dataset", str(text_file), "--max-tokens", "1024",
+                     "--seqlen", "128", "--stream", mode, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["streamed"] is (mode == "on")
+        ppl[mode] = result["ppl"]
+    assert ppl["on"] == ppl["off"]
+
+
+def _cli(args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "peakllm", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("kill_after", [0, 1])
+def test_sigkill_then_resume_gives_identical_files(tmp_path, llama_dir, text_file, kill_after):
+    common = ["quantize", "--model", str(llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
+              "--calib-dataset", str(text_file), "--calib-samples", "3", "--calib-seqlen", "32",
+              "--eval-dataset", str(text_file), "--eval-tokens", "512", "--stream", "on", "--threads", "1", "--json"]
+    whole = _cli(common + ["--output", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    killed = _cli(common + ["--output", str(tmp_path / "run")], {"PEAKLLM_KILL_AFTER_LAYER": str(kill_after)})
+    assert killed.returncode == -9
+    assert not (tmp_path / "run").exists() and (tmp_path / ".run.partial" / ".resume" / "state.json").is_file()
+    again = _cli(common + ["--output", str(tmp_path / "run")])  # without --resume: refused, nothing touched
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = _cli(common + ["--output", str(tmp_path / "run"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(resumed.stdout)
+    assert result["resumed_at_layer"] == kill_after + 1
+    assert result["ppl"] == json.loads(whole.stdout)["ppl"]
+    assert _digest(tmp_path / "run") == _digest(tmp_path / "whole")
+    assert not (tmp_path / ".run.partial").exists()
+
+
+def test_resume_refuses_changed_arguments_and_changed_input(tmp_path, llama_dir, text_file):
+    common = ["quantize", "--model", str(llama_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+              "--eval-tokens", "0", "--stream", "on", "--threads", "1", "--output", str(tmp_path / "run")]
+    assert _cli(common, {"PEAKLLM_KILL_AFTER_LAYER": "0"}).returncode == -9
+    changed = _cli([a if a != "4" else "8" for a in common] + ["--resume"])
+    assert changed.returncode == 2 and "bits" in changed.stderr
+    shard = sorted(llama_dir.glob("model-*.safetensors"))[1]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    moved = _cli(common + ["--resume"])
+    assert moved.returncode == 2 and "changed" in moved.stderr
+    assert _cli(common + ["--overwrite"]).returncode == 0  # starting again is allowed
+
+
+def _snapshot(folder: Path) -> dict:
+    return {f.name: f.read_bytes() for f in folder.iterdir()}
+
+
+@pytest.mark.parametrize("damage", ["missing shard", "corrupt index", "truncated shard", "wrong shape"])
+def test_bad_input_fails_before_work_and_leaves_nothing(capsys, tmp_path, llama_dir, text_file, damage):
+    shards = sorted(llama_dir.glob("model-*.safetensors"))
+    index = llama_dir / "model.safetensors.index.json"
+    if damage == "missing shard":
+        shards[1].unlink()
+    elif damage == "corrupt index":
+        index.write_text("{not json")
+    elif damage == "truncated shard":
+        data = shards[2].read_bytes()
+        shards[2].write_bytes(data[: len(data) - 100])
+    else:
+        cfg = json.loads((llama_dir / "config.json").read_text())
+        cfg["intermediate_size"] = 96
+        (llama_dir / "config.json").write_text(json.dumps(cfg))
+    before = _snapshot(llama_dir)
+    code, _ = _run("quantize", llama_dir, tmp_path / "out", text_file, "--bits", "4", "--group-size", "32",
+                   "--stream", "on")
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert _snapshot(llama_dir) == before
+
+
+def test_memory_budget_too_small_is_refused_up_front(capsys, tmp_path, llama_dir, text_file):
+    code, _ = _run("quantize", llama_dir, tmp_path / "out", text_file, "--bits", "4", "--group-size", "32",
+                   "--stream", "on", "--max-memory", "50MB")
+    err = capsys.readouterr().err
+    assert code == 2 and "budget" in err and "--max-memory" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_prediction_and_peak_are_reported(capsys, tmp_path, llama_dir, text_file):
+    code, result = _run("quantize", llama_dir, tmp_path / "out", text_file, "--bits", "4", "--group-size", "32",
+                        "--stream", "on", "--max-memory", "8GB", capsys=capsys)
+    assert code == 0
+    assert result["max_memory_bytes"] == 8 << 30
+    assert 0 < result["predicted_peak_rss_bytes"] < 8 << 30 and result["peak_rss_bytes"] > 0
+
+
+def test_parse_size():
+    from peakllm.memory import parse_size
+
+    assert parse_size("4GB") == 4 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1000") == 1000
+    for bad in ("four", "-1GB", "3XB", "0"):
+        with pytest.raises(PeakError):
+            parse_size(bad)
+
+
+def test_synth_checks_disk_before_writing(monkeypatch, tmp_path, tiny_tokenizer):
+    import shutil
+
+    from peakllm.models.synth import synthesize
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(PeakError, match="on disk"):
+        synthesize("tiny-llama", tmp_path / "m", tokenizer=tiny_tokenizer, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_writes_a_loadable_sharded_model_of_the_shape(tmp_path, tiny_tokenizer):
+    from peakllm.models import load_model
+    from peakllm.models.synth import SHAPES, synthesize
+
+    info = synthesize("tiny-olmoe", tmp_path / "m", tokenizer=tiny_tokenizer, dtype=torch.bfloat16, progress=False)
+    model, _ = load_model(str(tmp_path / "m"))
+    cfg = SHAPES["tiny-olmoe"][1]
+    assert model.config.num_experts == cfg["num_experts"] and model.config.hidden_size == cfg["hidden_size"]
+    assert info["params"] == sum(p.numel() for p in model.parameters()) and info["random_weights"]
+    assert info["shards"] == cfg["num_hidden_layers"] + 1
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["random_weights"] == "true"
