@@ -237,7 +237,8 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
 
     `io` (streaming, see calibrate_stream.py) brings layers in and out: `io.start_layer` and, when it is
     above 0, `io.resume_acts(acts)` (the checkpointed inputs of that layer); `io.load(li)` before layer li is
-    touched, `io.done(li, layer, acts, report)` once it is compressed and `acts` hold the next layer's inputs.
+    touched, `io.keep(name, result)` for what report.modules keeps of a matrix (its packed form, not dense
+    copies), `io.done(li, layer, acts, report)` once it is compressed and `acts` hold the next layer's inputs.
     """
     from tqdm.auto import tqdm
 
@@ -304,7 +305,7 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
                             report.seconds["solver"] += time.perf_counter() - t0
                             continue
                         mod.weight.data.copy_(result.weight.to(mod.weight.dtype))
-                        report.modules[full] = result
+                        report.modules[full] = result if io is None else io.keep(full, result)
                         info = getattr(result, "info", None)
                         if info is not None:
                             report.damping_escalations += int(info.retries > 0)
@@ -404,7 +405,7 @@ def _compress_without_data(layers, prefix: str, moe: bool, method, report: Calib
             result = method.compress(full, li, mod.weight.data, {"tokens": 0})
             if result is not None:
                 mod.weight.data.copy_(result.weight.to(mod.weight.dtype))
-                report.modules[full] = result
+                report.modules[full] = result if io is None else io.keep(full, result)
         report.seconds["solver"] += time.perf_counter() - t0
         for name, experts in fused_experts(layer).items():
             for part in PARTS:

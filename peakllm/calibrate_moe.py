@@ -115,7 +115,7 @@ def compress_experts(prefix: str, experts: nn.Module, part: str, stats: list[dic
     for e in range(param.shape[0]):
         t0 = time.perf_counter()
         name = f"{prefix}.{part}.{e}"
-        result = method.compress(name, li, param.data[e], stats[e])
+        result = method.compress(name, li, param.data[e], dict(stats[e]))  # pooled stats may be shared
         if result is not None:
             param.data[e].copy_(result.weight.to(param.dtype))
             report.modules[name] = result

@@ -83,6 +83,7 @@ class StreamIO:
         self.seconds = {"read": 0.0, "write": 0.0, "evaluation": 0.0}
         self._outer_loaded = True
         self.mask_zeros, self.mask_total = (state or {}).get("mask", (0, 0))
+        self.ternary_counts = (state or {}).get("ternary_counts", [0, 0, 0])
 
     def resume_acts(self, acts):
         from peakllm.calibrate import Activations
@@ -112,6 +113,21 @@ class StreamIO:
             self.eval_dense = self._eval_through(layer, li, self.eval_dense)
         return layer
 
+    def keep(self, name: str, result):
+        """The packed form of a compressed matrix (its dense weight is already in the layer)."""
+        from peakllm.save import packed_module
+
+        if getattr(result, "mask", None) is not None:
+            self.mask_zeros += int((~result.mask).sum())
+            self.mask_total += result.mask.numel()
+        quant = getattr(result, "quant", None)
+        if self.fmt == "sub1" and quant is not None and quant.grid["kind"] == "ternary":
+            from peakllm.formats.sub1 import code_counts
+
+            # stored as 2-bit ternary for now; re-encoded once the model-wide dictionary is known
+            self.ternary_counts = [a + b for a, b in zip(self.ternary_counts, code_counts(quant.codes))]
+        return _Kept(None if self.fmt == "hf" else packed_module(result, "peakllm" if self.fmt == "sub1" else self.fmt))
+
     def done(self, li: int, layer, acts, report) -> None:
         from peakllm.save import layer_tensors
 
@@ -120,11 +136,11 @@ class StreamIO:
         t0 = time.perf_counter()
         prefix = f"{self.sm.prefix}.{li}."
         results = {n: report.modules.pop(n) for n in [n for n in report.modules if n.startswith(prefix)]}
-        for r in results.values():
-            if getattr(r, "mask", None) is not None:
-                self.mask_zeros += int((~r.mask).sum())
-                self.mask_total += r.mask.numel()
-        dense, packed = layer_tensors(layer, prefix, results, self.fmt)
+        kept = {n: r for n, r in results.items() if isinstance(r, _Kept)}
+        for n, r in results.items():  # fused experts' results come straight from calibrate_moe
+            if n not in kept:
+                kept[n] = self.keep(n, r)
+        dense, packed = layer_tensors(layer, prefix, {n: r.packed for n, r in kept.items()}, self.fmt)
         self.writer.write(li, dense, packed)
         self.sm.release_layer(li)
         del dense, packed, results
@@ -132,10 +148,19 @@ class StreamIO:
         tensors = {"calib": [acts[b] for b in range(len(acts))] if acts is not None else [],
                    "evald": self.eval_dense, "evalc": self.eval_comp}
         state = {**self.run_state, "writer": self.writer.state(), "report": _report_state(report),
-                 "io_seconds": self.seconds, "mask": (self.mask_zeros, self.mask_total)}
+                 "io_seconds": self.seconds, "mask": (self.mask_zeros, self.mask_total),
+                 "ternary_counts": self.ternary_counts}
         self.ckpt.save(li, tensors, state)
         if os.environ.get(KILL_ENV) == str(li):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Kept:
+    """What report.modules holds of a streamed matrix until its layer is written."""
+    __slots__ = ("packed",)
+
+    def __init__(self, packed):
+        self.packed = packed
 
 
 def _report_state(report) -> dict:
@@ -194,9 +219,6 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
     partial = partial_dir(out)
     resume = bool(getattr(args, "resume", False))
     fresh = _start(out, partial, resume, args.overwrite)
-    if args.format == "sub1":
-        raise PeakError("--format sub1 fits one dictionary to all of a model's codes, which the streaming path "
-                        "does not do yet: use --stream off, or --format peakllm (ternary in 2 bits)")
     sm = StreamedModel.open(args.model)  # every shard's header checked here, before any work
     model, tokenizer = sm.model, sm.tokenizer
     if hasattr(recipe, "moe"):
@@ -279,6 +301,11 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
                 if not (tied and full == "lm_head.weight"):
                     outer[full] = t.detach().contiguous()
         writer.write(total - 1, outer, {})
+        if args.format == "sub1" and io.ternary_counts[0]:
+            from peakllm.formats.shards import ternary_to_sub1
+            from peakllm.formats.sub1 import Sub1Dictionary
+
+            writer = ternary_to_sub1(writer, Sub1Dictionary.from_counts(*io.ternary_counts, 16))
         result = {**extra_result}
         if args.eval_tokens:
             t0 = time.perf_counter()
@@ -316,6 +343,11 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
                    "predicted_peak_phase": pred["peak_phase"], "peak_rss_bytes": memory.peak_rss_bytes(),
                    "size_bytes": folder_bytes(out), "bits_per_param": writer.bits_per_param(),
                    "output": str(out), "format": args.format, "model": args.model})
+    if writer.expert_params:  # as save_compressed reports them for MoE models
+        from peakllm.save import weight_file_bytes
+
+        result["bits_per_param_experts"] = writer.expert_bits / writer.expert_params
+        result["bits_per_param_total"] = 8 * weight_file_bytes(out) / (writer.dense_params + writer.packed_params)
     if io.mask_total:
         result["sparsity"] = io.mask_zeros / io.mask_total
     if report.expert_tokens:

@@ -55,36 +55,38 @@ def gb(n: float) -> str:
 
 
 def layer_terms(layer, *, batch_tokens: int, seqlen: int, batch: int, hessian: bool, source_bytes: int) -> dict:
-    """Bytes one decoder layer needs while it is compressed (from its meta shapes)."""
+    """Bytes one decoder layer needs at its worst moment (from its meta shapes): its fp32 weights, plus the
+    largest of reading it, collecting a group's statistics while the layer runs, and solving its biggest
+    matrix (the statistics' H, the solver's copy of H and two more in x in factors, copies of W)."""
     import torch.nn as nn
 
     from peakllm.calibrate_moe import fused_experts
 
     params = sum(p.numel() for p in layer.parameters())
     linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-    widest = max((m.in_features for m in linears), default=0)
-    biggest = max((m.in_features * m.out_features for m in linears), default=0)
     by_width: dict[int, int] = {}
     for m in linears:
         by_width[m.in_features] = by_width.get(m.in_features, 0) + 1
-    terms = {"layer weights fp32": 4 * params, "layer as read from disk": source_bytes * params}
-    if hessian:
-        # matrices fed the same input share a group (q/k/v): up to three Hessians at once; the solve then
-        # keeps H, its inverse and working copies of W
-        group = max((min(n, 3) * w * w for w, n in by_width.items()), default=0)
-        terms["Hessians"] = 4 * group
-        terms["solver workspace"] = 4 * (3 * widest * widest + 4 * biggest)
-    for experts in fused_experts(layer).values():
-        E, _, H = experts.gate_up_proj.shape
-        I = experts.down_proj.shape[2]
-        if hessian:
-            terms["Hessians"] = max(terms.get("Hessians", 0), 4 * (E + 1) * max(H * H, I * I))
-        terms["solver workspace"] = terms.get("solver workspace", 0) + 4 * 4 * experts.gate_up_proj[0].numel()
     inter = max((m.out_features for m in linears), default=0)
-    heads = getattr(getattr(layer, "self_attn", None), "config", None)
-    n_heads = getattr(heads, "num_attention_heads", 1) if heads is not None else 1
-    terms["forward intermediates"] = 4 * batch_tokens * (3 * inter + 4 * widest) + 4 * batch * n_heads * seqlen * seqlen
-    return terms
+    widest = max((m.in_features for m in linears), default=0)
+    cfg = getattr(getattr(layer, "self_attn", None), "config", None)
+    n_heads = getattr(cfg, "num_attention_heads", 1) if cfg is not None else 1
+    forward = 4 * batch_tokens * (3 * inter + 4 * widest) + 4 * batch * n_heads * seqlen * seqlen
+    stats = 4 * max((min(n, 3) * w * w for w, n in by_width.items()), default=0) if hessian else 0
+    solve = max((4 * (4 * m.in_features ** 2 + 3 * m.in_features * m.out_features) for m in linears), default=0)
+    for experts in fused_experts(layer).values():
+        E, two_i, H = experts.gate_up_proj.shape
+        I = experts.down_proj.shape[2]
+        if hessian:  # one H per expert plus the pooled one, for the wider of the two parts
+            stats = max(stats, 4 * (E + 1) * max(H * H, I * I))
+        solve = max(solve, 4 * (3 * max(H, I) ** 2 + 3 * two_i * H))
+    if not hessian:
+        solve = max((4 * 3 * m.in_features * m.out_features for m in linears), default=0)
+    moments = {"layer as read from disk": {"layer as read from disk": source_bytes * params},
+               "statistics": {"statistics (Hessians)": stats, "forward intermediates": forward},
+               "solve": {"statistics (Hessians)": stats, "solver workspace": solve}}
+    worst = max(moments.values(), key=lambda t: sum(t.values()))
+    return {"layer weights fp32": 4 * params, **worst}
 
 
 def predict(streamed, *, calib_tokens: int, calib_seqlen: int, batch_size: int, hessian: bool, eval_tokens: int,

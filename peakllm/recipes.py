@@ -82,7 +82,8 @@ class PruneRecipe:
         sparsity = self.layer_sparsity[layer_index] if self.layer_sparsity else self.sparsity
         n, m = self.pattern or (0, 0)
         if self.method == "sparsegpt":
-            r = solvers.sparsegpt(W, stats["hessian"], sparsity, prunen=n, prunem=m, blocksize=self.blocksize,
+            # popped, not read: the solver's copy then replaces the only reference (one in x in matrix less)
+            r = solvers.sparsegpt(W, stats.pop("hessian"), sparsity, prunen=n, prunem=m, blocksize=self.blocksize,
                                   damp=self.damp, grid=self.grid)
             return ModuleResult(r.weight, r.mask, r.quant, r.info, sparsity, self.pattern)
         if self.method == "wanda":
@@ -132,7 +133,7 @@ class QuantRecipe:
         if grid is None:
             return None
         if self.method == "gptq":
-            q, info = solvers.gptq(W, stats["hessian"], grid, blocksize=self.blocksize, damp=self.damp,
+            q, info = solvers.gptq(W, stats.pop("hessian"), grid, blocksize=self.blocksize, damp=self.damp,
                                    act_order=self.act_order)
             return ModuleResult(q.weight, None, q, info)
         q = solvers.rtn(W, grid)

@@ -73,10 +73,10 @@ def dense_state(model, skip_modules: set[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def layer_tensors(layer, prefix: str, results: dict, fmt: str) -> tuple[dict, dict]:
+def layer_tensors(layer, prefix: str, packed: dict, fmt: str) -> tuple[dict, dict]:
     """(dense tensors, packed modules) of one compressed decoder layer under its full names, as the
     whole-model writers would store them (streaming writes them shard by shard)."""
-    packed = {} if fmt == "hf" else {name: packed_module(r, fmt) for name, r in results.items()}
+    packed = {} if fmt == "hf" else packed
     fused = {name.rsplit(".", 1)[0] for name in packed if is_expert(name)}
     dense = {}
     for name, t in layer.state_dict().items():
@@ -151,4 +151,6 @@ def folder_bytes(path: Path) -> int:
 
 
 def weight_file_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    """The weights' files; a sharded folder's index too (its manifest is what a single file's header holds)."""
+    files = list(Path(path).glob("*.safetensors")) + list(Path(path).glob("model.safetensors.index.json"))
+    return sum(f.stat().st_size for f in files)

@@ -23,7 +23,7 @@ def tiny_moe(experts=4, top_k=2):
 
 class Recording(QuantRecipe):
     def compress(self, name, layer_index, W, stats):
-        self.seen[name] = stats
+        self.seen[name] = dict(stats)  # the recipe consumes the Hessian it is handed
         return super().compress(name, layer_index, W, stats)
 
 

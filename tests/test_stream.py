@@ -85,9 +85,11 @@ def test_streamed_output_equals_in_memory_bit_for_bit(capsys, tmp_path, llama_di
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_streamed_moe_experts_equal_in_memory(capsys, tmp_path, tiny_tokenizer, text_file):
+@pytest.mark.parametrize("extra", [("--method", "gptq", "--bits", "4", "--group-size", "32"),
+                                   ("--method", "gptq", "--bits", "ternary", "--group-size", "-1", "--format", "sub1",
+                                    "--dense-bits", "4")])
+def test_streamed_moe_experts_equal_in_memory(capsys, tmp_path, tiny_tokenizer, text_file, extra):
     src = _synth(tmp_path, tiny_tokenizer, "tiny-olmoe")
-    extra = ("--method", "gptq", "--bits", "4", "--group-size", "32")
     code, mem = _run("quantize", src, tmp_path / "mem", text_file, *extra, "--stream", "off", capsys=capsys)
     assert code == 0
     code, streamed = _run("quantize", src, tmp_path / "str", text_file, *extra, "--stream", "on", capsys=capsys)
@@ -96,6 +98,14 @@ def test_streamed_moe_experts_equal_in_memory(capsys, tmp_path, tiny_tokenizer, 
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert any(".experts.gate_up_proj.3." in n for n in b)
     assert streamed["ppl"] == mem["ppl"] and streamed["expert_tokens_min"] == mem["expert_tokens_min"]
+    for key in ("bits_per_param", "bits_per_param_experts"):
+        assert streamed[key] == mem[key]
+    from peakllm.save import weight_file_bytes
+
+    # the same parameters over each folder's own bytes (shard headers and the index differ from one header)
+    params = 8 * weight_file_bytes(tmp_path / "mem") / mem["bits_per_param_total"]
+    assert streamed["bits_per_param_total"] == pytest.approx(8 * weight_file_bytes(tmp_path / "str") / params)
+    assert not (tmp_path / "str" / ".sub1").exists()
 
 
 def test_sharded_peakllm_folder_runs_like_the_single_file_one(capsys, tmp_path, llama_dir, text_file):

@@ -41,10 +41,14 @@ class ShardWriter:
         self.total_size = 0
         self.packed_bits = 0        # for bits_per_param, counted as container.bits_per_param does
         self.packed_params = 0
+        self.expert_bits = 0        # MoE experts alone (bits_per_param_experts)
+        self.expert_params = 0
+        self.dense_params = 0
 
     def state(self) -> dict:
         return {k: getattr(self, k) for k in ("fmt", "total", "dense", "modules", "schemes", "shards", "weight_map",
-                                              "total_size", "packed_bits", "packed_params")}
+                                              "total_size", "packed_bits", "packed_params", "expert_bits", "expert_params",
+                                              "dense_params")}
 
     @classmethod
     def from_state(cls, folder: Path, state: dict, dtype: torch.dtype) -> "ShardWriter":
@@ -80,6 +84,7 @@ class ShardWriter:
                 raise PeakError("quantized weights need --format peakllm or compressed-tensors")
             write_safetensors(tmp, tensors, {"format": "pt"})
             self.shards[fname] = ""
+        self.dense_params += sum(t.numel() for t in dense.values())
         for name, t in tensors.items():
             self.weight_map[name] = fname
             self.total_size += t.numel() * t.element_size()
@@ -88,8 +93,14 @@ class ShardWriter:
 
     def _count(self, name: str, mod, entry: dict) -> None:
         # as container.bits_per_param counts them, whatever the format
-        self.packed_bits += 8 * (mod.nbytes + len(_compact({name: entry}).encode()))
+        bits = 8 * (mod.nbytes + len(_compact({name: entry}).encode()))
+        self.packed_bits += bits
         self.packed_params += mod.num_params
+        from peakllm.recipes import is_expert
+
+        if is_expert(name):
+            self.expert_bits += bits
+            self.expert_params += mod.num_params
 
     def bits_per_param(self) -> float | None:
         return self.packed_bits / self.packed_params if self.packed_params else None
@@ -114,3 +125,37 @@ class ShardWriter:
         index = {"metadata": index_meta, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (self.folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def ternary_to_sub1(writer: ShardWriter, dictionary) -> ShardWriter:
+    """Re-encode the ternary modules of every shard `writer` wrote in the sub-1-bit code, with one
+    dictionary fitted to the whole model's codes (known only once every layer is done). Shard by shard
+    into a staging folder, then moved over the originals: a run killed meanwhile still has them."""
+    import shutil
+
+    from peakllm.formats.container import _build_module, kind_class, read_safetensors
+    from peakllm.formats.sub1 import PackedSub1
+
+    staging = writer.folder / ".sub1"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    new = ShardWriter(staging, "sub1", writer.total, writer.dtype)
+    home = {mod: writer.weight_map[f"{mod}.{next(iter(entry['tensors']))}"] for mod, entry in writer.modules.items()}
+    for fname, digest in sorted(writer.shards.items()):
+        _, tensors = read_safetensors(writer.folder / fname, lambda _m, d=digest: d)
+        dense = {n: t for n, t in tensors.items() if n in writer.dense}
+        packed = {}
+        for mod, entry in writer.modules.items():
+            if home[mod] != fname:
+                continue
+            local = {ln: tensors[f"{mod}.{ln}"] for ln in entry["tensors"]}
+            pm = _build_module(kind_class(entry["kind"]), mod, local, entry["metadata"])
+            if pm.kind == "ternary":
+                pm = PackedSub1.encode(pm.codes(), pm.scale_neg, pm.scale_pos, pm.group_size, dictionary)
+            packed[mod] = pm
+        new.write(int(fname.split("-")[1]) - 1, dense, packed)
+    for fname in new.shards:
+        os.replace(staging / fname, writer.folder / fname)
+    staging.rmdir()
+    new.folder = writer.folder
+    return new

@@ -126,6 +126,11 @@ def tunstall(sym_bits: int, p_zero_q: int, p_pos_q: int) -> Tables:
                   n_words=sym, expected_len=expected_len)
 
 
+def code_counts(codes: torch.Tensor) -> tuple[int, int, int]:
+    """(codes, zero codes, positive codes) of a ternary code matrix."""
+    return codes.numel(), int((codes == ZERO).sum()), int((codes == POS).sum())
+
+
 @dataclass(frozen=True)
 class Sub1Dictionary:
     """Which Tunstall dictionary a matrix uses: symbol width and the quantized source probabilities."""
@@ -148,9 +153,13 @@ class Sub1Dictionary:
         mats = [codes] if isinstance(codes, torch.Tensor) else list(codes)
         n = zeros = pos = 0
         for c in mats:
-            n += c.numel()
-            zeros += int((c == ZERO).sum())
-            pos += int((c == POS).sum())
+            cn, cz, cp = code_counts(c)
+            n, zeros, pos = n + cn, zeros + cz, pos + cp
+        return cls.from_counts(n, zeros, pos, sym_bits)
+
+    @classmethod
+    def from_counts(cls, n: int, zeros: int, pos: int, sym_bits: int = 8) -> "Sub1Dictionary":
+        """The dictionary for pooled code counts (what `fit` computes; streaming adds them up layer by layer)."""
         if n == 0:
             raise PeakError("cannot fit a sub1 dictionary on no codes")
         nonzero = n - zeros
