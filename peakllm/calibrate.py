@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from peakllm.calibrate_moe import PARTS, collect_expert_stats, compress_experts, fused_experts
+from peakllm.distributed import workers
 from peakllm.errors import PeakError
 
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # MoE routers: kept dense by the pipeline
@@ -296,13 +297,15 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
                     group = [n for n in group if n in linears]
                     stats = _collect(layer, {n: linears[n] for n in group}, acts, layer_kwargs, li, kinds, report,
                                      stop_early=sequential)
-                    for name in group:
-                        t0 = time.perf_counter()
+                    t0 = time.perf_counter()
+                    solves = workers().solve(group, lambda n: method.compress(f"{prefix}.{li}.{n}", li,
+                                                                              linears[n].weight.data, stats.pop(n)))
+                    for name, result in solves:
                         mod = linears[name]
                         full = f"{prefix}.{li}.{name}"
-                        result = method.compress(full, li, mod.weight.data, stats.pop(name))
                         if result is None:  # the method keeps this matrix as it is
                             report.seconds["solver"] += time.perf_counter() - t0
+                            t0 = time.perf_counter()
                             continue
                         mod.weight.data.copy_(result.weight.to(mod.weight.dtype))
                         report.modules[full] = result if io is None else io.keep(full, result)
@@ -311,6 +314,7 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
                             report.damping_escalations += int(info.retries > 0)
                             report.fallbacks += int(info.fallback_rtn)
                         report.seconds["solver"] += time.perf_counter() - t0
+                        t0 = time.perf_counter()
             t0 = time.perf_counter()
             nxt = Activations(acts.offload_bytes)
             for b in range(len(acts)):

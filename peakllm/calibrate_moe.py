@@ -111,11 +111,14 @@ def _pooled(pooled, finished: list) -> dict:
 
 def compress_experts(prefix: str, experts: nn.Module, part: str, stats: list[dict], method, li: int, report) -> None:
     """Call the method on every expert's matrix and write the results into the fused parameter."""
+    from peakllm.distributed import workers
+
     param = getattr(experts, part)
-    for e in range(param.shape[0]):
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    solves = workers().solve(list(range(param.shape[0])),  # dict(): pooled stats may be shared
+                             lambda e: method.compress(f"{prefix}.{part}.{e}", li, param.data[e], dict(stats[e])))
+    for e, result in solves:
         name = f"{prefix}.{part}.{e}"
-        result = method.compress(name, li, param.data[e], dict(stats[e]))  # pooled stats may be shared
         if result is not None:
             param.data[e].copy_(result.weight.to(param.dtype))
             report.modules[name] = result
@@ -124,3 +127,4 @@ def compress_experts(prefix: str, experts: nn.Module, part: str, stats: list[dic
                 report.damping_escalations += int(info.retries > 0)
                 report.fallbacks += int(info.fallback_rtn)
         report.seconds["solver"] += time.perf_counter() - t0
+        t0 = time.perf_counter()

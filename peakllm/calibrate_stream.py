@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from peakllm.distributed import workers
 from peakllm.errors import PeakError
 
 STATE_VERSION = 1
@@ -84,6 +85,7 @@ class StreamIO:
         self._outer_loaded = True
         self.mask_zeros, self.mask_total = (state or {}).get("mask", (0, 0))
         self.ternary_counts = (state or {}).get("ternary_counts", [0, 0, 0])
+        self.is_writer = workers().is_writer  # with torchrun, worker 0 alone writes shards and checkpoints
 
     def resume_acts(self, acts):
         from peakllm.calibrate import Activations
@@ -141,7 +143,8 @@ class StreamIO:
             if n not in kept:
                 kept[n] = self.keep(n, r)
         dense, packed = layer_tensors(layer, prefix, {n: r.packed for n, r in kept.items()}, self.fmt)
-        self.writer.write(li, dense, packed)
+        if self.is_writer:
+            self.writer.write(li, dense, packed)
         self.sm.release_layer(li)
         del dense, packed, results
         self.seconds["write"] += time.perf_counter() - t0
@@ -150,7 +153,8 @@ class StreamIO:
         state = {**self.run_state, "writer": self.writer.state(), "report": _report_state(report),
                  "io_seconds": self.seconds, "mask": (self.mask_zeros, self.mask_total),
                  "ternary_counts": self.ternary_counts}
-        self.ckpt.save(li, tensors, state)
+        if self.is_writer:
+            self.ckpt.save(li, tensors, state)
         if os.environ.get(KILL_ENV) == str(li):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -269,7 +273,11 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
             diff = sorted(k for k in set(state["args"]) | set(run_state["args"])
                           if state["args"].get(k) != run_state["args"].get(k))
             raise PeakError(f"--resume needs the interrupted run's arguments; these differ: {', '.join(diff)}")
-    elif fresh:
+    if workers().world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every worker has checked the output folder before worker 0 creates anything
+    if fresh and workers().is_writer:
         partial.mkdir(parents=True)
     try:
         segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
@@ -300,8 +308,9 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
                 full = f"{name}.{n}" if name else n
                 if not (tied and full == "lm_head.weight"):
                     outer[full] = t.detach().contiguous()
-        writer.write(total - 1, outer, {})
-        if args.format == "sub1" and io.ternary_counts[0]:
+        if workers().is_writer:
+            writer.write(total - 1, outer, {})
+        if args.format == "sub1" and io.ternary_counts[0] and workers().is_writer:
             from peakllm.formats.shards import ternary_to_sub1
             from peakllm.formats.sub1 import Sub1Dictionary
 
@@ -319,16 +328,21 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
         config = model.config.to_dict()
         if args.format in ("hf", "compressed-tensors"):
             config["dtype"] = sm.stored_dtype_name()
-        writer.finish(config, {"method": run_info.get("method"), "run": run_info})
-        tokenizer.save_pretrained(partial)
-        (partial / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
-        ckpt.remove()
-        if out.exists():
-            _replace_dir(partial, out)
-        else:
-            os.replace(partial, out)
+        if workers().is_writer:
+            writer.finish(config, {"method": run_info.get("method"), "run": run_info})
+            tokenizer.save_pretrained(partial)
+            (partial / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+            ckpt.remove()
+            if out.exists():
+                _replace_dir(partial, out)
+            else:
+                os.replace(partial, out)
+        if workers().world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the folder is in place before any worker reports
     except BaseException:
-        if fresh and not resume and not (partial / ".resume" / "state.json").is_file():
+        if workers().is_writer and fresh and not (partial / ".resume" / "state.json").is_file():
             shutil.rmtree(partial, ignore_errors=True)  # nothing worth resuming yet
         raise
     seconds = time.perf_counter() - start

@@ -247,3 +247,29 @@ def test_synth_writes_a_loadable_sharded_model_of_the_shape(tmp_path, tiny_token
     assert info["shards"] == cfg["num_hidden_layers"] + 1
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["random_weights"] == "true"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("stream", ["on", "off"])
+def test_two_torchrun_workers_give_the_one_process_tensors(tmp_path, tiny_tokenizer, text_file, stream):
+    src = _synth(tmp_path, tiny_tokenizer, "tiny-olmoe")
+    args = ["quantize", "--model", str(src), "--method", "gptq", "--bits", "4", "--group-size", "32",
+            "--calib-dataset", str(text_file), "--calib-samples", "3", "--calib-seqlen", "32", "--eval-tokens", "0",
+            "--threads", "1", "--stream", stream, "--json"]
+    one = _cli(args + ["--output", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(_free_port()), "-m", "peakllm", *args,
+                          "--output", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1  # worker 0 reports
+    a, b = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)

@@ -47,6 +47,8 @@ def _jsonable(value):
 
 def emit(result: dict, args: argparse.Namespace, table_title: str, *, show: bool = True) -> None:
     """Print `result` as JSON (with --json) or as a two-column table (unless show=False); append it to --log."""
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: worker 0 speaks for the run
+        return
     record = {"command": args.command, **{k: _jsonable(v) for k, v in result.items()}}
     if getattr(args, "log", None):
         path = Path(args.log)

@@ -138,9 +138,12 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None) 
     run_info = {"command": args.command, "model": args.model, **extra_result,
                 "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
                 "calib_dataset": args.calib_dataset, "seed": args.seed}
-    sizes = save_compressed(model, tokenizer, report.modules, args.output, fmt=args.format, run_info=run_info,
-                            overwrite=args.overwrite)
-    result.update(sizes)
+    from peakllm.distributed import workers
+
+    if workers().is_writer:  # with torchrun, worker 0 alone writes
+        sizes = save_compressed(model, tokenizer, report.modules, args.output, fmt=args.format, run_info=run_info,
+                                overwrite=args.overwrite)
+        result.update(sizes)
     if args.eval_tokens:
         after = evaluate(model, tokenizer, args.eval_dataset, seqlen=512, max_tokens=args.eval_tokens, progress=progress)
         result["ppl"], result["dense_ppl"] = after["ppl"], dense_ppl

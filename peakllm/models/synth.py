@@ -49,7 +49,7 @@ SHAPES = {
 STD = 0.02  # the families' initializer_range
 
 
-def shape_config(shape: str, vocab_size: int):
+def shape_config(shape: str, vocab_size: int, special_tokens: dict | None = None):
     from transformers import AutoConfig
 
     if shape not in SHAPES:
@@ -57,6 +57,7 @@ def shape_config(shape: str, vocab_size: int):
     model_type, overrides = SHAPES[shape]
     cfg = dict(overrides)
     cfg["vocab_size"] = max(cfg["vocab_size"], vocab_size)
+    cfg.update(special_tokens or {})
     config = AutoConfig.for_model(model_type, **cfg)
     config.initializer_range = STD
     return config
@@ -72,7 +73,8 @@ def synthesize(shape: str, out_dir, *, tokenizer, dtype=torch.bfloat16, seed: in
     from peakllm.calibrate import decoder_layers
     from peakllm.formats.container import staged_dir
 
-    config = shape_config(shape, len(tokenizer))
+    config = shape_config(shape, len(tokenizer), {"bos_token_id": tokenizer.bos_token_id,
+                                                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers, prefix = decoder_layers(model)
