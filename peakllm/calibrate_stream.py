@@ -183,6 +183,42 @@ def _restore_report(report, saved: dict) -> None:
             setattr(report, k, getattr(report, k) + v)
 
 
+@torch.inference_mode()
+def streamed_layer_sqnorms(sm, segments: torch.Tensor, batch_size: int, offload_bytes, on_layer,
+                           progress: bool = True) -> None:
+    """One pass of the calibration data through the dense model, layer by layer from disk:
+    `on_layer(li, layer, {name: sum_t x^2 of its inputs})` while each layer is loaded (OWL's statistics;
+    the same batches and calls as `calibrate.input_sqnorms` on the whole model)."""
+    from tqdm.auto import tqdm
+
+    from peakllm.calibrate import Activations, Stats, _layer_out, capture_inputs, compressible_linears, is_moe
+
+    sm.load_outer("input")
+    acts, kwargs = capture_inputs(sm.model, segments, batch_size, offload_bytes)
+    sm.release_outer()
+    moe = is_moe(sm.model)
+    try:
+        for li in tqdm(range(len(sm.layers)), desc="outlier statistics (streamed)", unit="layer",
+                       disable=not progress, leave=False):
+            layer = sm.load_layer(li)
+            stats = {n: Stats(m.in_features, {"sqnorm"}, "cpu") for n, m in compressible_linears(layer, moe).items()}
+            hooks = [m.register_forward_pre_hook(lambda mod, a, s=stats[n]: s.add(a[0]))
+                     for n, m in compressible_linears(layer, moe).items()]
+            nxt = Activations(offload_bytes)
+            try:
+                for b in range(len(acts)):
+                    nxt.append(_layer_out(layer(acts[b], **kwargs[b][li])))
+            finally:
+                for h in hooks:
+                    h.remove()
+            acts.close()
+            acts = nxt
+            on_layer(li, layer, {f"{sm.prefix}.{li}.{n}": s.finish()["sqnorm"] for n, s in stats.items()})
+            sm.release_layer(li)
+    finally:
+        acts.close()
+
+
 def _run_args(args, extra_result: dict) -> dict:
     """What must not change between a run and its --resume (the result would differ)."""
     keys = ("model", "format", "calib_samples", "calib_seqlen", "calib_dataset", "seed", "batch_size",
@@ -208,8 +244,10 @@ def _start(out: Path, partial: Path, resume: bool, overwrite: bool) -> bool:
     return True
 
 
-def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
-    """prune/quantize of a model read layer by layer (see the module doc); returns the JSON result."""
+def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_calibrate=None) -> dict:
+    """prune/quantize of a model read layer by layer (see the module doc); returns the JSON result.
+    `before_calibrate(streamed_model, segments, offload_bytes)` runs before the first layer (e.g. OWL's
+    dense statistics pass)."""
     from peakllm import memory
     from peakllm.calibrate import calibrate, capture_inputs, is_moe
     from peakllm.data import calibration_segments, eval_windows, tokenize_source
@@ -285,6 +323,8 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
         total = len(sm.layers) + 1
         writer = (ShardWriter.from_state(partial, state["writer"], sm.source_dtype) if state
                   else ShardWriter(partial, args.format, total, sm.source_dtype))
+        if before_calibrate is not None:
+            before_calibrate(sm, segments, offload)
         sm.load_outer("input")
         windows, eval_kwargs, eval_dense, eval_comp = None, None, [], []
         if args.eval_tokens:
@@ -353,6 +393,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool) -> dict:
                    "seconds_per_layer": round(seconds / len(sm.layers), 2),
                    "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks,
                    "params": sm.num_params(), "input_bytes": sm.bytes_on_disk(),
+                   "random_weights": (sm.folder / "PEAKLLM_SYNTH.json").is_file(),
                    "max_memory_bytes": budget, "predicted_peak_rss_bytes": pred["predicted_peak_bytes"],
                    "predicted_peak_phase": pred["peak_phase"], "peak_rss_bytes": memory.peak_rss_bytes(),
                    "size_bytes": folder_bytes(out), "bits_per_param": writer.bits_per_param(),

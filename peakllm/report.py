@@ -119,6 +119,33 @@ def _plot_eval(records, ax) -> bool:
     return True
 
 
+def _plot_scale(records, ax) -> bool:
+    """Streamed runs: peak RSS and wall time against parameters (random-weight shapes marked)."""
+    pts = sorted((r for r in records if r.get("streamed") and r.get("params") and r.get("peak_rss_bytes")),
+                 key=lambda r: r["params"])
+    if len(pts) < 2:
+        return False
+    x = [r["params"] / 1e9 for r in pts]
+    ax.plot(x, [r["peak_rss_bytes"] / 2**30 for r in pts], marker="o", label="peak RSS, measured (GB)")
+    if all(r.get("predicted_peak_rss_bytes") for r in pts):
+        ax.plot(x, [r["predicted_peak_rss_bytes"] / 2**30 for r in pts], marker="x", linestyle="--",
+                label="peak RSS, predicted (GB)")
+    if pts[0].get("max_memory_bytes"):
+        ax.axhline(pts[0]["max_memory_bytes"] / 2**30, color="gray", linestyle=":", label="--max-memory")
+    ax.set(xscale="log", xlabel="parameters (billions; * = random weights)", ylabel="GB", ylim=(0, None),
+           title="streamed compression: memory and time vs size")
+    for xi, r in zip(x, pts):
+        ax.annotate(("*" if r.get("random_weights") else "") + str(r.get("shape", "")), (xi, r["peak_rss_bytes"] / 2**30),
+                    fontsize=7)
+    twin = ax.twinx()
+    twin.plot(x, [r["seconds"] / 60 for r in pts], marker="s", color="tab:red", label="wall time (min)")
+    twin.set(ylabel="minutes", ylim=(0, None))
+    lines = ax.get_legend_handles_labels()
+    extra = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=7, loc="upper left")
+    return True
+
+
 def write_report(results: str | Path, output: str | Path) -> dict:
     """Write report.md and plot PNGs into `output` (atomically); return what was written."""
     import matplotlib
@@ -133,7 +160,8 @@ def write_report(results: str | Path, output: str | Path) -> dict:
     try:
         written = ["report.md"]
         body = [f"# peakllm report\n\n{len(records)} results from `{results}`.\n", markdown_tables(records)]
-        for name, plot in (("sparsity.png", _plot_sparsity), ("size.png", _plot_bits), ("eval.png", _plot_eval)):
+        for name, plot in (("sparsity.png", _plot_sparsity), ("size.png", _plot_bits), ("eval.png", _plot_eval),
+                           ("scale.png", _plot_scale)):
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
             if plot(records, ax):
                 fig.tight_layout()

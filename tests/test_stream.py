@@ -64,6 +64,7 @@ CASES = [
     ("prune", "peakllm", ("--method", "wanda", "--pattern", "2:4")),
     ("prune", "peakllm", ("--method", "magnitude", "--sparsity", "0.6")),
     ("prune", "peakllm", ("--method", "sparsegpt", "--pattern", "2:4", "--bits", "4", "--group-size", "32")),
+    ("prune", "hf", ("--method", "sparsegpt", "--sparsity", "0.6", "--owl")),
 ]
 
 

@@ -81,10 +81,11 @@ def _numel(shape) -> int:
     return n
 
 
-def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None) -> dict:
+def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, before_stream=None) -> dict:
     """Everything after argument parsing; returns the JSON result. `before_calibrate(model, segments)`,
     when given, runs on the loaded dense model and its calibration segments just before calibration
-    (e.g. OWL's per-layer sparsity allocation), inside the timed part."""
+    (e.g. OWL's per-layer sparsity allocation), inside the timed part; `before_stream(streamed_model,
+    segments, offload_bytes)` is its counterpart for a streamed run."""
     from peakllm.calibrate import calibrate
     from peakllm.data import calibration_segments
     from peakllm.eval import cached_evaluate, evaluate
@@ -97,10 +98,10 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None) 
     if wants_stream(args):
         from peakllm.calibrate_stream import run_streamed
 
-        if before_calibrate is not None:
-            raise PeakError("this option needs the whole model in memory (e.g. --owl's outlier pass); "
-                            "use --stream off")
-        return run_streamed(args, recipe, extra_result=extra_result, progress=not args.json)
+        if before_calibrate is not None and before_stream is None:
+            raise PeakError("this option needs the whole model in memory; use --stream off")
+        return run_streamed(args, recipe, extra_result=extra_result, progress=not args.json,
+                            before_calibrate=before_stream)
     if getattr(args, "max_memory", None):
         from peakllm import memory
 

@@ -49,7 +49,18 @@ def run(args) -> int:
     def owl(model, segments):
         recipe.layer_sparsity = _owl_allocation(model, segments, args, sparsity)
 
-    result = run_compression(args, recipe, extra_result=extra, before_calibrate=owl if args.owl else None)
+    def owl_streamed(streamed, segments, offload_bytes):
+        from peakllm.calibrate_stream import streamed_layer_sqnorms
+        from peakllm.solvers import owl_sparsities
+
+        ratios = []
+        streamed_layer_sqnorms(streamed, segments, args.batch_size, offload_bytes,
+                               lambda li, layer, sq: ratios.append(_layer_outlier_ratio(layer, streamed.prefix, li, sq)),
+                               progress=not args.json)
+        recipe.layer_sparsity = owl_sparsities(ratios, sparsity, args.owl_lambda)
+
+    result = run_compression(args, recipe, extra_result=extra, before_calibrate=owl if args.owl else None,
+                             before_stream=owl_streamed if args.owl else None)
     emit(result, args, f"pruned {args.model} with {args.method}")
     return 0
 
@@ -58,15 +69,20 @@ def _owl_allocation(model, segments, args, sparsity: float) -> list[float]:
     """Per-layer sparsities from the dense model's outlier ratios (one extra pass over the calibration data,
     on the model the pipeline then prunes: it is loaded once)."""
     from peakllm.calibrate import decoder_layers, input_sqnorms
-    from peakllm.solvers import outlier_ratio, owl_sparsities
+    from peakllm.solvers import owl_sparsities
 
     sqnorms = input_sqnorms(model, segments, batch_size=args.batch_size, progress=not args.json)
     layers, prefix = decoder_layers(model)
-    ratios = []
-    for li in range(len(layers)):
-        names = [n for n in sqnorms if n.startswith(f"{prefix}.{li}.")]
-        weights = {n: model.get_submodule(n).weight for n in names}
-        # the layer's outlier ratio over all its matrices, weighted by their sizes
-        total = sum(w.numel() for w in weights.values())
-        ratios.append(sum(outlier_ratio(weights[n], sqnorms[n]) * weights[n].numel() for n in names) / total)
+    ratios = [_layer_outlier_ratio(layer, prefix, li, sqnorms) for li, layer in enumerate(layers)]
     return owl_sparsities(ratios, sparsity, args.owl_lambda)
+
+
+def _layer_outlier_ratio(layer, prefix: str, li: int, sqnorms: dict) -> float:
+    """The layer's outlier ratio over all its matrices, weighted by their sizes."""
+    from peakllm.solvers import outlier_ratio
+
+    start = f"{prefix}.{li}."
+    names = [n for n in sqnorms if n.startswith(start)]
+    weights = {n: layer.get_submodule(n[len(start):]).weight for n in names}
+    total = sum(w.numel() for w in weights.values())
+    return sum(outlier_ratio(weights[n], sqnorms[n]) * weights[n].numel() for n in names) / total
