@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from peakllm import memory
 from peakllm.distributed import workers
 from peakllm.errors import PeakError
 
@@ -85,6 +86,7 @@ class StreamIO:
         self._outer_loaded = True
         self.mask_zeros, self.mask_total = (state or {}).get("mask", (0, 0))
         self.ternary_counts = (state or {}).get("ternary_counts", [0, 0, 0])
+        self.rss_after_layer = (state or {}).get("rss_after_layer", [])
         self.is_writer = workers().is_writer  # with torchrun, worker 0 alone writes shards and checkpoints
 
     def resume_acts(self, acts):
@@ -146,11 +148,14 @@ class StreamIO:
         if self.is_writer:
             self.writer.write(li, dense, packed)
         self.sm.release_layer(li)
-        del dense, packed, results
+        del dense, packed, results, kept
+        memory.release_free_heap()
         self.seconds["write"] += time.perf_counter() - t0
         tensors = {"calib": [acts[b] for b in range(len(acts))] if acts is not None else [],
                    "evald": self.eval_dense, "evalc": self.eval_comp}
+        self.rss_after_layer.append(memory.rss_bytes())
         state = {**self.run_state, "writer": self.writer.state(), "report": _report_state(report),
+                 "rss_after_layer": self.rss_after_layer,
                  "io_seconds": self.seconds, "mask": (self.mask_zeros, self.mask_total),
                  "ternary_counts": self.ternary_counts}
         if self.is_writer:
@@ -219,6 +224,19 @@ def streamed_layer_sqnorms(sm, segments: torch.Tensor, batch_size: int, offload_
         acts.close()
 
 
+def _output_estimate(sm, recipe, fmt: str) -> int:
+    """Bytes the output will take, roughly (+10%): linears at the recipe's bits (and density), the rest fp32."""
+    total = sm.num_params()
+    if fmt == "hf":
+        return int(1.1 * sm.source_dtype.itemsize * total)
+    in_layers = sum(sm.layer_params)
+    grid = getattr(recipe, "grid", None)
+    per_param = (grid.bits + 0.5) / 8 if grid is not None else 4.0
+    if getattr(recipe, "sparsity", None) is not None:
+        per_param = per_param * (1 - recipe.sparsity) + 1 / 8
+    return int(1.1 * (4 * (total - in_layers) + per_param * in_layers))
+
+
 def _run_args(args, extra_result: dict) -> dict:
     """What must not change between a run and its --resume (the result would differ)."""
     keys = ("model", "format", "calib_samples", "calib_seqlen", "calib_dataset", "seed", "batch_size",
@@ -248,7 +266,6 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     """prune/quantize of a model read layer by layer (see the module doc); returns the JSON result.
     `before_calibrate(streamed_model, segments, offload_bytes)` runs before the first layer (e.g. OWL's
     dense statistics pass)."""
-    from peakllm import memory
     from peakllm.calibrate import calibrate, capture_inputs, is_moe
     from peakllm.data import calibration_segments, eval_windows, tokenize_source
     from peakllm.eval.stream import head_nll, ppl_of
@@ -257,6 +274,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     from peakllm.save import RUN_FILE, _replace_dir, folder_bytes
 
     start = time.perf_counter()
+    memory.release_free_heap(setup=True)
     out = Path(args.output)
     partial = partial_dir(out)
     resume = bool(getattr(args, "resume", False))
@@ -296,8 +314,12 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
                 "a shorter --calib-seqlen, --eval-tokens 0, or a larger --max-memory would help")
         offload = room // 2
         pred = memory.predict(sm, offload_bytes=offload, **kw)
-    if budget is not None and shutil.disk_usage(out.parent if out.parent.exists() else Path(".")).free < sm.bytes_on_disk() // 2:
-        raise PeakError(f"not enough free disk beside {out} for the output (about {memory.gb(sm.bytes_on_disk() // 2)})")
+    need = _output_estimate(sm, recipe, args.format)
+    where = out.parent if out.parent.exists() else Path(".")
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise PeakError(f"not enough free disk in {where.resolve()} for the output: about {memory.gb(need)} needed, "
+                        f"{memory.gb(free)} free")
     run_state = {"version": STATE_VERSION, "args": _run_args(args, extra_result), "input": sm.source.fingerprint()}
     ckpt = Checkpoint(partial)
     state = None
@@ -396,6 +418,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
                    "random_weights": (sm.folder / "PEAKLLM_SYNTH.json").is_file(),
                    "max_memory_bytes": budget, "predicted_peak_rss_bytes": pred["predicted_peak_bytes"],
                    "predicted_peak_phase": pred["peak_phase"], "peak_rss_bytes": memory.peak_rss_bytes(),
+                   "rss_after_layer_bytes": [io.rss_after_layer[0], io.rss_after_layer[-1]] if io.rss_after_layer else None,
                    "size_bytes": folder_bytes(out), "bits_per_param": writer.bits_per_param(),
                    "output": str(out), "format": args.format, "model": args.model})
     if writer.expert_params:  # as save_compressed reports them for MoE models

@@ -208,6 +208,19 @@ def test_memory_budget_too_small_is_refused_up_front(capsys, tmp_path, llama_dir
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_not_enough_disk_for_the_output_is_refused_up_front(capsys, monkeypatch, tmp_path, llama_dir, text_file):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    before = _snapshot(llama_dir)
+    code, _ = _run("prune", llama_dir, tmp_path / "out", text_file, "--method", "sparsegpt", "--stream", "on")
+    err = capsys.readouterr().err
+    assert code == 2 and "free disk" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert _snapshot(llama_dir) == before
+
+
 def test_prediction_and_peak_are_reported(capsys, tmp_path, llama_dir, text_file):
     code, result = _run("quantize", llama_dir, tmp_path / "out", text_file, "--bits", "4", "--group-size", "32",
                         "--stream", "on", "--max-memory", "8GB", capsys=capsys)
