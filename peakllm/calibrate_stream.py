@@ -25,51 +25,14 @@ import torch
 
 from peakllm import memory
 from peakllm.distributed import workers
+from peakllm.calibrate_resume import STATE_VERSION, Checkpoint, report_state, restore_report, run_args
 from peakllm.errors import PeakError
 
-STATE_VERSION = 1
 KILL_ENV = "PEAKLLM_KILL_AFTER_LAYER"  # fault injection for tests: SIGKILL self once this layer is committed
 
 
 def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
-
-
-class Checkpoint:
-    def __init__(self, folder: Path):
-        self.dir = folder / ".resume"
-
-    def load(self) -> dict | None:
-        try:
-            return json.loads((self.dir / "state.json").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def save(self, li: int, tensors: dict[str, list], state: dict) -> None:
-        self.dir.mkdir(exist_ok=True)
-        final = self.dir / f"layer-{li}"
-        tmp = self.dir / f".layer-{li}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for kind, items in tensors.items():
-            for b, t in enumerate(items):
-                torch.save(t, tmp / f"{kind}-{b}.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        state = {**state, "layers_done": li + 1, "acts_dir": final.name}
-        (self.dir / "state.json.tmp").write_text(json.dumps(state))
-        os.replace(self.dir / "state.json.tmp", self.dir / "state.json")
-        for old in self.dir.glob("layer-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def tensors(self, state: dict, kind: str) -> list[torch.Tensor]:
-        folder = self.dir / state["acts_dir"]
-        n = len(list(folder.glob(f"{kind}-*.pt")))
-        return [torch.load(folder / f"{kind}-{b}.pt", weights_only=True) for b in range(n)]
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class StreamIO:
@@ -154,7 +117,7 @@ class StreamIO:
         tensors = {"calib": [acts[b] for b in range(len(acts))] if acts is not None else [],
                    "evald": self.eval_dense, "evalc": self.eval_comp}
         self.rss_after_layer.append(memory.rss_bytes())
-        state = {**self.run_state, "writer": self.writer.state(), "report": _report_state(report),
+        state = {**self.run_state, "writer": self.writer.state(), "report": report_state(report),
                  "rss_after_layer": self.rss_after_layer,
                  "io_seconds": self.seconds, "mask": (self.mask_zeros, self.mask_total),
                  "ternary_counts": self.ternary_counts}
@@ -170,22 +133,6 @@ class _Kept:
 
     def __init__(self, packed):
         self.packed = packed
-
-
-def _report_state(report) -> dict:
-    return {k: getattr(report, k) for k in ("damping_escalations", "fallbacks", "experts_fallback", "expert_tokens",
-                                             "seconds", "notes")}
-
-
-def _restore_report(report, saved: dict) -> None:
-    for k, v in saved.items():
-        if k == "seconds":
-            for name, s in v.items():
-                report.seconds[name] = report.seconds.get(name, 0.0) + s
-        elif k in ("expert_tokens", "notes"):
-            getattr(report, k)[:0] = v
-        else:
-            setattr(report, k, getattr(report, k) + v)
 
 
 @torch.inference_mode()
@@ -235,14 +182,6 @@ def _output_estimate(sm, recipe, fmt: str) -> int:
     if getattr(recipe, "sparsity", None) is not None:
         per_param = per_param * (1 - recipe.sparsity) + 1 / 8
     return int(1.1 * (4 * (total - in_layers) + per_param * in_layers))
-
-
-def _run_args(args, extra_result: dict) -> dict:
-    """What must not change between a run and its --resume (the result would differ)."""
-    keys = ("model", "format", "calib_samples", "calib_seqlen", "calib_dataset", "seed", "batch_size",
-            "no_sequential", "blocksize", "damp", "eval_tokens", "eval_dataset")
-    return {"command": args.command, **{k: getattr(args, k, None) for k in keys}, **extra_result,
-            "threads": torch.get_num_threads()}
 
 
 def _start(out: Path, partial: Path, resume: bool, overwrite: bool) -> bool:
@@ -320,19 +259,9 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     if free < need:
         raise PeakError(f"not enough free disk in {where.resolve()} for the output: about {memory.gb(need)} needed, "
                         f"{memory.gb(free)} free")
-    run_state = {"version": STATE_VERSION, "args": _run_args(args, extra_result), "input": sm.source.fingerprint()}
+    run_state = {"version": STATE_VERSION, "args": run_args(args, extra_result), "input": sm.source.fingerprint()}
     ckpt = Checkpoint(partial)
-    state = None
-    if resume:
-        state = ckpt.load()
-        if state is None or state.get("version") != STATE_VERSION:
-            raise PeakError(f"the checkpoint in {partial} is unreadable or from another peakllm version")
-        if state["input"] != run_state["input"]:
-            raise PeakError(f"the input model {args.model} changed since the interrupted run; start again with --overwrite")
-        if state["args"] != run_state["args"]:
-            diff = sorted(k for k in set(state["args"]) | set(run_state["args"])
-                          if state["args"].get(k) != run_state["args"].get(k))
-            raise PeakError(f"--resume needs the interrupted run's arguments; these differ: {', '.join(diff)}")
+    state = ckpt.load_for(run_state, args.model) if resume else None
     if workers().world > 1:
         import torch.distributed as dist
 
@@ -360,7 +289,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
                            offload_bytes=offload, progress=progress, io=io)
         if state:
-            _restore_report(report, state["report"])
+            restore_report(report, state["report"])
         # the rest: embeddings, final norm, lm_head (tied: stored once, as the embedding)
         sm.load_outer("all")
         outer = {}
