@@ -287,3 +287,22 @@ def test_two_torchrun_workers_give_the_one_process_tensors(tmp_path, tiny_tokeni
     assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1  # worker 0 reports
     a, b = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,extra", [
+    ("quantize", ("--method", "gptq", "--bits", "4", "--group-size", "64", "--format", "peakllm")),
+    ("prune", ("--method", "wanda", "--sparsity", "0.5", "--format", "hf")),  # SparseGPT: tiny models above
+])
+def test_default_model_streamed_equals_in_memory(capsys, tmp_path, command, extra):
+    """The real 135M model: streamed and in-memory runs give the same tensors and the same perplexities."""
+    results = {}
+    for mode in ("off", "on"):
+        code = main([command, "--model", "default", *extra, "--calib-samples", "2", "--calib-seqlen", "128",
+                     "--eval-tokens", "1024", "--output", str(tmp_path / mode), "--stream", mode, "--json"])
+        assert code == 0
+        results[mode] = json.loads(capsys.readouterr().out)
+    a, b = _tensors(tmp_path / "off"), _tensors(tmp_path / "on")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert results["on"]["ppl"] == results["off"]["ppl"]
+    assert results["on"]["dense_ppl"] == results["off"]["dense_ppl"]

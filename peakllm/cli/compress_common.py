@@ -42,8 +42,9 @@ def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
                    "shard by shard, so peak memory is one layer plus activations whatever the model's size; auto: "
                    "when the model in fp32 would take more than half of --max-memory (default: %(default)s)")
     g.add_argument("--max-memory", metavar="SIZE", default=None,
-                   help="memory budget, e.g. 4GB; a streamed run predicts its peak from the shapes first and refuses "
-                   "to start if it cannot fit (default: what the machine has available)")
+                   help="memory budget, e.g. 4GB (binary units: 4GB = 4 GiB); a streamed run predicts its peak from the "
+                   "shapes first, spills calibration activations to disk if that makes it fit, and refuses to start "
+                   "if nothing does (default: what the machine has available)")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted streamed run of the same --output from its last finished layer "
                    "(same input and arguments required; the result is identical to an uninterrupted run)")
