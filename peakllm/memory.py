@@ -7,6 +7,7 @@ sum of named terms, so a refusal can say what does not fit and what would.
 
 from __future__ import annotations
 
+import os
 import re
 
 from peakllm.errors import PeakError
@@ -50,17 +51,23 @@ def peak_rss_bytes() -> int:
     return _status("VmHWM") or 0
 
 
+MMAP_THRESHOLD_ENV = "PEAKLLM_MMAP_THRESHOLD"
+
+
 def release_free_heap(setup: bool = False) -> None:
-    """Give freed heap memory back to the OS (glibc). With setup=True, also fix malloc's mmap threshold at
-    1 MiB: glibc otherwise raises it to 32 MiB after the first large free, and a streamed run's many
-    1-32 MiB temporaries then fragment the heap, which grows the resident set layer after layer."""
+    """Give freed heap memory back to the OS (glibc's malloc_trim): a streamed run's many 1-32 MiB
+    temporaries otherwise stay in the heap and the resident set grows layer after layer. With setup=True
+    and $PEAKLLM_MMAP_THRESHOLD set (bytes), also fix malloc's mmap threshold there (glibc raises it to
+    32 MiB after the first large free): less fragmentation, but every larger temporary then costs an
+    mmap and its page faults (measured in the README's scale table)."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if setup:
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        threshold = int(os.environ.get(MMAP_THRESHOLD_ENV, "0") or 0)
+        if setup and threshold > 0:
+            libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to do
