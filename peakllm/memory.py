@@ -132,6 +132,10 @@ def predict(streamed, *, calib_tokens: int, calib_seqlen: int, batch_size: int, 
         if sum(terms.values()) > worst:
             worst_layer, worst = terms, sum(terms.values())
     phases["largest decoder layer"] = {**common, **worst_layer}
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    outer = sum(p.numel() for _, mod in streamed.outer_modules() for p in mod.parameters(recurse=False)
+                if not (tied and mod is streamed.model.get_output_embeddings()))
+    phases["the rest (embedding, norm, lm_head in fp32) written last"] = {**common, "embedding and head fp32": 4 * outer}
     if eval_tokens:
         phases["evaluation head (norm + lm_head fp32, logits)"] = {
             "evaluation activations (dense + compressed)": eval_acts, "lm_head fp32": 4 * vocab * hidden,

@@ -128,9 +128,10 @@ def _storage_order(tensors: dict) -> list:
     return sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a buffer (a view, not a copy: a 7B model's fp32 embedding is 0.8 GB)."""
     t = t.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
 
 
 def _data_sha256(tensors: dict) -> str:

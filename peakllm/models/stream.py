@@ -241,7 +241,12 @@ class StreamedModel:
         return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[self.source_dtype]
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        """Parameters as stored (a tied lm_head counts once, even while the meta skeleton is untied)."""
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
+        head = self.model.get_output_embeddings()
+        return sum(p.numel() for n, p in self.model.named_parameters()
+                   if not (tied and head is not None and p is head.weight and not n.startswith(self.prefix)
+                           and n.endswith("lm_head.weight")))
 
     def bytes_on_disk(self) -> int:
         return sum((self.folder / f).stat().st_size for f in self.source.files)
