@@ -126,14 +126,18 @@ def _plot_scale(records, ax) -> bool:
     if len(pts) < 2:
         return False
     x = [r["params"] / 1e9 for r in pts]
-    ax.plot(x, [r["peak_rss_bytes"] / 2**30 for r in pts], marker="o", label="peak RSS, measured (GB)")
+    ax.plot(x, [r["peak_rss_bytes"] / 2**30 for r in pts], marker="o", label="peak RSS, measured (GiB)")
     if all(r.get("predicted_peak_rss_bytes") for r in pts):
         ax.plot(x, [r["predicted_peak_rss_bytes"] / 2**30 for r in pts], marker="x", linestyle="--",
-                label="peak RSS, predicted (GB)")
+                label="peak RSS, predicted (GiB)")
     if pts[0].get("max_memory_bytes"):
         ax.axhline(pts[0]["max_memory_bytes"] / 2**30, color="gray", linestyle=":", label="--max-memory")
-    ax.set(xscale="log", xlabel="parameters (billions; * = random weights)", ylabel="GB", ylim=(0, None),
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set(xscale="log", xlabel="parameters (billions; * = random weights)", ylabel="GiB", ylim=(0, None),
            title="streamed compression: memory and time vs size")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     for xi, r in zip(x, pts):
         ax.annotate(("*" if r.get("random_weights") else "") + str(r.get("shape", "")), (xi, r["peak_rss_bytes"] / 2**30),
                     fontsize=7)
