@@ -44,7 +44,7 @@ class Checkpoint:
             raise PeakError(f"--resume needs the interrupted run's arguments; these differ: {', '.join(diff)}")
         return state
 
-    def save(self, li: int, tensors: dict[str, list], state: dict) -> None:
+    def save(self, li: int, tensors: dict, state: dict) -> None:
         self.dir.mkdir(exist_ok=True)
         final = self.dir / f"layer-{li}"
         tmp = self.dir / f".layer-{li}.tmp"

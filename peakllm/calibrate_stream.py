@@ -114,7 +114,8 @@ class StreamIO:
         del dense, packed, results, kept
         memory.release_free_heap()
         self.seconds["write"] += time.perf_counter() - t0
-        tensors = {"calib": [acts[b] for b in range(len(acts))] if acts is not None else [],
+        # a generator: activations spilled to disk are read back one batch at a time, not all at once
+        tensors = {"calib": (acts[b] for b in range(len(acts))) if acts is not None else [],
                    "evald": self.eval_dense, "evalc": self.eval_comp}
         self.rss_after_layer.append(memory.rss_bytes())
         state = {**self.run_state, "writer": self.writer.state(), "report": report_state(report),
