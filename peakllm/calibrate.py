@@ -227,6 +227,20 @@ def _flow_groups(layer, linears: dict[str, nn.Linear], experts: dict[str, nn.Mod
     return groups
 
 
+def check_method(model, method) -> None:
+    """`method.check(name, shape)` on every matrix the pipeline would compress (meta tensors suffice)."""
+    if not hasattr(method, "check"):
+        return
+    layers, prefix = decoder_layers(model)
+    moe = is_moe(model)
+    for li, layer in enumerate(layers):
+        for name, mod in compressible_linears(layer, moe).items():
+            method.check(f"{prefix}.{li}.{name}", tuple(mod.weight.shape))
+        for name, mod in fused_experts(layer).items():
+            for part in PARTS:
+                method.check(f"{prefix}.{li}.{name}.{part}.0", tuple(getattr(mod, part).shape[1:]))
+
+
 @torch.inference_mode()
 def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, sequential: bool = True,
               offload_bytes: int | None = 2 << 30, progress: bool = True, io=None) -> CalibrationReport:
@@ -251,13 +265,7 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
     moe = is_moe(model)
     if not any(compressible_linears(layer, moe) or fused_experts(layer) for layer in layers):
         raise PeakError(f"{type(model).__name__} has no linear layers peakllm can compress")
-    if hasattr(method, "check"):  # refuse impossible settings before any work is done
-        for li, layer in enumerate(layers):
-            for name, mod in compressible_linears(layer, moe).items():
-                method.check(f"{prefix}.{li}.{name}", tuple(mod.weight.shape))
-            for name, mod in fused_experts(layer).items():
-                for part in PARTS:
-                    method.check(f"{prefix}.{li}.{name}.{part}.0", tuple(getattr(mod, part).shape[1:]))
+    check_method(model, method)  # refuse impossible settings before any work is done
     report = CalibrationReport(layers=len(layers), calib_tokens=int(segments.numel()))
     t_start = time.perf_counter()
     start = io.start_layer if io is not None else 0

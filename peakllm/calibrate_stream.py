@@ -206,7 +206,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     """prune/quantize of a model read layer by layer (see the module doc); returns the JSON result.
     `before_calibrate(streamed_model, segments, offload_bytes)` runs before the first layer (e.g. OWL's
     dense statistics pass)."""
-    from peakllm.calibrate import calibrate, capture_inputs, is_moe
+    from peakllm.calibrate import calibrate, capture_inputs, check_method, is_moe
     from peakllm.data import calibration_segments, eval_windows, tokenize_source
     from peakllm.eval.stream import head_nll, ppl_of
     from peakllm.formats.shards import ShardWriter
@@ -225,16 +225,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         recipe.moe = is_moe(model)
     if args.format == "hf" and getattr(recipe, "grid", None) is not None:
         raise PeakError("quantized weights need --format peakllm or compressed-tensors")
-    if hasattr(recipe, "check"):
-        from peakllm.calibrate import compressible_linears
-        from peakllm.calibrate_moe import PARTS, fused_experts
-
-        for li, layer in enumerate(sm.layers):
-            for name, mod in compressible_linears(layer, recipe.moe if hasattr(recipe, "moe") else is_moe(model)).items():
-                recipe.check(f"{sm.prefix}.{li}.{name}", tuple(mod.weight.shape))
-            for name, mod in fused_experts(layer).items():
-                for part in PARTS:
-                    recipe.check(f"{sm.prefix}.{li}.{name}.{part}.0", tuple(getattr(mod, part).shape[1:]))
+    check_method(model, recipe)  # before the partial folder exists (calibrate() checks again, cheaply)
     hessian = "hessian" in recipe.stats
     needs_data = bool(set(recipe.stats) - {"tokens"})
     calib_tokens = args.calib_samples * args.calib_seqlen if needs_data else 0
