@@ -30,9 +30,10 @@ from peakllm.solvers import Grid
 # the rows that decide the headline claims first (50% and 2:4), then the rest
 PRUNE_ROWS = [(m, s, p) for s, p in ((0.5, None), (0.5, (2, 4)), (0.6, None), (0.5, (4, 8)), (0.7, None))
               for m in ("sparsegpt", "wanda", "magnitude")]
-QUANT_ROWS = ([("rtn", b, g, False) for b in (3, 2) for g in (-1, 128, 64, 32)]
-              + [("gptq", b, g, ao) for b in (3, 2) for g in (-1, 128, 64, 32) for ao in (False, True)]
-              + [(m, b, g, False) for m in ("rtn", "gptq") for b in (8, 4) for g in (-1, 128, 32)])
+QUANT_ROWS = ([("rtn", b, g, "none") for b in (3, 2) for g in (-1, 128, 64, 32)]
+              + [("gptq", b, g, ao) for b in (3, 2) for g in (-1, 128, 64, 32) for ao in ("none", "group", "static")]
+              + [(m, b, g, "none" if m == "rtn" else "static") for m in ("rtn", "gptq") for b in (8, 4)
+                 for g in (-1, 128, 32)])
 
 
 def peak_rss_bytes() -> int:
@@ -121,11 +122,16 @@ def main() -> int:
     return 0
 
 
+def _order(act_order) -> str:
+    """Rows logged before static act-order existed stored a bool (True meant the g_idx kind)."""
+    return {True: "group", False: "none"}.get(act_order, act_order)
+
+
 def markdown(rows: list[dict], suite: str) -> str:
     if suite == "quantize":
         head = "| method | bits | group | act-order | bits/param | wiki ppl | dense ppl | seconds |\n|---|---|---|---|---|---|---|---|"
         body = [f"| {r['method']} | {r['bits']} | {'row' if r['group_size'] == -1 else r['group_size']} | "
-                f"{'yes' if r['act_order'] else 'no'} | {r['bits_per_param']:.3f} | {r['ppl']:.2f} | {r['dense_ppl']:.2f} | "
+                f"{_order(r['act_order'])} | {r['bits_per_param']:.3f} | {r['ppl']:.2f} | {r['dense_ppl']:.2f} | "
                 f"{r['seconds']:.0f} |" for r in rows]
     else:
         head = ("| method | target | measured sparsity | wiki ppl | dense ppl | calib tokens | seconds | forward / stats / solver s "

@@ -206,12 +206,14 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     """prune/quantize of a model read layer by layer (see the module doc); returns the JSON result.
     `before_calibrate(streamed_model, segments, offload_bytes)` runs before the first layer (e.g. OWL's
     dense statistics pass)."""
-    from peakllm.calibrate import calibrate, capture_inputs, check_method, is_moe
+    from peakllm.calibrate import calibrate, capture_inputs, is_moe
     from peakllm.data import calibration_segments, eval_windows, tokenize_source
     from peakllm.eval.stream import head_nll, ppl_of
     from peakllm.formats.shards import ShardWriter
     from peakllm.models.stream import StreamedModel
-    from peakllm.save import RUN_FILE, _replace_dir, folder_bytes
+    from peakllm.embeddings import quantize_outer
+    from peakllm.preflight import check_run
+    from peakllm.save import RUN_FILE, _replace_dir, ct_actorder, folder_bytes
 
     start = time.perf_counter()
     memory.release_free_heap(setup=True)
@@ -225,7 +227,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         recipe.moe = is_moe(model)
     if args.format == "hf" and getattr(recipe, "grid", None) is not None:
         raise PeakError("quantized weights need --format peakllm or compressed-tensors")
-    check_method(model, recipe)  # before the partial folder exists (calibrate() checks again, cheaply)
+    check_run(model, args, recipe, disk=False)  # before the partial folder exists; disk is checked below
     hessian = "hessian" in recipe.stats
     needs_data = bool(set(recipe.stats) - {"tokens"})
     calib_tokens = args.calib_samples * args.calib_seqlen if needs_data else 0
@@ -269,12 +271,19 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         if before_calibrate is not None:
             before_calibrate(sm, segments, offload)
         sm.load_outer("input")
+        embed = getattr(args, "embed_grid", None)
         windows, eval_kwargs, eval_dense, eval_comp = None, None, [], []
         if args.eval_tokens:
             windows = eval_windows(tokenize_source(tokenizer, args.eval_dataset), 512, args.eval_tokens)
             eacts, eval_kwargs = capture_inputs(model, windows, 1, None)
             eval_dense = [eacts[w] for w in range(len(eacts))]
+        # calibration, and the compressed model's evaluation windows, start from the quantized embedding
+        quantize_outer(model, embed, loaded_only=True)
+        if args.eval_tokens:
             eval_comp = list(eval_dense)
+            if embed is not None:
+                eacts, _ = capture_inputs(model, windows, 1, None)
+                eval_comp = [eacts[w] for w in range(len(eacts))]
             if state:
                 eval_dense, eval_comp = ckpt.tensors(state, "evald"), ckpt.tensors(state, "evalc")
         io = StreamIO(sm, writer, ckpt, args.format, state, run_state, eval_kwargs, eval_dense, eval_comp, offload)
@@ -282,28 +291,37 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
                            offload_bytes=offload, progress=progress, io=io)
         if state:
             restore_report(report, state["report"])
-        # the rest: embeddings, final norm, lm_head (tied: stored once, as the embedding)
+        # the rest: embeddings, final norm, lm_head (tied: stored once, as the embedding); the dense model's
+        # perplexity needs them as they were, the compressed model's as --embed-bits makes them
         sm.load_outer("all")
+        result = {**extra_result}
+        if args.eval_tokens:
+            t0 = time.perf_counter()
+            result["dense_ppl"] = ppl_of(head_nll(model, io.eval_dense, windows), windows)
+            io.seconds["evaluation"] += time.perf_counter() - t0
+        from peakllm.save import packed_module
+
+        outer_packed = {name: packed_module(r) for name, r in quantize_outer(model, embed).items()}
+        if args.eval_tokens:
+            t0 = time.perf_counter()
+            result["ppl"] = ppl_of(head_nll(model, io.eval_comp, windows), windows)
+            io.seconds["evaluation"] += time.perf_counter() - t0
         outer = {}
         tied = getattr(model.config, "tie_word_embeddings", False)
         for name, mod in sm.outer_modules():
             for n, t in mod.state_dict().items():
                 full = f"{name}.{n}" if name else n
+                if full.endswith(".weight") and full[: -len(".weight")] in outer_packed:
+                    continue
                 if not (tied and full == "lm_head.weight"):
                     outer[full] = t.detach().contiguous()
         if workers().is_writer:
-            writer.write(total - 1, outer, {})
+            writer.write(total - 1, outer, outer_packed, outer=True)
         if args.format == "sub1" and io.ternary_counts[0] and workers().is_writer:
             from peakllm.formats.shards import ternary_to_sub1
             from peakllm.formats.sub1 import Sub1Dictionary
 
             writer = ternary_to_sub1(writer, Sub1Dictionary.from_counts(*io.ternary_counts, 16))
-        result = {**extra_result}
-        if args.eval_tokens:
-            t0 = time.perf_counter()
-            result["dense_ppl"] = ppl_of(head_nll(model, io.eval_dense, windows), windows)
-            result["ppl"] = ppl_of(head_nll(model, io.eval_comp, windows), windows)
-            io.seconds["evaluation"] += time.perf_counter() - t0
         sm.release_outer()
         run_info = {"command": args.command, "model": args.model, **extra_result, "calib_samples": args.calib_samples,
                     "calib_seqlen": args.calib_seqlen, "calib_dataset": args.calib_dataset, "seed": args.seed,
@@ -312,7 +330,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         if args.format in ("hf", "compressed-tensors"):
             config["dtype"] = sm.stored_dtype_name()
         if workers().is_writer:
-            writer.finish(config, {"method": run_info.get("method"), "run": run_info})
+            writer.finish(config, {"method": run_info.get("method"), "run": run_info}, ct_actorder(run_info))
             tokenizer.save_pretrained(partial)
             (partial / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
             ckpt.remove()
@@ -342,11 +360,11 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
                    "rss_after_layer_bytes": [io.rss_after_layer[0], io.rss_after_layer[-1]] if io.rss_after_layer else None,
                    "size_bytes": folder_bytes(out), "bits_per_param": writer.bits_per_param(),
                    "output": str(out), "format": args.format, "model": args.model})
-    if writer.expert_params:  # as save_compressed reports them for MoE models
-        from peakllm.save import weight_file_bytes
+    from peakllm.save import weight_file_bytes
 
+    result["bits_per_param_total"] = 8 * weight_file_bytes(out) / (writer.dense_params + writer.all_packed_params)
+    if writer.expert_params:  # as save_compressed reports them for MoE models
         result["bits_per_param_experts"] = writer.expert_bits / writer.expert_params
-        result["bits_per_param_total"] = 8 * weight_file_bytes(out) / (writer.dense_params + writer.packed_params)
     if io.mask_total:
         result["sparsity"] = io.mask_zeros / io.mask_total
     if report.expert_tokens:

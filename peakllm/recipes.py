@@ -103,7 +103,7 @@ def is_expert(name: str) -> bool:
 class QuantRecipe:
     method: str = "gptq"
     grid: solvers.Grid = solvers.Grid()
-    act_order: bool = False
+    act_order: str = "static"              # GPTQ column order: static | group | none (solvers.gptq)
     blocksize: int = 128
     damp: float = 0.01
     dense_grid: solvers.Grid | None = None  # MoE models: grid of the non-expert matrices (None: same as grid)
@@ -114,6 +114,9 @@ class QuantRecipe:
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
             raise PeakError(f"unknown quantization method {self.method!r}; choose from {', '.join(QUANT_METHODS)}")
+        from peakllm.solvers.gptq import check_act_order
+
+        check_act_order(self.act_order)
 
     @property
     def name(self) -> str:

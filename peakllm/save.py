@@ -126,24 +126,34 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    from peakllm.embeddings import outer_modules
+    from peakllm.formats.container import bits_per_param
+
+    outer = set(outer_modules(model))
+    linears = {n: p for n, p in packed.items() if n not in outer}
+    total_params = sum(t.numel() for t in dense.values()) + sum(p.num_params for p in packed.values())
     if fmt in ("peakllm", "sub1"):
-        from peakllm.formats.container import bits_per_param, save_model_folder
+        from peakllm.formats.container import save_model_folder
 
         save_model_folder(out, config=config, dense_tensors=dense, packed_modules=packed,
                           manifest={"method": run_info.get("method"), "run": run_info}, extra_files=extra,
                           overwrite=overwrite)
-        sizes = {"size_bytes": folder_bytes(out), "bits_per_param": bits_per_param(packed)}
+        sizes = {"size_bytes": folder_bytes(out), "bits_per_param": bits_per_param(linears) if linears else None,
+                 "bits_per_param_total": 8 * weight_file_bytes(out) / total_params}
         experts = {n: p for n, p in packed.items() if is_expert(n)}
         if experts:
             sizes["bits_per_param_experts"] = bits_per_param(experts)
-            total_params = sum(t.numel() for t in dense.values()) + sum(p.num_params for p in packed.values())
-            sizes["bits_per_param_total"] = 8 * weight_file_bytes(out) / total_params
         return sizes
     from peakllm.formats.compressed_tensors import export_compressed_tensors
-    from peakllm.formats.container import bits_per_param
 
-    export_compressed_tensors(out, config, dense, packed, extra, overwrite=overwrite)
-    return {"size_bytes": folder_bytes(out), "bits_per_param": bits_per_param(packed)}
+    export_compressed_tensors(out, config, dense, packed, extra, overwrite=overwrite, actorder=ct_actorder(run_info))
+    return {"size_bytes": folder_bytes(out), "bits_per_param": bits_per_param(linears),
+            "bits_per_param_total": 8 * weight_file_bytes(out) / total_params}
+
+
+def ct_actorder(run_info: dict) -> str | None:
+    """What a compressed-tensors config records of GPTQ's column order (only GPTQ orders columns)."""
+    return run_info.get("act_order") if run_info.get("method") == "gptq" else None
 
 
 def folder_bytes(path: Path) -> int:

@@ -78,9 +78,14 @@ def test_gptq_act_order_matches_solver_weights():
     g = torch.Generator().manual_seed(1)
     W = torch.randn(16, 40, generator=g)
     X = torch.randn(200, 40, generator=g) * torch.linspace(0.1, 3, 40)
-    qw, _ = gptq(W, X.T @ X, Grid("affine", 3, 8, False), act_order=True)
+    qw, _ = gptq(W, X.T @ X, Grid("affine", 3, 8, False), act_order="group")
     packed = PackedIntK.from_quantized(qw)
     assert torch.equal(packed.dequantize(), qw.weight)
+    static, _ = gptq(W, X.T @ X, Grid("affine", 3, 8, False), act_order="static")
+    assert static.g_idx is None
+    packed = PackedIntK.from_quantized(static)
+    assert packed.g_idx is None and "g_idx" not in packed.to_tensors("")
+    assert torch.equal(packed.dequantize(), static.weight)
 
 
 def test_contiguous_g_idx_is_dropped():

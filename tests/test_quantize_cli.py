@@ -81,7 +81,9 @@ def test_compressed_tensors_export_loads_in_plain_transformers(capsys, tmp_path,
     code, out = quantize(tmp_path, tiny_model_dir, text_file, "--bits", "4", "--group-size", "32", "--sym",
                          "--format", "compressed-tensors")
     result = json.loads(capsys.readouterr().out)
-    assert code == 0 and result["format"] == "compressed-tensors"
+    assert code == 0 and result["format"] == "compressed-tensors" and result["act_order"] == "static"
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert {g["weights"]["actorder"] for g in groups.values()} == {"static"}  # GPTQ's default, no g_idx
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     # peakllm's own view of the same quantization: a packed folder from the identical run (same seed)
     code, ours_dir = quantize(tmp_path / "again", tiny_model_dir, text_file, "--bits", "4", "--group-size", "32",

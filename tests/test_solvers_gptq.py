@@ -24,33 +24,44 @@ def correlated(rows, cols, n=256, seed=0, dtype=torch.float64):
     return W, X, 2 / n * X.T @ X
 
 
-def gptq_reference(W, H, grid, damp=0.01, act_order=False):
-    """Column by column: Hinv_j = inverse(H[j:, j:]), quantize w_j, W[:, j:] -= (w - q)/Hinv_j[0,0] * Hinv_j[0, :]."""
+def gptq_reference(W, H, grid, damp=0.01, act_order="none"):
+    """Column by column: Hinv_j = inverse(H[j:, j:]), quantize w_j, W[:, j:] -= (w - q)/Hinv_j[0,0] * Hinv_j[0, :].
+
+    act_order "static": every group's parameters fitted on the original W before the sweep, column j of the
+    sweep uses the group of its original column; "group": groups are runs of the sweep order."""
     W, H = W.double().clone(), H.double().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     rows, cols = W.shape
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
+    gs = cols if grid.group_size == -1 else grid.group_size
+    original_group = torch.arange(cols) // gs
+    static = [fit(W[:, g0:g0 + gs], grid) for g0 in range(0, cols, gs)]
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order != "none" else torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]
     H = H + damp * H.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
-    gs = cols if grid.group_size == -1 else grid.group_size
     Q, codes, groups = torch.zeros_like(W), torch.zeros(rows, cols, dtype=torch.uint8), []
     for j in range(cols):
         Hinv_j = torch.linalg.inv(H[j:, j:])
-        if j % gs == 0:
-            groups.append(fit(W[:, j:j + gs], grid))
+        if act_order == "static":
+            params = static[int(original_group[perm[j]])]
+        else:
+            if j % gs == 0:
+                groups.append(fit(W[:, j:j + gs], grid))
+            params = groups[-1]
         w = W[:, j].clone()
-        c = quantize(w[:, None], groups[-1], grid)
-        q = dequantize(c, groups[-1], grid)[:, 0].double()
+        c = quantize(w[:, None], params, grid)
+        q = dequantize(c, params, grid)[:, 0].double()
         codes[:, j], Q[:, j] = c[:, 0], q
         W[:, j:] -= torch.outer((w - q) / Hinv_j[0, 0], Hinv_j[0, :])
     inv = torch.argsort(perm)
+    if act_order == "static":
+        groups = static
     params = {k: torch.cat([p[k] for p in groups], 1) for k in groups[0]}
-    return Q[:, inv], codes[:, inv], params, (torch.arange(cols) // gs)[inv]
+    return Q[:, inv], codes[:, inv], params, original_group if act_order == "static" else original_group[inv]
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", ["none", "group", "static"])
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
 def test_matches_per_column_reference(grid, act_order):
     W, _, H = correlated(12, 18, seed=1)
@@ -70,9 +81,9 @@ def test_matches_per_column_reference(grid, act_order):
 def test_lazy_batching_does_not_change_result_fp32():
     W, X, H = correlated(48, 96, n=512, seed=2, dtype=torch.float32)
     grid = Grid(bits=3, group_size=16)
-    base, _ = gptq(W, H, grid, blocksize=1, act_order=True)
+    base, _ = gptq(W, H, grid, blocksize=1, act_order="group")
     for blocksize in (4, 8, 40, 128):
-        qw, _ = gptq(W, H, grid, blocksize=blocksize, act_order=True)
+        qw, _ = gptq(W, H, grid, blocksize=blocksize, act_order="group")
         # fp32 summation order may flip a rounding at a tie; allow a handful of codes, no more
         assert (qw.codes != base.codes).float().mean() < 0.005
         assert torch.allclose(qw.params["scale"], base.params["scale"], rtol=2e-3)
@@ -80,7 +91,7 @@ def test_lazy_batching_does_not_change_result_fp32():
 
 @pytest.mark.parametrize("grid", [Grid(bits=4, group_size=16), Grid(bits=3, group_size=16, sym=True),
                                   Grid(kind="ternary", group_size=16), Grid(bits=2)], ids=str)
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("act_order", ["none", "group", "static"])
 def test_on_grid_and_better_than_rtn(grid, act_order):
     W, X, H = correlated(64, 96, n=512, seed=3, dtype=torch.float32)
     W0, H0 = W.clone(), H.clone()
@@ -90,7 +101,7 @@ def test_on_grid_and_better_than_rtn(grid, act_order):
     assert torch.equal(qw.dequantize(), qw.weight)
     for v in qw.params.values():
         assert torch.equal(v, v.half().float())
-    if act_order and grid.group_size > 0:
+    if act_order == "group" and grid.group_size > 0:
         assert qw.g_idx is not None and qw.g_idx.dtype == torch.int32
         assert torch.bincount(qw.g_idx.long()).tolist() == [16] * 6
     else:
@@ -105,11 +116,12 @@ def test_dead_inputs():
     W, X, _ = correlated(16, 24, seed=4)
     X[:, [3, 10]] = 0
     H = 2 / X.shape[0] * X.T @ X
-    qw, info = gptq(W, H, Grid(bits=4, group_size=8))
-    assert not info.fallback_rtn and torch.isfinite(qw.weight).all()
-    assert (qw.weight[:, [3, 10]] == 0).all()
-    Q, codes, _, _ = gptq_reference(W, H, Grid(bits=4, group_size=8))
-    assert torch.equal(qw.codes, codes)
+    for order in ("none", "static"):
+        qw, info = gptq(W, H, Grid(bits=4, group_size=8), act_order=order)
+        assert not info.fallback_rtn and torch.isfinite(qw.weight).all()
+        assert (qw.weight[:, [3, 10]] == 0).all()
+        Q, codes, _, _ = gptq_reference(W, H, Grid(bits=4, group_size=8), act_order=order)
+        assert torch.equal(qw.codes, codes)
 
 
 def test_damping_escalation_and_rtn_fallback():
@@ -121,14 +133,15 @@ def test_damping_escalation_and_rtn_fallback():
     m = H_psd.diagonal().mean()
     t = 0.05 * m / (1 + 0.05 / 16)  # the shift lowers the mean diagonal by t/16; t = 0.05 of the new mean
     H_bad = H_psd - t * torch.outer(evecs[:, 0], evecs[:, 0])
-    qw, info = gptq(W, H_bad, Grid(bits=4))
+    qw, info = gptq(W, H_bad, Grid(bits=4), act_order="none")
     assert info.retries == 1 and info.damp_used == pytest.approx(0.1) and not info.fallback_rtn
     Q, codes, _, _ = gptq_reference(W, H_bad, Grid(bits=4), damp=0.1)
     assert torch.equal(qw.codes, codes)
 
-    qw, info = gptq(W, -torch.eye(16, dtype=torch.float64), Grid(bits=4, group_size=8))
-    assert info.fallback_rtn and info.retries > 0
-    assert torch.equal(qw.codes, rtn(W, Grid(bits=4, group_size=8)).codes)
+    for order in ("none", "static", "group"):
+        qw, info = gptq(W, -torch.eye(16, dtype=torch.float64), Grid(bits=4, group_size=8), act_order=order)
+        assert info.fallback_rtn and info.retries > 0
+        assert torch.equal(qw.codes, rtn(W, Grid(bits=4, group_size=8)).codes)
 
 
 def test_validation():
@@ -143,6 +156,8 @@ def test_validation():
         gptq(W, H, Grid(), damp=-1.0)
     with pytest.raises(PeakError):
         gptq(W[0], H, Grid())
+    with pytest.raises(PeakError, match="act_order"):
+        gptq(W, H, Grid(), act_order=True)
     bad = W.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(PeakError):

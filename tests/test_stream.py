@@ -59,6 +59,8 @@ CASES = [
     ("quantize", "peakllm", ("--method", "gptq", "--bits", "4", "--group-size", "32")),
     ("quantize", "peakllm", ("--method", "gptq", "--bits", "3", "--group-size", "16", "--act-order")),
     ("quantize", "peakllm", ("--method", "rtn", "--bits", "ternary", "--group-size", "-1")),
+    ("quantize", "peakllm", ("--method", "gptq", "--bits", "4", "--group-size", "32", "--embed-bits", "4",
+                             "--embed-group-size", "16", "--act-order", "none")),
     ("quantize", "compressed-tensors", ("--method", "gptq", "--bits", "4", "--group-size", "32", "--sym")),
     ("prune", "hf", ("--method", "sparsegpt", "--sparsity", "0.5")),
     ("prune", "peakllm", ("--method", "wanda", "--pattern", "2:4")),

@@ -296,9 +296,11 @@ def test_from_quantized_reproduces_the_solver_weights():
     for grid in (Grid(kind="ternary", group_size=-1, sym=True), Grid(kind="ternary", group_size=16)):
         q = rtn(W, grid)
         assert torch.equal(PackedSub1.from_quantized(q).dequantize(), q.weight)
-    q, _ = gptq(W, X.T @ X, Grid(kind="ternary", group_size=-1), act_order=True)  # one group: order is moot
+    q, _ = gptq(W, X.T @ X, Grid(kind="ternary", group_size=-1), act_order="group")  # one group: order is moot
     assert torch.equal(PackedSub1.from_quantized(q).dequantize(), q.weight)
-    q, _ = gptq(W, X.T @ X, Grid(kind="ternary", group_size=16), act_order=True)
+    q, _ = gptq(W, X.T @ X, Grid(kind="ternary", group_size=16), act_order="static")  # no g_idx: storable
+    assert q.g_idx is None and torch.equal(PackedSub1.from_quantized(q).dequantize(), q.weight)
+    q, _ = gptq(W, X.T @ X, Grid(kind="ternary", group_size=16), act_order="group")
     assert not torch.equal(q.g_idx.long(), torch.arange(70) // 16)  # act-order groups are not contiguous
     with pytest.raises(PeakError, match="act-order"):
         PackedSub1.from_quantized(q)

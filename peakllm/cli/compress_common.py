@@ -110,22 +110,29 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
     check_output(args.output, args.overwrite)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
+    from peakllm.preflight import check_run
+
+    if hasattr(recipe, "moe"):
+        from peakllm.calibrate import is_moe
+
+        recipe.moe = is_moe(model)
+    check_run(model, args, recipe)  # every check the shapes allow, before evaluation and calibration
     dense_size_bytes = model_bytes(model)
     progress = not args.json
     dense_ppl = None
     if args.eval_tokens:
         dense_ppl = cached_evaluate(model, tokenizer, args.model, args.eval_dataset, seqlen=512,
                                     max_tokens=args.eval_tokens, progress=progress)["ppl"]
+    from peakllm.embeddings import quantize_outer
+
+    outer = quantize_outer(model, getattr(args, "embed_grid", None))  # before calibration: layers see them
     segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
                                     seed=args.seed)
-    if hasattr(recipe, "moe"):
-        from peakllm.calibrate import is_moe
-
-        recipe.moe = is_moe(model)
     if before_calibrate is not None:
         before_calibrate(model, segments)
     report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
                        progress=progress)
+    report.modules.update(outer)
     compress_seconds = time.perf_counter() - start
     result = {**extra_result, "seconds": compress_seconds, "dense_size_bytes": dense_size_bytes, "calib_tokens": report.calib_tokens,
               "time_breakdown": {k: round(v, 2) for k, v in report.seconds.items()},

@@ -20,41 +20,62 @@ def register(sub) -> None:
     p.add_argument("--group-size", type=int, default=128,
                    help="input columns per scale; -1 = one scale per output row (default: %(default)s)")
     p.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at the middle)")
-    p.add_argument("--act-order", action="store_true",
-                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal (helps at 2-3 bits)")
+    p.add_argument("--act-order", choices=("static", "group", "none"), nargs="?", const="group", default=None,
+                   help="GPTQ column order. static: columns solved in order of decreasing Hessian diagonal, groups "
+                   "kept contiguous with their parameters fitted before the sweep (no g_idx, no run-time cost; "
+                   "llm-compressor's default); group: groups formed in that order (g_idx stored; the GPTQ paper's "
+                   "act-order; peakllm format only); none: original column order "
+                   "(default: static for gptq; a bare --act-order means group)")
     p.add_argument("--mse", action="store_true",
                    help="affine grids: search the clipping range that minimises squared error; ternary: least-squares "
                    "levels instead of QMoE's min-max grid (lower error, far fewer zeros, so no sub-1-bit storage)")
     p.add_argument("--dense-bits", choices=("2", "3", "4", "8", "keep"), default=None,
                    help="MoE models: grid of the non-expert matrices (attention, shared experts); 'keep' leaves them "
                    "as they are (default: the same as --bits; routers and embeddings always stay dense)")
+    g = p.add_argument_group("embedding and lm_head")
+    g.add_argument("--embed-bits", choices=("keep", "8", "4"), default=None,
+                   help="round the token embedding (and an untied lm_head) to this many bits per weight, symmetric, "
+                   "one fp16 scale per --embed-group-size columns; a tied lm_head is the same stored matrix and the "
+                   "runtime's int-k kernels read it. keep: leave them in the model's dtype (default: 8 for the "
+                   "peakllm and sub1 formats, keep for compressed-tensors, which stores them dense)")
+    g.add_argument("--embed-group-size", type=int, default=64,
+                   help="columns per scale of the embedding grid; -1 = one per row (default: %(default)s)")
     add_calibration_options(p)
     add_run_options(p, ("peakllm", "sub1", "compressed-tensors"), "peakllm")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from peakllm.embeddings import embed_grid
     from peakllm.recipes import QuantRecipe
     from peakllm.solvers import Grid
 
     ternary = args.bits == "ternary"
     grid = Grid(kind="ternary" if ternary else "affine", bits=2 if ternary else int(args.bits),
                 group_size=args.group_size, sym=args.sym, mse=args.mse)
-    if args.act_order and args.method != "gptq":
+    if args.act_order is not None and args.method != "gptq":
         raise PeakError("--act-order only applies to --method gptq")
+    act_order = args.act_order or ("static" if args.method == "gptq" else "none")
     if args.format == "compressed-tensors" and (ternary or grid.bits not in (4, 8)):
         raise PeakError("compressed-tensors export supports 4- and 8-bit grids; use --format peakllm for "
                         f"{args.bits}-bit")
     if args.format == "sub1" and not ternary:
         raise PeakError("--format sub1 stores ternary codes: use --bits ternary")
+    if args.embed_bits is None:
+        args.embed_bits = "keep" if args.format == "compressed-tensors" else "8"
+    if args.embed_bits != "keep" and args.format == "compressed-tensors":
+        raise PeakError("--format compressed-tensors keeps the embedding and lm_head dense: use --embed-bits keep, "
+                        "or --format peakllm to store them quantized")
+    args.embed_grid = embed_grid(args.embed_bits, args.embed_group_size)
     dense_grid = None
     if args.dense_bits not in (None, "keep"):
         dense_grid = Grid(bits=int(args.dense_bits), group_size=args.group_size if args.group_size > 0 else 128,
                           sym=args.sym, mse=args.mse)
-    recipe = QuantRecipe(args.method, grid, act_order=args.act_order, blocksize=args.blocksize, damp=args.damp,
+    recipe = QuantRecipe(args.method, grid, act_order=act_order, blocksize=args.blocksize, damp=args.damp,
                          dense_grid=dense_grid, keep_dense=args.dense_bits == "keep")
     extra = {"method": args.method, "bits": args.bits if ternary else int(args.bits), "group_size": args.group_size,
-             "sym": args.sym, "act_order": args.act_order, "dense_bits": args.dense_bits}
+             "sym": args.sym, "act_order": act_order, "dense_bits": args.dense_bits,
+             "embed_bits": args.embed_bits, "embed_group_size": args.embed_group_size if args.embed_grid else None}
     result = run_compression(args, recipe, extra_result=extra)
     emit(result, args, f"quantized {args.model} with {args.method}")
     return 0

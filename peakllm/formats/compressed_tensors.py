@@ -44,7 +44,7 @@ def _check_representable(name: str, mod) -> None:
                         "(ternary, sub-1-bit and sparse layouts have no pack-quantized form)")
     if mod.g_idx is not None:
         raise PeakError(f"{name}: act-order groups (g_idx) cannot be exported: compressed-tensors "
-                        "no longer supports group activation ordering; quantize without act_order")
+                        "no longer supports group activation ordering; use --act-order static (the default)")
     if mod.group_size != -1 and mod.in_features % mod.group_size:
         raise PeakError(f"{name}: compressed-tensors needs group_size ({mod.group_size}) to divide "
                         f"in_features ({mod.in_features})")
@@ -69,7 +69,7 @@ def module_tensors(name: str, mod: PackedIntK, dtype: torch.dtype) -> dict:
     return out
 
 
-def quantization_config(packed_modules: dict) -> dict:
+def quantization_config(packed_modules: dict, actorder: str | None = None) -> dict:
     """config.json's quantization_config: one config group per distinct scheme, targeting modules by name.
 
     transformers 5.23 with compressed-tensors 0.20 cannot load asymmetric pack-quantized weights the default
@@ -77,11 +77,16 @@ def quantization_config(packed_modules: dict) -> dict:
     so with any asymmetric module the config asks transformers to dequantize at load time instead; that path
     decodes every module with the first config group, so it takes exactly one scheme.
     """
-    return config_from_schemes({name: _scheme(mod) for name, mod in packed_modules.items()})
+    return config_from_schemes({name: _scheme(mod) for name, mod in packed_modules.items()}, actorder)
 
 
-def config_from_schemes(schemes: dict) -> dict:
-    """quantization_config from each module's scheme (see quantization_config)."""
+def config_from_schemes(schemes: dict, actorder: str | None = None) -> dict:
+    """quantization_config from each module's scheme (see quantization_config). ``actorder`` "static" records
+    that GPTQ swept the columns in activation order with contiguous groups (nothing changes in the tensors)."""
+    if actorder not in (None, "none", "static"):
+        raise PeakError(f"compressed-tensors cannot store act_order {actorder!r} (only static: no g_idx)")
+    if actorder == "static":
+        schemes = {name: {**s, "weights": {**s["weights"], "actorder": "static"}} for name, s in schemes.items()}
     groups: dict[str, dict] = {}
     for name, scheme in schemes.items():
         key = json.dumps(scheme, sort_keys=True)
@@ -109,7 +114,7 @@ def _model_dtype(hf_model_config: dict, dense_tensors: dict) -> torch.dtype:
 
 
 def export_compressed_tensors(out_dir, hf_model_config: dict, dense_tensors: dict, packed_modules: dict,
-                              tokenizer_save_fn=None, *, overwrite: bool = False) -> Path:
+                              tokenizer_save_fn=None, *, overwrite: bool = False, actorder: str | None = None) -> Path:
     """Write a Hugging Face folder (config.json with quantization_config, model.safetensors, tokenizer via
     tokenizer_save_fn(tmp_dir)) that `AutoModelForCausalLM.from_pretrained` loads with compressed-tensors.
 
@@ -130,7 +135,7 @@ def export_compressed_tensors(out_dir, hf_model_config: dict, dense_tensors: dic
                 raise PeakError(f"{name} is given both as a dense weight and as a quantized module")
             tensors[key] = t
     config = dict(hf_model_config)
-    config["quantization_config"] = quantization_config(packed_modules)
+    config["quantization_config"] = quantization_config(packed_modules, actorder)
     try:
         config_text = json.dumps(config, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:

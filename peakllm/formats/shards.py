@@ -44,11 +44,13 @@ class ShardWriter:
         self.expert_bits = 0        # MoE experts alone (bits_per_param_experts)
         self.expert_params = 0
         self.dense_params = 0
+        self.all_packed_params = 0  # linears and outer matrices (embedding, lm_head): bits_per_param_total
+        self.outer: list = []       # packed embedding / lm_head: not linears of bits_per_param
 
     def state(self) -> dict:
         return {k: getattr(self, k) for k in ("fmt", "total", "dense", "modules", "schemes", "shards", "weight_map",
                                               "total_size", "packed_bits", "packed_params", "expert_bits", "expert_params",
-                                              "dense_params")}
+                                              "dense_params", "all_packed_params", "outer")}
 
     @classmethod
     def from_state(cls, folder: Path, state: dict, dtype: torch.dtype) -> "ShardWriter":
@@ -57,8 +59,11 @@ class ShardWriter:
             setattr(w, k, v)
         return w
 
-    def write(self, k: int, dense: dict, packed: dict) -> str:
-        """Write shard k (atomically: temp file, then rename) and remember what it holds."""
+    def write(self, k: int, dense: dict, packed: dict, outer: bool = False) -> str:
+        """Write shard k (atomically: temp file, then rename) and remember what it holds. ``outer``: the
+        packed modules are the embedding / lm_head, which bits_per_param (of the linears) leaves out."""
+        if outer:
+            self.outer.extend(n for n in packed if n not in self.outer)
         fname = shard_name(k, self.total)
         tmp = self.folder / f".{fname}.tmp"
         if self.fmt in ("peakllm", "sub1"):
@@ -70,7 +75,8 @@ class ShardWriter:
             for name, mod in packed.items():
                 entry = _module_entry(mod)
                 self.modules[name] = entry
-                self._count(name, mod, entry)
+                if name not in self.outer:
+                    self._count(name, mod, entry)
         else:
             tensors = {n: (t.to(self.dtype) if t.is_floating_point() else t).contiguous() for n, t in dense.items()}
             if self.fmt == "compressed-tensors":
@@ -79,12 +85,14 @@ class ShardWriter:
                 for name, mod in packed.items():
                     tensors.update(module_tensors(name, mod, self.dtype))
                     self.schemes[name] = _scheme(mod)
-                    self._count(name, mod, _module_entry(mod))
+                    if name not in self.outer:
+                        self._count(name, mod, _module_entry(mod))
             elif packed:
                 raise PeakError("quantized weights need --format peakllm or compressed-tensors")
             write_safetensors(tmp, tensors, {"format": "pt"})
             self.shards[fname] = ""
         self.dense_params += sum(t.numel() for t in dense.values())
+        self.all_packed_params += sum(mod.num_params for mod in packed.values())
         for name, t in tensors.items():
             self.weight_map[name] = fname
             self.total_size += t.numel() * t.element_size()
@@ -105,8 +113,9 @@ class ShardWriter:
     def bits_per_param(self) -> float | None:
         return self.packed_bits / self.packed_params if self.packed_params else None
 
-    def finish(self, config: dict, manifest: dict | None = None) -> None:
-        """Index and config.json (the caller adds tokenizer and run files)."""
+    def finish(self, config: dict, manifest: dict | None = None, actorder: str | None = None) -> None:
+        """Index and config.json (the caller adds tokenizer and run files); ``actorder`` as compressed-tensors
+        records it."""
         config = dict(config)
         config.pop("quantization_config", None)
         index_meta: dict = {"total_size": self.total_size}
@@ -121,7 +130,7 @@ class ShardWriter:
 
             if not self.schemes:
                 raise PeakError("nothing to export: no quantized modules")
-            config["quantization_config"] = config_from_schemes(self.schemes)
+            config["quantization_config"] = config_from_schemes(self.schemes, actorder)
         index = {"metadata": index_meta, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (self.folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -140,6 +149,7 @@ def ternary_to_sub1(writer: ShardWriter, dictionary) -> ShardWriter:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     new = ShardWriter(staging, "sub1", writer.total, writer.dtype)
+    new.outer = list(writer.outer)
     home = {mod: writer.weight_map[f"{mod}.{next(iter(entry['tensors']))}"] for mod, entry in writer.modules.items()}
     for fname, digest in sorted(writer.shards.items()):
         _, tensors = read_safetensors(writer.folder / fname, lambda _m, d=digest: d)

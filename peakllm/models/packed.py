@@ -67,6 +67,9 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
     if unexpected or set(missing) - allowed:
         bad = sorted(unexpected) or sorted(set(missing) - allowed)
         raise PeakError(f"{path}: tensors do not fit the model's config (e.g. {bad[0]!r})")
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_name = names.get(id(model.get_input_embeddings()))
+    embed_linear = None  # the int-k embedding's bytes as a linear layer: a tied lm_head is this layer
     for name, pm in modules.items():
         try:
             linear = model.get_submodule(name)
@@ -75,6 +78,9 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
         if tuple(linear.weight.shape) != (pm.out_features, pm.in_features):
             raise PeakError(f"{path}: packed module {name!r} has shape {pm.out_features}x{pm.in_features}, "
                             f"the model expects {tuple(linear.weight.shape)}")
+        if name == embed_name and packed == "kernel":
+            embed_linear = _packed_embedding(model, name, pm, linear, dtype, path)
+            continue
         module = runtime_module(name, pm, linear) if packed == "kernel" else None
         if module is None:
             linear.weight = nn.Parameter(pm.dequantize().to(dtype))
@@ -82,13 +88,30 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
             _set_module(model, name, module)
     _load_experts(model, experts, packed, dtype, path)
     if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+        if embed_linear is not None:
+            _set_module(model, names[id(model.get_output_embeddings())], embed_linear)
+        else:
+            model.tie_weights()
     materialize_buffers(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise PeakError(f"{path}: no stored tensor for {left[0]!r}")
     model.peakllm_manifest = manifest
     return model, tokenizer
+
+
+def _packed_embedding(model, name: str, pm, embedding: nn.Module, dtype, path) -> nn.Module:
+    """Put a PackedEmbedding over int-k rows in place of the model's embedding; return its linear layer."""
+    from peakllm.runtime.embedding import PackedEmbedding
+    from peakllm.runtime.linear import packed_linear
+
+    if pm.kind != "intk" or pm.g_idx is not None:
+        raise PeakError(f"{path}: the embedding {name!r} must be stored as int-k rows without g_idx, got {pm.kind!r}")
+    lin = packed_linear("intk", pm.to_tensors(""), pm.metadata())
+    scale = getattr(embedding, "scalar_embed_scale", None)  # Gemma multiplies its embeddings by sqrt(hidden)
+    scale = None if scale is None else torch.tensor(float(scale))
+    _set_module(model, name, PackedEmbedding(lin, dtype, scale, getattr(embedding, "padding_idx", None)))
+    return lin
 
 
 def materialize_buffers(model: nn.Module) -> None:

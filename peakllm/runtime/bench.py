@@ -22,28 +22,40 @@ from peakllm.kernels.dense import read_bandwidth_gb_s, read_tensors_gb_s
 PROBE_MIN_BYTES = 128 << 20  # 4x a 32 MiB last-level cache: reading the weights then measures memory
 
 
+def _embedding(model: nn.Module):
+    """(embedding module or table, lm_head module) of a RuntimeModel or an HF model."""
+    if hasattr(model, "packed_embed") and hasattr(model, "lm_head"):  # RuntimeModel
+        return (model.embed if model.packed_embed is None else model.packed_embed), model.lm_head
+    return model.get_input_embeddings(), model.get_output_embeddings()
+
+
 def _weights(model: nn.Module):
-    """(embedding table, [(module, its weight tensors)]), each tensor listed once; an untied embedding
-    table is left out (a step reads only its looked-up rows)."""
-    if hasattr(model, "embed") and isinstance(model.embed, torch.Tensor):
-        embed = model.embed
-        head = getattr(model.lm_head, "weight", None)
+    """(bytes of one embedding row, [(module, its weight tensors)]), each tensor listed once; an untied
+    embedding table is left out (a step reads only its looked-up rows)."""
+    from peakllm.runtime.embedding import PackedEmbedding
+
+    embed, head = _embedding(model)
+    if isinstance(embed, PackedEmbedding):  # int-k rows; tied when the lm_head is the same linear layer
+        table = [embed.linear.qweight, embed.linear.scales, embed.linear.zeros]
+        row_bytes = sum(t[0].numel() * t.element_size() for t in table)
+        tied = head is embed.linear
     else:
-        embed = model.get_input_embeddings().weight
-        out = model.get_output_embeddings()
-        head = None if out is None else getattr(out, "weight", None)
-    tied = head is not None and head.data_ptr() == embed.data_ptr()
+        table = [embed if isinstance(embed, torch.Tensor) else embed.weight]
+        row_bytes = table[0].shape[1] * table[0].element_size()
+        head_w = None if head is None else getattr(head, "weight", None)
+        tied = head_w is not None and head_w.data_ptr() == table[0].data_ptr()
+    skip = set() if tied else {t.data_ptr() for t in table}
     seen: set[int] = set()
     groups = []
     for name, module in model.named_modules():
         if "rotary" in name:
             continue
         tensors = [t for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-                   if t is not None and t.data_ptr() not in seen and (tied or t.data_ptr() != embed.data_ptr())]
+                   if t is not None and t.data_ptr() not in seen and t.data_ptr() not in skip]
         seen.update(t.data_ptr() for t in tensors)
         if tensors:
             groups.append((module, tensors))
-    return embed, groups
+    return row_bytes, groups
 
 
 def _expert_shares(model: nn.Module, batch: int) -> dict[int, float]:
@@ -68,7 +80,7 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
 
     Works on a RuntimeModel and on an HF model alike; rotary tables and KV caches are not weights.
     """
-    embed, groups = _weights(model)
+    row_bytes, groups = _weights(model)
     shares = _expert_shares(model, batch)
     total = 0.0
     for module, tensors in groups:
@@ -78,7 +90,7 @@ def weight_bytes_per_step(model: nn.Module, batch: int = 1) -> int:
         else:
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
         total += nbytes * shares.get(id(module), 1.0)
-    return int(total) + batch * embed.shape[1] * embed.element_size()
+    return int(total) + batch * row_bytes
 
 
 def peak_rss_bytes() -> int:

@@ -224,7 +224,14 @@ class RuntimeModel(nn.Module):
         cfg = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
         self.n_layers, self.n_kv_heads, self.head_dim = len(inner.layers), n_kv_heads, head_dim
         self.layers = nn.ModuleList(Block(layer, cfg, dtype) for layer in inner.layers)
-        self.register_buffer("embed", inner.embed_tokens.weight.detach().to(dtype), persistent=False)
+        from peakllm.runtime.embedding import PackedEmbedding
+
+        if isinstance(inner.embed_tokens, PackedEmbedding):  # int-k rows; a tied lm_head is its linear layer
+            self.embed = None
+            self.packed_embed = PackedEmbedding(inner.embed_tokens.linear, dtype, inner.embed_tokens.embed_scale)
+        else:
+            self.register_buffer("embed", inner.embed_tokens.weight.detach().to(dtype), persistent=False)
+            self.packed_embed = None
         norm_weight, self.norm_eps = _norm_params(inner.norm, dtype)
         self.register_buffer("norm_weight", norm_weight, persistent=False)
         lm_head = hf_model.get_output_embeddings()
@@ -302,7 +309,7 @@ class RuntimeModel(nn.Module):
         end = start_pos + T
         if self.k_cache is None or B != self.batch or end > self.k_cache.shape[3]:
             raise PeakError(f"KV cache not set up for batch {B} and {end} tokens (call setup_cache)")
-        x = F.embedding(tokens, self.embed)
+        x = F.embedding(tokens, self.embed) if self.packed_embed is None else self.packed_embed(tokens)
         if T == 1 and self.use_fused and dense.decode_ops_available(self.dtype):
             return self._decode(x, start_pos)
         cos, sin_signed = self.cos[start_pos:end], self.sin_signed[start_pos:end]

@@ -15,40 +15,61 @@ import torch
 from peakllm.errors import PeakError
 from peakllm.solvers.common import (SolveInfo, check_blocksize, check_hessian, check_weight, current_columns,
                                     prepare, upper_inverse)
-from peakllm.solvers.grids import Grid, QuantizedWeight, assemble, dequantize, fit, quantize
+from peakllm.solvers.grids import (Grid, QuantizedWeight, assemble, contiguous_groups, dequantize, fit,
+                                   quantize)
 from peakllm.solvers.rtn import rtn
+
+# "static": act-order sweep, groups contiguous in the original order with parameters fitted up front (no
+# g_idx, nothing to pay at run time; llm-compressor's default). "group": groups formed in the sweep order
+# (g_idx stored; the GPTQ paper's act-order). "none": the original column order.
+ACT_ORDERS = ("static", "group", "none")
+
+
+def check_act_order(act_order) -> str:
+    if act_order not in ACT_ORDERS:
+        raise PeakError(f"act_order must be one of {', '.join(ACT_ORDERS)}, got {act_order!r}")
+    return act_order
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, damp: float = 0.01,
-         act_order: bool = False) -> tuple[QuantizedWeight, SolveInfo]:
+         act_order: str = "static") -> tuple[QuantizedWeight, SolveInfo]:
     """Quantize ``W [out, in]`` onto ``grid`` minimising ||WX - QX||^2 given ``H [in, in]``.
 
-    A group's parameters are fitted when the sweep reaches the group's first column, on the weights as
-    updated so far. With ``act_order`` the groups are consecutive in the permuted order, so ``g_idx`` maps
-    each original column to its group; weight and codes come back in the original column order.
+    Columns are swept in order of decreasing diag(H) unless ``act_order`` is "none": columns with large
+    activations go first, while many columns remain to absorb their error.
+    ``act_order`` "static": groups are the contiguous column ranges of the original order and their
+    parameters are fitted on W before the sweep, so no ``g_idx`` is needed. "group" and "none": a group's
+    parameters are fitted when the sweep reaches its first column, on the weights as updated so far; with
+    "group" the groups are consecutive in the permuted order, so ``g_idx`` maps each column to its group.
+    Weight and codes come back in the original column order.
     If H + damping cannot be factored even after raising damping, falls back to RTN (info.fallback_rtn).
     """
     check_weight(W)
     check_hessian(H, W.shape[1])
     check_blocksize(blocksize)
+    check_act_order(act_order)
     if not isinstance(grid, Grid):
         raise PeakError(f"grid must be a peakllm.solvers.Grid, got {type(grid).__name__}")
     W, H = prepare(W, H)
     rows, cols = W.shape
+    gs = cols if grid.group_size == -1 else grid.group_size
 
+    static_params = sweep_group = None
+    if act_order == "static":
+        static_params = [fit(W[:, g0:g0 + gs], grid) for g0 in range(0, cols, gs)]
     perm = None
-    if act_order:
-        # Columns with large activations first, while many columns remain to absorb their error.
+    if act_order != "none":
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+        if static_params is not None:
+            sweep_group = contiguous_groups(cols, grid.group_size)[perm].tolist()
 
     Hinv, damp_used, retries = upper_inverse(H, damp)
     if Hinv is None:
         return rtn(W if perm is None else W[:, torch.argsort(perm)], grid), SolveInfo(damp_used, retries, True,
                                                                                       float("nan"))
 
-    gs = cols if grid.group_size == -1 else grid.group_size
     Q = torch.zeros_like(W)
     codes = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)
     Losses = torch.zeros(rows, dtype=W.dtype, device=W.device)
@@ -62,7 +83,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
 
         for i in range(i2 - i1):
             j = i1 + i
-            if j % gs == 0:
+            if sweep_group is not None:
+                params = static_params[sweep_group[j]]
+            elif j % gs == 0:
                 params = fit(current_columns(W, W1, Err1, Hinv, i1, j, min(j + gs, cols)), grid)
                 group_params.append(params)
             w = W1[:, i]
@@ -79,5 +102,5 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
 
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    qw = assemble(Q, codes, group_params, grid, perm)
+    qw = assemble(Q, codes, static_params or group_params, grid, perm, static=static_params is not None)
     return qw, SolveInfo(damp_used, retries, False, float(Losses.sum()))

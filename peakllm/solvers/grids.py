@@ -202,9 +202,10 @@ def contiguous_groups(in_features: int, group_size: int, device=None) -> torch.T
 
 
 def assemble(weight: torch.Tensor, codes: torch.Tensor, group_params: list[dict[str, torch.Tensor]],
-             grid: Grid, perm: torch.Tensor | None = None) -> QuantizedWeight:
+             grid: Grid, perm: torch.Tensor | None = None, *, static: bool = False) -> QuantizedWeight:
     """Build a QuantizedWeight from sweep-order results: ``group_params[k]`` (values ``[out, 1]``) belongs to
-    sweep columns ``[k*gs, (k+1)*gs)``; ``perm[j]`` is the original column at sweep position j."""
+    sweep columns ``[k*gs, (k+1)*gs)``; ``perm[j]`` is the original column at sweep position j.
+    ``static``: groups are the original columns ``[k*gs, (k+1)*gs)`` whatever the sweep order (no g_idx)."""
     cols = codes.shape[1]
     params = {k: torch.cat([p[k] for p in group_params], dim=1).float() for k in group_params[0]}
     g_sweep = contiguous_groups(cols, grid.group_size, codes.device)
@@ -213,6 +214,6 @@ def assemble(weight: torch.Tensor, codes: torch.Tensor, group_params: list[dict[
         inv = torch.argsort(perm)
         weight, codes = weight[:, inv], codes[:, inv]
         g = g_sweep[inv]
-        if not torch.equal(g, g_sweep):
+        if not static and not torch.equal(g, g_sweep):
             g_idx = g.to(torch.int32)
     return QuantizedWeight(weight.float().contiguous(), codes.contiguous(), params, g_idx, grid.spec())

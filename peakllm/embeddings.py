@@ -1,0 +1,78 @@
+"""Quantizing the outer matrices: the token embedding and an untied lm_head (calibrate.py does the decoder's).
+
+On small models they are a large share of the file and of what decoding reads per token: SmolLM2-135M's tied
+embedding is 28M of its 135M parameters, 113 MB in fp32. They are rounded to nearest on a per-row grid in
+groups of columns (one fp16 scale per group of a row, as the decoder's int-k layers), so the runtime's int-k
+kernels run the lm_head and a lookup dequantizes only the rows it needs. A tied embedding is quantized once
+and serves as both. At 8 bits round-to-nearest costs next to nothing; GPTQ on the lm_head (with the final
+hidden states' Hessian) is not done here.
+
+Quantizing happens before calibration, in place, so the decoder's layers are calibrated on what the
+compressed model will feed them and the perplexity after compression includes these matrices.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peakllm.errors import PeakError
+from peakllm.recipes import ModuleResult
+from peakllm.solvers import Grid, rtn
+
+EMBED_BITS = ("keep", "8", "4")
+DEFAULT_EMBED_GROUP = 64
+
+
+def embed_grid(bits: str | None, group_size: int = DEFAULT_EMBED_GROUP) -> Grid | None:
+    """The grid for ``--embed-bits`` (None for 'keep'): symmetric, ``group_size`` columns per scale."""
+    if bits in (None, "keep"):
+        return None
+    if str(bits) not in EMBED_BITS:
+        raise PeakError(f"--embed-bits must be one of {', '.join(EMBED_BITS)}, got {bits!r}")
+    return Grid(bits=int(bits), group_size=group_size, sym=True)
+
+
+def check_embed_group(hidden: int, grid: Grid | None) -> None:
+    """Before any work: the group size must divide the embedding width (the kernels need whole groups)."""
+    if grid is None or grid.group_size == -1 or hidden % grid.group_size == 0:
+        return
+    fits = [g for g in (128, 64, 32) if hidden % g == 0]
+    hint = ", ".join(map(str, fits)) + (", or -1" if fits else "-1 (one scale per row)")
+    raise PeakError(f"--embed-group-size {grid.group_size} does not divide the embedding width {hidden}; "
+                    f"use {hint}")
+
+
+def outer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the token embedding and, when it is not tied to the embedding, the lm_head."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {names[id(embed)]: embed}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) or (
+        head is not None and getattr(head, "weight", None) is getattr(embed, "weight", None))
+    if head is not None and not tied:
+        out[names[id(head)]] = head
+    return out
+
+
+def quantize_matrix(weight, grid: Grid) -> ModuleResult:
+    """Round-to-nearest of one [rows, cols] matrix onto ``grid`` (deterministic: a streamed run redoes it)."""
+    q = rtn(weight.detach().float(), grid)
+    return ModuleResult(q.weight, None, q, None)
+
+
+def quantize_outer(model: nn.Module, grid: Grid | None, *, loaded_only: bool = False) -> dict[str, ModuleResult]:
+    """Quantize the embedding (and an untied lm_head) of ``model`` in place; their results by module name.
+    ``loaded_only``: skip those a streamed model has not read (meta tensors)."""
+    if grid is None:
+        return {}
+    results = {}
+    for name, mod in outer_modules(model).items():
+        weight = mod.weight
+        if weight.is_meta:
+            if loaded_only:
+                continue
+            raise PeakError(f"{name} is not loaded")
+        result = quantize_matrix(weight, grid)
+        weight.data.copy_(result.weight.to(weight.dtype))  # a tied lm_head shares this tensor
+        results[name] = result
+    return results

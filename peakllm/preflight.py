@@ -1,0 +1,114 @@
+"""Checks that need the model's shapes, run once it is loaded (or its meta skeleton built) and before any
+evaluation or calibration: a compression that cannot be written must fail in seconds, not after an hour.
+
+Each message names what would work instead (group sizes that divide every width, the format that takes
+the option, how much disk is missing).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+from peakllm.errors import PeakError
+
+COMMON_GROUPS = (256, 128, 64, 32, 16)
+
+
+def matrix_shapes(model) -> tuple[dict[str, tuple[int, int]], int]:
+    """({name: (out, in)} of every matrix the calibration pipeline compresses (a fused MoE part once for all
+    its experts), their parameter count); meta tensors suffice."""
+    from peakllm.calibrate import PARTS, compressible_linears, decoder_layers, fused_experts, is_moe
+
+    layers, prefix = decoder_layers(model)
+    moe = is_moe(model)
+    shapes, params = {}, 0
+    for li, layer in enumerate(layers):
+        for name, mod in compressible_linears(layer, moe).items():
+            shapes[f"{prefix}.{li}.{name}"] = tuple(mod.weight.shape)
+            params += mod.weight.numel()
+        for name, mod in fused_experts(layer).items():
+            for part in PARTS:
+                shapes[f"{prefix}.{li}.{name}.{part}"] = tuple(getattr(mod, part).shape[1:])
+                params += getattr(mod, part).numel()
+    return shapes, params
+
+
+def group_hint(widths) -> str:
+    """'64, 32, or -1': the usual group sizes that divide every width."""
+    g = 0
+    for w in widths:
+        g = math.gcd(g, w)
+    fits = [str(s) for s in COMMON_GROUPS if g % s == 0]
+    return (", ".join(fits) + ", or -1") if fits else "-1 (one group per row)"
+
+
+def check_groups(shapes: dict, group_size: int, fmt: str) -> None:
+    """compressed-tensors stores whole groups only; peakllm's own layouts take a partial last group."""
+    if group_size == -1 or fmt != "compressed-tensors":
+        return
+    widths = sorted({inn for _, inn in shapes.values()})
+    bad = [w for w in widths if w % group_size]
+    if bad:
+        which = next(n for n, (_, inn) in shapes.items() if inn == bad[0])
+        raise PeakError(f"--group-size {group_size} does not divide the input width {bad[0]} of {which} (and "
+                        f"{len(bad) - 1} other widths), and compressed-tensors needs whole groups: group sizes that "
+                        f"divide {' and '.join(map(str, widths))}: {group_hint(widths)}; or --format peakllm, "
+                        "which stores a partial last group")
+
+
+def check_act_order(act_order: str | None, fmt: str, sparse: bool = False) -> None:
+    if act_order != "group":
+        return
+    if fmt in ("compressed-tensors", "sub1") or sparse:
+        where = "sparse layouts" if sparse else f"--format {fmt}"
+        raise PeakError(f"--act-order group stores a g_idx per matrix, which {where} cannot hold: use --act-order "
+                        "static (the default: the same column order, groups kept contiguous) or --format peakllm")
+
+
+def output_estimate(model, compressed_params: int, grid, fmt: str, sparsity: float | None, embed_grid) -> int:
+    """Bytes the output will take, roughly (+10%): compressed matrices at their bits (and density), the
+    embedding at its bits, the rest in fp32 (a loaded model's dtype)."""
+    total = sum(p.numel() for p in model.parameters())  # a tied lm_head is the embedding's parameter
+    if fmt == "hf":
+        return int(1.1 * 4 * total)
+    per_param = (grid.bits + 0.5) / 8 if grid is not None else 4.0
+    if sparsity is not None:
+        per_param = per_param * (1 - sparsity) + 1 / 8
+    embed = model.get_input_embeddings().weight.numel() if embed_grid is not None else 0
+    embed_per_param = (embed_grid.bits + 0.5) / 8 if embed_grid is not None else 0.0
+    rest = total - compressed_params - embed
+    return int(1.1 * (4 * rest + embed_per_param * embed + per_param * compressed_params))
+
+
+def check_disk(out: Path, need: int) -> None:
+    from peakllm import memory
+
+    where = Path(out).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise PeakError(f"not enough free disk in {where.resolve()} for the output: about {memory.gb(need)} needed, "
+                        f"{memory.gb(free)} free")
+
+
+def check_run(model, args, recipe, *, disk: bool = True) -> None:
+    """Every check on a compression run that the loaded model (or its meta skeleton) allows."""
+    from peakllm.calibrate import check_method
+    from peakllm.embeddings import check_embed_group
+
+    fmt = args.format
+    shapes, compressed_params = matrix_shapes(model)
+    grid = getattr(recipe, "grid", None)
+    if grid is not None:
+        check_groups(shapes, grid.group_size, fmt)
+    check_act_order(getattr(recipe, "act_order", None), fmt)
+    embed_grid = getattr(args, "embed_grid", None)
+    if embed_grid is not None:
+        check_embed_group(model.get_input_embeddings().weight.shape[1], embed_grid)
+    check_method(model, recipe)
+    if disk:
+        check_disk(args.output, output_estimate(model, compressed_params, grid, fmt, getattr(recipe, "sparsity", None),
+                                                embed_grid))
