@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, set_threads
+from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, set_threads, show_progress
 from peakllm.errors import PeakError
 
 
@@ -49,7 +49,7 @@ def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
                    help="continue an interrupted streamed run of the same --output from its last finished layer "
                    "(same input and arguments required; the result is identical to an uninterrupted run)")
     add_threads_option(p)
-    add_output_options(p)
+    add_output_options(p, progress=True)
 
 
 def wants_stream(args) -> bool:
@@ -101,7 +101,7 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
 
         if before_calibrate is not None and before_stream is None:
             raise PeakError("this option needs the whole model in memory; use --stream off")
-        return run_streamed(args, recipe, extra_result=extra_result, progress=not args.json,
+        return run_streamed(args, recipe, extra_result=extra_result, progress=show_progress(args),
                             before_calibrate=before_stream)
     if getattr(args, "max_memory", None):
         from peakllm import memory
@@ -111,7 +111,7 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
     dense_size_bytes = model_bytes(model)
-    progress = not args.json
+    progress = show_progress(args)
     dense_ppl = None
     if args.eval_tokens:
         dense_ppl = cached_evaluate(model, tokenizer, args.model, args.eval_dataset, seqlen=512,
