@@ -26,12 +26,20 @@ def add_calibration_options(p) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diag(H) (default: %(default)s)")
 
 
+FORMAT_HELP = {
+    "hf": "dense Hugging Face folder (zeros stored; loads anywhere)",
+    "peakllm": "packed, run by peakllm's kernels",
+    "sub1": "ternary codes (--bits ternary) under 1 bit per weight, run by peakllm's kernels",
+    "compressed-tensors": "pack-quantized int 2/3/4/8 for transformers, which unpacks it to dense weights on load; "
+                          "vLLM's kernels run only the 4- and 8-bit ones",
+}
+
+
 def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
     add_model_option(p)
     p.add_argument("--output", required=True, metavar="DIR", help="folder to write the compressed model to")
-    p.add_argument("--format", choices=formats, default=default_format,
-                   help="hf: dense Hugging Face folder (zeros stored; loads anywhere); peakllm: packed, run by "
-                   "peakllm's kernels; compressed-tensors: for transformers/vLLM (default: %(default)s)")
+    p.add_argument("--format", choices=formats, default=default_format,  # help: exactly the formats offered
+                   help="; ".join(f"{f}: {FORMAT_HELP[f]}" for f in formats) + " (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--eval-tokens", type=int, default=4096,
                    help="wiki perplexity budget before and after (tokens, seqlen 512); 0 skips evaluation (default: %(default)s)")
