@@ -255,7 +255,7 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
     touched, `io.keep(name, result)` for what report.modules keeps of a matrix (its packed form, not dense
     copies), `io.done(li, layer, acts, report)` once it is compressed and `acts` hold the next layer's inputs.
     """
-    from tqdm.auto import tqdm
+    from peakllm.progress import tqdm
 
     if segments.ndim != 2 or segments.shape[0] == 0:
         raise PeakError("the calibration set is empty: need at least one segment of token ids")
@@ -377,7 +377,7 @@ def _collect(layer, group: dict[str, nn.Linear], acts: Activations, layer_kwargs
 @torch.inference_mode()
 def input_sqnorms(model, segments: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
     """sum_t x_j^2 of every compressible matrix's inputs in the dense model (one full pass; for OWL)."""
-    from tqdm.auto import tqdm
+    from peakllm.progress import tqdm
 
     layers, prefix = decoder_layers(model)
     moe = is_moe(model)
@@ -401,7 +401,7 @@ def input_sqnorms(model, segments: torch.Tensor, *, batch_size: int = 8, progres
 
 def _compress_without_data(layers, prefix: str, moe: bool, method, report: CalibrationReport, progress: bool,
                            io=None) -> None:
-    from tqdm.auto import tqdm
+    from peakllm.progress import tqdm
 
     start = io.start_layer if io is not None else 0
     bar = tqdm(total=len(layers), initial=start, desc=f"compressing ({method.name})", unit="layer",

@@ -142,7 +142,7 @@ def streamed_layer_sqnorms(sm, segments: torch.Tensor, batch_size: int, offload_
     """One pass of the calibration data through the dense model, layer by layer from disk:
     `on_layer(li, layer, {name: sum_t x^2 of its inputs})` while each layer is loaded (OWL's statistics;
     the same batches and calls as `calibrate.input_sqnorms` on the whole model)."""
-    from tqdm.auto import tqdm
+    from peakllm.progress import tqdm
 
     from peakllm.calibrate import Activations, Stats, _layer_out, capture_inputs, compressible_linears, is_moe
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from peakllm.progress import tqdm
 
 from peakllm.errors import PeakError
 

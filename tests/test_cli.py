@@ -19,6 +19,16 @@ def test_every_command_has_help(command, capsys):
     assert len(capsys.readouterr().out) > 200
 
 
+@pytest.mark.parametrize("command", ["prune", "quantize"])
+def test_format_help_describes_exactly_the_formats_offered(command):
+    from peakllm.save import FORMATS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    action = next(a for a in sub._actions if a.dest == "format")
+    described = {f for f in FORMATS if f"{f}:" in action.help}
+    assert described == set(action.choices), (command, action.help)
+
+
 def test_eval_json(capsys, tiny_model_dir, text_file):
     code, out, _ = run_cli(capsys, "eval", "--model", str(tiny_model_dir), "--dataset", str(text_file),
                            "--seqlen", "32", "--max-tokens", "128", "--json")

@@ -53,7 +53,7 @@ def test_packed_size_on_disk_matches_bits_per_param(capsys, tmp_path, tiny_model
 
 @pytest.mark.parametrize("extra,message", [
     (("--bits", "5"), "invalid choice"),
-    (("--bits", "3", "--format", "compressed-tensors"), "compressed-tensors"),
+    (("--bits", "ternary", "--format", "compressed-tensors"), "compressed-tensors"),
     (("--method", "rtn", "--act-order"), "act-order"),
     (("--group-size", "0"), "group_size"),
 ])

@@ -10,9 +10,20 @@ import sys
 from pathlib import Path
 
 
-def add_output_options(parser: argparse.ArgumentParser) -> None:
+def add_output_options(parser: argparse.ArgumentParser, *, progress: bool = False) -> None:
+    """--json and --log; with `progress` (commands that run long), --progress too."""
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of a table")
     parser.add_argument("--log", metavar="FILE", help="append the JSON result as one line to FILE (for `peakllm report`)")
+    if progress:
+        parser.add_argument("--progress", action="store_true",
+                            help="with --json, still show progress bars and per-layer lines on stderr (they are shown "
+                            "anyway when stderr is a terminal; one line per update when it is a file or a pipe)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress on stderr: always without --json; with it, when stderr is a terminal or --progress is given
+    (stdout keeps exactly the one JSON object either way)."""
+    return not args.json or getattr(args, "progress", False) or sys.stderr.isatty()
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, set_threads
+from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, set_threads, show_progress
 from peakllm.errors import PeakError
 
 
@@ -26,12 +26,20 @@ def add_calibration_options(p) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diag(H) (default: %(default)s)")
 
 
+FORMAT_HELP = {
+    "hf": "dense Hugging Face folder (zeros stored; loads anywhere)",
+    "peakllm": "packed, run by peakllm's kernels",
+    "sub1": "ternary codes (--bits ternary) under 1 bit per weight, run by peakllm's kernels",
+    "compressed-tensors": "pack-quantized int 2/3/4/8 for transformers, which unpacks it to dense weights on load; "
+                          "vLLM's kernels run only the 4- and 8-bit ones",
+}
+
+
 def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
     add_model_option(p)
     p.add_argument("--output", required=True, metavar="DIR", help="folder to write the compressed model to")
-    p.add_argument("--format", choices=formats, default=default_format,
-                   help="hf: dense Hugging Face folder (zeros stored; loads anywhere); peakllm: packed, run by "
-                   "peakllm's kernels; compressed-tensors: for transformers/vLLM (default: %(default)s)")
+    p.add_argument("--format", choices=formats, default=default_format,  # help: exactly the formats offered
+                   help="; ".join(f"{f}: {FORMAT_HELP[f]}" for f in formats) + " (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--eval-tokens", type=int, default=4096,
                    help="wiki perplexity budget before and after (tokens, seqlen 512); 0 skips evaluation (default: %(default)s)")
@@ -49,7 +57,7 @@ def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
                    help="continue an interrupted streamed run of the same --output from its last finished layer "
                    "(same input and arguments required; the result is identical to an uninterrupted run)")
     add_threads_option(p)
-    add_output_options(p)
+    add_output_options(p, progress=True)
 
 
 def wants_stream(args) -> bool:
@@ -101,7 +109,7 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
 
         if before_calibrate is not None and before_stream is None:
             raise PeakError("this option needs the whole model in memory; use --stream off")
-        return run_streamed(args, recipe, extra_result=extra_result, progress=not args.json,
+        return run_streamed(args, recipe, extra_result=extra_result, progress=show_progress(args),
                             before_calibrate=before_stream)
     if getattr(args, "max_memory", None):
         from peakllm import memory
@@ -118,7 +126,7 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
         recipe.moe = is_moe(model)
     check_run(model, args, recipe)  # every check the shapes allow, before evaluation and calibration
     dense_size_bytes = model_bytes(model)
-    progress = not args.json
+    progress = show_progress(args)
     dense_ppl = None
     if args.eval_tokens:
         dense_ppl = cached_evaluate(model, tokenizer, args.model, args.eval_dataset, seqlen=512,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, emit, set_threads
+from peakllm.cli.common import (add_model_option, add_output_options, add_threads_option, emit, set_threads,
+                                show_progress)
 from peakllm.errors import PeakError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -28,7 +29,7 @@ def register(sub) -> None:
                    "memory can be evaluated (same perplexity; fp32, batch 1); auto: when the model in fp32 would "
                    "take more than half of the available memory (default: %(default)s)")
     add_threads_option(p)
-    add_output_options(p)
+    add_output_options(p, progress=True)
     p.set_defaults(func=run)
 
 
@@ -60,11 +61,11 @@ def run(args) -> int:
         if args.dtype != "fp32" or args.batch_size != 1:
             raise PeakError("a streamed evaluation runs in fp32 with one window per forward (--dtype fp32 --batch-size 1)")
         result = stream_evaluate(args.model, args.dataset, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
-                                 progress=not args.json)
+                                 progress=show_progress(args))
     else:
         model, tokenizer = load_model(args.model, dtype=torch_dtype(args.dtype))
         result = evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
-                          batch_size=args.batch_size, progress=not args.json)
+                          batch_size=args.batch_size, progress=show_progress(args))
     out = {
         "ppl": result["ppl"], "tokens": result["tokens"], "seqlen": result["seqlen"], "seconds": result["seconds"],
         "tokens_per_second": result["tokens_per_second"], "model": args.model, "dataset": args.dataset,

@@ -8,7 +8,10 @@ from peakllm.cli.common import add_model_option, add_output_options, emit
 def register(sub) -> None:
     p = sub.add_parser("info", help="architecture, parameters, bytes and layer shapes of a model",
                        description="Show what a model is made of: architecture, parameter count, bytes of weights "
-                       "(packed modules counted as stored), and the shape and kind of every linear module.")
+                       "(packed modules counted as stored), and the shape and kind of every linear module. A "
+                       "compressed-tensors folder (llm-compressor's output) is read from its config and file headers "
+                       "without loading it: logical parameters, its scheme(s), and bits per parameter of the quantized "
+                       "linears (bits_per_param) and of the whole weight files (bits_per_param_total).")
     add_model_option(p)
     p.add_argument("--layers", action="store_true", help="list every linear module (default: first decoder layer only)")
     add_output_options(p)
@@ -49,32 +52,81 @@ def logical_params(model) -> int:
         mod.out_features * mod.in_features for mod in model.modules() if _is_packed(mod))
 
 
+def scheme_text(scheme: dict) -> str:
+    """One compressed-tensors scheme in a few words, e.g. 'int4 sym group 128, actorder static (210 modules)'."""
+    words = [f"{scheme.get('type') or 'int'}{scheme.get('num_bits')}", "sym" if scheme.get("symmetric") else "asym",
+             str(scheme.get("strategy"))]
+    if scheme.get("group_size"):
+        words.append(str(scheme["group_size"]))
+    text = " ".join(words) + (f", actorder {scheme['actorder']}" if scheme.get("actorder") else "")
+    return f"{text} ({scheme['modules']} modules)"
+
+
+def compressed_tensors_info(args) -> tuple[dict, list[dict]] | None:
+    """A compressed-tensors folder, described from its config and headers (it is not loaded: transformers
+    would hold its packed int32 words as parameters and count those)."""
+    import json
+
+    from peakllm.formats.compressed_tensors_info import describe_folder
+    from peakllm.models import resolve
+
+    kind, path = resolve(args.model)
+    ct = describe_folder(path) if kind == "hf" else None
+    if ct is None:
+        return None
+    cfg = json.loads((path / "config.json").read_text())
+    text_cfg = cfg.get("text_config") or cfg
+    result = {
+        "model": args.model,
+        "architecture": (cfg.get("architectures") or [None])[0],
+        "model_type": cfg.get("model_type"),
+        "layers": text_cfg.get("num_hidden_layers"),
+        "hidden_size": text_cfg.get("hidden_size"),
+        "vocab_size": text_cfg.get("vocab_size"),
+        "parameters": ct["parameters"],
+        "bytes": ct["bytes"],
+        "compression": "compressed-tensors",
+        "format": ct["format"],
+        "schemes": ct["schemes"],
+        "quantized_parameters": ct["quantized_parameters"],
+        "bits_per_param": ct["bits_per_param"],
+        "bits_per_param_total": ct["bits_per_param_total"],
+    }
+    return result, ct["modules"]
+
+
 def run(args) -> int:
     from peakllm.models import load_model, model_bytes
 
-    model, _tok = load_model(args.model)
-    cfg = model.config
-    rows = module_table(model)
+    described = compressed_tensors_info(args)
+    if described is not None:
+        result, rows = described
+    else:
+        model, _tok = load_model(args.model)
+        cfg = model.config
+        rows = module_table(model)
+        result = {
+            "model": args.model,
+            "architecture": type(model).__name__,
+            "model_type": cfg.model_type,
+            "layers": getattr(cfg, "num_hidden_layers", None),
+            "hidden_size": getattr(cfg, "hidden_size", None),
+            "vocab_size": getattr(cfg, "vocab_size", None),
+            "parameters": logical_params(model),
+            "bytes": model_bytes(model),
+            "compression": getattr(model, "peakllm_manifest", {}).get("method", "none"),
+        }
     shown = rows if args.layers else [r for r in rows if ".layers." not in r["name"] or ".layers.0." in r["name"]]
-    result = {
-        "model": args.model,
-        "architecture": type(model).__name__,
-        "model_type": cfg.model_type,
-        "layers": getattr(cfg, "num_hidden_layers", None),
-        "hidden_size": getattr(cfg, "hidden_size", None),
-        "vocab_size": getattr(cfg, "vocab_size", None),
-        "parameters": logical_params(model),
-        "bytes": model_bytes(model),
-        "compression": getattr(model, "peakllm_manifest", {}).get("method", "none"),
-    }
     if args.json:
         emit({**result, "modules": shown}, args, "")
         return 0
-    emit(result, args, f"model {args.model}")
+    table = {**result, "schemes": "; ".join(map(scheme_text, result["schemes"]))} if "schemes" in result else result
+    emit(table, args, f"model {args.model}")
     width = max(len(r["name"]) for r in shown) if shown else 0
-    print(f"\n{'module'.ljust(width)}  {'kind':<14} {'shape':<14} bytes")
+    kinds = max([14] + [len(r["kind"]) for r in shown])
+    print(f"\n{'module'.ljust(width)}  {'kind'.ljust(kinds)} {'shape':<14} bytes")
     for r in shown:
-        print(f"{r['name'].ljust(width)}  {r['kind']:<14} {'x'.join(map(str, r['shape'])):<14} {r['bytes']:,}")
+        print(f"{r['name'].ljust(width)}  {r['kind'].ljust(kinds)} {'x'.join(map(str, r['shape'])):<14} {r['bytes']:,}")
     if not args.layers:
         print("(first decoder layer shown; --layers lists all)")
     return 0

@@ -8,7 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, emit, set_threads, stderr
+from peakllm.cli.common import (add_model_option, add_output_options, add_threads_option, emit, set_threads,
+                                show_progress, stderr)
 from peakllm.errors import PeakError
 
 
@@ -35,7 +36,7 @@ def register(sub) -> None:
                    help="also measure wiki perplexity (seqlen 512) of the dense and the MoE model on this many tokens; "
                    "0 = skip (default: %(default)s)")
     add_threads_option(p)
-    add_output_options(p)
+    add_output_options(p, progress=True)
     p.set_defaults(func=run)
 
 
@@ -53,17 +54,19 @@ def run(args) -> int:
     if args.calib_samples < 1 or args.calib_seqlen < 2:
         raise PeakError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
     model, tokenizer = load_model(args.model)
+    progress = show_progress(args)
     start = time.perf_counter()
     moe = moefy(model, tokenizer, experts=args.experts, top_k=args.top_k, calib_samples=args.calib_samples,
                 calib_seqlen=args.calib_seqlen, calib_source=args.calib_dataset, seed=args.seed,
-                router_hidden=args.router_hidden, progress=not args.json)
+                router_hidden=args.router_hidden, progress=progress)
     seconds = time.perf_counter() - start
     ppl = dense_ppl = None
     if args.eval_tokens:
         from peakllm.eval import evaluate
 
-        dense_ppl = evaluate(model, tokenizer, "wiki", seqlen=512, max_tokens=args.eval_tokens, progress=not args.json)["ppl"]
-        ppl = evaluate(moe, tokenizer, "wiki", seqlen=512, max_tokens=args.eval_tokens, progress=not args.json)["ppl"]
+        dense_ppl = evaluate(model, tokenizer, "wiki", seqlen=512, max_tokens=args.eval_tokens,
+                             progress=progress)["ppl"]
+        ppl = evaluate(moe, tokenizer, "wiki", seqlen=512, max_tokens=args.eval_tokens, progress=progress)["ppl"]
     save_folder(moe, tokenizer, output)
     if not args.json:
         stderr(f"wrote {output}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peakllm.cli.common import emit
+from peakllm.cli.common import emit, show_progress
 from peakllm.cli.compress_common import add_calibration_options, add_run_options, run_compression
 from peakllm.errors import PeakError
 
@@ -56,7 +56,7 @@ def run(args) -> int:
         ratios = []
         streamed_layer_sqnorms(streamed, segments, args.batch_size, offload_bytes,
                                lambda li, layer, sq: ratios.append(_layer_outlier_ratio(layer, streamed.prefix, li, sq)),
-                               progress=not args.json)
+                               progress=show_progress(args))
         recipe.layer_sparsity = owl_sparsities(ratios, sparsity, args.owl_lambda)
 
     result = run_compression(args, recipe, extra_result=extra, before_calibrate=owl if args.owl else None,
@@ -71,7 +71,7 @@ def _owl_allocation(model, segments, args, sparsity: float) -> list[float]:
     from peakllm.calibrate import decoder_layers, input_sqnorms
     from peakllm.solvers import owl_sparsities
 
-    sqnorms = input_sqnorms(model, segments, batch_size=args.batch_size, progress=not args.json)
+    sqnorms = input_sqnorms(model, segments, batch_size=args.batch_size, progress=show_progress(args))
     layers, prefix = decoder_layers(model)
     ratios = [_layer_outlier_ratio(layer, prefix, li, sqnorms) for li, layer in enumerate(layers)]
     return owl_sparsities(ratios, sparsity, args.owl_lambda)

@@ -13,7 +13,7 @@ def register(sub) -> None:
         description="Quantize every linear layer of the decoder onto a k-bit grid with one scale (and zero point) "
         "per --group-size input columns. gptq minimises each layer's output error using the inputs' Hessian over "
         "calibration data (Frantar et al. 2023); rtn rounds each weight to its nearest grid point. The output "
-        "is stored packed (codes + fp16 scales), not as fake-quantized floats.")
+        "is stored packed (codes + scales), not as fake-quantized floats.")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="(default: %(default)s)")
     p.add_argument("--bits", choices=("2", "3", "4", "8", "ternary"), default="4",
                    help="code width, or ternary {-a, 0, +b} (default: %(default)s)")
@@ -56,9 +56,8 @@ def run(args) -> int:
     if args.act_order is not None and args.method != "gptq":
         raise PeakError("--act-order only applies to --method gptq")
     act_order = args.act_order or ("static" if args.method == "gptq" else "none")
-    if args.format == "compressed-tensors" and (ternary or grid.bits not in (4, 8)):
-        raise PeakError("compressed-tensors export supports 4- and 8-bit grids; use --format peakllm for "
-                        f"{args.bits}-bit")
+    if args.format == "compressed-tensors" and ternary:  # its pack-quantized format holds 1..8-bit integers
+        raise PeakError("compressed-tensors has no ternary format; use --format peakllm or sub1 for --bits ternary")
     if args.format == "sub1" and not ternary:
         raise PeakError("--format sub1 stores ternary codes: use --bits ternary")
     if args.embed_bits is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peakllm.cli.common import add_output_options, emit
+from peakllm.cli.common import add_output_options, emit, show_progress
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="stored dtype (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    add_output_options(p)
+    add_output_options(p, progress=True)
     p.set_defaults(func=run)
 
 
@@ -34,6 +34,6 @@ def run(args) -> int:
     check_output(args.output, args.overwrite)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     result = synthesize(args.shape, args.output, tokenizer=load_tokenizer("default"), dtype=dtype, seed=args.seed,
-                        overwrite=args.overwrite, progress=not args.json)
+                        overwrite=args.overwrite, progress=show_progress(args))
     emit(result, args, f"wrote a random {args.shape} (random weights: memory and time only)")
     return 0

@@ -27,7 +27,7 @@ def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def perplexity(model, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> dict:
     """ppl of `model` over `windows` [n, seqlen]; also tokens/s of the forward passes."""
-    from tqdm.auto import tqdm
+    from peakllm.progress import tqdm
 
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise PeakError("perplexity needs a non-empty [n, seqlen] tensor of windows")

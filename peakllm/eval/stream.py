@@ -40,7 +40,7 @@ def ppl_of(total_nll: float, windows: torch.Tensor) -> float:
 
 def stream_evaluate(spec: str, dataset: str = "wiki", *, seqlen: int = 512, max_tokens: int | None = 16384,
                     progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
+    from peakllm.progress import tqdm
 
     from peakllm.calibrate import _layer_out, capture_inputs
     from peakllm.data import eval_windows, tokenize_source

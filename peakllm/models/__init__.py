@@ -164,12 +164,24 @@ def _load_hf_folder(path: Path, dtype):
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise PeakError(f"cannot read the config of {path}: {_first_line(exc)}") from None
     check_architecture(config)
+    from peakllm.progress import no_library_bars
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        with no_library_bars():  # compressed-tensors would draw "Compressing model" while loading
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            _decompress_now(model)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         raise PeakError(f"cannot load model folder {path}: {_first_line(exc)}") from None
     return model, tokenizer
+
+
+def _decompress_now(model) -> None:
+    """A compressed-tensors folder loads with packed weights that the library unpacks on the first forward
+    pass (drawing its bars in the middle of ours, and leaving no `weight` to calibrate); unpack them now."""
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if hasattr(model, "ct_decompress_hook") and hasattr(compressor, "decompress_model"):
+        compressor.decompress_model(model)
 
 
 def _first_line(exc: BaseException) -> str:

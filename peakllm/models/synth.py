@@ -67,7 +67,7 @@ def synthesize(shape: str, out_dir, *, tokenizer, dtype=torch.bfloat16, seed: in
                progress: bool = True) -> dict:
     """Write a random model of `shape` to `out_dir` (temp folder, then rename); return its facts."""
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    from peakllm.progress import tqdm
     from transformers import AutoModelForCausalLM
 
     from peakllm.calibrate import decoder_layers
