@@ -47,8 +47,9 @@ def outer_modules(model: nn.Module) -> dict[str, nn.Module]:
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     names = {id(m): n for n, m in model.named_modules()}
     out = {names[id(embed)]: embed}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False)) or (
-        head is not None and getattr(head, "weight", None) is getattr(embed, "weight", None))
+    head_w, embed_w = getattr(head, "weight", None), getattr(embed, "weight", None)
+    same = head is not None and ((head_w is not None and head_w is embed_w) or head is getattr(embed, "linear", None))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) or same
     if head is not None and not tied:
         out[names[id(head)]] = head
     return out

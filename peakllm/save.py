@@ -144,10 +144,10 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
         if experts:
             sizes["bits_per_param_experts"] = bits_per_param(experts)
         return sizes
-    from peakllm.formats.compressed_tensors import export_compressed_tensors
+    from peakllm.formats import compressed_tensors as ct
 
-    export_compressed_tensors(out, config, dense, packed, extra, overwrite=overwrite, actorder=ct_actorder(run_info))
-    return {"size_bytes": folder_bytes(out), "bits_per_param": bits_per_param(linears),
+    ct.export_compressed_tensors(out, config, dense, packed, extra, overwrite=overwrite, actorder=ct_actorder(run_info))
+    return {"size_bytes": folder_bytes(out), "bits_per_param": ct.bits_per_param(linears, ct.model_dtype(config, dense)),
             "bits_per_param_total": 8 * weight_file_bytes(out) / total_params}
 
 

@@ -39,7 +39,7 @@ def test_low_bit_export_loads_in_transformers_with_peakllm_weights(capsys, tmp_p
                                                                    extra):
     from transformers import AutoModelForCausalLM
 
-    quantize(capsys, tiny_model_dir, text_file, tmp_path / "pk", "peakllm", *extra)
+    quantize(capsys, tiny_model_dir, text_file, tmp_path / "pk", "peakllm", "--embed-bits", "keep", *extra)
     result = quantize(capsys, tiny_model_dir, text_file, tmp_path / "ct", "compressed-tensors", *extra)
     assert result["format"] == "compressed-tensors"
     ours, _ = load_model(str(tmp_path / "pk"), packed="dequantize")
@@ -66,9 +66,12 @@ def ct_bits_per_param(shapes, bits: int, group_size: int, sym: bool, scale_bytes
 
 
 def test_info_on_peakllm_compressed_tensors_export(capsys, tmp_path, tiny_llama, tiny_model_dir, text_file):
-    quantize(capsys, tiny_model_dir, text_file, tmp_path / "ct", "compressed-tensors", "--bits", "3",
-             "--group-size", "32", "--method", "rtn")
+    made = quantize(capsys, tiny_model_dir, text_file, tmp_path / "ct", "compressed-tensors", "--bits", "3",
+                    "--group-size", "32", "--method", "rtn")
     info = run_json(capsys, "info", "--model", str(tmp_path / "ct"), "--layers")
+    # quantize's JSON counts the bits the compressed-tensors files hold, as info reads them back
+    assert made["bits_per_param"] == pytest.approx(info["bits_per_param"])
+    assert made["bits_per_param_total"] == pytest.approx(info["bits_per_param_total"])
     shapes = [tuple(tiny_llama.get_submodule(n).weight.shape) for n in linear_names(tiny_llama)]
     assert info["parameters"] == sum(p.numel() for p in tiny_llama.parameters())  # tied lm_head once
     assert info["quantized_parameters"] == sum(o * i for o, i in shapes)

@@ -73,6 +73,11 @@ def test_tied_embedding_stored_once_and_runs_from_codes(capsys, tmp_path, tiny_m
     n_params = sum(p.numel() for n, p in deq.named_parameters())
     on_disk = (out / "model.safetensors").stat().st_size
     assert result["bits_per_param_total"] == pytest.approx(8 * on_disk / n_params)
+    assert main(["info", "--model", str(out), "--json"]) == 0  # info reports what quantize reported
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == n_params
+    assert info["bits_per_param"] == pytest.approx(result["bits_per_param"])
+    assert info["bits_per_param_total"] == pytest.approx(result["bits_per_param_total"])
     keep_code, _ = _quantize(tmp_path, tiny_model_dir, text_file, "--embed-bits", "keep", out_name="keep")
     keep = json.loads(capsys.readouterr().out)
     assert keep_code == 0 and keep["bits_per_param"] == pytest.approx(result["bits_per_param"])  # linears only
@@ -85,6 +90,10 @@ def test_untied_head_and_embedding_quantized_separately(capsys, tmp_path, untied
     capsys.readouterr()
     packed, _ = load_model(str(out))
     deq, _ = load_model(str(out), packed="dequantize")
+    assert set(outer_modules(packed)) == {"model.embed_tokens", "lm_head"}
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == sum(p.numel() for p in deq.parameters())  # embedding and head both counted
     assert isinstance(packed.model.embed_tokens, PackedEmbedding) and isinstance(packed.lm_head, IntKLinear)
     assert packed.lm_head is not packed.model.embed_tokens.linear
     assert packed.lm_head.bits == 4 and packed.lm_head.group_size == 16

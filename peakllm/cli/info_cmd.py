@@ -95,6 +95,22 @@ def compressed_tensors_info(args) -> tuple[dict, list[dict]] | None:
     return result, ct["modules"]
 
 
+def _packed_bits(spec: str, model, parameters: int) -> dict:
+    """bits_per_param of a peakllm folder's decoder linears and bits_per_param_total of its weight files, as
+    `quantize` reports them."""
+    from peakllm.embeddings import outer_modules
+    from peakllm.formats.container import bits_per_param, load_model_folder
+    from peakllm.models import resolve
+    from peakllm.save import weight_file_bytes
+
+    _kind, path = resolve(spec)
+    _manifest, _dense, modules = load_model_folder(path)
+    outer = set(outer_modules(model)) | {"lm_head"}
+    linears = {n: m for n, m in modules.items() if n not in outer}
+    return {"bits_per_param": bits_per_param(linears) if linears else None,
+            "bits_per_param_total": 8 * weight_file_bytes(path) / parameters}
+
+
 def run(args) -> int:
     from peakllm.models import load_model, model_bytes
 
@@ -116,6 +132,8 @@ def run(args) -> int:
             "bytes": model_bytes(model),
             "compression": getattr(model, "peakllm_manifest", {}).get("method", "none"),
         }
+        if hasattr(model, "peakllm_manifest"):
+            result.update(_packed_bits(args.model, model, result["parameters"]))
     shown = rows if args.layers else [r for r in rows if ".layers." not in r["name"] or ".layers.0." in r["name"]]
     if args.json:
         emit({**result, "modules": shown}, args, "")

@@ -69,6 +69,21 @@ def module_tensors(name: str, mod: PackedIntK, dtype: torch.dtype) -> dict:
     return out
 
 
+def stored_bits(name: str, mod: PackedIntK, dtype: torch.dtype) -> int:
+    """Bits this format stores for one module (its tensors; the config entry is shared)."""
+    return 8 * sum(t.numel() * t.element_size() for t in module_tensors(name, mod, dtype).values())
+
+
+def bits_per_param(packed_modules: dict, dtype: torch.dtype) -> float:
+    """Bits per parameter of these modules as written here (scales in the model's dtype)."""
+    bits = sum(stored_bits(name, mod, dtype) for name, mod in packed_modules.items())
+    return bits / sum(mod.num_params for mod in packed_modules.values())
+
+
+def model_dtype(hf_model_config: dict, dense_tensors: dict) -> torch.dtype:
+    return _model_dtype(hf_model_config, dense_tensors)
+
+
 def quantization_config(packed_modules: dict, actorder: str | None = None) -> dict:
     """config.json's quantization_config: one config group per distinct scheme, targeting modules by name.
 

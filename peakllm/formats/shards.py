@@ -80,13 +80,13 @@ class ShardWriter:
         else:
             tensors = {n: (t.to(self.dtype) if t.is_floating_point() else t).contiguous() for n, t in dense.items()}
             if self.fmt == "compressed-tensors":
-                from peakllm.formats.compressed_tensors import _scheme, module_tensors
+                from peakllm.formats.compressed_tensors import _scheme, module_tensors, stored_bits
 
                 for name, mod in packed.items():
                     tensors.update(module_tensors(name, mod, self.dtype))
                     self.schemes[name] = _scheme(mod)
                     if name not in self.outer:
-                        self._count(name, mod, _module_entry(mod))
+                        self._count(name, mod, _module_entry(mod), stored_bits(name, mod, self.dtype))
             elif packed:
                 raise PeakError("quantized weights need --format peakllm or compressed-tensors")
             write_safetensors(tmp, tensors, {"format": "pt"})
@@ -99,9 +99,10 @@ class ShardWriter:
         os.replace(tmp, self.folder / fname)
         return fname
 
-    def _count(self, name: str, mod, entry: dict) -> None:
-        # as container.bits_per_param counts them, whatever the format
-        bits = 8 * (mod.nbytes + len(_compact({name: entry}).encode()))
+    def _count(self, name: str, mod, entry: dict, bits: int | None = None) -> None:
+        # as container.bits_per_param counts them, or the bits another format stores
+        if bits is None:
+            bits = 8 * (mod.nbytes + len(_compact({name: entry}).encode()))
         self.packed_bits += bits
         self.packed_params += mod.num_params
         from peakllm.recipes import is_expert
