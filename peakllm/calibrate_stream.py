@@ -207,7 +207,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     `before_calibrate(streamed_model, segments, offload_bytes)` runs before the first layer (e.g. OWL's
     dense statistics pass)."""
     from peakllm.calibrate import calibrate, capture_inputs, check_method, is_moe
-    from peakllm.data import calibration_segments, eval_windows, tokenize_source
+    from peakllm.data import calibration_segments, eval_windows, protocol_bos, tokenize_source
     from peakllm.eval.stream import head_nll, ppl_of
     from peakllm.formats.shards import ShardWriter
     from peakllm.models.stream import StreamedModel
@@ -262,7 +262,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         partial.mkdir(parents=True)
     try:
         segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
-                                        seed=args.seed)
+                                        seed=args.seed, bos=not args.no_bos)
         total = len(sm.layers) + 1
         writer = (ShardWriter.from_state(partial, state["writer"], sm.source_dtype) if state
                   else ShardWriter(partial, args.format, total, sm.source_dtype))
@@ -271,7 +271,8 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         sm.load_outer("input")
         windows, eval_kwargs, eval_dense, eval_comp = None, None, [], []
         if args.eval_tokens:
-            windows = eval_windows(tokenize_source(tokenizer, args.eval_dataset), 512, args.eval_tokens)
+            windows = eval_windows(tokenize_source(tokenizer, args.eval_dataset), 512, args.eval_tokens,
+                                   bos_id=protocol_bos(tokenizer, not args.no_bos))
             eacts, eval_kwargs = capture_inputs(model, windows, 1, None)
             eval_dense = [eacts[w] for w in range(len(eacts))]
             eval_comp = list(eval_dense)
@@ -298,7 +299,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
             from peakllm.formats.sub1 import Sub1Dictionary
 
             writer = ternary_to_sub1(writer, Sub1Dictionary.from_counts(*io.ternary_counts, 16))
-        result = {**extra_result}
+        result = {**extra_result, "bos": protocol_bos(tokenizer, not args.no_bos) is not None}
         if args.eval_tokens:
             t0 = time.perf_counter()
             result["dense_ppl"] = ppl_of(head_nll(model, io.eval_dense, windows), windows)
@@ -307,7 +308,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         sm.release_outer()
         run_info = {"command": args.command, "model": args.model, **extra_result, "calib_samples": args.calib_samples,
                     "calib_seqlen": args.calib_seqlen, "calib_dataset": args.calib_dataset, "seed": args.seed,
-                    "streamed": True}
+                    "streamed": True, "bos": result["bos"]}
         config = model.config.to_dict()
         if args.format in ("hf", "compressed-tensors"):
             config["dtype"] = sm.stored_dtype_name()

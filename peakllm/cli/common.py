@@ -23,6 +23,12 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_bos_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-bos", action="store_true",
+                        help="do not start calibration segments, evaluation windows and prompts with BOS even when the "
+                        "model's tokenizer adds it (the protocol before BOS handling; no effect on models without BOS)")
+
+
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and kernels (default: all cores)")
 
