@@ -211,7 +211,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     from peakllm.eval.stream import head_nll, ppl_of
     from peakllm.formats.shards import ShardWriter
     from peakllm.models.stream import StreamedModel
-    from peakllm.save import RUN_FILE, _replace_dir, folder_bytes
+    from peakllm.save import RUN_FILE, _replace_dir, check_writable, folder_bytes
 
     start = time.perf_counter()
     memory.release_free_heap(setup=True)
@@ -226,6 +226,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     if args.format == "hf" and getattr(recipe, "grid", None) is not None:
         raise PeakError("quantized weights need --format peakllm or compressed-tensors")
     check_method(model, recipe)  # before the partial folder exists (calibrate() checks again, cheaply)
+    check_writable(model, tokenizer, out, args.format)
     hessian = "hessian" in recipe.stats
     needs_data = bool(set(recipe.stats) - {"tokens"})
     calib_tokens = args.calib_samples * args.calib_seqlen if needs_data else 0

@@ -92,7 +92,7 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
     from peakllm.data import calibration_segments, protocol_bos
     from peakllm.eval import cached_evaluate, evaluate
     from peakllm.models import load_model, model_bytes
-    from peakllm.save import check_output, save_compressed
+    from peakllm.save import check_output, check_writable, save_compressed
 
     set_threads(args.threads)
     if args.eval_tokens < 0:
@@ -111,6 +111,7 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
     check_output(args.output, args.overwrite)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
+    check_writable(model, tokenizer, args.output, args.format)  # fail now, not after the compression
     dense_size_bytes = model_bytes(model)
     progress = not args.json
     dense_ppl = None

