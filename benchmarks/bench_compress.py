@@ -20,7 +20,7 @@ import time
 import torch
 
 from peakllm.calibrate import calibrate
-from peakllm.data import calibration_segments, eval_windows, tokenize_source
+from peakllm.data import calibration_segments, eval_windows, protocol_bos, tokenize_source
 from peakllm.eval import perplexity
 from peakllm.models import load_model
 from peakllm.recipes import PruneRecipe, QuantRecipe
@@ -67,7 +67,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    windows = eval_windows(tokenize_source(tokenizer, "wiki"), 512, args.eval_tokens)
+    windows = eval_windows(tokenize_source(tokenizer, "wiki"), 512, args.eval_tokens, bos_id=protocol_bos(tokenizer))
     dense = perplexity(model, windows, progress=False)
     print(f"dense: ppl {dense['ppl']:.3f} over {dense['tokens']} wiki tokens, eval {dense['tokens_per_second']:.0f} tok/s",
           file=sys.stderr, flush=True)

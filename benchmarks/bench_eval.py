@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from peakllm.data import eval_windows, tokenize_source
+from peakllm.data import eval_windows, protocol_bos, tokenize_source
 from peakllm.eval import perplexity
 from peakllm.models import load_model
 
@@ -44,7 +44,7 @@ def main() -> int:
         model, tokenizer = load_model(args.model, dtype=dtype)
         tokens = tokenize_source(tokenizer, args.dataset)
         for seqlen in (512, 2048):
-            windows = eval_windows(tokens, seqlen, args.max_tokens)
+            windows = eval_windows(tokens, seqlen, args.max_tokens, bos_id=protocol_bos(tokenizer))
             ours, plain = [], []
             for _ in range(args.repeats):
                 r = perplexity(model, windows, progress=False)

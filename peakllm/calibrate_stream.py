@@ -207,13 +207,13 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     `before_calibrate(streamed_model, segments, offload_bytes)` runs before the first layer (e.g. OWL's
     dense statistics pass)."""
     from peakllm.calibrate import calibrate, capture_inputs, is_moe
-    from peakllm.data import calibration_segments, eval_windows, tokenize_source
+    from peakllm.data import calibration_segments, eval_windows, protocol_bos, tokenize_source
+    from peakllm.embeddings import quantize_outer
     from peakllm.eval.stream import head_nll, ppl_of
     from peakllm.formats.shards import ShardWriter
     from peakllm.models.stream import StreamedModel
-    from peakllm.embeddings import quantize_outer
     from peakllm.preflight import check_run
-    from peakllm.save import RUN_FILE, _replace_dir, ct_actorder, folder_bytes
+    from peakllm.save import RUN_FILE, _replace_dir, check_writable, ct_actorder, folder_bytes
 
     start = time.perf_counter()
     memory.release_free_heap(setup=True)
@@ -228,6 +228,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     if args.format == "hf" and getattr(recipe, "grid", None) is not None:
         raise PeakError("quantized weights need --format peakllm or compressed-tensors")
     check_run(model, args, recipe, disk=False)  # before the partial folder exists; disk is checked below
+    check_writable(model, tokenizer, out, args.format)
     hessian = "hessian" in recipe.stats
     needs_data = bool(set(recipe.stats) - {"tokens"})
     calib_tokens = args.calib_samples * args.calib_seqlen if needs_data else 0
@@ -264,7 +265,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         partial.mkdir(parents=True)
     try:
         segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
-                                        seed=args.seed)
+                                        seed=args.seed, bos=not args.no_bos)
         total = len(sm.layers) + 1
         writer = (ShardWriter.from_state(partial, state["writer"], sm.source_dtype) if state
                   else ShardWriter(partial, args.format, total, sm.source_dtype))
@@ -274,7 +275,8 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         embed = getattr(args, "embed_grid", None)
         windows, eval_kwargs, eval_dense, eval_comp = None, None, [], []
         if args.eval_tokens:
-            windows = eval_windows(tokenize_source(tokenizer, args.eval_dataset), 512, args.eval_tokens)
+            windows = eval_windows(tokenize_source(tokenizer, args.eval_dataset), 512, args.eval_tokens,
+                                   bos_id=protocol_bos(tokenizer, not args.no_bos))
             eacts, eval_kwargs = capture_inputs(model, windows, 1, None)
             eval_dense = [eacts[w] for w in range(len(eacts))]
         # calibration, and the compressed model's evaluation windows, start from the quantized embedding
@@ -294,7 +296,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         # the rest: embeddings, final norm, lm_head (tied: stored once, as the embedding); the dense model's
         # perplexity needs them as they were, the compressed model's as --embed-bits makes them
         sm.load_outer("all")
-        result = {**extra_result}
+        result = {**extra_result, "bos": protocol_bos(tokenizer, not args.no_bos) is not None}
         if args.eval_tokens:
             t0 = time.perf_counter()
             result["dense_ppl"] = ppl_of(head_nll(model, io.eval_dense, windows), windows)
@@ -325,7 +327,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         sm.release_outer()
         run_info = {"command": args.command, "model": args.model, **extra_result, "calib_samples": args.calib_samples,
                     "calib_seqlen": args.calib_seqlen, "calib_dataset": args.calib_dataset, "seed": args.seed,
-                    "streamed": True}
+                    "streamed": True, "bos": result["bos"]}
         config = model.config.to_dict()
         if args.format in ("hf", "compressed-tensors"):
             config["dtype"] = sm.stored_dtype_name()

@@ -26,6 +26,34 @@ def check_output(out_dir: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def check_writable(model, tokenizer, out_dir, fmt: str) -> None:
+    """Try, before the compression, what could make writing `model` in `fmt` fail after it: transformers'
+    refusal to save a model it holds as quantized (an `hf` folder), a config that does not serialize, a
+    tokenizer that cannot be saved, an output folder that cannot be created. One PeakError saying which."""
+    out = Path(out_dir)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if fmt == "hf" and quantizer is not None and not quantizer.is_serializable():
+        method = getattr(quantizer.quantization_config, "quant_method", "?")
+        raise PeakError(f"the model is held quantized by transformers ({getattr(method, 'value', method)}), which "
+                        "cannot save it as an hf folder; choose another --format")
+    try:
+        json.dumps(model.config.to_dict())
+    except (TypeError, ValueError) as exc:
+        raise PeakError(f"the model's config cannot be written as JSON: {exc}") from None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.check-", dir=out.parent))
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise PeakError(f"cannot create the output folder {out}: {exc.strerror or exc}{where}") from None
+    try:
+        tokenizer.save_pretrained(tmp)
+    except (OSError, TypeError, ValueError) as exc:
+        raise PeakError(f"cannot write the model's tokenizer to {out}: {str(exc).strip().splitlines()[0][:300]}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

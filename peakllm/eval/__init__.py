@@ -2,7 +2,8 @@
 
 Concatenate the evaluation text, cut it into non-overlapping windows of `seqlen` tokens, drop the
 remainder, and report exp(mean NLL) over every predicted token (seqlen − 1 per window). A `max_tokens`
-budget keeps only the first windows so that a CPU run stays short.
+budget keeps only the first windows so that a CPU run stays short. When the tokenizer adds BOS, each
+window's first token is BOS (`bos=False` reproduces the old protocol; see peakllm.data).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from peakllm.data import eval_windows, tokenize_source
+from peakllm.data import eval_windows, protocol_bos, tokenize_source
 from peakllm.errors import PeakError
 
 
@@ -58,12 +59,15 @@ def perplexity(model, windows: torch.Tensor, *, batch_size: int = 1, progress: b
 
 
 def evaluate(model, tokenizer, dataset: str = "wiki", *, seqlen: int = 512, max_tokens: int | None = 16384,
-             batch_size: int = 1, progress: bool = True) -> dict:
-    """Perplexity of `model` on a named dataset or text file, with a token budget."""
+             batch_size: int = 1, progress: bool = True, bos: bool = True) -> dict:
+    """Perplexity of `model` on a named dataset or text file, with a token budget; "bos" says whether the
+    windows started with BOS."""
     tokens = tokenize_source(tokenizer, dataset)
-    windows = eval_windows(tokens, seqlen, max_tokens)
+    bos_id = protocol_bos(tokenizer, bos)
+    windows = eval_windows(tokens, seqlen, max_tokens, bos_id=bos_id)
     result = perplexity(model, windows, batch_size=batch_size, progress=progress)
     result["dataset"] = dataset
+    result["bos"] = bos_id is not None
     return result
 
 
@@ -80,7 +84,7 @@ def _model_identity(spec: str) -> str:
 
 
 def cached_evaluate(model, tokenizer, spec: str, dataset: str = "wiki", *, seqlen: int = 512,
-                    max_tokens: int | None = 16384, progress: bool = True) -> dict:
+                    max_tokens: int | None = 16384, progress: bool = True, bos: bool = True) -> dict:
     """`evaluate` of an unmodified model loaded from `spec`, remembered in the cache (dense baselines
     are asked for by every prune/quantize run and cost as much as the run's own evaluation)."""
     import hashlib
@@ -89,14 +93,17 @@ def cached_evaluate(model, tokenizer, spec: str, dataset: str = "wiki", *, seqle
     from peakllm.paths import cache_dir
 
     dtype = str(next(model.parameters()).dtype)
-    key = hashlib.sha256(json.dumps([_model_identity(spec), dataset, seqlen, max_tokens, dtype]).encode()).hexdigest()
+    with_bos = protocol_bos(tokenizer, bos) is not None
+    # the BOS protocol joins the key only when it changes the windows: no-BOS entries keep their old keys
+    parts = [_model_identity(spec), dataset, seqlen, max_tokens, dtype] + (["bos"] if with_bos else [])
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     path = cache_dir() / "evals" / f"{key[:24]}.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text())
+            return {**json.loads(path.read_text()), "bos": with_bos}
         except (OSError, ValueError):
             pass
-    result = evaluate(model, tokenizer, dataset, seqlen=seqlen, max_tokens=max_tokens, progress=progress)
+    result = evaluate(model, tokenizer, dataset, seqlen=seqlen, max_tokens=max_tokens, progress=progress, bos=bos)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))

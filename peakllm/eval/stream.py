@@ -39,15 +39,16 @@ def ppl_of(total_nll: float, windows: torch.Tensor) -> float:
 
 
 def stream_evaluate(spec: str, dataset: str = "wiki", *, seqlen: int = 512, max_tokens: int | None = 16384,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, bos: bool = True) -> dict:
     from peakllm.progress import tqdm
 
     from peakllm.calibrate import _layer_out, capture_inputs
-    from peakllm.data import eval_windows, tokenize_source
+    from peakllm.data import eval_windows, protocol_bos, tokenize_source
     from peakllm.models.stream import StreamedModel
 
     sm = StreamedModel.open(spec)
-    windows = eval_windows(tokenize_source(sm.tokenizer, dataset), seqlen, max_tokens)
+    bos_id = protocol_bos(sm.tokenizer, bos)
+    windows = eval_windows(tokenize_source(sm.tokenizer, dataset), seqlen, max_tokens, bos_id=bos_id)
     start = time.perf_counter()
     sm.load_outer("input")
     acts, kwargs = capture_inputs(sm.model, windows, 1, None)
@@ -63,4 +64,5 @@ def stream_evaluate(spec: str, dataset: str = "wiki", *, seqlen: int = 512, max_
     seconds = time.perf_counter() - start
     mean = total / (windows.shape[0] * (windows.shape[1] - 1))
     return {"ppl": ppl_of(total, windows), "nll": mean, "tokens": windows.numel(), "seqlen": windows.shape[1],
-            "seconds": seconds, "tokens_per_second": windows.numel() / seconds, "dataset": dataset, "streamed": True}
+            "seconds": seconds, "tokens_per_second": windows.numel() / seconds, "dataset": dataset, "streamed": True,
+            "bos": bos_id is not None}

