@@ -364,7 +364,8 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
                    "output": str(out), "format": args.format, "model": args.model})
     from peakllm.save import weight_file_bytes
 
-    result["bits_per_param_total"] = 8 * weight_file_bytes(out) / (writer.dense_params + writer.all_packed_params)
+    if workers().is_writer:  # other torchrun workers wrote nothing to count
+        result["bits_per_param_total"] = 8 * weight_file_bytes(out) / (writer.dense_params + writer.all_packed_params)
     if writer.expert_params:  # as save_compressed reports them for MoE models
         result["bits_per_param_experts"] = writer.expert_bits / writer.expert_params
     if io.mask_total:
