@@ -30,6 +30,9 @@ CONFIGS = {
     "w4g64-sym-static-keep": ["--bits", "4", "--group-size", "64", "--sym", "--act-order", "static", "--embed-bits",
                               "keep"],
     "w4g64-sym-static-e4": ["--bits", "4", "--group-size", "64", "--sym", "--act-order", "static", "--embed-bits", "4"],
+    "w4g32-static-e8": ["--bits", "4", "--group-size", "32", "--act-order", "static", "--embed-bits", "8"],
+    "w4g32-static-e4": ["--bits", "4", "--group-size", "32", "--act-order", "static", "--embed-bits", "4",
+                        "--embed-group-size", "32"],
     "w4g128-static-e8": ["--bits", "4", "--group-size", "128", "--act-order", "static", "--embed-bits", "8"],
     "w4g64-static-e4": ["--bits", "4", "--group-size", "64", "--act-order", "static", "--embed-bits", "4",
                         "--embed-group-size", "32"],
@@ -46,7 +49,7 @@ PRESETS = {
     "lead": ["w4g64-sym-static-e8", "w4g64-sym-none-e8"],
     "embed": ["w4g64-sym-static-keep", "w4g64-sym-static-e4"],
     "actorder": ["w3g128-none-e8", "w3g128-group-e8", "w3g128-static-e8"],
-    "size": ["w4g128-static-e8", "w4g64-static-e4", "w3g64-static-e8", "w3g64-static-e4", "w2g64-static-e4"],
+    "size": ["w4g32-static-e8", "w4g32-static-e4", "w4g128-static-e8", "w4g64-static-e4", "w3g64-static-e8", "w3g64-static-e4", "w2g64-static-e4"],
 }
 
 
