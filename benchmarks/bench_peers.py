@@ -42,7 +42,7 @@ N_PARAMS = 134_515_008  # SmolLM2-135M-Instruct, tied embedding counted once
 REPO = Path(__file__).resolve().parents[1]
 IMATRIX_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0")
 PLAIN_TYPES = ("Q4_0", "Q8_0")  # without imatrix, for the speed rows
-SPEED_TYPES = ("F32", "Q8_0", "Q4_0")
+SPEED_TYPES = ("Q4_0", "Q8_0", "F32")
 LLAMA_BINS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 
 
@@ -54,15 +54,43 @@ def die(msg: str) -> None:
     raise Missing(f"bench_peers: {msg}")
 
 
+def safetensors_breakdown(folder: Path) -> dict:
+    """Bytes per kind of tensor in a folder's *.safetensors (header sizes): where the file's bits go."""
+    import struct
+
+    out: dict = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        out["header_bytes"] = out.get("header_bytes", 0) + 8 + n
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = meta["data_offsets"]
+            if "embed_tokens" in name or "lm_head" in name:
+                kind = f"embedding/lm_head ({meta['dtype']})"
+            elif "norm" in name:
+                kind = f"norms ({meta['dtype']})"
+            else:
+                kind = "linear layers (codes, scales, zero points, shapes)"
+            out[kind] = out.get(kind, 0) + end - begin
+    return out
+
+
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def run(cmd: list[str], *, log: Path | None = None, env: dict | None = None, cwd: Path | None = None) -> tuple[str, float]:
+def run(cmd: list[str], *, log: Path | None = None, env: dict | None = None, cwd: Path | None = None,
+        timeout: float | None = None) -> tuple[str, float]:
     """Run `cmd`, return (stdout, seconds); stderr (and stdout) also go to `log`; fail loudly."""
     print(f"$ {shlex.join(map(str, cmd))}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd)
+    try:
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        die(f"command ran past {timeout:.0f} s (busy machine?): {shlex.join(map(str, cmd))}")
     seconds = time.perf_counter() - start
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +202,7 @@ class Bench:
                 "command": shlex.join(map(str, cmd)).replace(str(Path(__file__).resolve()), "benchmarks/bench_peers.py"),
                 "eval_command": eval_cmd, "recipe": info["recipe"], "quantization_config": info["quantization_config"],
                 "weight_observer": info["weight_observer"], "output": str(folder),
+                "bytes_breakdown": safetensors_breakdown(folder),
                 "calib_tokens_sha": info["calib_sha"],
             })
 
@@ -342,10 +371,11 @@ class Bench:
             path = self.gguf_path(qtype, imatrix=False)
             if not path.is_file():
                 die(f"{path} is missing: run --only gguf first")
-            cmd = [bench, "-m", path, "-p", "0", "-n", "128", "-t", "2", "-r", "3", "-o", "json"]
+            cmd = [bench, "-m", path, "-p", "0", "-n", "128", "-t", str(self.args.bench_threads), "-r", "3", "-o", "json"]
             la = loadavg()
             up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-            stdout, secs = run(cmd, log=self.out / "logs" / f"bench-{qtype}.log", env=self.env)
+            stdout, secs = run(cmd, log=self.out / "logs" / f"bench-{qtype}.log", env=self.env,
+                               timeout=self.args.bench_timeout)
             rows = json.loads(stdout[stdout.index("["):])
             r = rows[0]
             self.emit({"tool": "llama.cpp", "version": version, "scheme": f"{qtype} decode speed", "seed": None,
@@ -373,7 +403,8 @@ class Bench:
         self.emit({"tool": "peakllm", "version": f"{getattr(peakllm, '__version__', '?')} (git {commit})",
                    "scheme": "GPTQ W4 g64 sym (act-order static)", "seed": 0, "ppl": res.get("ppl"),
                    "dense_ppl": res.get("dense_ppl"), "file_bytes": weights, "bits_per_param_total": weights * 8 / N_PARAMS,
-                   "folder_bytes": folder_bytes, "seconds": res.get("seconds"), "wall_seconds_with_eval": wall,
+                   "folder_bytes": folder_bytes, "bytes_breakdown": safetensors_breakdown(folder),
+                   "seconds": res.get("seconds"), "wall_seconds_with_eval": wall,
                    "loadavg": la, "loadavg_end": loadavg(), "command": shlex.join(["peakllm"] + cmd[3:]),
                    "result": {k: v for k, v in res.items() if k not in ("command",)}})
 
@@ -441,6 +472,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(REPO / "docs" / "results" / "peers.jsonl"))
     p.add_argument("--seeds", default="0,1,2", help="calibration seeds for llm-compressor (default: %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--bench-threads", type=int, default=2, help="llama-bench -t (default: %(default)s)")
+    p.add_argument("--bench-timeout", type=float, default=600,
+                   help="seconds allowed per llama-bench run; llama.cpp's spinning threads crawl on an oversubscribed "
+                   "machine (default: %(default)s)")
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "_llmc-worker":
