@@ -36,9 +36,10 @@ def gptq_reference(W, H, grid, damp=0.01, act_order="none"):
     rows, cols = W.shape
     gs = cols if grid.group_size == -1 else grid.group_size
     original_group = torch.arange(cols) // gs
-    static = [fit(W[:, g0:g0 + gs], grid) for g0 in range(0, cols, gs)]
+    diag = H.diagonal().clone()  # grid.mse weighs each column's error by diag(H)
+    static = [fit(W[:, g0:g0 + gs], grid, diag[g0:g0 + gs]) for g0 in range(0, cols, gs)]
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order != "none" else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H, diag = W[:, perm], H[perm][:, perm], diag[perm]
     H = H + damp * H.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
     Q, codes, groups = torch.zeros_like(W), torch.zeros(rows, cols, dtype=torch.uint8), []
     for j in range(cols):
@@ -47,7 +48,7 @@ def gptq_reference(W, H, grid, damp=0.01, act_order="none"):
             params = static[int(original_group[perm[j]])]
         else:
             if j % gs == 0:
-                groups.append(fit(W[:, j:j + gs], grid))
+                groups.append(fit(W[:, j:j + gs], grid, diag[j:j + gs]))
             params = groups[-1]
         w = W[:, j].clone()
         c = quantize(w[:, None], params, grid)

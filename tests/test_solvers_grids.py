@@ -161,3 +161,19 @@ def test_ternary_default_fit_is_qmoe_minmax():
     codes = quantize(W, p, grid)
     assert torch.equal(codes == 1, W.abs() <= s / 2)
     assert (codes == 1).float().mean() > 0.5  # mostly zeros on Gaussian rows
+
+
+def test_weighted_mse_fit_minimises_the_weighted_error():
+    """With weights (diag(H)), the mse search picks, per row, the candidate range with the least weighted error."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 32, generator=g)
+    w = torch.rand(32, generator=g) ** 4 * 100  # a few columns dominate, as activations do
+    grid = Grid(bits=3, group_size=32, mse=True)
+
+    def weighted_err(params):
+        return (w * (dequantize(quantize(x, params, grid), params, grid) - x) ** 2).sum(1)
+
+    plain, weighted = fit(x, grid), fit(x, grid, w)
+    assert (weighted_err(weighted) <= weighted_err(plain)).all()
+    assert (weighted_err(weighted) < weighted_err(plain)).any()
+    assert all(torch.equal(fit(x, grid, torch.ones(32))[k], plain[k]) for k in plain)  # equal weights: unchanged

@@ -27,7 +27,8 @@ def register(sub) -> None:
                    "act-order; peakllm format only); none: original column order "
                    "(default: static for gptq; a bare --act-order means group)")
     p.add_argument("--mse", action="store_true",
-                   help="affine grids: search the clipping range that minimises squared error; ternary: least-squares "
+                   help="affine grids: search the clipping range that minimises squared error (GPTQ weighs each input "
+                   "column's error by its activations, diag H, as llama.cpp's importance matrix does); ternary: least-squares "
                    "levels instead of QMoE's min-max grid (lower error, far fewer zeros, so no sub-1-bit storage)")
     p.add_argument("--dense-bits", choices=("2", "3", "4", "8", "keep"), default=None,
                    help="MoE models: grid of the non-expert matrices (attention, shared experts); 'keep' leaves them "

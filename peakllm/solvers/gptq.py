@@ -55,11 +55,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
     gs = cols if grid.group_size == -1 else grid.group_size
 
     static_params = sweep_group = None
+    diag = torch.diagonal(H).clone()  # the mse search weighs each column's error by its activations
     if act_order == "static":
-        static_params = [fit(W[:, g0:g0 + gs], grid) for g0 in range(0, cols, gs)]
+        static_params = [fit(W[:, g0:g0 + gs], grid, diag[g0:g0 + gs]) for g0 in range(0, cols, gs)]
     perm = None
+    diag_sweep = diag
     if act_order != "none":
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        diag_sweep = diag[perm]
         W = W[:, perm]
         H = H[perm][:, perm]
         if static_params is not None:
@@ -86,7 +89,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
             if sweep_group is not None:
                 params = static_params[sweep_group[j]]
             elif j % gs == 0:
-                params = fit(current_columns(W, W1, Err1, Hinv, i1, j, min(j + gs, cols)), grid)
+                params = fit(current_columns(W, W1, Err1, Hinv, i1, j, min(j + gs, cols)), grid,
+                             diag_sweep[j:j + gs])
                 group_params.append(params)
             w = W1[:, i]
             d = Hinv1[i, i]

@@ -106,7 +106,7 @@ def _ternary_side(x: torch.Tensor) -> torch.Tensor:
     return (cs.gather(1, best) / (best + 1)).to(torch.float32)
 
 
-def fit(W_cols: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
+def fit(W_cols: torch.Tensor, grid: Grid, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Fit one group's parameters per row on ``W_cols [rows, cols]``; values ``[rows, 1]`` fp32, fp16-exact.
 
     affine: min-max over each row with 0 inside the range (as GPTQ); with ``grid.mse`` the range is shrunk
@@ -114,6 +114,9 @@ def fit(W_cols: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
     ternary (default, as QMoE): the 3-level min-max grid, levels {-s, 0, +s} with s = (max - min) / 2, so
     weights within s/2 of zero (most of them) become 0 -- the sparsity the sub-1-bit code feeds on.
     ternary with ``grid.mse``: the exact least-squares fit per row (lower error, far fewer zeros).
+    ``weights`` (``[cols]``, e.g. diag(H): each input's mean squared activation) weight the affine ``mse``
+    search's error per column, so the range is chosen for the layer's output rather than the weights alone
+    (llama.cpp's importance-matrix search does the same).
     Asymmetric: the positive and negative sides are independent, each side's level is the mean of its
     top-k magnitudes for the best k. Symmetric: the same on |w| with one shared level.
     """
@@ -137,11 +140,13 @@ def fit(W_cols: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
     params = _affine_params(xmin, xmax, grid)
     if not grid.mse:
         return params
-    best = ((dequantize(quantize(x, params, grid), params, grid) - x) ** 2).sum(1, keepdim=True)
+    w = torch.ones(1, x.shape[1], dtype=x.dtype, device=x.device) if weights is None else \
+        weights.detach().to(x.dtype).reshape(1, -1)
+    best = (w * (dequantize(quantize(x, params, grid), params, grid) - x) ** 2).sum(1, keepdim=True)
     for i in range(1, int(MSE_MAXSHRINK * MSE_STEPS)):
         p = 1 - i / MSE_STEPS
         cand = _affine_params(p * xmin, p * xmax, grid)
-        err = ((dequantize(quantize(x, cand, grid), cand, grid) - x) ** 2).sum(1, keepdim=True)
+        err = (w * (dequantize(quantize(x, cand, grid), cand, grid) - x) ** 2).sum(1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
         params = {k: torch.where(better, cand[k], params[k]) for k in params}
