@@ -32,16 +32,6 @@ def embed_grid(bits: str | None, group_size: int = DEFAULT_EMBED_GROUP) -> Grid 
     return Grid(bits=int(bits), group_size=group_size, sym=True)
 
 
-def check_embed_group(hidden: int, grid: Grid | None) -> None:
-    """Before any work: the group size must divide the embedding width (the kernels need whole groups)."""
-    if grid is None or grid.group_size == -1 or hidden % grid.group_size == 0:
-        return
-    fits = [g for g in (128, 64, 32) if hidden % g == 0]
-    hint = ", ".join(map(str, fits)) + (", or -1" if fits else "-1 (one scale per row)")
-    raise PeakError(f"--embed-group-size {grid.group_size} does not divide the embedding width {hidden}; "
-                    f"use {hint}")
-
-
 def outer_modules(model: nn.Module) -> dict[str, nn.Module]:
     """{name: module} of the token embedding and, when it is not tied to the embedding, the lm_head."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()

@@ -58,13 +58,19 @@ def check_groups(shapes: dict, group_size: int, fmt: str) -> None:
                         "which stores a partial last group")
 
 
-def check_act_order(act_order: str | None, fmt: str, sparse: bool = False) -> None:
-    if act_order != "group":
+def check_act_order_format(act_order: str | None, fmt: str) -> None:
+    if act_order == "group" and fmt in ("compressed-tensors", "sub1"):
+        raise PeakError(f"--act-order group stores a g_idx per matrix, which --format {fmt} cannot hold: use "
+                        "--act-order static (the default: the same column order, groups kept contiguous) or "
+                        "--format peakllm")
+
+
+def check_embed_group(hidden: int, grid) -> None:
+    """The embedding's group size must divide its width (its rows are looked up whole groups at a time)."""
+    if grid is None or grid.group_size == -1 or hidden % grid.group_size == 0:
         return
-    if fmt in ("compressed-tensors", "sub1") or sparse:
-        where = "sparse layouts" if sparse else f"--format {fmt}"
-        raise PeakError(f"--act-order group stores a g_idx per matrix, which {where} cannot hold: use --act-order "
-                        "static (the default: the same column order, groups kept contiguous) or --format peakllm")
+    raise PeakError(f"--embed-group-size {grid.group_size} does not divide the embedding width {hidden}; "
+                    f"use {group_hint([hidden])}")
 
 
 def output_estimate(model, compressed_params: int, grid, fmt: str, sparsity: float | None, embed_grid) -> int:
@@ -97,14 +103,13 @@ def check_disk(out: Path, need: int) -> None:
 def check_run(model, args, recipe, *, disk: bool = True) -> None:
     """Every check on a compression run that the loaded model (or its meta skeleton) allows."""
     from peakllm.calibrate import check_method
-    from peakllm.embeddings import check_embed_group
 
     fmt = args.format
     shapes, compressed_params = matrix_shapes(model)
     grid = getattr(recipe, "grid", None)
     if grid is not None:
         check_groups(shapes, grid.group_size, fmt)
-    check_act_order(getattr(recipe, "act_order", None), fmt)
+    check_act_order_format(getattr(recipe, "act_order", None), fmt)
     embed_grid = getattr(args, "embed_grid", None)
     if embed_grid is not None:
         check_embed_group(model.get_input_embeddings().weight.shape[1], embed_grid)
