@@ -96,18 +96,17 @@ def compressed_tensors_info(args) -> tuple[dict, list[dict]] | None:
 
 
 def _packed_bits(spec: str, model, parameters: int) -> dict:
-    """bits_per_param of a peakllm folder's decoder linears and bits_per_param_total of its weight files, as
-    `quantize` reports them."""
+    """bits_per_param of a peakllm folder's decoder linears (from its manifest, as `quantize` counts them)
+    and bits_per_param_total of its weight files."""
     from peakllm.embeddings import outer_modules
-    from peakllm.formats.container import bits_per_param, load_model_folder
+    from peakllm.formats.container import manifest_bits_per_param
     from peakllm.models import resolve
     from peakllm.save import weight_file_bytes
 
     _kind, path = resolve(spec)
-    _manifest, _dense, modules = load_model_folder(path)
-    outer = set(outer_modules(model)) | {"lm_head"}
-    linears = {n: m for n, m in modules.items() if n not in outer}
-    return {"bits_per_param": bits_per_param(linears) if linears else None,
+    outer = set(outer_modules(model))
+    linears = {n: e for n, e in model.peakllm_manifest["modules"].items() if n not in outer}
+    return {"bits_per_param": manifest_bits_per_param(linears) if linears else None,
             "bits_per_param_total": 8 * weight_file_bytes(path) / parameters}
 
 

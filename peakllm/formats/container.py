@@ -89,10 +89,17 @@ def bits_per_param(packed_modules: dict) -> float:
     """Bits stored per original parameter over these modules: every tensor (codes, scales, zeros, masks,
     indices, g_idx, ...) plus each module's manifest entry (kind, metadata, tensor dtypes/shapes) as
     compact JSON, divided by the number of parameters of the dense weights they replace."""
+    return manifest_bits_per_param({name: _module_entry(module) for name, module in packed_modules.items()})
+
+
+def manifest_bits_per_param(entries: dict) -> float:
+    """bits_per_param from manifest entries alone ({name: {kind, metadata, tensors}}), as a folder's
+    manifest holds them: nothing needs to be read but the manifest."""
     total_bits, params = 0, 0
-    for name, module in packed_modules.items():
-        total_bits += 8 * (module.nbytes + len(_compact({name: _module_entry(module)}).encode()))
-        params += module.num_params
+    for name, entry in entries.items():
+        nbytes = sum(math.prod(d["shape"]) * DTYPES[d["dtype"]].itemsize for d in entry["tensors"].values())
+        total_bits += 8 * (nbytes + len(_compact({name: entry}).encode()))
+        params += entry["metadata"]["out_features"] * entry["metadata"]["in_features"]
     if params == 0:
         raise PeakError("bits_per_param needs at least one packed module")
     return total_bits / params
