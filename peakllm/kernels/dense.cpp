@@ -8,7 +8,7 @@
 // activations x / y are fp32 or bf16. x is widened to fp32 once per call, before the threads start.
 //
 // Exported symbols: dense_<w>w_<x>x for w, x in {f32, bf16}; the decode-step helpers below
-// (add_rmsnorm_<x>, silu_mul_<x>, attn_decode_<x>); read_buffers, read_sum_f32. The kernels themselves
+// (add_rmsnorm_<x>, gated_act_<x>, attn_decode_<x>); read_buffers, read_sum_f32. The kernels themselves
 // live in dense_impl.h, shared with the whole-step decode engine (decode.cpp).
 
 
@@ -94,12 +94,12 @@ double read_sum_f32(const float* p, long n, int nthreads) {
     void add_rmsnorm_##S(X* x, const X* delta, const X* w, X* out, int M, int D, float eps) {         \
         add_rmsnorm<X>(x, delta, w, out, M, D, eps);                                                  \
     }                                                                                                 \
-    void silu_mul_##S(const X* g, const X* u, X* out, long n) { silu_mul<X>(g, u, out, n); }          \
+    void gated_act_##S(int act, const X* g, const X* u, X* out, long n) { gated_act<X>(act, g, u, out, n); } \
     void attn_decode_##S(const X* q, const X* k, const X* v, const X* qn_w, const X* kn_w, float eps, \
                          const X* cos, const X* sin_signed, X* kc, X* vc, X* out, int B, int H, int KV, \
-                         int D, int S, int pos, float scale, int nthreads) {                          \
+                         int D, int S, int pos, float scale, int window, int nthreads) {              \
         attn_decode<X>(q, k, v, qn_w, kn_w, eps, cos, sin_signed, kc, vc, out, B, H, KV, D, S, pos,   \
-                       scale, nthreads);                                                              \
+                       scale, window, nthreads);                                                      \
     }
 DECODE_EXPORTS(float, f32)
 DECODE_EXPORTS(bf16_t, bf16)

@@ -39,14 +39,14 @@ def _kernels() -> dict:
             for xd, xs in _SUFFIX.items():
                 norm = getattr(lib, f"add_rmsnorm_{xs}")
                 norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float]
-                act = getattr(lib, f"silu_mul_{xs}")
-                act.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long]
+                act = getattr(lib, f"gated_act_{xs}")
+                act.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
                 attn = getattr(lib, f"attn_decode_{xs}")
                 attn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 5
-                                 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int])
+                                 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
                 for fn in (norm, act, attn):
                     fn.restype = None
-                _fns[("add_rmsnorm", xd)], _fns[("silu_mul", xd)], _fns[("attn_decode", xd)] = norm, act, attn
+                _fns[("add_rmsnorm", xd)], _fns[("gated_act", xd)], _fns[("attn_decode", xd)] = norm, act, attn
             rb = lib.read_buffers
             rb.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
             rb.restype = ctypes.c_ulonglong
@@ -125,24 +125,33 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     return out
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, rounded as the HF MLP rounds it."""
+ACT_SILU, ACT_GELU_TANH = 0, 1  # dense_impl.h: the gated MLP activations the kernels know
+
+
+def gated_act(gate: torch.Tensor, up: torch.Tensor, act: int = ACT_SILU) -> torch.Tensor:
+    """act(gate) * up (SiLU: SwiGLU; GELU-tanh: GeGLU), rounded as the HF MLP rounds it."""
     out = torch.empty_like(gate)
-    _fns[("silu_mul", gate.dtype)](gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    _fns[("gated_act", gate.dtype)](act, gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
     return out
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, rounded as the HF MLP rounds it."""
+    return gated_act(gate, up, ACT_SILU)
+
+
 def attn_decode(q, k, v, q_norm, k_norm, eps: float, cos, sin_signed, k_cache, v_cache, pos: int,
-                scale: float, n_heads: int) -> torch.Tensor:
+                scale: float, n_heads: int, window: int = 0) -> torch.Tensor:
     """One decode step of attention: q [B, H*D], k/v [B, KV*D] from the projections; caches
     [B, KV, S, D] get the new (normed, rotated) k and v at `pos`; returns [B, H*D].
-    q_norm / k_norm: per-head RMSNorm weights [D] (Qwen3) or None; cos / sin_signed: [D] rows at pos."""
+    q_norm / k_norm: per-head RMSNorm weights [D] (Qwen3, Gemma-3) or None; cos / sin_signed: [D] rows at
+    pos; window > 0: a sliding-window layer, the query sees only the last `window` positions."""
     B, KV, S, D = k_cache.shape
     out = torch.empty_like(q)
     _fns[("attn_decode", q.dtype)](
         q.data_ptr(), k.data_ptr(), v.data_ptr(), _p(q_norm), _p(k_norm), eps, cos.data_ptr(),
         sin_signed.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
-        B, n_heads, KV, D, S, pos, scale, torch.get_num_threads())
+        B, n_heads, KV, D, S, pos, scale, window, torch.get_num_threads())
     return out
 
 

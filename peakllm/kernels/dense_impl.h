@@ -303,6 +303,26 @@ static void silu_mul(const TX* g, const TX* u, TX* out, long n) {
     }
 }
 
+// out = gelu_tanh(g) * u (GeGLU, Gemma's MLP): gelu_tanh(a) = a/2 * (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3))).
+template <typename TX>
+static void gelu_tanh_mul(const TX* g, const TX* u, TX* out, long n) {
+    const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+    for (long i = 0; i < n; ++i) {
+        const float a = load1(g + i);
+        const float gelu = 0.5f * a * (1.0f + std::tanh(c * (a + 0.044715f * a * a * a)));
+        store1(out + i, round_like<TX>(gelu) * load1(u + i));
+    }
+}
+
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+// The gated MLP's activation `act` (ACT_*): out = act(g) * u.
+template <typename TX>
+static void gated_act(int act, const TX* g, const TX* u, TX* out, long n) {
+    if (act == ACT_GELU_TANH) gelu_tanh_mul<TX>(g, u, out, n);
+    else silu_mul<TX>(g, u, out, n);
+}
+
 // In place on one head vector (fp32): optional per-head RMSNorm, then RoPE (rotate-half form).
 template <typename TX>
 static void norm_rope(float* v, int D, const TX* nw, float eps, const TX* cos, const TX* sin_signed, float* tmp) {
@@ -321,7 +341,8 @@ static void norm_rope(float* v, int D, const TX* nw, float eps, const TX* cos, c
 // One decode step of attention for B sequences at position pos, in two parts so threads can share
 // it: kv_append(b, j) applies RoPE (and the per-head norm) to the new key of KV head j and writes key
 // and value into the caches [B, KV, S, D]; attend_head(b, h) then attends query head h to the pos + 1
-// cached keys of its KV head h / (H / KV). Scratch: 3 * D + pos + 1 floats.
+// cached keys of its KV head h / (H / KV), or to the last `window` of them when window > 0 (a sliding-window
+// layer: key j is seen by query pos when pos - j < window). Scratch: 3 * D + pos + 1 floats.
 template <typename TX>
 static void kv_append(const TX* k, const TX* v, const TX* kn_w, float eps, const TX* cos, const TX* sin_signed,
                       TX* kc, TX* vc, int b, int j, int KV, int D, int S, int pos, float* scratch) {
@@ -338,14 +359,15 @@ static void kv_append(const TX* k, const TX* v, const TX* kn_w, float eps, const
 template <typename TX>
 static void attend_head(const TX* q, const TX* qn_w, float eps, const TX* cos, const TX* sin_signed, const TX* kc,
                         const TX* vc, TX* out, int b, int h, int H, int KV, int D, int S, int pos, float scale,
-                        float* scratch) {
-    const int L = pos + 1, G = H / KV;
+                        int window, float* scratch) {
+    const int first = window > 0 && pos + 1 > window ? pos + 1 - window : 0;
+    const int L = pos + 1 - first, G = H / KV;
     float *qh = scratch, *t = scratch + D, *acc = scratch + 2 * D, *p = scratch + 3 * D;
     const size_t bh = (size_t)b * H + h;
     for (int d = 0; d < D; ++d) qh[d] = load1(q + bh * D + d);
     norm_rope<TX>(qh, D, qn_w, eps, cos, sin_signed, t);
-    const TX* kb = kc + ((size_t)b * KV + h / G) * S * D;
-    const TX* vb = vc + ((size_t)b * KV + h / G) * S * D;
+    const TX* kb = kc + (((size_t)b * KV + h / G) * S + first) * D;
+    const TX* vb = vc + (((size_t)b * KV + h / G) * S + first) * D;
     float mx = -INFINITY;
     for (int j = 0; j < L; ++j) {
         p[j] = dot1(kb + (size_t)j * D, qh, D) * scale;
@@ -366,7 +388,7 @@ static void attend_head(const TX* q, const TX* qn_w, float eps, const TX* cos, c
 template <typename TX>
 static void attn_decode(const TX* q, const TX* k, const TX* v, const TX* qn_w, const TX* kn_w, float eps,
                         const TX* cos, const TX* sin_signed, TX* kc, TX* vc, TX* out, int B, int H, int KV, int D,
-                        int S, int pos, float scale, int nthreads) {
+                        int S, int pos, float scale, int window, int nthreads) {
     std::vector<float> scratch(3 * D + pos + 1);
     for (int b = 0; b < B; ++b)
         for (int j = 0; j < KV; ++j) kv_append<TX>(k, v, kn_w, eps, cos, sin_signed, kc, vc, b, j, KV, D, S, pos,
@@ -378,6 +400,6 @@ static void attn_decode(const TX* q, const TX* k, const TX* v, const TX* qn_w, c
 #pragma omp for schedule(static)
         for (int bh = 0; bh < B * H; ++bh)
             attend_head<TX>(q, qn_w, eps, cos, sin_signed, kc, vc, out, bh / H, bh % H, H, KV, D, S, pos, scale,
-                            mine.data());
+                            window, mine.data());
     }
 }
