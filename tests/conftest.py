@@ -41,6 +41,45 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**cfg)
 
 
+def _randomize(model, seed: int):
+    # Random weights everywhere (norm weights and biases too), so no term of the forward is trivial.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
+
+
+def tiny_family(kind: str, **overrides):
+    """A tiny random model of one family the runtime runs (vocab 300, EOS 0), every weight random."""
+    import transformers
+
+    if kind == "llama":
+        return _randomize(transformers.LlamaForCausalLM(tiny_llama_config(**overrides)), 0)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=0)
+    common.update(overrides)
+    if kind == "qwen2":  # also Qwen2.5's shape: q/k/v biases
+        return _randomize(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)), 1)
+    if kind == "qwen3":
+        return _randomize(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common)), 2)
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        common.setdefault("pad_token_id", 0)
+        return _randomize(transformers.Phi3ForCausalLM(transformers.Phi3Config(**common)), 3)
+    if kind == "gemma3":
+        # Scaled embeddings, (1 + w) norms before and after attention and MLP, q/k norms, GeGLU, a query
+        # scalar that is not head_dim, and local layers with a 5-token window and their own RoPE base
+        # between global ones: sequences of more than 5 tokens cross the window.
+        common.update(num_hidden_layers=3, pad_token_id=0)
+        common.setdefault("layer_types", ["sliding_attention", "full_attention", "sliding_attention"])
+        cfg = transformers.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=24, sliding_window=5, **common)
+        return _randomize(transformers.Gemma3ForCausalLM(cfg), 4)
+    raise ValueError(kind)
+
+
 @pytest.fixture
 def tiny_llama():
     from transformers import LlamaForCausalLM

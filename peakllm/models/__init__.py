@@ -29,7 +29,7 @@ BUILTIN = {"default": DEFAULT_NAME, GEMMA_ALIAS: GEMMA_NAME}  # alias -> folder 
 
 # Architectures whose decoder layers the calibration pipeline and runtime know how to walk.
 SUPPORTED_ARCHITECTURES = {
-    "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "opt",
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma3", "opt",
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "peakllm_moe",
 }
 

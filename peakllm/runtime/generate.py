@@ -6,6 +6,7 @@ No HF `generate`, no dynamic cache: per token the loop calls the model once, pic
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
@@ -111,11 +112,15 @@ def generate_text(hf_model, tokenizer, ids, max_new_tokens: int, *, temperature:
                   dtype: torch.dtype = torch.float32) -> tuple[str, int]:
     """(text, number of new tokens) for an HF model: through the lean runtime when it supports the
     architecture, else through `runtime.hf_loop` (same signature as `hf_generate_text`)."""
-    from peakllm.runtime.model import SUPPORTED, RuntimeModel
+    from peakllm.runtime.families import check_config
+    from peakllm.runtime.model import RuntimeModel
 
-    if getattr(hf_model.config, "model_type", None) not in SUPPORTED:
+    try:
+        check_config(hf_model.config)
+    except PeakError as exc:  # a family or feature the runtime lacks: transformers runs it, said in one line
         from peakllm.runtime.hf_loop import hf_generate_text
 
+        print(f"peakllm: {exc}; generating with transformers instead (slower)", file=sys.stderr)
         return hf_generate_text(hf_model, tokenizer, ids, max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed, stream=stream)
     prompt = torch.as_tensor(ids, dtype=torch.long)
