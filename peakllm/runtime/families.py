@@ -16,6 +16,7 @@ decode engine see one layout:
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ def split_rows(module: nn.Module, sizes: list[int]) -> list[nn.Module] | None:
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     bias = getattr(module, "bias", None)
     parts = []
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         b = None if bias is None else bias[lo:hi]
         if type(module) is nn.Linear or isinstance(module, DenseLinear):
             parts.append(DenseLinear(module.weight.detach()[lo:hi], b))

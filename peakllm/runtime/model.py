@@ -24,6 +24,7 @@ from peakllm.errors import PeakError
 from peakllm.kernels import decode, dense
 from peakllm.kernels.dense import dense_linear
 from peakllm.runtime import families
+from peakllm.runtime.describe import any_lin as _any_lin, moe_desc as _moe_desc
 from peakllm.runtime.families import SUPPORTED, act_kind, norm_params  # noqa: F401 (SUPPORTED: callers)
 
 DEFAULT_MAX_SEQ = 2048
@@ -50,45 +51,6 @@ def _linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         bias = None if module.bias is None else module.bias
         return DenseLinear(module.weight.detach().to(dtype), bias)
     return module  # a packed module: it owns its bytes and its kernel
-
-
-def _is_silu(fn) -> bool:
-    return act_kind(fn) == families.ACT_SILU
-
-
-def _any_lin(module: nn.Module, keep: list):
-    """A decode-engine descriptor for a runtime module or a plain nn.Linear, or None."""
-    if hasattr(module, "decode_lin"):
-        return module.decode_lin(keep)
-    if type(module) is nn.Linear:
-        return decode.dense_lin(module.weight.detach(), module.bias, keep)
-    return None
-
-
-def _moe_desc(block: nn.Module, dim: int, batch: int, keep: list):
-    """The engine's description of a peakllm_moe MLP block (linear router, SiLU experts summed), at
-    batch 1 in fp32; None for anything else (its op-by-op path then runs)."""
-    from peakllm.models.moe import PeakMoeBlock, PeakMoeExperts
-    from peakllm.runtime.experts import PackedExperts
-
-    if batch != 1 or type(block) is not PeakMoeBlock or block.gate.hidden is not None:
-        return None
-    router = decode.dense_lin(block.gate.weight.detach(), block.gate.bias, keep)
-    experts = block.experts
-    if router is None or not _is_silu(experts.act_fn):
-        return None
-    if isinstance(experts, PackedExperts):
-        gate_up = [_any_lin(mod, keep) for mod in experts.gate_up]
-        down = [_any_lin(mod, keep) for mod in experts.down]
-    elif isinstance(experts, PeakMoeExperts):
-        gate_up = [decode.dense_lin(w, None, keep) for w in experts.gate_up_proj.detach()]
-        down = [decode.dense_lin(w, None, keep) for w in experts.down_proj.detach()]
-    else:
-        return None
-    if any(lin is None for lin in gate_up + down):
-        return None
-    inter = gate_up[0].out_features // 2
-    return decode.moe(router, gate_up, down, block.top_k, inter, dim, keep)
 
 
 class Attention(nn.Module):
