@@ -104,6 +104,16 @@ def test_cli_bench_json(monkeypatch, capsys, tiny_tokenizer):
     assert main(["bench", "--new-tokens", "1"]) == 2  # a user error, one line on stderr
 
 
+def test_a_fraction_above_one_says_the_probe_was_low(monkeypatch):
+    monkeypatch.setattr("peakllm.runtime.bench.read_bandwidth_gb_s", lambda size: 1e-6)  # an absurdly low probe
+    result = bench(_tiny(), prompt_tokens=4, new_tokens=3, repeats=1)
+    assert result["roofline_fraction"] > 1 and "probe was low" in result["roofline_note"]
+    assert "buffer" in result["bandwidth_method"]
+    monkeypatch.setattr("peakllm.runtime.bench.read_bandwidth_gb_s", lambda size: 1e6)
+    result = bench(_tiny(), prompt_tokens=4, new_tokens=3, repeats=1)
+    assert result["roofline_fraction"] < 1 and "roofline_note" not in result
+
+
 def test_weight_bytes_of_moe_count_only_routed_experts():
     from peakllm.models.moe import PeakMoeConfig, PeakMoeForCausalLM
 

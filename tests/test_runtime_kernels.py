@@ -64,10 +64,13 @@ def test_add_rmsnorm_and_silu_mul(dtype):
     torch.testing.assert_close(out, expect, rtol=tol, atol=tol)
     gate, up = torch.randn(2, 77, generator=g).to(dtype), torch.randn(2, 77, generator=g).to(dtype)
     torch.testing.assert_close(dense.silu_mul(gate, up), F.silu(gate) * up, rtol=tol, atol=tol)
+    gelu = F.gelu(gate.float(), approximate="tanh").to(dtype) * up  # GeGLU, rounded where HF rounds
+    torch.testing.assert_close(dense.gated_act(gate, up, dense.ACT_GELU_TANH), gelu, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("window", [0, 5, 18, 40])  # 5: the last 5 keys; 18 = pos + 1 and 40: all of them
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_attn_decode_matches_sdpa(qk_norm):
+def test_attn_decode_matches_sdpa(qk_norm, window):
     g = torch.Generator().manual_seed(4)
     B, H, KV, D, S, pos = 2, 6, 2, 16, 40, 17
     k_cache = torch.randn(B, KV, S, D, generator=g)
@@ -87,13 +90,31 @@ def test_attn_decode_matches_sdpa(qk_norm):
         qh, kh = F.rms_norm(qh, (D,), qn, 1e-6), F.rms_norm(kh, (D,), kn, 1e-6)
     keys, values = k_cache.clone(), v_cache.clone()
     keys[:, :, pos], values[:, :, pos] = rope(kh), v.view(B, KV, D)
+    first = max(0, pos + 1 - window) if window else 0  # a sliding window: keys j with pos - j < window
     expect = F.scaled_dot_product_attention(
-        rope(qh)[:, :, None], keys[:, :, : pos + 1], values[:, :, : pos + 1], scale=0.3, enable_gqa=True
+        rope(qh)[:, :, None], keys[:, :, first: pos + 1], values[:, :, first: pos + 1], scale=0.3, enable_gqa=True
     ).reshape(B, H * D)
-    out = dense.attn_decode(q, k, v, qn, kn, 1e-6, cos, sin_signed, k_cache, v_cache, pos, 0.3, H)
+    out = dense.attn_decode(q, k, v, qn, kn, 1e-6, cos, sin_signed, k_cache, v_cache, pos, 0.3, H, window)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k_cache, keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v_cache, values)
+
+
+def test_bandwidth_reader_sees_every_byte():
+    """The probe's reader splits each thread's share into interleaved streams across buffer boundaries:
+    a single non-zero byte anywhere, at any stream count, must be read."""
+    sizes = [1, 63, 64, 65, 4096, 100003, 0, 7, 1 << 16]
+    buffers = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+    assert dense.read_buffers_or(buffers) == 0
+    g = torch.Generator().manual_seed(12)
+    total = sum(sizes)
+    for pos in list(range(200)) + torch.randint(0, total, (100,), generator=g).tolist() + [total - 1]:
+        i, off = 0, pos
+        while off >= sizes[i]:
+            off, i = off - sizes[i], i + 1
+        buffers[i][off] = 1
+        assert all(dense.read_buffers_or(buffers, streams) for streams in (1, 3, 8)), pos
+        buffers[i][off] = 0
 
 
 def test_read_bandwidth_is_positive():

@@ -29,38 +29,60 @@ void dense_bf16w_bf16x(const bf16_t* x, const bf16_t* W, const float* bias, bf16
 }
 // Read n buffers once with all threads (the bytes are OR-ed, never interpreted): the read bandwidth
 // of exactly the bytes a decode step streams, without its arithmetic. Each thread takes one contiguous
-// share of the concatenated bytes, in 64-byte lines.
-unsigned long long read_buffers(const unsigned char* const* ptrs, const long* sizes, int n, int nthreads) {
+// share of the concatenated bytes and reads it as `streams` interleaved sequential streams (one 64-byte
+// line of each in turn), as the kernels' multi-row tiles do: one stream per core is limited by the
+// core's outstanding line fills and reads well below what the memory delivers. Returns a value that is
+// non-zero exactly when some byte is.
+static inline unsigned long long or_line(const unsigned char* p) {
+#if defined(__AVX512F__)
+    const __m512i v = _mm512_loadu_si512((const void*)p);
+    return _mm512_reduce_or_epi64(v);
+#else
+    unsigned long long a = 0;
+    for (int k = 0; k < 8; ++k) {
+        unsigned long long w;
+        memcpy(&w, p + 8 * k, 8);
+        a |= w;
+    }
+    return a;
+#endif
+}
+
+unsigned long long read_buffers(const unsigned char* const* ptrs, const long* sizes, int n, int nthreads,
+                                int streams) {
     long total = 0;
     for (int i = 0; i < n; ++i) total += sizes[i];
+    std::vector<long> starts(n + 1, 0);
+    for (int i = 0; i < n; ++i) starts[i + 1] = starts[i] + sizes[i];
+    if (streams < 1) streams = 1;
     unsigned long long result = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : result)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const long lo = total / 64 * t / nt * 64, hi = t + 1 == nt ? total : total / 64 * (t + 1) / nt * 64;
-        long start = 0;
+        // Stream s covers [lo + s * len, lo + (s + 1) * len) of this thread's share (len in whole lines);
+        // the last stream also takes the remainder.
+        const long len = (hi - lo) / 64 / streams * 64;
         unsigned long long acc = 0;
-#if defined(__AVX2__)
-        __m256i v0 = _mm256_setzero_si256(), v1 = _mm256_setzero_si256();
-#endif
-        for (int i = 0; i < n; ++i) {
-            const long b0 = lo > start ? lo - start : 0, b1 = hi - start < sizes[i] ? hi - start : sizes[i];
-            const unsigned char* p = ptrs[i];
-            long j = b0;
-#if defined(__AVX2__)
-            for (; j + 64 <= b1; j += 64) {
-                v0 = _mm256_or_si256(v0, _mm256_loadu_si256((const __m256i*)(p + j)));
-                v1 = _mm256_or_si256(v1, _mm256_loadu_si256((const __m256i*)(p + j + 32)));
+        // Byte offset g of the concatenation -> (buffer, offset) is found per line; buffers are large,
+        // so a cursor per stream that only moves forward keeps that cheap.
+        std::vector<int> buf(streams, 0);
+        auto at = [&](int s, long g) -> const unsigned char* {
+            while (g >= starts[buf[s] + 1]) ++buf[s];
+            return ptrs[buf[s]] + (g - starts[buf[s]]);
+        };
+        auto whole_line = [&](int s, long g) { return g + 64 <= starts[buf[s] + 1]; };
+        for (long j = 0; j < len; j += 64)
+            for (int s = 0; s < streams; ++s) {
+                const long g = lo + s * len + j;
+                const unsigned char* p = at(s, g);
+                if (whole_line(s, g)) {
+                    acc |= or_line(p);
+                } else {  // a line across two buffers: byte by byte
+                    for (long b = g; b < g + 64; ++b) acc |= *at(s, b);
+                }
             }
-#endif
-            for (; j < b1; ++j) acc |= p[j];
-            start += sizes[i];
-        }
-#if defined(__AVX2__)
-        alignas(32) unsigned long long lanes[4];
-        _mm256_store_si256((__m256i*)lanes, _mm256_or_si256(v0, v1));
-        acc |= lanes[0] | lanes[1] | lanes[2] | lanes[3];
-#endif
+        for (long g = lo + (long)streams * len; g < hi; ++g) acc |= *at(streams - 1, g);  // the share's tail
         result |= acc;
     }
     return result;

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from peakllm.errors import PeakError
-from peakllm.kernels.dense import read_bandwidth_gb_s, read_tensors_gb_s
+from peakllm.kernels.dense import probe_method, read_bandwidth_gb_s, read_tensors_gb_s
 
 PROBE_MIN_BYTES = 128 << 20  # 4x a 32 MiB last-level cache: reading the weights then measures memory
 
@@ -199,9 +199,16 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
     weight_bytes = weight_bytes_per_step(model, batch)
     rss = peak_rss_bytes()
     decode_runs = speed.pop("decode_runs")
+    method = probe_method() + ", right after each timed repeat"
     if not probes:  # weights that fit in the caches say nothing about memory: read a large buffer instead
         probes = [read_bandwidth_gb_s(bandwidth_bytes)] * len(decode_runs)
+        method = f"a {bandwidth_bytes >> 20} MiB buffer read with all threads (the weights fit in the caches)"
     fractions = [tok_s / batch * weight_bytes / (gb_s * 1e9) for tok_s, gb_s in zip(decode_runs, probes)]
+    note = {}
+    if statistics.median(fractions) > 1.0:
+        note["roofline_note"] = ("above 1: decoding read the weights faster than the bandwidth probe did, so the "
+                                 "probe was low (a loaded machine, or a reader that keeps fewer lines in flight "
+                                 "than the kernels); the fraction overstates how close decoding is to the limit")
     return {
         "engine": engine,
         "dtype": str(dtype).removeprefix("torch."),
@@ -209,7 +216,9 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
         "peak_rss_bytes": rss,
         "weight_bytes": weight_bytes,
         "bandwidth_gb_s": statistics.median(probes),
+        "bandwidth_method": method,
         "roofline_fraction": statistics.median(fractions),
+        **note,
         "threads": torch.get_num_threads(),
         "batch": batch,
     }
