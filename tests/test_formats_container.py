@@ -80,6 +80,23 @@ def test_round_trip(saved):
     assert packed2["layers.0.bf"].values.dtype == torch.float16
 
 
+def test_loaded_tensors_are_views_of_a_private_map(saved, tmp_path):
+    """Loading maps the file instead of reading it into memory, and a tensor written in place (a caller's
+    in-place op) changes that process's copy of the page, never the file."""
+    out = tmp_path / "model"
+    shutil.copytree(saved[0], out)
+    before = (out / "model.safetensors").read_bytes()
+    _, dense2, _ = load_model_folder(out)
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str((out / "model.safetensors").resolve()) in maps.read_text()
+    embed = dense2["model.embed_tokens.weight"]
+    embed.mul_(0)
+    assert (out / "model.safetensors").read_bytes() == before
+    _, again, _ = load_model_folder(out)
+    assert torch.equal(again["model.embed_tokens.weight"], saved[2]["model.embed_tokens.weight"])
+
+
 def test_safetensors_library_reads_our_file(saved):
     from safetensors import safe_open
     out, _, dense, packed = saved

@@ -27,6 +27,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import time
+
     import torch
 
     from peakllm.models import load_model
@@ -35,9 +37,11 @@ def run(args) -> int:
     set_threads(args.threads)
     if args.repeats < 1 or args.batch < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
         raise PeakError("need --prompt-tokens >= 1, --new-tokens >= 2, --batch >= 1 and --repeats >= 1")
+    started = time.perf_counter()
     model, _tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - started  # config, tokenizer and weights (packed folders: memory-mapped)
     result = bench(model, dtype=getattr(torch, DTYPES[args.dtype]), prompt_tokens=args.prompt_tokens,
                    new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats,
                    engine="transformers" if args.hf else "peakllm")
-    emit({"model": args.model, **result}, args, "bench")
+    emit({"model": args.model, "load_s": load_s, **result}, args, "bench")
     return 0

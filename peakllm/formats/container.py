@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -244,14 +245,27 @@ def _check_dtype(name, where: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def read_safetensors(path, expected_sha256=None) -> tuple[dict, dict]:
-    """(string metadata, tensors) of a safetensors file, every header field checked against the file size.
-    expected_sha256(metadata) may return the hex sha256 the data section must have (None: not checked)."""
-    path = Path(path)
+def _map(path: Path):
+    """The file's bytes as a private (copy-on-write) memory map: tensors made from it are views of the
+    page cache, read from disk as they are touched and never copied; writing to one copies that page
+    only, never the file. A file too small to map comes back as bytes."""
     try:
-        buf = bytearray(path.read_bytes())
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                return f.read()
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as e:
         raise PeakError(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_safetensors(path, expected_sha256=None) -> tuple[dict, dict]:
+    """(string metadata, tensors) of a safetensors file, every header field checked against the file size.
+    expected_sha256(metadata) may return the hex sha256 the data section must have (None: not checked).
+    The tensors are views of a memory map of the file (`_map`): loading copies nothing, and the pages
+    the checksum read stay in the page cache for the kernels."""
+    path = Path(path)
+    buf = _map(path)
     if len(buf) < 8:
         raise PeakError(f"{path} is truncated: {len(buf)} bytes")
     (n,) = struct.unpack("<Q", bytes(buf[:8]))
