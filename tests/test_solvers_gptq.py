@@ -24,7 +24,7 @@ def correlated(rows, cols, n=256, seed=0, dtype=torch.float64):
     return W, X, 2 / n * X.T @ X
 
 
-def gptq_reference(W, H, grid, damp=0.01, act_order="none"):
+def gptq_reference(W, H, grid, damp=0.01, act_order="none", rate=0.0):
     """Column by column: Hinv_j = inverse(H[j:, j:]), quantize w_j, W[:, j:] -= (w - q)/Hinv_j[0,0] * Hinv_j[0, :].
 
     act_order "static": every group's parameters fitted on the original W before the sweep, column j of the
@@ -42,6 +42,12 @@ def gptq_reference(W, H, grid, damp=0.01, act_order="none"):
     W, H, diag = W[:, perm], H[perm][:, perm], diag[perm]
     H = H + damp * H.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
     Q, codes, groups = torch.zeros_like(W), torch.zeros(rows, cols, dtype=torch.uint8), []
+    lam = 0.0
+    if rate:  # a nonzero code is kept only if it lowers the OBS loss (w^2 - (w-q)^2) / [H_F^-1]_00 by > lam
+        levels = torch.stack([p[k] for p in static for k in ("scale_pos", "scale_neg")]) \
+            if act_order == "static" else fit(W, grid)["scale_pos"]
+        sens = [1 / torch.linalg.inv(H[j:, j:])[0, 0] for j in range(cols)]
+        lam = rate * float((levels.double() ** 2).mean()) * float(torch.stack(sens).mean())
     for j in range(cols):
         Hinv_j = torch.linalg.inv(H[j:, j:])
         if act_order == "static":
@@ -53,6 +59,9 @@ def gptq_reference(W, H, grid, damp=0.01, act_order="none"):
         w = W[:, j].clone()
         c = quantize(w[:, None], params, grid)
         q = dequantize(c, params, grid)[:, 0].double()
+        if lam:
+            keep = (w * w - (w - q) ** 2) / Hinv_j[0, 0] > lam
+            c, q = torch.where(keep[:, None], c, torch.ones_like(c)), torch.where(keep, q, torch.zeros_like(q))
         codes[:, j], Q[:, j] = c[:, 0], q
         W[:, j:] -= torch.outer((w - q) / Hinv_j[0, 0], Hinv_j[0, :])
     inv = torch.argsort(perm)
@@ -163,3 +172,34 @@ def test_validation():
     bad[0, 0] = float("nan")
     with pytest.raises(PeakError):
         gptq(bad, H, Grid())
+
+
+@pytest.mark.parametrize("act_order", ["none", "group", "static"])
+@pytest.mark.parametrize("grid", [Grid(kind="ternary", group_size=6), Grid(kind="ternary", sym=True)], ids=str)
+@pytest.mark.parametrize("rate", [0.3, 2.0])
+def test_rate_controlled_ternary_matches_reference(grid, act_order, rate):
+    """A nonzero code must lower the column's OBS loss by more than the rate: the same codes as the
+    per-column reference, error feedback included."""
+    W, _, H = correlated(10, 18, seed=5)
+    qw, _ = gptq(W, H, grid, act_order=act_order, blocksize=7, rate=rate)
+    Q, codes, _, _ = gptq_reference(W, H, grid, act_order=act_order, rate=rate)
+    assert torch.equal(qw.codes, codes)
+    torch.testing.assert_close(qw.weight.double(), Q, rtol=1e-9, atol=1e-9)
+
+
+def test_zero_share_control():
+    from peakllm.solvers.rate import gptq_at_zero_share, zero_share
+
+    W, _, H = correlated(24, 64, seed=6)
+    grid = Grid(kind="ternary", group_size=32)
+    plain, _ = gptq(W, H, grid)
+    qw, _, rate = gptq_at_zero_share(W, H, grid, 0.0)  # reached already: plain GPTQ, rate 0
+    assert rate == 0.0 and torch.equal(qw.codes, plain.codes)
+    base = zero_share(plain)
+    for share in (base + 0.05, base + 0.15, 0.95):
+        qw, _, rate = gptq_at_zero_share(W, H, grid, share)
+        assert rate > 0 and share <= zero_share(qw) <= share + 0.01
+    with pytest.raises(PeakError, match="ternary"):
+        gptq_at_zero_share(W, H, Grid(bits=4), 0.5)
+    with pytest.raises(PeakError):
+        gptq(W, H, Grid(bits=4), rate=1.0)

@@ -32,7 +32,7 @@ def check_act_order(act_order) -> str:
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, damp: float = 0.01,
-         act_order: str = "static") -> tuple[QuantizedWeight, SolveInfo]:
+         act_order: str = "static", rate: float = 0.0) -> tuple[QuantizedWeight, SolveInfo]:
     """Quantize ``W [out, in]`` onto ``grid`` minimising ||WX - QX||^2 given ``H [in, in]``.
 
     Columns are swept in order of decreasing diag(H) unless ``act_order`` is "none": columns with large
@@ -43,6 +43,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
     "group" the groups are consecutive in the permuted order, so ``g_idx`` maps each column to its group.
     Weight and codes come back in the original column order.
     If H + damping cannot be factored even after raising damping, falls back to RTN (info.fallback_rtn).
+
+    ``rate`` (ternary grids): the price of a nonzero code. Each weight takes its nonzero level v only if
+    that lowers the column's OBS loss, (w^2 - (w - v)^2) / d^2 with d^2 = [H^-1]_jj, by more than
+    rate * lam0 (lam0: the matrix's mean v^2 / d^2, so rate is unitless), else 0: a dead zone that widens
+    where the layer's output is least sensitive, with GPTQ's error feedback intact. rate = 0 is plain GPTQ;
+    larger rates give more zero codes (cheaper for the sub-1-bit code), see solvers/rate.py.
     """
     check_weight(W)
     check_hessian(H, W.shape[1])
@@ -73,6 +79,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
         return rtn(W if perm is None else W[:, torch.argsort(perm)], grid), SolveInfo(damp_used, retries, True,
                                                                                       float("nan"))
 
+    if rate < 0 or (rate and grid.kind != "ternary"):
+        raise PeakError(f"rate must be >= 0 and applies to ternary grids only, got {rate} on {grid.kind}")
+    lam = 0.0
+    if rate:
+        levels = torch.stack([p[k] for p in static_params for k in ("scale_pos", "scale_neg")]) if static_params \
+            else fit(W, grid)["scale_pos"]
+        lam = rate * float((levels.float() ** 2).mean()) * float((1.0 / torch.diagonal(Hinv) ** 2).mean())
+
     Q = torch.zeros_like(W)
     codes = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)
     Losses = torch.zeros(rows, dtype=W.dtype, device=W.device)
@@ -96,6 +110,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
             d = Hinv1[i, i]
             c = quantize(w.unsqueeze(1), params, grid)
             q = dequantize(c, params, grid).flatten().to(W.dtype)
+            if lam:  # the nonzero code must pay for itself: keep it only where it saves more than lam
+                keep = (w * w - (w - q) ** 2) > lam * d * d
+                c = torch.where(keep.unsqueeze(1), c, torch.ones_like(c))
+                q = torch.where(keep, q, torch.zeros_like(q))
             codes[:, j] = c.flatten()
             Q[:, j] = q
             Losses += (w - q) ** 2 / d**2
