@@ -6,6 +6,7 @@ returning a `ModuleResult`. No math lives here: it is all in `peakllm.solvers`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,9 @@ class QuantRecipe:
     damp: float = 0.01
     dense_grid: solvers.Grid | None = None  # MoE models: grid of the non-expert matrices (None: same as grid)
     keep_dense: bool = False                # MoE models: leave the non-expert matrices as they are
+    # Ternary GPTQ under a size target: (name, out, in) -> the share of zero codes that matrix needs (set by
+    # the caller from the format's accounting, e.g. save.sub1_zero_share); None: plain GPTQ.
+    zero_share_for: Callable[[str, int, int], float] | None = None
 
     moe: bool = False                       # set by the caller for MoE models
 
@@ -136,8 +140,14 @@ class QuantRecipe:
         if grid is None:
             return None
         if self.method == "gptq":
-            q, info = solvers.gptq(W, stats.pop("hessian"), grid, blocksize=self.blocksize, damp=self.damp,
-                                   act_order=self.act_order)
+            kw = {"blocksize": self.blocksize, "damp": self.damp, "act_order": self.act_order}
+            if self.zero_share_for is not None and grid.kind == "ternary":
+                from peakllm.solvers.rate import gptq_at_zero_share
+
+                share = self.zero_share_for(name, *W.shape)
+                q, info, _rate = gptq_at_zero_share(W, stats.pop("hessian"), grid, share, **kw)
+                return ModuleResult(q.weight, None, q, info)
+            q, info = solvers.gptq(W, stats.pop("hessian"), grid, **kw)
             return ModuleResult(q.weight, None, q, info)
         q = solvers.rtn(W, grid)
         return ModuleResult(q.weight, None, q, None)

@@ -64,6 +64,17 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def sub1_zero_share(target_bits: float, group_size: int, name: str, out_features: int, in_features: int) -> float:
+    """The share of zero codes at which the ternary matrix `name` [out, in] is expected to take `target_bits`
+    per parameter in the sub1 format, everything counted: stream, offsets, scales (min-max ternary levels
+    are symmetric, one side stored) and its manifest entry, sized from a placeholder of its shape."""
+    from peakllm.formats.container import _compact, _module_entry
+    from peakllm.formats.sub1 import placeholder, zero_share_for_bits
+
+    entry = len(_compact({name: _module_entry(placeholder(out_features, in_features, group_size))}).encode())
+    return zero_share_for_bits(target_bits, out_features, in_features, group_size=group_size, extra_bytes=entry)
+
+
 def packed_module(result, fmt: str = "peakllm", dictionary=None):
     """The packed form of one compressed matrix (a ModuleResult from recipes.py). In the `sub1` format
     ternary matrices use the sub-1-bit dictionary code; elsewhere they use the dense 2-bit layout."""

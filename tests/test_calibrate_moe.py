@@ -10,11 +10,11 @@ from peakllm.recipes import QuantRecipe
 from peakllm.solvers import Grid
 
 
-def tiny_moe(experts=4, top_k=2):
+def tiny_moe(experts=4, top_k=2, moe_intermediate_size=32):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    cfg = Qwen3MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=moe_intermediate_size,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          num_experts=experts, num_experts_per_tok=top_k, tie_word_embeddings=True,
                          max_position_embeddings=256)
@@ -91,3 +91,28 @@ def test_ternary_moe_folder_runs_from_compressed_form(capsys, tmp_path, tiny_tok
         h.remove()
     assert torch.equal(routes["packed"][1], routes["reference"][1])  # identical routing
     assert torch.allclose(routes["packed"][0], routes["reference"][0], atol=1e-4, rtol=1e-4)
+
+
+def test_target_bits_holds_ternary_experts_to_the_size_asked(capsys, tmp_path, tiny_tokenizer, text_file):
+    """--target-bits prices nonzero codes inside GPTQ so each ternary matrix lands at the target as the sub1
+    format stores it; what the folder then holds is measured, not estimated."""
+    model = tiny_moe(experts=4, top_k=2, moe_intermediate_size=128)  # 16k / 8k-parameter experts
+    src = tmp_path / "moe"
+    model.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    sizes = {}
+    for target in (None, 1.2, 1.0):
+        out = tmp_path / f"q{target}"
+        extra = [] if target is None else ["--target-bits", str(target)]
+        code = main(["quantize", "--model", str(src), "--bits", "ternary", "--group-size", "-1", "--format", "sub1",
+                     "--dense-bits", "4", "--calib-dataset", str(text_file), "--calib-samples", "4",
+                     "--calib-seqlen", "32", "--eval-tokens", "0", "--output", str(out), "--json", *extra])
+        result = json.loads(capsys.readouterr().out)
+        assert code == 0 and result["target_bits"] == target
+        sizes[target] = result["bits_per_param_experts"]
+    assert sizes[None] > 1.3  # plain GPTQ leaves too many nonzeros for these targets
+    for target in (1.2, 1.0):  # the folder's measured size (manifest entries included) lands on the target
+        assert abs(sizes[target] - target) <= 0.03 * target, sizes
+    assert main(["quantize", "--model", str(src), "--bits", "4", "--target-bits", "0.8",
+                 "--output", str(tmp_path / "x")]) == 2  # one clear error before any work
+    assert "--target-bits needs" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -30,6 +30,11 @@ def register(sub) -> None:
                    help="affine grids: search the clipping range that minimises squared error (GPTQ weighs each input "
                    "column's error by its activations, diag H, as llama.cpp's importance matrix does); ternary: least-squares "
                    "levels instead of QMoE's min-max grid (lower error, far fewer zeros, so no sub-1-bit storage)")
+    p.add_argument("--target-bits", type=float, default=None, metavar="B",
+                   help="ternary GPTQ into the sub1 format: hold every ternary matrix to about B bits/param as the "
+                   "format stores it (stream, offsets, scales) by pricing nonzero codes inside GPTQ, which keeps "
+                   "its error feedback; each matrix gets the share of zero codes its shape needs at B "
+                   "(e.g. 0.8; default: plain GPTQ, whatever size its codes come to)")
     p.add_argument("--dense-bits", choices=("2", "3", "4", "8", "keep"), default=None,
                    help="MoE models: grid of the non-expert matrices (attention, shared experts); 'keep' leaves them "
                    "as they are (default: the same as --bits; routers and embeddings always stay dense)")
@@ -61,6 +66,18 @@ def run(args) -> int:
         raise PeakError("compressed-tensors has no ternary format; use --format peakllm or sub1 for --bits ternary")
     if args.format == "sub1" and not ternary:
         raise PeakError("--format sub1 stores ternary codes: use --bits ternary")
+    zero_share_for = None
+    if args.target_bits is not None:
+        if not (ternary and args.method == "gptq" and args.format == "sub1" and not args.mse):
+            raise PeakError("--target-bits needs --method gptq --bits ternary --format sub1 (and no --mse: its "
+                            "least-squares levels leave too few zeros for the sub-1-bit code)")
+        if not 0.05 <= args.target_bits <= 2.0:
+            raise PeakError(f"--target-bits must be between 0.05 and 2.0 bits/param, got {args.target_bits}")
+        from functools import partial
+
+        from peakllm.save import sub1_zero_share
+
+        zero_share_for = partial(sub1_zero_share, args.target_bits, args.group_size)
     if args.embed_bits is None:
         args.embed_bits = "keep" if args.format == "compressed-tensors" else "8"
     if args.embed_bits != "keep" and args.format == "compressed-tensors":
@@ -72,10 +89,11 @@ def run(args) -> int:
         dense_grid = Grid(bits=int(args.dense_bits), group_size=args.group_size if args.group_size > 0 else 128,
                           sym=args.sym, mse=args.mse)
     recipe = QuantRecipe(args.method, grid, act_order=act_order, blocksize=args.blocksize, damp=args.damp,
-                         dense_grid=dense_grid, keep_dense=args.dense_bits == "keep")
+                         dense_grid=dense_grid, keep_dense=args.dense_bits == "keep", zero_share_for=zero_share_for)
     extra = {"method": args.method, "bits": args.bits if ternary else int(args.bits), "group_size": args.group_size,
              "sym": args.sym, "act_order": act_order, "dense_bits": args.dense_bits,
-             "embed_bits": args.embed_bits, "embed_group_size": args.embed_group_size if args.embed_grid else None}
+             "embed_bits": args.embed_bits, "embed_group_size": args.embed_group_size if args.embed_grid else None,
+             "target_bits": args.target_bits}
     result = run_compression(args, recipe, extra_result=extra)
     emit(result, args, f"quantized {args.model} with {args.method}")
     return 0

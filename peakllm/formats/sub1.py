@@ -172,6 +172,56 @@ class Sub1Dictionary:
         return tunstall(self.sym_bits, self.p_zero_q, self.p_pos_q)
 
 
+def expected_bits_per_param(out_features: int, in_features: int, p_zero_q: int, *, group_size: int = -1,
+                            sym: bool = True, sym_bits: int = 16, block_rows: int = DEFAULT_BLOCK_ROWS,
+                            extra_bytes: int = 0) -> float:
+    """Bits/param this format is expected to store for a matrix whose codes are zero with probability
+    p_zero_q / 256 (signs even), counting what `nbytes` counts: the stream (each row's values over the
+    dictionary's expected word length, plus half a symbol for the row's last word), the block offsets and
+    the fp16 scales (one side when symmetric); plus `extra_bytes` (e.g. its manifest entry)."""
+    words = in_features / tunstall(sym_bits, p_zero_q, PROB_Q // 2).expected_len + 0.5
+    stream = out_features * words * sym_bits
+    offsets = 32 * (math.ceil(out_features / block_rows) + 1)
+    scales = 16 * out_features * n_groups_of(in_features, group_size) * (1 if sym else 2)
+    return (stream + offsets + scales + 8 * extra_bytes) / (out_features * in_features)
+
+
+def placeholder(out_features: int, in_features: int, group_size: int = -1, sym: bool = True,
+                sym_bits: int = 16, block_rows: int = DEFAULT_BLOCK_ROWS) -> "PackedSub1":
+    """A PackedSub1 of this shape with zeroed tensors (not a valid stream): what its manifest entry looks
+    like, for sizing the metadata before any codes exist."""
+    g = n_groups_of(in_features, group_size)
+    scale = torch.zeros(out_features, g, dtype=torch.float16)
+    return PackedSub1(stream=torch.zeros(out_features * sym_bits // 8, dtype=torch.uint8),
+                      block_offsets=torch.zeros(math.ceil(out_features / block_rows) + 1, dtype=torch.int32),
+                      scale_pos=scale, scale_neg=scale if sym else scale.clone(),
+                      dictionary=Sub1Dictionary(sym_bits), group_size=group_size, block_rows=block_rows,
+                      in_features=in_features, out_features=out_features, sym=sym)
+
+
+@lru_cache(maxsize=4096)
+def zero_share_for_bits(target_bits: float, out_features: int, in_features: int, *, group_size: int = -1,
+                        sym: bool = True, sym_bits: int = 16, extra_bytes: int = 0) -> float:
+    """The smallest share of zero codes (a multiple of 1/256) at which `expected_bits_per_param` of an
+    [out, in] matrix is at most `target_bits`; PeakError when even 255/256 zeros cost more (the scales,
+    offsets and metadata alone may exceed a small target)."""
+    def bits(q: int) -> float:
+        return expected_bits_per_param(out_features, in_features, q, group_size=group_size, sym=sym,
+                                       sym_bits=sym_bits, extra_bytes=extra_bytes)
+
+    if bits(PROB_Q - 1) > target_bits:
+        raise PeakError(f"a [{out_features}, {in_features}] sub1 matrix needs more than {target_bits} bits/param "
+                        f"even at 255/256 zero codes ({bits(PROB_Q - 1):.3f}): raise the target or the group size")
+    lo, hi = 0, PROB_Q - 1  # bits(hi) <= target; find the smallest such q (bits fall as zeros rise)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid >= 1 and bits(mid) <= target_bits:
+            hi = mid
+        else:
+            lo = mid
+    return hi / PROB_Q
+
+
 # ---- encoding and parsing ----------------------------------------------------------------------
 
 def _encode_rows(codes: np.ndarray, tables: Tables) -> tuple[list, np.ndarray]:
