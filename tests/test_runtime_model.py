@@ -61,8 +61,15 @@ def test_bf16_runtime_tracks_hf_bf16(kind, layer_kernel):
     steps = [rt(ids[:, :3], 0)] + [rt(ids[:, t:t + 1], t) for t in range(3, 12)]
     out = torch.cat(steps, 1).float()
     # bf16 rounding differs in order only: a few units of bf16 precision at the logits' scale
-    assert (out - ref).abs().max().item() <= 0.03 * ref.abs().max().item()
-    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    gap = (out - ref).abs().max().item()
+    assert gap <= 0.03 * ref.abs().max().item()
+    # The same next token wherever HF's top two logits are further apart than twice that gap; elsewhere a
+    # near-tie may fall either way under bf16 rounding (tiny random models have many: Gemma's last position
+    # here has a top-2 margin of 0.06 against a gap of 0.23).
+    top2 = ref.topk(2, dim=-1).values
+    decisive = top2[..., 0] - top2[..., 1] > 2 * gap
+    assert decisive.any()
+    assert torch.equal(out.argmax(-1)[decisive], ref.argmax(-1)[decisive])
 
 
 def test_dense_linears_become_dense_linear_and_tied_head_shares_embedding():
@@ -171,11 +178,7 @@ PACKED = {"llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
           "gemma3": ("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
 
 
-# Gemma-3 in bf16 is left out here: its (1 + w) norm weights are rounded to bf16 and its norms round twice
-# where HF rounds once, which puts the runtime's bf16 logits ~1.4x further from fp32 than HF's bf16 ones
-# (0.51 vs 0.36 at a max logit of 15 on this model); test_bf16_runtime_tracks_hf_bf16 covers its tokens.
-@pytest.mark.parametrize("kind,dtype", [(k, d) for k in PACKED for d in (torch.float32, torch.bfloat16)
-                                        if not (k == "gemma3" and d == torch.bfloat16)])
+@pytest.mark.parametrize("kind,dtype", [(k, d) for k in PACKED for d in (torch.float32, torch.bfloat16)])
 def test_packed_intk_modules_run_in_the_runtime(dtype, kind):
     from peakllm.runtime.linear import IntKLinear
 

@@ -67,6 +67,7 @@ struct Layer {
     const Moe* moe;
     const void *post_attn_norm, *post_mlp_norm, *rope_cos, *rope_sin;
     int act, window;
+    int norm_f32w;  // every norm weight of the layer (and next_norm) is fp32, Gemma's rounding (norm_mul)
 };
 
 static constexpr int SPINS_BEFORE_YIELD = 1 << 14;
@@ -263,12 +264,12 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
             bar.wait(nt);
             share(B * KV, 1, t, nt, lo, hi);
             for (int i = lo; i < hi; ++i)
-                kv_append<TX>(k, v, (const TX*)L.kn, L.qk_eps, lcos, lsin, (TX*)L.kc, (TX*)L.vc, i / KV, i % KV,
+                kv_append<TX>(k, v, L.kn, L.norm_f32w, L.qk_eps, lcos, lsin, (TX*)L.kc, (TX*)L.vc, i / KV, i % KV,
                               KV, D, L.max_seq, pos, w.attn.data());
             bar.wait(nt);
             share(B * H, 1, t, nt, lo, hi);
             for (int i = lo; i < hi; ++i)
-                attend_head<TX>(q, (const TX*)L.qn, L.qk_eps, lcos, lsin, (const TX*)L.kc, (const TX*)L.vc, a,
+                attend_head<TX>(q, L.qn, L.norm_f32w, L.qk_eps, lcos, lsin, (const TX*)L.kc, (const TX*)L.vc, a,
                                 i / H, i % H, H, KV, D, L.max_seq, pos, L.scale, L.window, w.attn.data());
             bar.wait(nt);
             lin_rows<TX>(L.o, a, o, B, t, nt, w, err);
@@ -276,9 +277,9 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
             share(B, 1, t, nt, lo, hi);
             for (int b = lo; b < hi; ++b) {
                 if (L.post_attn_norm)  // in place: o = rmsnorm(o) * w
-                    add_rmsnorm<TX>(o + (size_t)b * dim, nullptr, (const TX*)L.post_attn_norm, o + (size_t)b * dim,
+                    add_rmsnorm<TX>(o + (size_t)b * dim, nullptr, L.post_attn_norm, L.norm_f32w, o + (size_t)b * dim,
                                     1, dim, L.eps);
-                add_rmsnorm<TX>(x + (size_t)b * dim, o + (size_t)b * dim, (const TX*)L.mlp_norm, h + (size_t)b * dim,
+                add_rmsnorm<TX>(x + (size_t)b * dim, o + (size_t)b * dim, L.mlp_norm, L.norm_f32w, h + (size_t)b * dim,
                                 1, dim, L.eps);
             }
             bar.wait(nt);
@@ -300,9 +301,9 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
             share(B, 1, t, nt, lo, hi);
             for (int b = lo; b < hi; ++b) {
                 if (L.post_mlp_norm)
-                    add_rmsnorm<TX>(d + (size_t)b * dim, nullptr, (const TX*)L.post_mlp_norm, d + (size_t)b * dim,
+                    add_rmsnorm<TX>(d + (size_t)b * dim, nullptr, L.post_mlp_norm, L.norm_f32w, d + (size_t)b * dim,
                                     1, dim, L.eps);
-                add_rmsnorm<TX>(x + (size_t)b * dim, d + (size_t)b * dim, (const TX*)L.next_norm, h + (size_t)b * dim,
+                add_rmsnorm<TX>(x + (size_t)b * dim, d + (size_t)b * dim, L.next_norm, L.norm_f32w, h + (size_t)b * dim,
                                 1, dim, L.next_eps);
             }
             bar.wait(nt);

@@ -48,7 +48,7 @@ class Layer(ctypes.Structure):
                 + [(n, ctypes.c_float) for n in ("eps", "next_eps", "qk_eps", "scale")]
                 + [("moe", ctypes.c_void_p)]
                 + [(n, ctypes.c_void_p) for n in ("post_attn_norm", "post_mlp_norm", "rope_cos", "rope_sin")]
-                + [(n, ctypes.c_int) for n in ("act", "window")])
+                + [(n, ctypes.c_int) for n in ("act", "window", "norm_f32w")])
 
 
 def moe(router: Lin, gate_up: list[Lin], down: list[Lin], top_k: int, inter: int, dim: int, keep: list):

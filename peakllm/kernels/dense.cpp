@@ -113,14 +113,14 @@ double read_sum_f32(const float* p, long n, int nthreads) {
 }
 
 #define DECODE_EXPORTS(X, S)                                                                          \
-    void add_rmsnorm_##S(X* x, const X* delta, const X* w, X* out, int M, int D, float eps) {         \
-        add_rmsnorm<X>(x, delta, w, out, M, D, eps);                                                  \
+    void add_rmsnorm_##S(X* x, const X* delta, const void* w, int wf32, X* out, int M, int D, float eps) { \
+        add_rmsnorm<X>(x, delta, w, wf32 != 0, out, M, D, eps);                                       \
     }                                                                                                 \
     void gated_act_##S(int act, const X* g, const X* u, X* out, long n) { gated_act<X>(act, g, u, out, n); } \
-    void attn_decode_##S(const X* q, const X* k, const X* v, const X* qn_w, const X* kn_w, float eps, \
+    void attn_decode_##S(const X* q, const X* k, const X* v, const void* qn_w, const void* kn_w, int wf32, float eps, \
                          const X* cos, const X* sin_signed, X* kc, X* vc, X* out, int B, int H, int KV, \
                          int D, int S, int pos, float scale, int window, int nthreads) {              \
-        attn_decode<X>(q, k, v, qn_w, kn_w, eps, cos, sin_signed, kc, vc, out, B, H, KV, D, S, pos,   \
+        attn_decode<X>(q, k, v, qn_w, kn_w, wf32 != 0, eps, cos, sin_signed, kc, vc, out, B, H, KV, D, S, pos, \
                        scale, window, nthreads);                                                      \
     }
 DECODE_EXPORTS(float, f32)

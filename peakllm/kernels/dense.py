@@ -38,11 +38,12 @@ def _kernels() -> dict:
                     _fns[(wd, xd)] = fn
             for xd, xs in _SUFFIX.items():
                 norm = getattr(lib, f"add_rmsnorm_{xs}")
-                norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float]
+                norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 2 + [
+                    ctypes.c_float]
                 act = getattr(lib, f"gated_act_{xs}")
                 act.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long]
                 attn = getattr(lib, f"attn_decode_{xs}")
-                attn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 5
+                attn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 5
                                  + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
                 for fn in (norm, act, attn):
                     fn.restype = None
@@ -118,10 +119,13 @@ def _p(t: torch.Tensor | None):
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x += delta (in place, when given); returns rmsnorm(x) * weight. Contiguous tensors of one dtype."""
+    """x += delta (in place, when given); returns rmsnorm(x) * weight. Contiguous tensors of x's dtype; the
+    weight may be fp32 under bf16 x (Gemma's norms: computed in fp32, rounded once)."""
     D = x.shape[-1]
     out = torch.empty_like(x)
-    _fns[("add_rmsnorm", x.dtype)](x.data_ptr(), _p(delta), weight.data_ptr(), out.data_ptr(), x.numel() // D, D, eps)
+    wf32 = int(weight.dtype == torch.float32)
+    _fns[("add_rmsnorm", x.dtype)](x.data_ptr(), _p(delta), weight.data_ptr(), wf32, out.data_ptr(),
+                                   x.numel() // D, D, eps)
     return out
 
 
@@ -148,8 +152,9 @@ def attn_decode(q, k, v, q_norm, k_norm, eps: float, cos, sin_signed, k_cache, v
     pos; window > 0: a sliding-window layer, the query sees only the last `window` positions."""
     B, KV, S, D = k_cache.shape
     out = torch.empty_like(q)
+    wf32 = int(q_norm is not None and q_norm.dtype == torch.float32)
     _fns[("attn_decode", q.dtype)](
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), _p(q_norm), _p(k_norm), eps, cos.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _p(q_norm), _p(k_norm), wf32, eps, cos.data_ptr(),
         sin_signed.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
         B, n_heads, KV, D, S, pos, scale, window, torch.get_num_threads())
     return out

@@ -275,9 +275,17 @@ static inline float round_like(float v) {
     return v;
 }
 
-// x += delta (when delta is given), then out = rmsnorm(x) * w; M rows of D.
+// The normalised value xn = x * r times norm weight d. Weights in TX (Llama and most families): the HF
+// module rounds xn to TX before multiplying, y = w * round(xn). fp32 weights (wf32; Gemma, whose norm
+// computes in fp32 and multiplies by 1 + w, folded into w): y = xn * w, rounded once when stored.
 template <typename TX>
-static void add_rmsnorm(TX* x, const TX* delta, const TX* w, TX* out, int M, int D, float eps) {
+static inline float norm_mul(const void* w, bool wf32, int d, float xn) {
+    return wf32 ? xn * ((const float*)w)[d] : load1((const TX*)w + d) * round_like<TX>(xn);
+}
+
+// x += delta (when delta is given), then out = rmsnorm(x) * w; M rows of D. w: TX, or fp32 when wf32.
+template <typename TX>
+static void add_rmsnorm(TX* x, const TX* delta, const void* w, bool wf32, TX* out, int M, int D, float eps) {
     for (int m = 0; m < M; ++m) {
         TX* xr = x + (size_t)m * D;
         float ss = 0.f;
@@ -290,7 +298,7 @@ static void add_rmsnorm(TX* x, const TX* delta, const TX* w, TX* out, int M, int
             ss += v * v;
         }
         const float r = 1.0f / std::sqrt(ss / D + eps);
-        for (int d = 0; d < D; ++d) store1(out + (size_t)m * D + d, load1(w + d) * round_like<TX>(load1(xr + d) * r));
+        for (int d = 0; d < D; ++d) store1(out + (size_t)m * D + d, norm_mul<TX>(w, wf32, d, load1(xr + d) * r));
     }
 }
 
@@ -325,12 +333,13 @@ static void gated_act(int act, const TX* g, const TX* u, TX* out, long n) {
 
 // In place on one head vector (fp32): optional per-head RMSNorm, then RoPE (rotate-half form).
 template <typename TX>
-static void norm_rope(float* v, int D, const TX* nw, float eps, const TX* cos, const TX* sin_signed, float* tmp) {
+static void norm_rope(float* v, int D, const void* nw, bool wf32, float eps, const TX* cos, const TX* sin_signed,
+                      float* tmp) {
     if (nw) {
         float ss = 0.f;
         for (int d = 0; d < D; ++d) ss += v[d] * v[d];
         const float r = 1.0f / std::sqrt(ss / D + eps);
-        for (int d = 0; d < D; ++d) v[d] = round_like<TX>(load1(nw + d) * round_like<TX>(v[d] * r));
+        for (int d = 0; d < D; ++d) v[d] = round_like<TX>(norm_mul<TX>(nw, wf32, d, v[d] * r));
     }
     const int half = D / 2;
     for (int d = 0; d < D; ++d) tmp[d] = v[(d + half) % D];
@@ -344,12 +353,13 @@ static void norm_rope(float* v, int D, const TX* nw, float eps, const TX* cos, c
 // cached keys of its KV head h / (H / KV), or to the last `window` of them when window > 0 (a sliding-window
 // layer: key j is seen by query pos when pos - j < window). Scratch: 3 * D + pos + 1 floats.
 template <typename TX>
-static void kv_append(const TX* k, const TX* v, const TX* kn_w, float eps, const TX* cos, const TX* sin_signed,
+static void kv_append(const TX* k, const TX* v, const void* kn_w, bool wf32, float eps, const TX* cos,
+                      const TX* sin_signed,
                       TX* kc, TX* vc, int b, int j, int KV, int D, int S, int pos, float* scratch) {
     float *kv = scratch, *tmp = scratch + D;
     const size_t src = ((size_t)b * KV + j) * D, dst = (((size_t)b * KV + j) * S + pos) * D;
     for (int d = 0; d < D; ++d) kv[d] = load1(k + src + d);
-    norm_rope<TX>(kv, D, kn_w, eps, cos, sin_signed, tmp);
+    norm_rope<TX>(kv, D, kn_w, wf32, eps, cos, sin_signed, tmp);
     for (int d = 0; d < D; ++d) {
         store1(kc + dst + d, kv[d]);
         store1(vc + dst + d, load1(v + src + d));
@@ -357,7 +367,8 @@ static void kv_append(const TX* k, const TX* v, const TX* kn_w, float eps, const
 }
 
 template <typename TX>
-static void attend_head(const TX* q, const TX* qn_w, float eps, const TX* cos, const TX* sin_signed, const TX* kc,
+static void attend_head(const TX* q, const void* qn_w, bool wf32, float eps, const TX* cos, const TX* sin_signed,
+                        const TX* kc,
                         const TX* vc, TX* out, int b, int h, int H, int KV, int D, int S, int pos, float scale,
                         int window, float* scratch) {
     const int first = window > 0 && pos + 1 > window ? pos + 1 - window : 0;
@@ -365,7 +376,7 @@ static void attend_head(const TX* q, const TX* qn_w, float eps, const TX* cos, c
     float *qh = scratch, *t = scratch + D, *acc = scratch + 2 * D, *p = scratch + 3 * D;
     const size_t bh = (size_t)b * H + h;
     for (int d = 0; d < D; ++d) qh[d] = load1(q + bh * D + d);
-    norm_rope<TX>(qh, D, qn_w, eps, cos, sin_signed, t);
+    norm_rope<TX>(qh, D, qn_w, wf32, eps, cos, sin_signed, t);
     const TX* kb = kc + (((size_t)b * KV + h / G) * S + first) * D;
     const TX* vb = vc + (((size_t)b * KV + h / G) * S + first) * D;
     float mx = -INFINITY;
@@ -386,12 +397,12 @@ static void attend_head(const TX* q, const TX* qn_w, float eps, const TX* cos, c
 }
 
 template <typename TX>
-static void attn_decode(const TX* q, const TX* k, const TX* v, const TX* qn_w, const TX* kn_w, float eps,
+static void attn_decode(const TX* q, const TX* k, const TX* v, const void* qn_w, const void* kn_w, bool wf32, float eps,
                         const TX* cos, const TX* sin_signed, TX* kc, TX* vc, TX* out, int B, int H, int KV, int D,
                         int S, int pos, float scale, int window, int nthreads) {
     std::vector<float> scratch(3 * D + pos + 1);
     for (int b = 0; b < B; ++b)
-        for (int j = 0; j < KV; ++j) kv_append<TX>(k, v, kn_w, eps, cos, sin_signed, kc, vc, b, j, KV, D, S, pos,
+        for (int j = 0; j < KV; ++j) kv_append<TX>(k, v, kn_w, wf32, eps, cos, sin_signed, kc, vc, b, j, KV, D, S, pos,
                                                    scratch.data());
     const long work = (long)B * H * (pos + 1) * D;
 #pragma omp parallel num_threads(work > (1 << 16) ? nthreads : 1)
@@ -399,7 +410,7 @@ static void attn_decode(const TX* q, const TX* k, const TX* v, const TX* qn_w, c
         std::vector<float> mine(3 * D + pos + 1);
 #pragma omp for schedule(static)
         for (int bh = 0; bh < B * H; ++bh)
-            attend_head<TX>(q, qn_w, eps, cos, sin_signed, kc, vc, out, bh / H, bh % H, H, KV, D, S, pos, scale,
+            attend_head<TX>(q, qn_w, wf32, eps, cos, sin_signed, kc, vc, out, bh / H, bh % H, H, KV, D, S, pos, scale,
                             window, mine.data());
     }
 }

@@ -52,11 +52,12 @@ def _offset_norm(norm: nn.Module) -> bool:
 
 
 def norm_params(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """(weight such that y = rmsnorm(x) * weight, eps) of an RMSNorm module of any family."""
+    """(weight such that y = rmsnorm(x) * weight, eps) of an RMSNorm module of any family: in `dtype`, except
+    Gemma's (1 + weight), which stays fp32 as Gemma computes it (the kernels then round once, `norm_mul`)."""
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
     weight = norm.weight.detach()
     if _offset_norm(norm):
-        weight = 1.0 + weight.float()  # as Gemma computes it, in fp32
+        return (1.0 + weight.float()).contiguous(), float(eps)
     return weight.to(dtype).contiguous(), float(eps)
 
 

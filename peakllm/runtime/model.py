@@ -53,6 +53,14 @@ def _linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module  # a packed module: it owns its bytes and its kernel
 
 
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight over the last dim; an fp32 weight under lower-precision x (Gemma's norms) is
+    applied in fp32 and the result rounded once, as Gemma computes it."""
+    if weight.dtype == x.dtype:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, hf_attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  window: int = 0):
@@ -92,8 +100,8 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
         if self.qk_norm:
-            q = F.rms_norm(q, (D,), self.q_norm_weight, self.qk_eps)
-            k = F.rms_norm(k, (D,), self.k_norm_weight, self.qk_eps)
+            q = _rms(q, self.q_norm_weight, self.qk_eps)
+            k = _rms(k, self.k_norm_weight, self.qk_eps)
         # RoPE on q and k together (rotate-half convention of HF): x*cos + roll(x, D/2)*[-sin, sin].
         qk = torch.cat((q, k), dim=2)
         qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin_signed)
@@ -213,16 +221,16 @@ class Block(nn.Module):
                             self.dim, a.n_heads, a.n_kv_heads, a.head_dim,
                             0 if moe is not None else m.down_proj.in_features, k_cache.shape[2], self.eps, next_eps,
                             getattr(a, "qk_eps", 0.0), a.scaling, moe, p(pa), p(pm), p(cos), p(sin),
-                            m.act if moe is None else 0, a.window)
+                            m.act if moe is None else 0, a.window, int(self.attn_norm.dtype == torch.float32))
 
     def _post(self, y, weight):
-        return y if weight is None else F.rms_norm(y, (self.dim,), weight, self.eps)
+        return y if weight is None else _rms(y, weight, self.eps)
 
     def forward(self, x, cos, sin_signed, k_cache, v_cache, start_pos, mask):
-        a = self.attn(F.rms_norm(x, (self.dim,), self.attn_norm, self.eps), cos, sin_signed,
+        a = self.attn(_rms(x, self.attn_norm, self.eps), cos, sin_signed,
                       k_cache, v_cache, start_pos, mask)
         h = x + self._post(a, self.post_attn_norm)
-        return h + self._post(self.mlp(F.rms_norm(h, (self.dim,), self.mlp_norm, self.eps)), self.post_mlp_norm)
+        return h + self._post(self.mlp(_rms(h, self.mlp_norm, self.eps)), self.post_mlp_norm)
 
 
 class RuntimeModel(nn.Module):
@@ -356,7 +364,7 @@ class RuntimeModel(nn.Module):
             x = layer(x, cos, sin_signed, self.k_cache[i], self.v_cache[i], start_pos, masks[window])
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm_weight, self.norm_eps))
+        return self.lm_head(_rms(x, self.norm_weight, self.norm_eps))
 
     @staticmethod
     def _mask(T: int, start_pos: int, window: int):
