@@ -7,7 +7,7 @@ returning a `ModuleResult`. No math lives here: it is all in `peakllm.solvers`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -112,6 +112,7 @@ class QuantRecipe:
     # Ternary GPTQ under a size target: (name, out, in) -> the share of zero codes that matrix needs (set by
     # the caller from the format's accounting, e.g. save.sub1_zero_share); None: plain GPTQ.
     zero_share_for: Callable[[str, int, int], float] | None = None
+    _rates: dict = field(default_factory=dict, repr=False, compare=False)  # last rate per matrix kind
 
     moe: bool = False                       # set by the caller for MoE models
 
@@ -145,7 +146,10 @@ class QuantRecipe:
                 from peakllm.solvers.rate import gptq_at_zero_share
 
                 share = self.zero_share_for(name, *W.shape)
-                q, info, _rate = gptq_at_zero_share(W, stats.pop("hessian"), grid, share, **kw)
+                kind = name.rstrip("0123456789").rstrip(".").rsplit(".", 1)[-1]  # e.g. down_proj (of any expert)
+                q, info, rate = gptq_at_zero_share(W, stats.pop("hessian"), grid, share,
+                                                   rate_hint=self._rates.get(kind), **kw)
+                self._rates[kind] = rate  # the next matrix of this kind starts its search there
                 return ModuleResult(q.weight, None, q, info)
             q, info = solvers.gptq(W, stats.pop("hessian"), grid, **kw)
             return ModuleResult(q.weight, None, q, info)

@@ -199,6 +199,9 @@ def test_zero_share_control():
     for share in (base + 0.05, base + 0.15, 0.95):
         qw, _, rate = gptq_at_zero_share(W, H, grid, share)
         assert rate > 0 and share <= zero_share(qw) <= share + 0.01
+    for hint in (1e-3, 0.5, 50.0):  # a hint starts the search elsewhere; the result meets the share all the same
+        qw, _, rate = gptq_at_zero_share(W, H, grid, base + 0.1, rate_hint=hint)
+        assert rate > 0 and base + 0.1 <= zero_share(qw) <= base + 0.11
     with pytest.raises(PeakError, match="ternary"):
         gptq_at_zero_share(W, H, Grid(bits=4), 0.5)
     with pytest.raises(PeakError):

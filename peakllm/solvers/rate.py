@@ -28,27 +28,51 @@ def zero_share(qw: QuantizedWeight) -> float:
 
 
 def gptq_at_zero_share(W: torch.Tensor, H: torch.Tensor, grid: Grid, share: float, *, tolerance: float = 0.002,
-                       **kw) -> tuple[QuantizedWeight, SolveInfo, float]:
+                       rate_hint: float | None = None, **kw) -> tuple[QuantizedWeight, SolveInfo, float]:
     """GPTQ ternary codes of W with at least `share` zero codes, at the smallest rate found that gives them
     (within `tolerance` above the share when the search converges); returns (codes, info, rate).
-    A share plain GPTQ already reaches costs one solve (rate 0, exactly plain GPTQ)."""
+    Without a hint, a share plain GPTQ already reaches costs one solve (rate 0, exactly plain GPTQ).
+    `rate_hint` (e.g. the rate a similar matrix needed) starts the search there: fewer solves."""
     if grid.kind != "ternary":
         raise PeakError("a zero-share target needs a ternary grid")
     if not 0.0 <= share < 1.0:
         raise PeakError(f"zero share must be in [0, 1), got {share}")
-    best = gptq(W, H, grid, rate=0.0, **kw)
-    if zero_share(best[0]) >= share or best[1].fallback_rtn:
-        return best[0], best[1], 0.0
-    lo, hi = None, 1.0  # log-space bisection: lo fails (too few zeros), hi must pass
-    while True:
-        q, info = gptq(W, H, grid, rate=hi, **kw)
-        if zero_share(q) >= share:
-            best = (q, info)
-            break
-        lo, hi = hi, hi * 8
-        if hi > 1e9:
-            raise PeakError(f"no rate reaches {share:.3f} zero codes (at most {zero_share(q):.3f})")
-    lo = lo if lo is not None else hi / 1e4
+
+    def solve(rate: float):
+        q, info = gptq(W, H, grid, rate=rate, **kw)
+        return q, info, zero_share(q) >= share
+
+    if rate_hint is None or rate_hint <= 0:
+        q, info, ok = solve(0.0)
+        if ok or info.fallback_rtn:
+            return q, info, 0.0
+        lo, hi = None, 1.0
+    else:
+        lo, hi = None, rate_hint
+    # Bracket: hi must reach the share, lo must not (None: not found yet); steps of 4x in rate.
+    q, info, ok = solve(hi)
+    if ok:
+        best = (q, info)
+        lo = hi / 4
+        while True:
+            q, info, ok = solve(lo)
+            if not ok:
+                break
+            hi, best = lo, (q, info)
+            if zero_share(q) - share <= tolerance:
+                return q, info, hi
+            lo /= 4
+            if lo < 1e-9:  # every positive rate reaches it: the smallest tried will do
+                return best[0], best[1], hi
+    else:
+        while True:
+            lo, hi = hi, hi * 4
+            if hi > 1e9:
+                raise PeakError(f"no rate reaches {share:.3f} zero codes (at most {zero_share(q):.3f})")
+            q, info, ok = solve(hi)
+            if ok:
+                best = (q, info)
+                break
     rate = hi
     for _ in range(MAX_STEPS):
         if zero_share(best[0]) - share <= tolerance:
