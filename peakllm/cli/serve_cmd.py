@@ -1,0 +1,73 @@
+"""peakllm serve: an OpenAI-compatible HTTP server (paged KV cache, continuous batching)."""
+
+from __future__ import annotations
+
+import argparse
+
+from peakllm.cli.common import add_model_option, add_threads_option, set_threads, stderr
+from peakllm.errors import PeakError
+
+EPILOG = """\
+Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's chat template), both with
+"stream": true for server-sent events; GET /v1/models, /health, /metrics (Prometheus text).
+Any OpenAI client works, e.g. OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").
+
+How it runs: requests join and leave the running batch at token boundaries; each engine step sends every
+running stream's next token plus a chunk of waiting prompts (at most --max-step-tokens tokens in all)
+through one pass over the weights. The KV cache is --kv-blocks blocks of --block-size tokens, allocated
+once at start; when it is full the newest stream is preempted and recomputed later (nothing is dropped).
+Greedy (temperature 0) output is the same as `peakllm generate`'s."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve the model over HTTP in the OpenAI API shape (completions and chat, "
+                       "streaming), batching concurrent requests through one pass over the weights.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_option(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 "
+                   "exposes the server to the network, and it has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--served-name", default=None, help="the model id clients send (default: the --model value)")
+    p.add_argument("--max-batch", type=int, default=8, help="most sequences running at once (default: %(default)s)")
+    p.add_argument("--kv-blocks", type=int, default=256, help="KV cache blocks (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    p.add_argument("--max-step-tokens", type=int, default=64,
+                   help="tokens per engine step, decodes plus prompt chunks: smaller keeps streams smoother while "
+                   "prompts arrive, larger prefills faster (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond the running batch; more get HTTP 429 (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=2048,
+                   help="longest prompt + completion in tokens (capped by the model's own limit; default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of activations, dense weights and the KV cache (default: %(default)s)")
+    add_threads_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+    import uvicorn
+
+    from peakllm.serve.api import build_app
+    from peakllm.serve.server import build_engine
+
+    set_threads(args.threads)
+    if not 0 < args.port < 65536:
+        raise PeakError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_model_len < 2:
+        raise PeakError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    engine, tokenizer = build_engine(
+        args.model, dtype=getattr(torch, args.dtype), max_model_len=args.max_model_len, num_blocks=args.kv_blocks,
+        block_size=args.block_size, max_batch=args.max_batch, max_step_tokens=args.max_step_tokens,
+        max_queue=args.max_queue, threads=args.threads)
+    name = args.served_name or args.model
+    kv_mb = engine.runner.kv_bytes / 2**20
+    stderr(f"peakllm serve: '{name}' on http://{args.host}:{args.port}/v1 — KV cache {args.kv_blocks} blocks × "
+           f"{args.block_size} tokens ({kv_mb:.0f} MB), batch ≤ {args.max_batch}, context {engine.max_model_len}")
+    engine.start()
+    try:
+        uvicorn.run(build_app(engine, tokenizer, name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0

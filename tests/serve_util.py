@@ -1,0 +1,32 @@
+"""Helpers for the serve tests: a greedy reference with its margins, and the prefix it can vouch for."""
+
+from __future__ import annotations
+
+import torch
+
+NEAR_TIE = 1e-3  # top-1 minus top-2 logit below this: batched and single float sums may pick either
+
+
+@torch.no_grad()
+def greedy_reference(hf, prompt: list[int], max_new: int, eos: set[int]) -> tuple[list[int], list[float]]:
+    """HF greedy continuation (full forward each step) and the top-1/top-2 logit margin of each step."""
+    ids, tokens, margins = list(prompt), [], []
+    for _ in range(max_new):
+        logits = hf(torch.tensor([ids])).logits[0, -1].float()
+        top = logits.topk(2).values
+        token = int(logits.argmax())
+        tokens.append(token)
+        margins.append(float(top[0] - top[1]))
+        ids.append(token)
+        if token in eos:
+            break
+    return tokens, margins
+
+
+def trusted_len(margins: list[float]) -> int:
+    """How many leading tokens no float-summation difference can flip: up to the first near tie, inclusive
+    of nothing after it (the token at a near tie may differ, and everything after depends on it)."""
+    for i, m in enumerate(margins):
+        if m < NEAR_TIE:
+            return i
+    return len(margins)

@@ -1,0 +1,168 @@
+"""The serve engine without HTTP: paged attention against HF logits, scheduling, preemption, blocks."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from peakllm.errors import PeakError
+from peakllm.runtime.model import RuntimeModel
+from peakllm.serve.block_manager import BlockManager
+from peakllm.serve.engine import Engine, QueueFull
+from peakllm.serve.protocol import TextOut
+from peakllm.serve.runner import PagedRunner
+from peakllm.serve.scheduler import Scheduler
+from peakllm.serve.sequence import SamplingParams, Sequence
+from serve_util import greedy_reference, trusted_len
+from test_runtime_model import _tiny
+
+
+def _drive(runner, scheduler, seqs, max_new):
+    """Run the scheduler/runner by hand (greedy); returns {seq_id: [logits of each sampled token]}."""
+    logits_of = {s.seq_id: [] for s in seqs}
+    for s in seqs:
+        scheduler.add(s)
+    for _ in range(1000):
+        work = scheduler.schedule()
+        if not work:
+            break
+        assert sum(w.n for w in work) <= scheduler.max_step_tokens
+        logits = iter(runner.forward(work))
+        for w in work:
+            w.seq.num_computed = w.start + w.n
+            if w.sample:
+                row = next(logits)
+                logits_of[w.seq.seq_id].append(row)
+                w.seq.tokens.append(int(row.argmax()))
+                if w.seq.num_generated == max_new:
+                    scheduler.remove(w.seq)
+    assert not scheduler.has_work()
+    return logits_of
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("num_blocks", [64, 7])  # 7 blocks of 4 tokens cannot hold three sequences: preemption
+def test_paged_logits_match_hf(kind, num_blocks):
+    hf = _tiny(kind)
+    model = RuntimeModel.from_hf(hf, torch.float32, max_seq=128)
+    runner, blocks = PagedRunner(model, num_blocks, 4), BlockManager(num_blocks, 4)
+    scheduler = Scheduler(blocks, max_batch=3, max_step_tokens=8)  # prompts of 11 tokens go in chunks
+    g = torch.Generator().manual_seed(1)
+    seqs = [Sequence(torch.randint(1, 300, (n,), generator=g).tolist(), SamplingParams(), print) for n in (5, 11, 3)]
+    got = _drive(runner, scheduler, seqs, max_new=12)
+    for s in seqs:
+        with torch.no_grad():
+            ref = hf(torch.tensor([s.tokens])).logits[0].float()
+        P = len(s.prompt)
+        torch.testing.assert_close(torch.stack(got[s.seq_id]), ref[P - 1:P - 1 + 12], rtol=1e-4, atol=1e-4)
+    assert blocks.num_free == num_blocks
+    assert (scheduler.preemptions > 0) == (num_blocks == 7)
+
+
+def test_scheduler_puts_decodes_first_and_chunks_prompts():
+    blocks = BlockManager(100, 4)
+    scheduler = Scheduler(blocks, max_batch=4, max_step_tokens=6)
+    a = Sequence(list(range(1, 4)), SamplingParams(), print)
+    scheduler.add(a)
+    (w,) = scheduler.schedule()
+    assert (w.seq, w.start, w.n, w.sample) == (a, 0, 3, True)
+    a.num_computed = 3
+    a.tokens.append(7)  # a now decodes
+    b = Sequence(list(range(1, 21)), SamplingParams(), print)
+    scheduler.add(b)
+    work = scheduler.schedule()
+    assert [(x.seq, x.start, x.n, x.sample) for x in work] == [(a, 3, 1, True), (b, 0, 5, False)]
+    assert len(b.block_table) == 2 and len(a.block_table) == 1
+
+
+def _engine(max_queue=64, **kw):
+    from conftest import tiny_llama_config  # noqa: F401 - the tiny tokenizer fixture needs conftest anyway
+
+    hf = _tiny("llama")
+    return hf, Engine(RuntimeModel.from_hf(hf, torch.float32, max_seq=128), _NoTok(), max_queue=max_queue, **kw)
+
+
+class _NoTok:
+    eos_token_id = 0
+
+
+def test_engine_thread_serves_concurrent_requests_like_greedy_reference():
+    hf, engine = _engine(num_blocks=12, block_size=4, max_batch=4, max_step_tokens=8)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (9, 4, 13, 6, 2, 7)]
+    results = {i: [] for i in range(len(prompts))}
+    done = {i: threading.Event() for i in range(len(prompts))}
+    reasons = {}
+
+    def emit_for(i):
+        def emit(kind, value):
+            if kind == "token":
+                results[i].append(value)
+            else:
+                reasons[i] = (kind, value)
+                done[i].set()
+        return emit
+
+    engine.start()
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(p, SamplingParams(max_tokens=10), emit_for(i))
+        assert all(done[i].wait(60) for i in done)
+    finally:
+        engine.stop()
+    compared = 0
+    for i, p in enumerate(prompts):
+        ref, margins = greedy_reference(hf, p, 10, {0})
+        n = trusted_len(margins)
+        assert results[i][:n] == ref[:n]
+        compared += n
+        if n == len(ref):
+            assert reasons[i] == ("done", "stop" if ref[-1] == 0 else "length")
+    assert compared >= 30  # the comparison is not vacuous
+    assert engine.scheduler.preemptions > 0  # 12 blocks of 4 for 6 sequences of up to 23 tokens
+    assert engine.blocks.num_free == 12 and not engine.scheduler.has_work()
+
+
+def test_engine_refuses_what_cannot_run_and_bounds_its_queue():
+    _, engine = _engine(max_queue=2, num_blocks=4, block_size=4)  # not started: requests stay queued
+    with pytest.raises(PeakError, match="KV blocks"):
+        engine.submit([1] * 10, SamplingParams(max_tokens=10), print)  # 20 tokens > 16 in the pool
+    with pytest.raises(PeakError, match="context of 128"):
+        engine.submit([1] * 120, SamplingParams(max_tokens=10), print)
+    with pytest.raises(PeakError, match="empty"):
+        engine.submit([], SamplingParams(max_tokens=1), print)
+    engine.submit([1, 2], SamplingParams(max_tokens=2), print)
+    engine.submit([1, 2], SamplingParams(max_tokens=2), print)
+    with pytest.raises(QueueFull):
+        engine.submit([1, 2], SamplingParams(max_tokens=2), print)
+
+
+def test_unsupported_model_is_refused(tmp_path, tiny_tokenizer):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from peakllm.serve.server import build_engine
+
+    config = OPTConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
+                       word_embed_proj_dim=32, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                       pad_token_id=0)
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")  # peakllm loads it; serve does not run it
+    tiny_tokenizer.save_pretrained(tmp_path / "opt")
+    with pytest.raises(PeakError, match="serve runs llama, mistral, qwen2 and qwen3 models, not 'opt'"):
+        build_engine(str(tmp_path / "opt"))
+
+
+def test_text_out_holds_back_partial_stop_strings(tiny_tokenizer):
+    ids = tiny_tokenizer("The quick brown fox jumps", add_special_tokens=False)["input_ids"]
+    out = TextOut(tiny_tokenizer, eos={0}, stops=["fox"])
+    pieces, stopped = [], False
+    for t in ids:
+        piece, stopped = out.push(t)
+        pieces.append(piece)
+        if stopped:
+            break
+    assert stopped and "".join(pieces) == "The quick brown "
+    plain = TextOut(tiny_tokenizer, eos={0}, stops=[])
+    text = "".join(plain.push(t)[0] for t in ids + [0]) + plain.flush()
+    assert text == "The quick brown fox jumps"
