@@ -164,5 +164,5 @@ def test_text_out_holds_back_partial_stop_strings(tiny_tokenizer):
             break
     assert stopped and "".join(pieces) == "The quick brown "
     plain = TextOut(tiny_tokenizer, eos={0}, stops=[])
-    text = "".join(plain.push(t)[0] for t in ids + [0]) + plain.flush()
+    text = "".join(plain.push(t)[0] for t in ids + [0]) + plain.finish()
     assert text == "The quick brown fox jumps"

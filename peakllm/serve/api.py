@@ -63,7 +63,7 @@ class _Stream:
                         yield piece, None
                 elif kind == "done":
                     self.done = True
-                    yield self.text.flush(), value
+                    yield self.text.finish(), value
                     return
                 else:
                     self.done = True

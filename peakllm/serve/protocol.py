@@ -146,6 +146,9 @@ class TextOut:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return "", False
+        return self._update(text)
+
+    def _update(self, text: str) -> tuple[str, bool]:
         self.text = text
         for stop in self.stops:
             at = text.find(stop)
@@ -153,6 +156,12 @@ class TextOut:
                 self.text = text[:max(at, self.sent)]
                 return self.flush(), True
         return self._take(len(text) - self.hold), False
+
+    def finish(self) -> str:
+        """The rest of the text once the sequence ended (a trailing partial character included, as
+        `peakllm generate` prints it)."""
+        piece, stopped = self._update(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        return piece if stopped else piece + self.flush()
 
     def _take(self, end: int) -> str:
         if end <= self.sent:
@@ -162,4 +171,3 @@ class TextOut:
 
     def flush(self) -> str:
         return self._take(len(self.text))
-
