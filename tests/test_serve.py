@@ -42,12 +42,14 @@ def _drive(runner, scheduler, seqs, max_new):
     return logits_of
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("num_blocks", [64, 7])  # 7 blocks of 4 tokens cannot hold three sequences: preemption
-def test_paged_logits_match_hf(kind, num_blocks):
+def test_paged_logits_match_hf(kind, num_blocks, fused):
     hf = _tiny(kind)
     model = RuntimeModel.from_hf(hf, torch.float32, max_seq=128)
     runner, blocks = PagedRunner(model, num_blocks, 4), BlockManager(num_blocks, 4)
+    runner.use_fused = fused
     scheduler = Scheduler(blocks, max_batch=3, max_step_tokens=8)  # prompts of 11 tokens go in chunks
     g = torch.Generator().manual_seed(1)
     seqs = [Sequence(torch.randint(1, 300, (n,), generator=g).tolist(), SamplingParams(), print) for n in (5, 11, 3)]

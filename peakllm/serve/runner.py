@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from peakllm.errors import PeakError
+from peakllm.kernels import dense
 from peakllm.serve.scheduler import Work
 
 SERVE_SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -34,6 +35,7 @@ class PagedRunner:
         shape = (model.n_layers, num_blocks * block_size, model.n_kv_heads, model.head_dim)
         self.k_pool = torch.zeros(shape, dtype=model.dtype)
         self.v_pool = torch.zeros(shape, dtype=model.dtype)
+        self.use_fused = True  # False: plain torch norms and MLP (the path without a compiler; tests compare)
 
     @property
     def kv_bytes(self) -> int:
@@ -49,12 +51,12 @@ class PagedRunner:
             slots += [table[p // bs] * bs + p % bs for p in range(w.start, w.start + w.n)]
         return torch.tensor(ids, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
 
-    def _decode_batch(self, work: list[Work], rows: list[int]):
-        """For the decoding sequences: a padded block table [B, nb], the attention mask [B, 1, 1, nb*bs]."""
-        seqs = [work[i].seq for i in rows]
-        nb = max(len(s.block_table) for s in seqs)
-        table = torch.tensor([s.block_table + [0] * (nb - len(s.block_table)) for s in seqs], dtype=torch.long)
-        lens = torch.tensor([work[i].start + 1 for i in rows])  # keys up to and including this token
+    def _decode_batch(self, work: list[Work]):
+        """For the decoding sequences: their padded block tables, flat [B * nb], and the attention mask
+        [B, 1, 1, nb * block_size]."""
+        nb = max(len(w.seq.block_table) for w in work)
+        table = torch.tensor([i for w in work for i in w.seq.block_table + [0] * (nb - len(w.seq.block_table))])
+        lens = torch.tensor([w.start + 1 for w in work])  # keys up to and including this token
         mask = torch.arange(nb * self.block_size)[None, :] < lens[:, None]
         return table, mask[:, None, None, :]
 
@@ -67,23 +69,40 @@ class PagedRunner:
         offsets = [0]
         for w in work:
             offsets.append(offsets[-1] + w.n)
-        decode_rows = [i for i, w in enumerate(work) if w.n == 1 and w.start > 0]
-        others = set(range(len(work))) - set(decode_rows)
-        plan = {
-            "slots": slots, "cos": m.cos[positions], "sin": m.sin_signed[positions],
-            "decode_at": torch.tensor([offsets[i] for i in decode_rows], dtype=torch.long),
-            "decode": self._decode_batch(work, decode_rows) if decode_rows else None,
-            "prefill": [(offsets[i], w) for i, w in enumerate(work) if i in others],
+        n_decode = next((i for i, w in enumerate(work) if not (w.n == 1 and w.start > 0)), len(work))
+        plan = {  # the scheduler puts decodes first: rows 0..n_decode-1 are one token of one sequence each
+            "slots": slots, "cos": m.cos[positions], "sin": m.sin_signed[positions], "n_decode": n_decode,
+            "decode": self._decode_batch(work[:n_decode]) if n_decode else None,
+            "prefill": [(offsets[i], w) for i, w in enumerate(work) if i >= n_decode],
         }
-        x = F.embedding(ids, m.embed) if m.packed_embed is None else m.packed_embed(ids)
-        x = x[None]  # [1, N, dim]: the linears see every token of the step as rows of one matrix
+        x = F.embedding(ids, m.embed) if m.packed_embed is None else m.packed_embed(ids)  # [N, dim]: the
+        # linears see every token of the step as the rows of one matrix
+        last = [offsets[i + 1] - 1 for i, w in enumerate(work) if w.sample]
+        if self.use_fused and dense.decode_ops_available(x.dtype):
+            h = self._layers_fused(x, plan)
+        else:
+            h = self._layers_torch(x, plan)
+        return m.lm_head(h[last])
+
+    def _layers_fused(self, x: torch.Tensor, plan: dict) -> torch.Tensor:
+        """The layers with RuntimeModel's decode kernels: residual add + RMSNorm in one call, SiLU·up fused."""
+        m = self.model
+        h = dense.add_rmsnorm(x, None, m.layers[0].attn_norm, m.layers[0].eps)
+        for li, layer in enumerate(m.layers):
+            h = dense.add_rmsnorm(x, self._attention(layer.attn, h, li, plan), layer.mlp_norm, layer.eps)
+            mlp = layer.mlp.decode(h).contiguous()
+            nxt = m.layers[li + 1] if li + 1 < len(m.layers) else None
+            w, eps = (nxt.attn_norm, nxt.eps) if nxt is not None else (m.norm_weight, m.norm_eps)
+            h = dense.add_rmsnorm(x, mlp, w, eps)
+        return h
+
+    def _layers_torch(self, x: torch.Tensor, plan: dict) -> torch.Tensor:
+        m = self.model
         for li, layer in enumerate(m.layers):
             h = F.rms_norm(x, (layer.dim,), layer.attn_norm, layer.eps)
-            x = x + self._attention(layer.attn, h[0], li, plan)[None]
+            x = x + self._attention(layer.attn, h, li, plan)
             x = x + layer.mlp(F.rms_norm(x, (layer.dim,), layer.mlp_norm, layer.eps))
-        last = torch.tensor([offsets[i + 1] - 1 for i, w in enumerate(work) if w.sample], dtype=torch.long)
-        x = x[:, last]
-        return m.lm_head(F.rms_norm(x, (x.shape[-1],), m.norm_weight, m.norm_eps))[0]
+        return F.rms_norm(x, (x.shape[-1],), m.norm_weight, m.norm_eps)
 
     def _attention(self, a, h: torch.Tensor, li: int, plan: dict) -> torch.Tensor:
         N = h.shape[0]
@@ -106,21 +125,21 @@ class PagedRunner:
         v_blocks = v_pool.view(self.num_blocks, bs, KV, D)
         if plan["decode"] is not None:
             table, mask = plan["decode"]
-            B = table.shape[0]
-            keys = k_blocks[table].view(B, -1, KV, D).transpose(1, 2)  # [B, KV, L, D]
-            values = v_blocks[table].view(B, -1, KV, D).transpose(1, 2)
-            qd = q[plan["decode_at"]].view(B, KV, H // KV, D)  # the G heads sharing a KV head: G queries
+            B = plan["n_decode"]
+            keys = k_blocks.index_select(0, table).view(B, -1, KV, D).transpose(1, 2)  # [B, KV, L, D]
+            values = v_blocks.index_select(0, table).view(B, -1, KV, D).transpose(1, 2)
+            qd = q[:B].reshape(B, KV, H // KV, D)  # the G heads sharing a KV head act as G queries
             o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, scale=a.scaling)
-            out[plan["decode_at"]] = o.reshape(B, H, D)
+            out[:B] = o.view(B, H, D)
         for row, w in plan["prefill"]:
             end = w.start + w.n
             table = torch.tensor(w.seq.block_table[:-(-end // bs)], dtype=torch.long)
-            keys = k_blocks[table].view(-1, KV, D)[:end].transpose(0, 1)[None]  # [1, KV, end, D]
-            values = v_blocks[table].view(-1, KV, D)[:end].transpose(0, 1)[None]
+            keys = k_blocks.index_select(0, table).view(-1, KV, D)[:end].transpose(0, 1)[None]  # [1, KV, end, D]
+            values = v_blocks.index_select(0, table).view(-1, KV, D)[:end].transpose(0, 1)[None]
             mask = None
             if w.start > 0:  # a chunk after cached tokens: query i sees keys 0..start+i
                 mask = torch.arange(end)[None, :] <= torch.arange(w.start, end)[:, None]
             o = F.scaled_dot_product_attention(q[row:row + w.n].transpose(0, 1)[None], keys, values, attn_mask=mask,
                                                is_causal=mask is None, scale=a.scaling, enable_gqa=True)
             out[row:row + w.n] = o[0].transpose(0, 1)
-        return a.o_proj(out.view(N, H * D))
+        return a.o_proj(out.view(N, H * D)).contiguous()
