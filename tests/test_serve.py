@@ -32,6 +32,7 @@ def _drive(runner, scheduler, seqs, max_new):
         logits = iter(runner.forward(work))
         for w in work:
             w.seq.num_computed = w.start + w.n
+            scheduler.blocks.register(w.seq)
             if w.sample:
                 row = next(logits)
                 logits_of[w.seq.seq_id].append(row)
@@ -168,3 +169,29 @@ def test_text_out_holds_back_partial_stop_strings(tiny_tokenizer):
     plain = TextOut(tiny_tokenizer, eos={0}, stops=[])
     text = "".join(plain.push(t)[0] for t in ids + [0]) + plain.finish()
     assert text == "The quick brown fox jumps"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_prefix_sharing_reuses_full_blocks_and_keeps_logits(kind):
+    hf = _tiny(kind)
+    model = RuntimeModel.from_hf(hf, torch.float32, max_seq=128)
+    runner, blocks = PagedRunner(model, 64, 4), BlockManager(64, 4)
+    scheduler = Scheduler(blocks, max_batch=4, max_step_tokens=8)
+    g = torch.Generator().manual_seed(2)
+    common = torch.randint(1, 300, (13,), generator=g).tolist()
+    own = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (3, 5, 6)]
+    first = Sequence(common + own[0], SamplingParams(), print)
+    got = _drive(runner, scheduler, [first], max_new=8)
+    assert blocks.reused_tokens == 0
+    # later prompts: two share the 13 common tokens (3 full blocks), one repeats the first prompt (16 tokens:
+    # its first 3 blocks; the block holding its last token is computed again)
+    later = [Sequence(common + own[1], SamplingParams(), print), Sequence(common + own[2], SamplingParams(), print),
+             Sequence(list(first.prompt), SamplingParams(), print)]
+    got.update(_drive(runner, scheduler, later, max_new=8))
+    assert blocks.reused_tokens == 3 * 12
+    for s in [first, *later]:
+        with torch.no_grad():
+            ref = hf(torch.tensor([s.tokens])).logits[0].float()
+        P = len(s.prompt)
+        torch.testing.assert_close(torch.stack(got[s.seq_id]), ref[P - 1:P - 1 + 8], rtol=1e-4, atol=1e-4)
+    assert blocks.num_free == 64 and not any(blocks.refs)

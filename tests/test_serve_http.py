@@ -215,7 +215,7 @@ def test_models_health_metrics(served):
     assert values["peakllm_time_to_first_token_seconds_count"] >= 1
     assert values['peakllm_time_to_first_token_seconds_bucket{le="+Inf"}'] == values[
         "peakllm_time_to_first_token_seconds_count"]
-    assert values["peakllm_generation_tokens_total"] >= 2
+    assert values["peakllm_generation_tokens_total"] >= 2 and "peakllm_prefix_reused_tokens_total" in values
 
 
 def _free_port() -> int:

@@ -39,6 +39,9 @@ def register(sub) -> None:
                    help="requests waiting beyond the running batch; more get HTTP 429 (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=2048,
                    help="longest prompt + completion in tokens (capped by the model's own limit; default: %(default)s)")
+    p.add_argument("--no-prefix-sharing", action="store_true",
+                   help="do not reuse the KV blocks of identical prompt prefixes (a shared system prompt is computed "
+                   "once and its full blocks are shared by default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of activations, dense weights and the KV cache (default: %(default)s)")
     add_threads_option(p)
@@ -60,7 +63,7 @@ def run(args) -> int:
     engine, tokenizer = build_engine(
         args.model, dtype=getattr(torch, args.dtype), max_model_len=args.max_model_len, num_blocks=args.kv_blocks,
         block_size=args.block_size, max_batch=args.max_batch, max_step_tokens=args.max_step_tokens,
-        max_queue=args.max_queue, threads=args.threads)
+        max_queue=args.max_queue, threads=args.threads, prefix_sharing=not args.no_prefix_sharing)
     name = args.served_name or args.model
     kv_mb = engine.runner.kv_bytes / 2**20
     stderr(f"peakllm serve: '{name}' on http://{args.host}:{args.port}/v1 — KV cache {args.kv_blocks} blocks × "

@@ -30,11 +30,11 @@ class QueueFull(PeakError):
 class Engine:
     def __init__(self, model, tokenizer, *, num_blocks: int = 256, block_size: int = 16, max_batch: int = 8,
                  max_step_tokens: int = 64, max_queue: int = 64, max_model_len: int | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, prefix_sharing: bool = True):
         if min(num_blocks, block_size, max_batch, max_step_tokens, max_queue) < 1:
             raise PeakError("--kv-blocks, --block-size, --max-batch, --max-step-tokens and --max-queue must be >= 1")
         self.runner = PagedRunner(model, num_blocks, block_size)
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_sharing)
         self.scheduler = Scheduler(self.blocks, max_batch, max_step_tokens)
         self.max_model_len = min(max_model_len or model.max_seq, model.cos.shape[0])
         self.max_queue, self.threads = max_queue, threads
@@ -92,6 +92,8 @@ class Engine:
             "peakllm_kv_blocks_used": ("KV cache blocks in use", self.blocks.num_used),
             "peakllm_kv_blocks_total": ("KV cache blocks in the pool", self.blocks.num_blocks),
             "peakllm_preemptions_total": ("sequences preempted (recomputed later)", self.scheduler.preemptions),
+            "peakllm_prefix_reused_tokens_total": ("prompt tokens whose K/V came from shared blocks",
+                                                   self.blocks.reused_tokens),
         }
 
     # ---- engine thread ----
@@ -137,6 +139,7 @@ class Engine:
         now = time.perf_counter()
         for w in work:
             w.seq.num_computed = w.start + w.n
+            self.blocks.register(w.seq)
         prefilled = sum(w.n for w in work if not (w.n == 1 and w.sample and w.start >= len(w.seq.prompt)))
         self.metrics.observe_step(len(sampled), prefilled)
         for w, token in zip(sampled, tokens):

@@ -54,8 +54,8 @@ class Metrics:
             lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
             lines.extend(f"{name}{labels} {value}" for labels, value in samples)
 
-        for name, (help_, value) in gauges.items():
-            metric(name, "gauge", help_, [("", value)])
+        for name, (help_, value) in gauges.items():  # the engine's live state; its *_total ones only grow
+            metric(name, "counter" if name.endswith("_total") else "gauge", help_, [("", value)])
         metric("peakllm_generation_tokens_per_second", "gauge", f"generated tokens per second over the last "
                f"{RATE_WINDOW_S:g} s", [("", self.tokens_per_second())])
         with self.lock:

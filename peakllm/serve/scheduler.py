@@ -82,13 +82,16 @@ class Scheduler:
             budget -= n
         while self.waiting and len(self.running) < self.max_batch and budget > 0:
             seq = self.waiting[0]
+            self.blocks.share_prefix(seq)
             n = min(seq.num_pending, budget)
             # keep one block per running sequence free so admitting does not force an immediate preemption
-            if not self.blocks.can_grow(seq, n, reserve=len(self.running)):
+            if not self.blocks.can_grow(seq, seq.num_computed + n, reserve=len(self.running)):
+                self.blocks.release(seq)
                 break
             self.waiting.popleft()
             self.running.append(seq)
-            self.blocks.grow(seq, n)
-            work.append(Work(seq, 0, n))
+            self.blocks.reused_tokens += seq.num_computed
+            self.blocks.grow(seq, seq.num_computed + n)
+            work.append(Work(seq, seq.num_computed, n))
             budget -= n
         return work

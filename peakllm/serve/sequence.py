@@ -34,6 +34,7 @@ class Sequence:
     tokens: list[int] = field(init=False)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of the full blocks registered or shared so far
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished: bool = False
