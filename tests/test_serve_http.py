@@ -245,3 +245,26 @@ def test_cli_serves_a_model_folder(tiny_model_dir):
         proc.terminate()
         proc.wait(30)
     assert "KV cache 8 blocks" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_ends_the_answer_before_it(served, stream):
+    _, _, engine, url = served
+    client = _client(url)
+    full = client.completions.create(model=NAME, prompt="Sphinx of", max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[12:15]
+    assert len(full) >= 15
+    cancelled = _finished(engine, "cancelled")
+    resp = client.completions.create(model=NAME, prompt="Sphinx of", max_tokens=30, temperature=0, stop=[stop],
+                                     stream=stream, extra_body={"ignore_eos": True})
+    if stream:
+        chunks = list(resp)
+        text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+        text, reason = resp.choices[0].text, resp.choices[0].finish_reason
+    assert text == full[:full.find(stop)] and reason == "stop"
+    deadline = time.monotonic() + 10  # the sequence was cancelled in the engine, its blocks freed
+    while _finished(engine, "cancelled") == cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _finished(engine, "cancelled") == cancelled + 1

@@ -63,7 +63,8 @@ class _Stream:
                         yield piece, None
                 elif kind == "done":
                     self.done = True
-                    yield self.text.finish(), value
+                    piece, stopped = self.text.finish()
+                    yield piece, "stop" if stopped else value
                     return
                 else:
                     self.done = True

@@ -36,7 +36,8 @@ class Engine:
         self.runner = PagedRunner(model, num_blocks, block_size)
         self.blocks = BlockManager(num_blocks, block_size, prefix_sharing)
         self.scheduler = Scheduler(self.blocks, max_batch, max_step_tokens)
-        self.max_model_len = min(max_model_len or model.max_seq, model.cos.shape[0])
+        # the context: the model's (RoPE table, sliding window), the caller's, and what the pool can hold
+        self.max_model_len = min(max_model_len or model.max_seq, model.cos.shape[0], num_blocks * block_size)
         self.max_queue, self.threads = max_queue, threads
         self.eos = _eos_ids(model, tokenizer)
         self.metrics = Metrics()
@@ -63,12 +64,9 @@ class Engine:
         """Refuse what could never run: raises PeakError (HTTP 400)."""
         if num_prompt < 1:
             raise PeakError("the prompt is empty")
-        if num_prompt + max_tokens > self.max_model_len:
+        if num_prompt + max_tokens > self.max_model_len:  # also what keeps a request within the KV pool
             raise PeakError(f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) exceeds this server's "
                             f"context of {self.max_model_len} tokens")
-        if self.blocks.blocks_for(num_prompt + max_tokens) > self.blocks.num_blocks:
-            raise PeakError(f"the prompt plus max_tokens needs more KV blocks than the server has "
-                            f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens)")
 
     def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[str, object], None]) -> int:
         self.check_request(len(prompt), params.max_tokens)
@@ -140,8 +138,8 @@ class Engine:
         for w in work:
             w.seq.num_computed = w.start + w.n
             self.blocks.register(w.seq)
-        prefilled = sum(w.n for w in work if not (w.n == 1 and w.sample and w.start >= len(w.seq.prompt)))
-        self.metrics.observe_step(len(sampled), prefilled)
+        decodes = sum(1 for w in work if w.n == 1 and w.start >= len(w.seq.prompt))
+        self.metrics.observe_step(len(sampled), sum(w.n for w in work) - decodes)
         for w, token in zip(sampled, tokens):
             seq = w.seq
             seq.tokens.append(token)

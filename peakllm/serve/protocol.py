@@ -157,11 +157,11 @@ class TextOut:
                 return self.flush(), True
         return self._take(len(text) - self.hold), False
 
-    def finish(self) -> str:
-        """The rest of the text once the sequence ended (a trailing partial character included, as
-        `peakllm generate` prints it)."""
+    def finish(self) -> tuple[str, bool]:
+        """(the rest of the text once the sequence ended, a trailing partial character included as
+        `peakllm generate` prints it; whether a stop string turned up in it)."""
         piece, stopped = self._update(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-        return piece if stopped else piece + self.flush()
+        return (piece, True) if stopped else (piece + self.flush(), False)
 
     def _take(self, end: int) -> str:
         if end <= self.sent:
