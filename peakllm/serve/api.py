@@ -70,8 +70,13 @@ class _Stream:
                     self.done = True
                     raise ApiError(500, f"the engine failed on this request: {value}", kind="server_error")
         finally:
-            if not self.done:  # the client went away (or the task was cancelled): free the blocks
-                self.engine.cancel(self.seq_id)
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the sequence unless it ended: the client went away, or the task was cancelled."""
+        if not self.done:
+            self.done = True
+            self.engine.cancel(self.seq_id)
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.num_prompt, "completion_tokens": self.num_generated,
@@ -196,4 +201,19 @@ def _sse_response(stream: _Stream, head: dict, choices, first, req) -> Streaming
             yield _sse({**head, "choices": [], "usage": stream.usage()})
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _EventStream(stream, events())
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that cancel their sequence however the response ends, also when the client is
+    gone before the first event (then the event generator never starts, so its own cleanup never runs)."""
+
+    def __init__(self, stream: _Stream, events):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -104,7 +105,12 @@ class Engine:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug outside the forward: fail what is live, keep the thread
+                traceback.print_exc()
+                for seq in list(self._live.values()):
+                    self._finish(seq, None, error="internal error in the engine (see the server's log)")
         for seq in list(self._live.values()):
             self._finish(seq, None, error="the server is shutting down")
 
