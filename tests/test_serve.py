@@ -19,6 +19,19 @@ from serve_util import greedy_reference, trusted_len
 from test_runtime_model import _tiny
 
 
+def _model(kind: str):
+    if kind != "mistral":
+        return _tiny(kind)
+    import transformers
+
+    from test_runtime_model import _randomize
+
+    config = transformers.MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        sliding_window=64, eos_token_id=0)
+    return _randomize(transformers.MistralForCausalLM(config), 3)
+
+
 def _drive(runner, scheduler, seqs, max_new):
     """Run the scheduler/runner by hand (greedy); returns {seq_id: [logits of each sampled token]}."""
     logits_of = {s.seq_id: [] for s in seqs}
@@ -44,10 +57,10 @@ def _drive(runner, scheduler, seqs, max_new):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 @pytest.mark.parametrize("num_blocks", [64, 7])  # 7 blocks of 4 tokens cannot hold three sequences: preemption
 def test_paged_logits_match_hf(kind, num_blocks, fused):
-    hf = _tiny(kind)
+    hf = _model(kind)
     model = RuntimeModel.from_hf(hf, torch.float32, max_seq=128)
     runner, blocks = PagedRunner(model, num_blocks, 4), BlockManager(num_blocks, 4)
     runner.use_fused = fused
@@ -213,3 +226,12 @@ def test_bf16_paged_tracks_hf_bf16(kind):
         out, ref = torch.stack(got[s.seq_id]).float(), ref[P - 1:P - 1 + 9]
         # as for RuntimeModel in bf16: rounding differs in order only, a few units of bf16 precision
         assert (out - ref).abs().max().item() <= 0.03 * ref.abs().max().item()
+
+
+def test_sliding_window_caps_the_context():
+    # beyond the window the model's attention would differ from full attention over the paged cache
+    model = RuntimeModel.from_hf(_model("mistral"), torch.float32, max_seq=128)
+    engine = Engine(model, _NoTok(), num_blocks=64, block_size=4)
+    assert engine.max_model_len == 64
+    with pytest.raises(PeakError, match="context of 64"):
+        engine.check_request(60, 8)
