@@ -24,7 +24,7 @@ def _model(kind: str):
         return _tiny(kind)
     import transformers
 
-    from test_runtime_model import _randomize
+    from conftest import _randomize
 
     config = transformers.MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -57,7 +57,9 @@ def _drive(runner, scheduler, seqs, max_new):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+# gemma3: (1 + w) and post-output norms, scaled embeddings, GeGLU, 5-token windows on local layers with their
+# own RoPE table (sequences here cross the window); phi3: fused qkv and gate_up projections
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"])
 @pytest.mark.parametrize("num_blocks", [64, 7])  # 7 blocks of 4 tokens cannot hold three sequences: preemption
 def test_paged_logits_match_hf(kind, num_blocks, fused):
     hf = _model(kind)
@@ -164,7 +166,7 @@ def test_unsupported_model_is_refused(tmp_path, tiny_tokenizer):
                        pad_token_id=0)
     OPTForCausalLM(config).save_pretrained(tmp_path / "opt")  # peakllm loads it; serve does not run it
     tiny_tokenizer.save_pretrained(tmp_path / "opt")
-    with pytest.raises(PeakError, match="serve runs llama, mistral, qwen2 and qwen3 models, not 'opt'"):
+    with pytest.raises(PeakError, match="serve runs llama, .*, gemma3_text models, not 'opt'"):
         build_engine(str(tmp_path / "opt"))
 
 
@@ -209,7 +211,7 @@ def test_prefix_sharing_reuses_full_blocks_and_keeps_logits(kind):
     assert blocks.num_free == 64 and not any(blocks.refs)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "phi3", "gemma3"])
 def test_bf16_paged_tracks_hf_bf16(kind):
     hf = _tiny(kind).to(torch.bfloat16)
     model = RuntimeModel.from_hf(hf, torch.bfloat16, max_seq=128)

@@ -17,15 +17,29 @@ from peakllm.errors import PeakError
 from peakllm.kernels import dense
 from peakllm.serve.scheduler import Work
 
-SERVE_SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SERVE_SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
 
 
 def check_supported(model) -> None:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SERVE_SUPPORTED:
         raise PeakError(f"peakllm serve runs {', '.join(SERVE_SUPPORTED)} models, not '{model_type}'")
-    if any(not layer.fused_act for layer in model.layers):
-        raise PeakError("peakllm serve needs a SiLU-gated MLP in every layer (no mixture-of-experts blocks)")
+    if any(not hasattr(layer.mlp, "down_proj") for layer in model.layers):
+        raise PeakError("peakllm serve needs a gated MLP in every layer (no mixture-of-experts blocks)")
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight; a weight of another dtype than x (Gemma's fp32 norms under bf16) in fp32."""
+    if weight.dtype == x.dtype:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def _window_mask(q_pos: torch.Tensor, end: int, window: int) -> torch.Tensor:
+    """[len(q_pos), end]: query at position p sees keys j <= p, and with a window only p - j < window."""
+    k = torch.arange(end)[None, :]
+    mask = k <= q_pos[:, None]
+    return mask & (q_pos[:, None] - k < window) if window else mask
 
 
 class PagedRunner:
@@ -51,14 +65,14 @@ class PagedRunner:
             slots += [table[p // bs] * bs + p % bs for p in range(w.start, w.start + w.n)]
         return torch.tensor(ids, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
 
-    def _decode_batch(self, work: list[Work]):
-        """For the decoding sequences: their padded block tables, flat [B * nb], and the attention mask
-        [B, 1, 1, nb * block_size]."""
+    def _decode_batch(self, work: list[Work], windows: set[int]):
+        """For the decoding sequences: their padded block tables, flat [B * nb], and per window the
+        attention mask [B, 1, 1, nb * block_size]."""
         nb = max(len(w.seq.block_table) for w in work)
         table = torch.tensor([i for w in work for i in w.seq.block_table + [0] * (nb - len(w.seq.block_table))])
-        lens = torch.tensor([w.start + 1 for w in work])  # keys up to and including this token
-        mask = torch.arange(nb * self.block_size)[None, :] < lens[:, None]
-        return table, mask[:, None, None, :]
+        pos = torch.tensor([w.start for w in work])  # each new token's position: it sees keys 0..pos
+        masks = {win: _window_mask(pos, nb * self.block_size, win)[:, None, None, :] for win in windows}
+        return table, masks
 
     @torch.inference_mode()
     def forward(self, work: list[Work]) -> torch.Tensor:
@@ -70,13 +84,20 @@ class PagedRunner:
         for w in work:
             offsets.append(offsets[-1] + w.n)
         n_decode = next((i for i, w in enumerate(work) if not (w.n == 1 and w.start > 0)), len(work))
+        windows = {layer.attn.window for layer in m.layers}
         plan = {  # the scheduler puts decodes first: rows 0..n_decode-1 are one token of one sequence each
-            "slots": slots, "cos": m.cos[positions], "sin": m.sin_signed[positions], "n_decode": n_decode,
-            "decode": self._decode_batch(work[:n_decode]) if n_decode else None,
+            "slots": slots, "n_decode": n_decode,
+            "rope": {key: (cos[positions], sin[positions]) for key, (cos, sin) in m.rope.items()},
+            "decode": self._decode_batch(work[:n_decode], windows) if n_decode else None,
             "prefill": [(offsets[i], w) for i, w in enumerate(work) if i >= n_decode],
         }
-        x = F.embedding(ids, m.embed) if m.packed_embed is None else m.packed_embed(ids)  # [N, dim]: the
-        # linears see every token of the step as the rows of one matrix
+        if m.packed_embed is not None:
+            x = m.packed_embed(ids)
+        else:
+            x = F.embedding(ids, m.embed)
+            if m.embed_scale is not None:
+                x = x * m.embed_scale
+        # x [N, dim]: the linears see every token of the step as the rows of one matrix
         last = [offsets[i + 1] - 1 for i, w in enumerate(work) if w.sample]
         if self.use_fused and dense.decode_ops_available(x.dtype):
             h = self._layers_fused(x, plan)
@@ -85,12 +106,17 @@ class PagedRunner:
         return m.lm_head(h[last])
 
     def _layers_fused(self, x: torch.Tensor, plan: dict) -> torch.Tensor:
-        """The layers with RuntimeModel's decode kernels: residual add + RMSNorm in one call, SiLU·up fused."""
+        """The layers with RuntimeModel's decode kernels: residual add + RMSNorm in one call, gated act fused."""
         m = self.model
         h = dense.add_rmsnorm(x, None, m.layers[0].attn_norm, m.layers[0].eps)
         for li, layer in enumerate(m.layers):
-            h = dense.add_rmsnorm(x, self._attention(layer.attn, h, li, plan), layer.mlp_norm, layer.eps)
-            mlp = layer.mlp.decode(h).contiguous()
+            attn = self._attention(layer, h, li, plan)
+            if layer.post_attn_norm is not None:
+                attn = dense.add_rmsnorm(attn, None, layer.post_attn_norm, layer.eps)
+            h = dense.add_rmsnorm(x, attn, layer.mlp_norm, layer.eps)
+            mlp = (layer.mlp.decode(h) if layer.fused_act else layer.mlp(h)).contiguous()
+            if layer.post_mlp_norm is not None:
+                mlp = dense.add_rmsnorm(mlp, None, layer.post_mlp_norm, layer.eps)
             nxt = m.layers[li + 1] if li + 1 < len(m.layers) else None
             w, eps = (nxt.attn_norm, nxt.eps) if nxt is not None else (m.norm_weight, m.norm_eps)
             h = dense.add_rmsnorm(x, mlp, w, eps)
@@ -99,22 +125,23 @@ class PagedRunner:
     def _layers_torch(self, x: torch.Tensor, plan: dict) -> torch.Tensor:
         m = self.model
         for li, layer in enumerate(m.layers):
-            h = F.rms_norm(x, (layer.dim,), layer.attn_norm, layer.eps)
-            x = x + self._attention(layer.attn, h, li, plan)
-            x = x + layer.mlp(F.rms_norm(x, (layer.dim,), layer.mlp_norm, layer.eps))
-        return F.rms_norm(x, (x.shape[-1],), m.norm_weight, m.norm_eps)
+            attn = self._attention(layer, _rms(x, layer.attn_norm, layer.eps), li, plan)
+            x = x + (attn if layer.post_attn_norm is None else _rms(attn, layer.post_attn_norm, layer.eps))
+            mlp = layer.mlp(_rms(x, layer.mlp_norm, layer.eps))
+            x = x + (mlp if layer.post_mlp_norm is None else _rms(mlp, layer.post_mlp_norm, layer.eps))
+        return _rms(x, m.norm_weight, m.norm_eps)
 
-    def _attention(self, a, h: torch.Tensor, li: int, plan: dict) -> torch.Tensor:
+    def _attention(self, layer, h: torch.Tensor, li: int, plan: dict) -> torch.Tensor:
+        a = layer.attn
         N = h.shape[0]
         H, KV, D = a.n_heads, a.n_kv_heads, a.head_dim
-        q = a.q_proj(h).view(N, H, D)
-        k = a.k_proj(h).view(N, KV, D)
-        v = a.v_proj(h).view(N, KV, D)
+        q, k, v = a._qkv(h)
+        q, k, v = q.reshape(N, H, D), k.reshape(N, KV, D), v.reshape(N, KV, D)
         if a.qk_norm:
-            q = F.rms_norm(q, (D,), a.q_norm_weight, a.qk_eps)
-            k = F.rms_norm(k, (D,), a.k_norm_weight, a.qk_eps)
+            q, k = _rms(q, a.q_norm_weight, a.qk_eps), _rms(k, a.k_norm_weight, a.qk_eps)
+        cos, sin = plan["rope"][layer.rope_key]
         qk = torch.cat((q, k), dim=1)  # RoPE as RuntimeModel applies it: x*cos + roll(x, D/2)*[-sin, sin]
-        qk = torch.addcmul(qk * plan["cos"], qk.roll(D // 2, dims=-1), plan["sin"])
+        qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
         q, k = qk[:, :H], qk[:, H:]
         k_pool, v_pool = self.k_pool[li], self.v_pool[li]
         k_pool.index_copy_(0, plan["slots"], k.to(k_pool.dtype))
@@ -124,21 +151,21 @@ class PagedRunner:
         k_blocks = k_pool.view(self.num_blocks, bs, KV, D)
         v_blocks = v_pool.view(self.num_blocks, bs, KV, D)
         if plan["decode"] is not None:
-            table, mask = plan["decode"]
+            table, masks = plan["decode"]
             B = plan["n_decode"]
             keys = k_blocks.index_select(0, table).view(B, -1, KV, D).transpose(1, 2)  # [B, KV, L, D]
             values = v_blocks.index_select(0, table).view(B, -1, KV, D).transpose(1, 2)
             qd = q[:B].reshape(B, KV, H // KV, D)  # the G heads sharing a KV head act as G queries
-            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, scale=a.scaling)
+            o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=masks[a.window], scale=a.scaling)
             out[:B] = o.view(B, H, D)
         for row, w in plan["prefill"]:
             end = w.start + w.n
             table = torch.tensor(w.seq.block_table[:-(-end // bs)], dtype=torch.long)
             keys = k_blocks.index_select(0, table).view(-1, KV, D)[:end].transpose(0, 1)[None]  # [1, KV, end, D]
             values = v_blocks.index_select(0, table).view(-1, KV, D)[:end].transpose(0, 1)[None]
-            mask = None
-            if w.start > 0:  # a chunk after cached tokens: query i sees keys 0..start+i
-                mask = torch.arange(end)[None, :] <= torch.arange(w.start, end)[:, None]
+            mask = None  # plain causal from position 0; otherwise after cached tokens and/or within a window
+            if w.start > 0 or (a.window and end > a.window):
+                mask = _window_mask(torch.arange(w.start, end), end, a.window)
             o = F.scaled_dot_product_attention(q[row:row + w.n].transpose(0, 1)[None], keys, values, attn_mask=mask,
                                                is_causal=mask is None, scale=a.scaling, enable_gqa=True)
             out[row:row + w.n] = o[0].transpose(0, 1)
