@@ -44,8 +44,10 @@ class _Stream:
             self.seq_id = engine.submit(ids, params, emit)
         except QueueFull as exc:
             raise ApiError(429, str(exc), code="queue_full", kind="rate_limit_error") from None
-        except PeakError as exc:
-            raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+        except PeakError as exc:  # the prompt and max_tokens do not fit the context
+            context = "context" in str(exc)
+            raise ApiError(400, str(exc), param="max_tokens" if context else "prompt",
+                           code="context_length_exceeded" if context else None) from None
 
     async def __aiter__(self):
         try:
@@ -55,8 +57,7 @@ class _Stream:
                     self.num_generated += 1
                     piece, stopped = self.text.push(value)
                     if stopped:
-                        self.done = True
-                        self.engine.cancel(self.seq_id)
+                        self.close()  # the engine would go on generating
                         yield piece, "stop"
                         return
                     if piece:
