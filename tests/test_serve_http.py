@@ -39,7 +39,9 @@ def served(tiny_tokenizer):
     engine = Engine(model, tok, num_blocks=16, block_size=8, max_batch=4, max_step_tokens=16, max_model_len=128)
     engine.start()
     server = ServerThread(build_app(engine, tok, NAME)).start()
-    yield hf, tok, engine, f"http://127.0.0.1:{server.port}/v1"
+    url = f"http://127.0.0.1:{server.port}/v1"
+    _client(url).completions.create(model=NAME, prompt="warm", max_tokens=2)  # kernels built before any timing
+    yield hf, tok, engine, url
     server.stop()
     engine.stop()
 
@@ -165,7 +167,7 @@ def test_client_disconnect_cancels_and_frees_blocks(served, monkeypatch, stream)
     cancelled = _finished(engine, "cancelled")
     body = {"model": NAME, "prompt": "The quick", "max_tokens": 100, "ignore_eos": True, "stream": stream}
     if stream:
-        with httpx.stream("POST", f"{url}/completions", json=body, trust_env=False) as r:
+        with httpx.stream("POST", f"{url}/completions", json=body, trust_env=False, timeout=60) as r:
             lines = r.iter_lines()
             assert sum(1 for _, line in zip(range(6), lines) if line.startswith("data:")) == 3
     else:
