@@ -123,6 +123,8 @@ def test_engine_thread_serves_concurrent_requests_like_greedy_reference():
                 done[i].set()
         return emit
 
+    engine.warmup()
+    assert engine.blocks.num_free == 12
     engine.start()
     try:
         for i, p in enumerate(prompts):

@@ -68,6 +68,7 @@ def run(args) -> int:
     kv_mb = engine.runner.kv_bytes / 2**20
     stderr(f"peakllm serve: '{name}' on http://{args.host}:{args.port}/v1 — KV cache {args.kv_blocks} blocks × "
            f"{args.block_size} tokens ({kv_mb:.0f} MB), batch ≤ {args.max_batch}, context {engine.max_model_len}")
+    engine.warmup()
     engine.start()
     try:
         uvicorn.run(build_app(engine, tokenizer, name), host=args.host, port=args.port, log_level="warning")

@@ -50,6 +50,15 @@ class Engine:
         self._live: dict[int, Sequence] = {}
         self._thread = threading.Thread(target=self._loop, name="peakllm-engine", daemon=True)
 
+    def warmup(self) -> None:
+        """One prefill and one decode step on a throwaway sequence, so that the kernels are built (or
+        loaded) and the pool's pages touched before the first request; call before start()."""
+        seq = Sequence([0, 0], SamplingParams(max_tokens=1), lambda *_: None)
+        self.blocks.grow(seq, 2)
+        self.runner.forward([Work(seq, 0, 1)])
+        self.runner.forward([Work(seq, 1, 1)])
+        self.blocks.release(seq)
+
     def start(self) -> "Engine":
         self._thread.start()
         return self
