@@ -102,12 +102,15 @@ def test_chat_uses_the_template(served, stream):
     assert _check_text(text, tok, ref, margins) >= 4
 
 
-def test_concurrent_requests_each_get_their_own_greedy_answer(served):
+def test_concurrent_requests_each_get_their_own_greedy_answer(served, monkeypatch):
     hf, tok, engine, url = served
     prompts = ["Sphinx of black", "How vexingly", "Pack my box with five dozen", "The lazy dog", "quick daft",
                "judge my vow", "brown fox jumps over", "liquor jugs"]
     answers, errors = {}, []
     preempted = engine.scheduler.preemptions
+    # hold the engine until all eight requests are in it, so they run together whatever the machine's load
+    gate, forward = threading.Event(), engine.runner.forward
+    monkeypatch.setattr(engine.runner, "forward", lambda work: (gate.wait(60), forward(work))[1])
 
     def ask(i):
         try:
@@ -119,9 +122,14 @@ def test_concurrent_requests_each_get_their_own_greedy_answer(served):
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 60
+    while engine._queued + len(engine.scheduler.waiting) + len(engine.scheduler.running) < len(prompts):
+        assert time.monotonic() < deadline, "the requests did not reach the engine"
+        time.sleep(0.01)
+    gate.set()
     for t in threads:
         t.join(120)
-    assert not errors and len(answers) == len(prompts)
+    assert not errors and len(answers) == len(prompts), errors
     compared = 0
     for i, p in enumerate(prompts):
         ref, margins = greedy_reference(hf, encode(tok, p), 40, set())
