@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from peakllm.cli.common import add_model_option, add_output_options, add_threads_option, emit, set_threads
+from peakllm.cli.common import (add_int8_act_option, add_model_option, add_output_options, add_threads_option,
+                                apply_int8_act, emit, set_threads)
 from peakllm.errors import PeakError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -21,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="weights and activations of dense layers (default: %(default)s)")
     p.add_argument("--hf", action="store_true", help="benchmark transformers' model.generate instead (a baseline)")
+    add_int8_act_option(p)
     add_threads_option(p)
     add_output_options(p)
     p.set_defaults(func=run)
@@ -35,6 +37,7 @@ def run(args) -> int:
     from peakllm.runtime.bench import bench
 
     set_threads(args.threads)
+    apply_int8_act(args.int8_act)
     if args.repeats < 1 or args.batch < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
         raise PeakError("need --prompt-tokens >= 1, --new-tokens >= 2, --batch >= 1 and --repeats >= 1")
     started = time.perf_counter()
@@ -43,5 +46,8 @@ def run(args) -> int:
     result = bench(model, dtype=getattr(torch, DTYPES[args.dtype]), prompt_tokens=args.prompt_tokens,
                    new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats,
                    engine="transformers" if args.hf else "peakllm")
-    emit({"model": args.model, "load_s": load_s, **result}, args, "bench")
+    from peakllm.runtime.linear import int8_act_default
+
+    emit({"model": args.model, "load_s": load_s, **result, "intk_act": "int8" if int8_act_default() else "f32"}, args,
+         "bench")
     return 0

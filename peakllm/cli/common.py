@@ -44,6 +44,19 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and kernels (default: all cores)")
 
 
+def add_int8_act_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--int8-act", action="store_true",
+                        help="int-k layers quantize their input to int8 per 32 columns when decoding and use integer "
+                        "dot products (faster; bounded error, see kernels/intk_a8_impl.h); the same as "
+                        "PEAKLLM_INTK_ACT=int8")
+
+
+def apply_int8_act(flag: bool) -> None:
+    """--int8-act: set before the model is loaded, so every IntKLinear built then uses it."""
+    if flag:
+        os.environ["PEAKLLM_INTK_ACT"] = "int8"
+
+
 def set_threads(threads: int | None) -> None:
     import torch
 

@@ -18,6 +18,7 @@
 // A barrier that has spun for a while yields the core (sched_yield), so a busy machine degrades
 // gracefully instead of collapsing.
 #include "dense_impl.h"
+#include "intk_a8_impl.h"
 #include "intk_impl.h"
 #include "sparse_impl.h"
 #include "sub1_impl.h"
@@ -42,6 +43,7 @@ struct Lin {
     const int64_t* row_offsets;   // bitmask: first kept value of each row [out + 1]
     const int64_t* qrow_offsets;  // bitmask with codes: first code byte of each row [out + 1]
     int64_t total;          // bitmask: elements (floats) or bytes (codes) of the kept values
+    int act_bits;           // int-k: 8 = x quantized to int8 per 32 columns where a8_applies (intk_a8_impl.h), 0 = fp32
 };
 
 // A mixture-of-experts MLP (peakllm_moe, batch 1, fp32): a linear router scores the E experts, the
@@ -143,6 +145,7 @@ struct Work {
     std::vector<float> wide, split, yf, attn;
     std::vector<uint32_t> sub1buf;
     PreparedX px;
+    PreparedQ pq;
 };
 
 // Rows [lo, hi) of y [B, out] = x [B, in] @ W.T + bias.
@@ -189,7 +192,6 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
         }
         store_band<TX>(yf, L.bias, y, B, L.out, lo, hi);
     } else if (L.kind == LIN_INTK) {
-        intk_prepare(x, sizeof(TX) == 2, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.px);
         float* yf;
         if constexpr (sizeof(TX) == sizeof(float)) {
             yf = (float*)y;
@@ -197,9 +199,18 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
             w.yf.resize((size_t)B * L.out);
             yf = w.yf.data();
         }
-        const Problem P{(const uint8_t*)L.w, L.scales, L.zeros, L.gstart, L.in, L.out, ((int64_t)L.in * L.bits + 7) / 8,
-                        L.bits, L.n_groups, B, w.px.xp.data(), w.px.xblk.data(), w.px.xsum.data(), yf};
-        intk_rows_any(P, lo, hi);
+        const int64_t row_bytes = ((int64_t)L.in * L.bits + 7) / 8;
+        if (L.act_bits == 8 && a8_applies(L.bits, L.gstart, L.n_groups)) {
+            intk_prepare_a8(x, sizeof(TX) == 2, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.pq);
+            const ProblemA8 P{(const uint8_t*)L.w, L.scales, L.zeros, L.in, L.out, row_bytes, L.n_groups, B,
+                              w.pq.xq.data(), w.pq.sx.data(), w.pq.isum.data(), w.pq.bg.data(), yf};
+            intk_a8_rows_any(P, L.bits, lo, hi);
+        } else {
+            intk_prepare(x, sizeof(TX) == 2, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.px);
+            const Problem P{(const uint8_t*)L.w, L.scales, L.zeros, L.gstart, L.in, L.out, row_bytes,
+                            L.bits, L.n_groups, B, w.px.xp.data(), w.px.xblk.data(), w.px.xsum.data(), yf};
+            intk_rows_any(P, lo, hi);
+        }
         if (L.bias || sizeof(TX) != sizeof(float)) store_band<TX>(yf, L.bias, y, B, L.out, lo, hi);
     } else if (L.kind == LIN_F32) {
         const float* xf = prepare_x<float, TX>(x, B, L.in, w.wide, w.split);

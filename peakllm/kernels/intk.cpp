@@ -7,7 +7,8 @@
 // lane order (e.g. int4: the even, then the odd columns of each 16); x is reordered once per call
 // to match, so the weights are used exactly as stored. Columns outside whole blocks go through scalar code.
 // Build: g++ -O3 -march=native -fopenmp (peakllm/kernels/build.py); AVX2+FMA path or scalar.
-#include "intk_impl.h"
+// With int8 activations (intk_gemm_a8): AVX-512 VNNI / AVX-VNNI, AVX2, or scalar integer dot products.
+#include "intk_a8_impl.h"
 
 #include <omp.h>
 
@@ -36,6 +37,42 @@ int intk_gemm(const void* x, int x_bf16, const int32_t* perm, int B, int64_t in,
         intk_rows_any(P, lo, hi);
     }
     return 0;
+}
+
+// The same product with x quantized to int8 per 32-column block (intk_a8_impl.h: the arithmetic and its
+// error bound); layers where that path does not apply (a8_applies) take the fp32-activation path.
+int intk_gemm_a8(const void* x, int x_bf16, const int32_t* perm, int B, int64_t in, const uint8_t* qweight,
+                 const uint16_t* scales, const uint8_t* zeros, const int32_t* gstart, int n_groups, int64_t out,
+                 int bits, float* y, int threads) {
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return 1;
+    if (!groups_ok(gstart, n_groups, in)) return 2;
+    if (!a8_applies(bits, gstart, n_groups))
+        return intk_gemm(x, x_bf16, perm, B, in, qweight, scales, zeros, gstart, n_groups, out, bits, y, threads);
+    if (perm)
+        for (int64_t c = 0; c < in; c++)
+            if (perm[c] < 0 || perm[c] >= in) return 3;
+    PreparedQ pq;
+    intk_prepare_a8(x, x_bf16, perm, B, in, bits, gstart, n_groups, pq);
+    const ProblemA8 P{qweight, scales, zeros, in, out, (in * bits + 7) / 8, n_groups, B,
+                      pq.xq.data(), pq.sx.data(), pq.isum.data(), pq.bg.data(), y};
+#pragma omp parallel num_threads(pick_threads(threads, out * in * B))
+    {
+        int lo, hi;
+        share((int)out, 4, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+        intk_a8_rows_any(P, bits, lo, hi);
+    }
+    return 0;
+}
+
+// Which int8-activation path this build runs (for tests): 0 scalar, 1 AVX2, 2 AVX-512 VNNI, 3 AVX-VNNI.
+int intk_a8_path() {
+#if defined(PEAK_VNNI)
+    return 1 + PEAK_VNNI;
+#elif defined(PEAK_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 // Dense W [out, in] = scale * (q - zero) in the stored column order, fp32 or bf16 (for prefill GEMMs).

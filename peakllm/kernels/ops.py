@@ -27,7 +27,9 @@ _I, _L, _P = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "intk": {
         "intk_gemm": [_P, _I, _P, _I, _L, _P, _P, _P, _P, _I, _L, _I, _P, _I],
+        "intk_gemm_a8": [_P, _I, _P, _I, _L, _P, _P, _P, _P, _I, _L, _I, _P, _I],
         "intk_dequant": [_P, _P, _P, _P, _I, _L, _L, _I, _P, _I, _I],
+        "intk_a8_path": [],
     },
     "sparse": {
         "nm_gemm": [_P, _I, _I, _L, _L, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _I],
@@ -119,8 +121,28 @@ def _stored_g_idx(group_starts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
 
 
-def intk_matmul(x, qweight, scales, zeros, bits: int, group_starts, perm=None) -> torch.Tensor:
-    """fp32 [B, out] = x[:, perm] @ W.T for int-k W (columns in stored order, groups by group_starts)."""
+def int8_act_applies(bits: int, group_starts: torch.Tensor) -> bool:
+    """Whether the int8-activation path runs for this layer: bits 2, 4 or 8 and groups of whole
+    32-column blocks (other layers take the fp32-activation path, also when it is asked for)."""
+    return bits in (2, 4, 8) and bool((group_starts % 32 == 0).all())
+
+
+def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq int8 [B, in], sx fp32 [B, in/32]) as the int8-activation path quantizes x (in % 32 == 0):
+    sx = max|block| / 127, xq = round-half-even(x * (127 / max|block|)); x ~ sx * xq, off by <= sx / 2."""
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1)
+    # a true fp32 division as in C (`127.0 / tensor` would be 127 * reciprocal, rounded twice)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
+    return torch.round(xb * inv.unsqueeze(-1)).to(torch.int8).reshape(x.shape), amax / 127.0
+
+
+def intk_matmul(x, qweight, scales, zeros, bits: int, group_starts, perm=None, int8_act: bool = False) -> torch.Tensor:
+    """fp32 [B, out] = x[:, perm] @ W.T for int-k W (columns in stored order, groups by group_starts).
+
+    int8_act: quantize x to int8 per 32-column block and use integer dot products where
+    `int8_act_applies` (intk_a8_impl.h states the error bound); the reference path without a compiler
+    computes the same product on the quantized x."""
     _check(isinstance(group_starts, torch.Tensor) and group_starts.numel() >= 2,
            "group_starts must be int32 [n_groups + 1]")
     in_features = int(group_starts[-1])
@@ -128,16 +150,20 @@ def intk_matmul(x, qweight, scales, zeros, bits: int, group_starts, perm=None) -
     _check_intk(qweight, scales, zeros, bits, group_starts, in_features)
     if perm is not None:
         _check_tensor(perm, "perm", torch.int32, (in_features,))
+    int8_act = int8_act and int8_act_applies(bits, group_starts)
     fns = _kernels("intk")
     if fns is None:
         W = ref.dequantize_intk(qweight, scales, zeros, bits, in_features, -1, _stored_g_idx(group_starts))
         xs = x if perm is None else x[:, perm.to(torch.int64)]
+        if int8_act and xs.shape[0]:
+            xq, sx = quantize_act_int8(xs)
+            xs = (xq.float().reshape(xs.shape[0], -1, 32) * sx.unsqueeze(-1)).reshape(xs.shape)
         return ref.matmul_ref(xs, W)
     B, out = x.shape[0], qweight.shape[0]
     y = torch.empty(B, out, dtype=torch.float32)
     if B == 0 or out == 0:
         return y.zero_()
-    rc = fns["intk_gemm"](ptr(x), int(x.dtype == torch.bfloat16), ptr(perm) if perm is not None else None, B,
+    rc = fns["intk_gemm_a8" if int8_act else "intk_gemm"](ptr(x), int(x.dtype == torch.bfloat16), ptr(perm) if perm is not None else None, B,
                           in_features, ptr(qweight), ptr(scales), ptr(zeros), ptr(group_starts),
                           group_starts.numel() - 1, out, bits, ptr(y), _threads())
     _check(rc == 0, f"intk_gemm rejected its input (code {rc}): group_starts must rise from 0 to in_features, "
@@ -318,12 +344,13 @@ def _raise_on(rc: int, kernel: str) -> None:
         raise PeakError(f"{kernel} rejected its input (code {rc})")
 
 
-def bind_intk(qweight, scales, zeros, bits: int, group_starts, perm=None):
+def bind_intk(qweight, scales, zeros, bits: int, group_starts, perm=None, int8_act: bool = False):
     """x -> fp32 x[:, perm] @ W.T, for tensors already accepted by intk_matmul."""
     fns = _kernels("intk")
     if fns is None:
-        return lambda x: intk_matmul(x, qweight, scales, zeros, bits, group_starts, perm)
-    fn, out, in_features, n_groups = fns["intk_gemm"], qweight.shape[0], int(group_starts[-1]), group_starts.numel() - 1
+        return lambda x: intk_matmul(x, qweight, scales, zeros, bits, group_starts, perm, int8_act)
+    fn = fns["intk_gemm_a8" if int8_act and int8_act_applies(bits, group_starts) else "intk_gemm"]
+    out, in_features, n_groups = qweight.shape[0], int(group_starts[-1]), group_starts.numel() - 1
     tensors = (qweight, scales, zeros, group_starts, perm)
     p_perm, p_q, p_s, p_z, p_g = _addr(perm), _addr(qweight), _addr(scales), _addr(zeros), _addr(group_starts)
 

@@ -8,9 +8,15 @@ temporary and handed to torch's fp32 GEMM, also for bf16 x: on the AVX2 dev mach
 ran ~8x slower than fp32 (3.5 vs 28 GFLOP/s, 512x576 @ 576x1536, one core), see
 benchmarks/bench_kernels.py. x may be float32 or bfloat16 (other float dtypes run in float32); the
 result has x's dtype, rounded once from fp32.
+
+IntKLinear can instead quantize x to int8 per 32-column block and use integer dot products for the
+kernel rows (`int8_act`, default from $PEAKLLM_INTK_ACT = int8 | f32; error bound in
+kernels/intk_a8_impl.h); prefill is unchanged.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,15 @@ from peakllm.errors import PeakError
 from peakllm.kernels import decode, ops
 
 PREFILL_ROWS = 32  # rows of x above which dequantize + torch GEMM is used instead of the kernels
+INTK_ACT_ENV = "PEAKLLM_INTK_ACT"
+
+
+def int8_act_default() -> bool:
+    """Whether new IntKLinear layers use int8 activations: $PEAKLLM_INTK_ACT = int8 | f32 (default f32)."""
+    value = os.environ.get(INTK_ACT_ENV, "f32").strip().lower()
+    if value not in ("int8", "f32"):
+        raise PeakError(f"{INTK_ACT_ENV} must be 'int8' or 'f32', got {value!r}")
+    return value == "int8"
 
 
 def _as_compute(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -117,13 +132,18 @@ class IntKLinear(_PackedLinear):
 
     With g_idx the codes are also kept with their columns sorted by group (`qweight_sorted`, the same
     size as qweight), so every group is a contiguous range for the kernel; x is gathered per call.
+    `int8_act` (set with `set_int8_act`): the kernel rows quantize x to int8 per 32 columns where
+    `ops.int8_act_applies` (bits 2, 4, 8; groups of whole 32-column blocks), fp32 activations elsewhere.
     """
+
+    int8_act = False  # instances set it from $PEAKLLM_INTK_ACT; the class value serves older pickles
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, qweight: torch.Tensor,
                  scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None):
         super().__init__(in_features, out_features, bias)
         self.bits, self.group_size = int(bits), int(group_size)
+        self.int8_act = int8_act_default()
         if scales.shape[0] != self.out_features:
             raise PeakError(f"scales have {scales.shape[0]} rows, the layer has {self.out_features} outputs")
         self.register_buffer("qweight", qweight)
@@ -142,16 +162,23 @@ class IntKLinear(_PackedLinear):
     def _codes(self) -> torch.Tensor:
         return self.qweight if self.qweight_sorted is None else self.qweight_sorted
 
+    def set_int8_act(self, on: bool) -> None:
+        """Use int8 activations in the kernel rows (on) or fp32 ones; a built decode step is not updated."""
+        self.int8_act = bool(on)
+        self._kernel = None
+
     def _matmul(self, x2):
-        return ops.intk_matmul(x2, self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm)
+        return ops.intk_matmul(x2, self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm,
+                               self.int8_act)
 
     def _bind(self):
-        return ops.bind_intk(self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm)
+        return ops.bind_intk(self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm,
+                             self.int8_act)
 
     def decode_lin(self, keep: list):
         """This layer as a descriptor of the whole-step decode engine (kernels/decode.py)."""
         return decode.intk_lin(self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm,
-                               self.bias, self.in_features, self.out_features, keep)
+                               self.bias, self.in_features, self.out_features, keep, self.int8_act)
 
     def _dense_for_prefill(self, dtype):
         W = ops.intk_dequantize(self._codes(), self.scales, self.zeros, self.bits, self.group_starts,
@@ -168,7 +195,8 @@ class IntKLinear(_PackedLinear):
 
     def extra_repr(self) -> str:
         act_order = self.perm is not None
-        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, act_order={act_order}"
+        return (f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, act_order={act_order}, "
+                f"int8_act={self.int8_act}")
 
 
 class _SparseValues(_PackedLinear):
