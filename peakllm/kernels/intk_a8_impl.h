@@ -197,7 +197,8 @@ static inline void a8_chunk(const ProblemA8& P, const uint8_t* q, int64_t o, int
         }
         const int64_t at = (b0 + b) * nbp + k;
         const __m256i isum = _mm256_loadu_si256((const __m256i*)(P.isum + at));
-        const __m256i s = _mm256_sub_epi32(a8_reduce8(d), _mm256_mullo_epi32(zp, isum));
+        // zero * isum: zp < 256 and |isum| <= 32 * 127 fit int16, so one vpmaddwd multiplies them exactly
+        const __m256i s = _mm256_sub_epi32(a8_reduce8(d), _mm256_madd_epi16(zp, isum));
         const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(P.sx + at));
         tot[b] = _mm256_fmadd_ps(sc, p, tot[b]);
     }
