@@ -1,13 +1,15 @@
 """Decode speed of peakllm folders against llama.cpp GGUF files of the same model: interleaved, same threads.
 
   python benchmarks/bench_decode_vs_llamacpp.py --llama-bench /work/peers/llama.cpp/build/bin/llama-bench \\
-      --pair "int4 g32 sym + 8-bit embedding=OUT/int4-e8:GGUFDIR/q4_0.gguf" --pair ... --rounds 3 --log FILE
+      --pair "int4 g32 sym + 8-bit embedding=OUT/int4-e8:GGUFDIR/q4_0.gguf" --pair ... --rounds 3 --log FILE \\
+      [--peakllm-args "NAME=--int8-act"]
 
 Each round runs every peakllm folder (`peakllm bench --json`, fresh process) and every GGUF (`llama-bench
 -p 0 -n N -r 1 -t T -o json`) once, alternating, so both sides see the same machine state; the table shows
 the median tok/s of each side over the rounds, their ratio, and the weight bytes each reads per token
 (peakllm: as `bench` counts them; llama.cpp: its file size, which it reads once per token but for the
-embedding rows). Decode is timed from a 16-token prompt on the peakllm side and from an empty context on
+embedding rows). --peakllm-args NAME=ARGS adds arguments to that pair's `peakllm bench` (e.g. --int8-act,
+so one folder can run as two pairs side by side). Decode is timed from a 16-token prompt on the peakllm side and from an empty context on
 llama.cpp's (-p 0); both are dominated by reading the weights at these lengths.
 """
 
@@ -22,9 +24,9 @@ import sys
 from pathlib import Path
 
 
-def peakllm_tok_s(folder: str, args) -> dict:
+def peakllm_tok_s(folder: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "peakllm", "bench", "--model", folder, "--json", "--new-tokens", str(args.new_tokens),
-           "--prompt-tokens", "16", "--repeats", "1", "--threads", str(args.threads)]
+           "--prompt-tokens", "16", "--repeats", "1", "--threads", str(args.threads), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr.strip()[-800:]}")
@@ -49,7 +51,13 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log", default=None)
+    ap.add_argument("--peakllm-args", action="append", default=[], metavar="NAME=ARGS",
+                    help="extra arguments for one pair's `peakllm bench`, e.g. 'int8=--int8-act'")
     args = ap.parse_args()
+    extra = {}
+    for spec in args.peakllm_args:
+        name, _, rest = spec.partition("=")
+        extra[name] = rest.split()
     if not Path(args.llama_bench).is_file():
         raise SystemExit(f"llama-bench not found at {args.llama_bench}")
     pairs = []
@@ -66,7 +74,7 @@ def main() -> int:
     for r in range(args.rounds):
         for name, folder, gguf in pairs:
             loads.append(os.getloadavg()[0])
-            ours[name].append(peakllm_tok_s(folder, args))
+            ours[name].append(peakllm_tok_s(folder, args, extra.get(name, [])))
             theirs[name].append(llama_tok_s(gguf, args))
             print(f"round {r}: {name}: peakllm {ours[name][-1]['decode_tok_s']:.1f} tok/s, "
                   f"llama.cpp {theirs[name][-1]:.1f} tok/s (load {loads[-1]:.2f})", file=sys.stderr, flush=True)
@@ -75,7 +83,8 @@ def main() -> int:
     for name, folder, gguf in pairs:
         mine = statistics.median(o["decode_tok_s"] for o in ours[name])
         other = statistics.median(theirs[name])
-        row = {"bench": "decode-vs-llamacpp", "pair": name, "peakllm": folder, "gguf": gguf, "rounds": args.rounds,
+        row = {"bench": "decode-vs-llamacpp", "pair": name, "peakllm": folder, "peakllm_args": extra.get(name, []),
+               "gguf": gguf, "rounds": args.rounds,
                "threads": args.threads, "new_tokens": args.new_tokens, "peakllm_tok_s": [o["decode_tok_s"] for o in ours[name]],
                "llamacpp_tok_s": theirs[name], "ratio_median": mine / other,
                "peakllm_weight_bytes": ours[name][0]["weight_bytes"], "gguf_bytes": Path(gguf).stat().st_size,

@@ -2,11 +2,13 @@
 bytes read, for decode (batch 1), small batches (8) and prefill (rows > PREFILL_ROWS, bf16).
 
     python benchmarks/bench_kernels.py [--shapes 576x576,1536x576] [--prefill-rows 256] [--seconds 0.3]
+        [--group-size 128] [--intk-only]
 
 Shapes are out x in. Packed layers are filled with random bytes (random codes, positions, masks):
 speed does not depend on the values. GB/s counts every packed byte a call reads (codes, scales,
 zeros, indices, mask) once; above the machine's read bandwidth means the weights sat in cache.
-Prints a Markdown table.
+Each int-k layer also runs with int8 activations ("int8-act" rows, IntKLinear.set_int8_act) where that
+path applies. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from peakllm.kernels import ops
 from peakllm.runtime.linear import PREFILL_ROWS, BitmaskLinear, IntKLinear, NMLinear
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]
@@ -48,7 +51,7 @@ def packed_bytes(layer) -> int:
     return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
 
 
-def make_layers(out: int, inn: int, group_size: int = 128) -> dict:
+def make_layers(out: int, inn: int, group_size: int = 128, intk_only: bool = False) -> dict:
     """name -> (module or callable taking x, bytes of weight data read per call)."""
     layers = {}
     W = torch.randn(out, inn) * 0.02
@@ -58,7 +61,14 @@ def make_layers(out: int, inn: int, group_size: int = 128) -> dict:
     for bits in (8, 4, 3, 2):
         qp = quant_params(out, inn, group_size)
         layer = IntKLinear(inn, out, bits, group_size, random_bytes(out, -(-inn * bits // 8)), **qp)
+        layer.set_int8_act(False)
         layers[f"int{bits} g{group_size}"] = (layer, packed_bytes(layer))
+        if ops.int8_act_applies(bits, layer.group_starts):
+            a8 = IntKLinear(inn, out, bits, group_size, layer.qweight, **qp)
+            a8.set_int8_act(True)
+            layers[f"int{bits} g{group_size} int8-act"] = (a8, packed_bytes(a8))
+    if intk_only:
+        return layers
     # 2:4 with random positions: 4 positions a byte
     per_row = inn // 2
     indices = random_bytes(out, per_row // 4)
@@ -86,10 +96,13 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill-rows", type=int, default=256, help="rows of x for the prefill column (0: skip)")
     ap.add_argument("--seconds", type=float, default=0.3, help="time budget per measurement")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--group-size", type=int, default=128, help="int-k group size (default: %(default)s)")
+    ap.add_argument("--intk-only", action="store_true", help="only the dense baselines and the int-k layers")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"threads={args.threads}, PREFILL_ROWS={PREFILL_ROWS}, median of calls within {args.seconds}s each\n")
+    print(f"threads={args.threads}, PREFILL_ROWS={PREFILL_ROWS}, median of calls within {args.seconds}s each, "
+          f"int-k group size {args.group_size}\n")
     prefill = args.prefill_rows > PREFILL_ROWS
     head = "| shape (out x in) | weights | MB read | batch 1 us | GB/s | vs bf16 | batch 8 us | GB/s |"
     head += f" prefill {args.prefill_rows} bf16 ms | vs bf16 |" if prefill else ""
@@ -97,7 +110,7 @@ def main(argv=None) -> None:
     print("|" + "---|" * (head.count("|") - 1))
     for shape in args.shapes.split(","):
         out, inn = (int(v) for v in shape.lower().split("x"))
-        layers = make_layers(out, inn)
+        layers = make_layers(out, inn, args.group_size, args.intk_only)
         xs = {b: torch.randn(b, inn) for b in (1, 8)}
         xp = torch.randn(args.prefill_rows, inn).bfloat16()
         base = {}

@@ -81,6 +81,15 @@ def test_int8_act_path_falls_back_where_it_does_not_apply():
         x = torch.randn(3, inn)
         assert torch.equal(ops.intk_matmul(x, qweight, scales, zeros, bits, starts, int8_act=True),
                            ops.intk_matmul(x, qweight, scales, zeros, bits, starts))
+    # an empty group (act-order g_idx that never names group 1): eight blocks could span nine groups
+    _, qweight, scales, zeros, _ = random_intk(5, 320, 4, 32, False, seed=3)
+    g_idx = torch.arange(320, dtype=torch.int32) // 32
+    g_idx[g_idx == 1] = 0
+    starts, perm = ops.intk_groups(320, 32, g_idx)
+    assert not ops.int8_act_applies(4, starts)
+    x = torch.randn(2, 320)
+    assert torch.equal(ops.intk_matmul(x, qweight, scales, zeros, 4, starts, perm, int8_act=True),
+                       ops.intk_matmul(x, qweight, scales, zeros, 4, starts, perm))
 
 
 def test_int8_act_zero_and_bf16_inputs():

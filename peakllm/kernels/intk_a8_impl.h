@@ -10,8 +10,9 @@
 // with vector ops: at 32-column groups the per-group scalar work otherwise costs as much as the dots.
 // Error against the fp32-activation product: each x is moved by at most sx/2, so
 //   |y - y_f32| <= sum_c |w[o, c]| * sx[block of c] / 2   (plus fp32 rounding),
-// the bound tests/test_kernels_intk.py asserts. Applies when every group is made of whole 32-column
-// blocks and bits is 2, 4 or 8 (a8_applies); the callers take the fp32-activation path otherwise.
+// the bound tests/test_kernels_intk_int8act.py asserts. Applies when every group is made of one or more
+// whole 32-column blocks and bits is 2, 4 or 8 (a8_applies); the callers take the fp32-activation path
+// otherwise.
 #pragma once
 #include <cmath>
 
@@ -41,8 +42,8 @@ static int a8_order(int bits, int i) {
 
 static inline bool a8_applies(int bits, const int32_t* gstart, int n_groups) {
     if (bits != 2 && bits != 4 && bits != 8) return false;
-    for (int g = 0; g <= n_groups; g++)
-        if (gstart[g] % BLOCK) return false;
+    for (int g = 0; g <= n_groups; g++)  // no empty group either: eight blocks then span at most eight groups
+        if (gstart[g] % BLOCK || (g < n_groups && gstart[g + 1] <= gstart[g])) return false;
     return true;
 }
 

@@ -122,9 +122,10 @@ def _stored_g_idx(group_starts: torch.Tensor) -> torch.Tensor:
 
 
 def int8_act_applies(bits: int, group_starts: torch.Tensor) -> bool:
-    """Whether the int8-activation path runs for this layer: bits 2, 4 or 8 and groups of whole
-    32-column blocks (other layers take the fp32-activation path, also when it is asked for)."""
-    return bits in (2, 4, 8) and bool((group_starts % 32 == 0).all())
+    """Whether the int8-activation path runs for this layer: bits 2, 4 or 8 and groups of one or more
+    whole 32-column blocks (other layers take the fp32-activation path, also when it is asked for)."""
+    return (bits in (2, 4, 8) and bool((group_starts % 32 == 0).all())
+            and bool((group_starts[1:] > group_starts[:-1]).all()))
 
 
 def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
