@@ -202,6 +202,12 @@ def test_zero_share_control():
     for hint in (1e-3, 0.5, 50.0):  # a hint starts the search elsewhere; the result meets the share all the same
         qw, _, rate = gptq_at_zero_share(W, H, grid, base + 0.1, rate_hint=hint)
         assert rate > 0 and base + 0.1 <= zero_share(qw) <= base + 0.11
+    qw, _, rate = gptq_at_zero_share(W, H, grid, base, rate_hint=50.0)  # plain GPTQ's share, from far above
+    assert base <= zero_share(qw) <= base + 0.002 and rate < 50.0 / 4 ** 3
+    bad = -torch.eye(64, dtype=torch.float64)  # no factorisation: RTN, which no rate changes; not an error
+    for hint in (None, 1.0):
+        qw, info, rate = gptq_at_zero_share(W, bad, grid, 0.99, rate_hint=hint)
+        assert info.fallback_rtn and rate == 0.0 and torch.equal(qw.codes, rtn(W, grid).codes)
     with pytest.raises(PeakError, match="ternary"):
         gptq_at_zero_share(W, H, Grid(bits=4), 0.5)
     with pytest.raises(PeakError):

@@ -51,10 +51,16 @@ def gptq_at_zero_share(W: torch.Tensor, H: torch.Tensor, grid: Grid, share: floa
         lo, hi = None, rate_hint
     # Bracket: hi must reach the share, lo must not (None: not found yet); steps of 4x in rate.
     q, info, ok = solve(hi)
+    if info.fallback_rtn:  # H could not be factored: RTN codes, which no rate changes
+        return q, info, 0.0
     if ok:
-        best = (q, info)
+        best, start = (q, info), hi
         lo = hi / 4
         while True:
+            if lo < start / 4 ** 5:  # five steps down without failing: see whether plain GPTQ already does it
+                q, info, ok = solve(0.0)
+                if ok:
+                    return q, info, 0.0
             q, info, ok = solve(lo)
             if not ok:
                 break
