@@ -53,12 +53,24 @@ def _linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module  # a packed module: it owns its bytes and its kernel
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """rmsnorm(x) * weight over the last dim; an fp32 weight under lower-precision x (Gemma's norms) is
     applied in fp32 and the result rounded once, as Gemma computes it."""
     if weight.dtype == x.dtype:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def rope(qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE in HF's rotate-half convention on the last dim: x*cos + roll(x, D/2)*[-sin, sin]."""
+    return torch.addcmul(qk * cos, qk.roll(qk.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def causal_mask(q_pos: torch.Tensor, end: int, window: int = 0) -> torch.Tensor:
+    """[len(q_pos), end]: the query at position p sees keys j <= p, and with a window only p - j < window."""
+    k = torch.arange(end)[None, :]
+    mask = k <= q_pos[:, None]
+    return mask & (q_pos[:, None] - k < window) if window else mask
 
 
 class Attention(nn.Module):
@@ -100,11 +112,9 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
         if self.qk_norm:
-            q = _rms(q, self.q_norm_weight, self.qk_eps)
-            k = _rms(k, self.k_norm_weight, self.qk_eps)
-        # RoPE on q and k together (rotate-half convention of HF): x*cos + roll(x, D/2)*[-sin, sin].
-        qk = torch.cat((q, k), dim=2)
-        qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin_signed)
+            q = rms_norm(q, self.q_norm_weight, self.qk_eps)
+            k = rms_norm(k, self.k_norm_weight, self.qk_eps)
+        qk = rope(torch.cat((q, k), dim=2), cos, sin_signed)  # q and k together
         q, k = qk[:, :, :H], qk[:, :, H:]
         end = start_pos + T
         k_cache[:, :, start_pos:end].copy_(k.transpose(1, 2))
@@ -224,13 +234,13 @@ class Block(nn.Module):
                             m.act if moe is None else 0, a.window, int(self.attn_norm.dtype == torch.float32))
 
     def _post(self, y, weight):
-        return y if weight is None else _rms(y, weight, self.eps)
+        return y if weight is None else rms_norm(y, weight, self.eps)
 
     def forward(self, x, cos, sin_signed, k_cache, v_cache, start_pos, mask):
-        a = self.attn(_rms(x, self.attn_norm, self.eps), cos, sin_signed,
+        a = self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin_signed,
                       k_cache, v_cache, start_pos, mask)
         h = x + self._post(a, self.post_attn_norm)
-        return h + self._post(self.mlp(_rms(h, self.mlp_norm, self.eps)), self.post_mlp_norm)
+        return h + self._post(self.mlp(rms_norm(h, self.mlp_norm, self.eps)), self.post_mlp_norm)
 
 
 class RuntimeModel(nn.Module):
@@ -341,18 +351,20 @@ class RuntimeModel(nn.Module):
         head = _any_lin(self.lm_head, keep)
         return decode.Step(layers, head, self.dtype, batch, keep)
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of token ids (int-k rows, or the table; Gemma's scale applied)."""
+        if self.packed_embed is not None:
+            return self.packed_embed(tokens)
+        x = F.embedding(tokens, self.embed)
+        return x if self.embed_scale is None else x * self.embed_scale
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         B, T = tokens.shape
         end = start_pos + T
         if self.k_cache is None or B != self.batch or end > self.k_cache.shape[3]:
             raise PeakError(f"KV cache not set up for batch {B} and {end} tokens (call setup_cache)")
-        if self.packed_embed is not None:
-            x = self.packed_embed(tokens)
-        else:
-            x = F.embedding(tokens, self.embed)
-            if self.embed_scale is not None:
-                x = x * self.embed_scale
+        x = self.embed_tokens(tokens)
         if T == 1 and self.use_fused and dense.decode_ops_available(self.dtype):
             return self._decode(x, start_pos)
         masks = {}
@@ -364,7 +376,7 @@ class RuntimeModel(nn.Module):
             x = layer(x, cos, sin_signed, self.k_cache[i], self.v_cache[i], start_pos, masks[window])
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(_rms(x, self.norm_weight, self.norm_eps))
+        return self.lm_head(rms_norm(x, self.norm_weight, self.norm_eps))
 
     @staticmethod
     def _mask(T: int, start_pos: int, window: int):
@@ -372,12 +384,7 @@ class RuntimeModel(nn.Module):
         a single query's window is cut from the keys instead)."""
         if T == 1 or (start_pos == 0 and not (window and T > window)):
             return None
-        end = start_pos + T
-        q, k = torch.arange(start_pos, end)[:, None], torch.arange(end)[None, :]
-        mask = k <= q  # a chunk after cached tokens: query i sees keys 0..start_pos+i
-        if window:
-            mask &= q - k < window
-        return mask
+        return causal_mask(torch.arange(start_pos, start_pos + T), start_pos + T, window)
 
     def _decode(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         # One token: the residual add rides along with the next RMSNorm, attention is one kernel call.

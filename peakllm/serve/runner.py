@@ -15,31 +15,24 @@ import torch.nn.functional as F
 
 from peakllm.errors import PeakError
 from peakllm.kernels import dense
+from peakllm.runtime.families import SUPPORTED
+from peakllm.runtime.model import causal_mask, rms_norm, rope
 from peakllm.serve.scheduler import Work
 
-SERVE_SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+SERVE_SUPPORTED = tuple(t for t in SUPPORTED if t != "peakllm_moe")  # the runtime's dense families
+
+
+def check_family(config) -> None:
+    """One PeakError for a model type serve does not run (before a RuntimeModel is built)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SERVE_SUPPORTED:
+        raise PeakError(f"peakllm serve runs {', '.join(SERVE_SUPPORTED)} models, not '{model_type}'")
 
 
 def check_supported(model) -> None:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SERVE_SUPPORTED:
-        raise PeakError(f"peakllm serve runs {', '.join(SERVE_SUPPORTED)} models, not '{model_type}'")
+    check_family(model.config)
     if any(not hasattr(layer.mlp, "down_proj") for layer in model.layers):
         raise PeakError("peakllm serve needs a gated MLP in every layer (no mixture-of-experts blocks)")
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rmsnorm(x) * weight; a weight of another dtype than x (Gemma's fp32 norms under bf16) in fp32."""
-    if weight.dtype == x.dtype:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
-
-
-def _window_mask(q_pos: torch.Tensor, end: int, window: int) -> torch.Tensor:
-    """[len(q_pos), end]: query at position p sees keys j <= p, and with a window only p - j < window."""
-    k = torch.arange(end)[None, :]
-    mask = k <= q_pos[:, None]
-    return mask & (q_pos[:, None] - k < window) if window else mask
 
 
 class PagedRunner:
@@ -71,7 +64,7 @@ class PagedRunner:
         nb = max(len(w.seq.block_table) for w in work)
         table = torch.tensor([i for w in work for i in w.seq.block_table + [0] * (nb - len(w.seq.block_table))])
         pos = torch.tensor([w.start for w in work])  # each new token's position: it sees keys 0..pos
-        masks = {win: _window_mask(pos, nb * self.block_size, win)[:, None, None, :] for win in windows}
+        masks = {win: causal_mask(pos, nb * self.block_size, win)[:, None, None, :] for win in windows}
         return table, masks
 
     @torch.inference_mode()
@@ -91,12 +84,7 @@ class PagedRunner:
             "decode": self._decode_batch(work[:n_decode], windows) if n_decode else None,
             "prefill": [(offsets[i], w) for i, w in enumerate(work) if i >= n_decode],
         }
-        if m.packed_embed is not None:
-            x = m.packed_embed(ids)
-        else:
-            x = F.embedding(ids, m.embed)
-            if m.embed_scale is not None:
-                x = x * m.embed_scale
+        x = m.embed_tokens(ids)
         # x [N, dim]: the linears see every token of the step as the rows of one matrix
         last = [offsets[i + 1] - 1 for i, w in enumerate(work) if w.sample]
         if self.use_fused and dense.decode_ops_available(x.dtype):
@@ -125,11 +113,11 @@ class PagedRunner:
     def _layers_torch(self, x: torch.Tensor, plan: dict) -> torch.Tensor:
         m = self.model
         for li, layer in enumerate(m.layers):
-            attn = self._attention(layer, _rms(x, layer.attn_norm, layer.eps), li, plan)
-            x = x + (attn if layer.post_attn_norm is None else _rms(attn, layer.post_attn_norm, layer.eps))
-            mlp = layer.mlp(_rms(x, layer.mlp_norm, layer.eps))
-            x = x + (mlp if layer.post_mlp_norm is None else _rms(mlp, layer.post_mlp_norm, layer.eps))
-        return _rms(x, m.norm_weight, m.norm_eps)
+            attn = self._attention(layer, rms_norm(x, layer.attn_norm, layer.eps), li, plan)
+            x = x + (attn if layer.post_attn_norm is None else rms_norm(attn, layer.post_attn_norm, layer.eps))
+            mlp = layer.mlp(rms_norm(x, layer.mlp_norm, layer.eps))
+            x = x + (mlp if layer.post_mlp_norm is None else rms_norm(mlp, layer.post_mlp_norm, layer.eps))
+        return rms_norm(x, m.norm_weight, m.norm_eps)
 
     def _attention(self, layer, h: torch.Tensor, li: int, plan: dict) -> torch.Tensor:
         a = layer.attn
@@ -138,10 +126,9 @@ class PagedRunner:
         q, k, v = a._qkv(h)
         q, k, v = q.reshape(N, H, D), k.reshape(N, KV, D), v.reshape(N, KV, D)
         if a.qk_norm:
-            q, k = _rms(q, a.q_norm_weight, a.qk_eps), _rms(k, a.k_norm_weight, a.qk_eps)
+            q, k = rms_norm(q, a.q_norm_weight, a.qk_eps), rms_norm(k, a.k_norm_weight, a.qk_eps)
         cos, sin = plan["rope"][layer.rope_key]
-        qk = torch.cat((q, k), dim=1)  # RoPE as RuntimeModel applies it: x*cos + roll(x, D/2)*[-sin, sin]
-        qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
+        qk = rope(torch.cat((q, k), dim=1), cos, sin)  # as RuntimeModel applies it
         q, k = qk[:, :H], qk[:, H:]
         k_pool, v_pool = self.k_pool[li], self.v_pool[li]
         k_pool.index_copy_(0, plan["slots"], k.to(k_pool.dtype))
@@ -165,7 +152,7 @@ class PagedRunner:
             values = v_blocks.index_select(0, table).view(-1, KV, D)[:end].transpose(0, 1)[None]
             mask = None  # plain causal from position 0; otherwise after cached tokens and/or within a window
             if w.start > 0 or (a.window and end > a.window):
-                mask = _window_mask(torch.arange(w.start, end), end, a.window)
+                mask = causal_mask(torch.arange(w.start, end), end, a.window)
             o = F.scaled_dot_product_attention(q[row:row + w.n].transpose(0, 1)[None], keys, values, attn_mask=mask,
                                                is_causal=mask is None, scale=a.scaling, enable_gqa=True)
             out[row:row + w.n] = o[0].transpose(0, 1)

@@ -16,12 +16,10 @@ def build_engine(model_arg: str, *, dtype: torch.dtype = torch.float32, max_mode
     from peakllm.models import load_model
     from peakllm.runtime.model import RuntimeModel
     from peakllm.serve.engine import Engine
-    from peakllm.serve.runner import SERVE_SUPPORTED, check_supported
+    from peakllm.serve.runner import check_family, check_supported
 
     hf_model, tokenizer = load_model(model_arg)
-    model_type = getattr(hf_model.config, "model_type", None)
-    if model_type not in SERVE_SUPPORTED:  # before RuntimeModel, whose list is longer
-        raise PeakError(f"peakllm serve runs {', '.join(SERVE_SUPPORTED)} models, not '{model_type}'")
+    check_family(hf_model.config)  # before RuntimeModel, whose list is longer
     model = RuntimeModel.from_hf(hf_model, dtype, max_seq=max_model_len)
     check_supported(model)
     return Engine(model, tokenizer, max_model_len=max_model_len, **engine_kwargs), tokenizer
