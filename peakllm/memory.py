@@ -73,8 +73,35 @@ def release_free_heap(setup: bool = False) -> None:
         pass  # not glibc: nothing to do
 
 
+def reset_peak_rss() -> bool:
+    """Start VmHWM again from the current resident set (Linux: 5 > /proc/self/clear_refs); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def io_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (/proc/self/io read_bytes; page cache hits not counted)."""
+    try:
+        with open("/proc/self/io") as fh:
+            for line in fh:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def gb(n: float) -> str:
     return f"{n / (1 << 30):.2f} GB"
+
+
+def size_text(n: float) -> str:
+    """A size in GiB, or MiB below one GiB."""
+    return f"{n / (1 << 30):.2f} GiB" if abs(n) >= 1 << 30 else f"{n / (1 << 20):.2f} MiB"
 
 
 def layer_terms(layer, *, batch_tokens: int, seqlen: int, batch: int, hessian: bool, source_bytes: int) -> dict:

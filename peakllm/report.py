@@ -3,7 +3,8 @@
 Every command can append its JSON result to a log (`--log FILE`); a report groups the records by
 command, writes one Markdown table per command into `report.md`, and draws the plots the records
 support: perplexity vs sparsity (per method, N:M patterns as points), perplexity vs bits/param
-(per method), and perplexity per model/dataset for plain evaluations.
+(per method), perplexity per model/dataset for plain evaluations, streamed compression's memory and time
+against size, and decoding under --max-memory (tok/s, disk reads, the expert cache's hit rate).
 """
 
 from __future__ import annotations
@@ -150,6 +151,40 @@ def _plot_scale(records, ax) -> bool:
     return True
 
 
+def _plot_offload(records, ax) -> bool:
+    """`bench --max-memory` runs: decode tok/s against the budget, and for MoE the expert cache's hit rate
+    against its capacity (experts)."""
+    pts = [r for r in records if isinstance(r.get("offload"), dict) and r.get("decode_tok_s")]
+    if len(pts) < 2:
+        return False
+    moe = [r for r in pts if r["offload"].get("expert_capacity") is not None or r["offload"].get("experts")]
+    if moe:
+        def capacity(r):
+            off = r["offload"]
+            return off["experts"] if off.get("all_resident") else off["expert_capacity"]
+        pts = sorted(moe, key=capacity)
+        x = [capacity(r) for r in pts]
+        ax.set(xlabel="expert cache (experts held in memory)", title="MoE decode under --max-memory")
+    else:
+        pts = sorted(pts, key=lambda r: r["offload"]["budget_bytes"])
+        x = [r["offload"]["budget_bytes"] / 2**30 for r in pts]
+        ax.set(xlabel="--max-memory (GiB)", title="decode under --max-memory (layers streamed)")
+    ax.plot(x, [r["decode_tok_s"] for r in pts], marker="o", label="decode tok/s")
+    ax.set(ylabel="tokens / s", ylim=(0, None))
+    twin = ax.twinx()
+    if moe:
+        twin.plot(x, [r.get("expert_hit_rate") or 0.0 for r in pts], marker="s", color="tab:red",
+                  label="expert hit rate")
+        twin.set(ylabel="hit rate", ylim=(0, 1.05))
+    else:
+        twin.plot(x, [r.get("offload_bytes_read_per_step", 0) / 2**20 for r in pts], marker="s", color="tab:red",
+                  label="MiB read from disk per token")
+        twin.set(ylabel="MiB / token", ylim=(0, None))
+    lines, extra = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=7, loc="center right")
+    return True
+
+
 def write_report(results: str | Path, output: str | Path) -> dict:
     """Write report.md and plot PNGs into `output` (atomically); return what was written."""
     import matplotlib
@@ -165,7 +200,7 @@ def write_report(results: str | Path, output: str | Path) -> dict:
         written = ["report.md"]
         body = [f"# peakllm report\n\n{len(records)} results from `{results}`.\n", markdown_tables(records)]
         for name, plot in (("sparsity.png", _plot_sparsity), ("size.png", _plot_bits), ("eval.png", _plot_eval),
-                           ("scale.png", _plot_scale)):
+                           ("scale.png", _plot_scale), ("offload.png", _plot_offload)):
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
             if plot(records, ax):
                 fig.tight_layout()

@@ -22,6 +22,11 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="weights and activations of dense layers (default: %(default)s)")
     p.add_argument("--hf", action="store_true", help="benchmark transformers' model.generate instead (a baseline)")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="hold the model's weights and KV cache to SIZE (e.g. 2GB; the Python process itself is not "
+                   "counted): decoder layers beyond it are streamed from disk with read-ahead, a MoE's experts kept in "
+                   "an LRU cache; reports what is read from disk per token and the expert cache's hit rate (a peakllm "
+                   "folder, lean runtime only)")
     add_int8_act_option(p)
     add_threads_option(p)
     add_output_options(p)
@@ -40,14 +45,20 @@ def run(args) -> int:
     apply_int8_act(args.int8_act)
     if args.repeats < 1 or args.batch < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
         raise PeakError("need --prompt-tokens >= 1, --new-tokens >= 2, --batch >= 1 and --repeats >= 1")
+    from peakllm import memory
+
+    budget = memory.parse_size(args.max_memory) if args.max_memory else None
+    if budget is not None and args.hf:
+        raise PeakError("--max-memory runs the lean runtime only (not --hf)")
+    base_rss = memory.rss_bytes()  # Python, torch and transformers before the model
     started = time.perf_counter()
     model, _tokenizer = load_model(args.model)
     load_s = time.perf_counter() - started  # config, tokenizer and weights (packed folders: memory-mapped)
     result = bench(model, dtype=getattr(torch, DTYPES[args.dtype]), prompt_tokens=args.prompt_tokens,
                    new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats,
-                   engine="transformers" if args.hf else "peakllm")
+                   engine="transformers" if args.hf else "peakllm", max_memory=budget)
     from peakllm.runtime.linear import int8_act_default
 
-    emit({"model": args.model, "load_s": load_s, **result, "intk_act": "int8" if int8_act_default() else "f32"}, args,
+    emit({"model": args.model, "load_s": load_s, "base_rss_bytes": base_rss, **result, "intk_act": "int8" if int8_act_default() else "f32"}, args,
          "bench")
     return 0

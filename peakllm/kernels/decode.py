@@ -51,14 +51,18 @@ class Layer(ctypes.Structure):
                 + [(n, ctypes.c_int) for n in ("act", "window", "norm_f32w")])
 
 
-def moe(router: Lin, gate_up: list[Lin], down: list[Lin], top_k: int, inter: int, dim: int, keep: list):
-    """The C description of a MoE MLP (batch 1, fp32); returns its address for Layer.moe."""
+def moe(router: Lin, gate_up: list[Lin], down: list[Lin], top_k: int, inter: int, dim: int, keep: list,
+        readout: list | None = None):
+    """The C description of a MoE MLP (batch 1, fp32); returns its address for Layer.moe. `readout`, if
+    given, receives an int32 view [top_k] of the experts the last step picked."""
     E = len(gate_up)
     gu, dn = (Lin * E)(*gate_up), (Lin * E)(*down)
     work = torch.zeros(E + 3 * top_k * inter + top_k * dim + top_k)  # the last top_k floats hold ints
     m = Moe(router, ctypes.cast(gu, ctypes.POINTER(Lin)), ctypes.cast(dn, ctypes.POINTER(Lin)), E, top_k, inter,
             work.data_ptr())
     keep.extend((gu, dn, work, m))
+    if readout is not None:
+        readout.append(work[work.numel() - top_k:].view(torch.int32))
     return ctypes.addressof(m)
 
 

@@ -113,7 +113,7 @@ def _prompt(vocab_size: int, batch: int, prompt_tokens: int) -> torch.Tensor:
 
 
 def bench_runtime(model, prompt_tokens: int, new_tokens: int, batch: int = 1, repeats: int = 3,
-                  after_each=None) -> dict:
+                  after_each=None, before_timed=None) -> dict:
     """Median prefill tok/s, decode tok/s and time to first token of `generate` on a RuntimeModel;
     "decode_runs" lists each repeat's decode tok/s. `after_each()` runs after every timed repeat."""
     from peakllm.runtime.generate import generate
@@ -121,6 +121,8 @@ def bench_runtime(model, prompt_tokens: int, new_tokens: int, batch: int = 1, re
     prompt = _prompt(model.config.vocab_size, batch, prompt_tokens)
     model.setup_cache(batch, prompt_tokens + new_tokens)
     generate(model, None, prompt, min(new_tokens, 4), stop_at_eos=False)  # warm-up: kernels built, pages touched
+    if before_timed is not None:
+        before_timed()
     runs = []
     for _ in range(repeats):
         timings: dict = {}
@@ -162,13 +164,19 @@ def bench_hf(hf_model, prompt_tokens: int, new_tokens: int, batch: int = 1, repe
 
 
 def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 128, new_tokens: int = 64,
-          batch: int = 1, repeats: int = 3, engine: str = "peakllm", bandwidth_bytes: int = 1 << 30) -> dict:
+          batch: int = 1, repeats: int = 3, engine: str = "peakllm", bandwidth_bytes: int = 1 << 30,
+          max_memory: int | None = None) -> dict:
     """Benchmark `hf_model` through the lean runtime (engine='peakllm') or transformers ('transformers').
 
     Returns prefill/decode tok/s (medians), ttft_s, peak_rss_bytes (before any probe buffer is
     allocated), weight_bytes (read per decode step), bandwidth_gb_s (median probe) and
     roofline_fraction = median over repeats of decode steps/s * weight_bytes / that repeat's bandwidth
     (steps/s = decode_tok_s / batch; equal when batch is 1).
+
+    With max_memory (bytes; the lean runtime only) the weights and KV cache are held to that budget
+    (runtime/offload.py): no bandwidth probe runs (it would read every weight), and the result has the
+    offload plan, the bytes the plan reads from disk per decode step, those the kernel counted
+    (/proc/self/io), and for MoE the expert cache's hit rate.
     """
     if prompt_tokens < 1 or new_tokens < 2 or batch < 1 or repeats < 1:
         raise PeakError("need --prompt-tokens >= 1, --new-tokens >= 2, --batch >= 1 and --repeats >= 1")
@@ -184,6 +192,16 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
         if state["tensors"] is not None:
             probes.append(read_tensors_gb_s(state["tensors"]))
 
+    if max_memory is not None and engine != "peakllm":
+        raise PeakError("--max-memory runs the lean runtime only (not --hf)")
+    from peakllm import memory
+
+    load_peak = memory.peak_rss_bytes()  # loading included
+    reset = memory.reset_peak_rss()  # VmHWM from here on (the model is loaded): peak_rss_decode_bytes
+
+    def peaks() -> dict:
+        now = memory.peak_rss_bytes()
+        return {"peak_rss_bytes": max(load_peak, now), "peak_rss_decode_bytes": now if reset else None}
     if engine == "transformers":
         model = hf_model.to(dtype)
         state["tensors"] = _probe_tensors(model)
@@ -192,12 +210,15 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
         from peakllm.runtime.model import RuntimeModel
 
         model = RuntimeModel.from_hf(hf_model, dtype, max_seq=prompt_tokens + new_tokens)
+        if max_memory is not None:
+            model.set_max_memory(max_memory)
+            return {**_bench_offloaded(model, dtype, prompt_tokens, new_tokens, batch, repeats), **peaks()}
         state["tensors"] = _probe_tensors(model)
         speed = bench_runtime(model, prompt_tokens, new_tokens, batch, repeats, after_each=probe)
     else:
         raise PeakError(f"unknown engine '{engine}' (peakllm or transformers)")
     weight_bytes = weight_bytes_per_step(model, batch)
-    rss = peak_rss_bytes()
+    rss = peaks()  # before the fallback probe's buffer
     decode_runs = speed.pop("decode_runs")
     method = probe_method() + ", right after each timed repeat"
     if not probes:  # weights that fit in the caches say nothing about memory: read a large buffer instead
@@ -213,7 +234,7 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
         "engine": engine,
         "dtype": str(dtype).removeprefix("torch."),
         **speed,
-        "peak_rss_bytes": rss,
+        **rss,
         "weight_bytes": weight_bytes,
         "bandwidth_gb_s": statistics.median(probes),
         "bandwidth_method": method,
@@ -222,6 +243,37 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
         "threads": torch.get_num_threads(),
         "batch": batch,
     }
+
+
+def _bench_offloaded(model, dtype, prompt_tokens: int, new_tokens: int, batch: int, repeats: int) -> dict:
+    """bench_runtime under the model's memory budget, with what the offload read per decode step; the
+    counts start after the warm-up (each timed repeat's disk reads are listed)."""
+    from peakllm import memory
+
+    reads: list[int] = []
+    mark = {}
+
+    def before_timed() -> None:
+        model.offload.reset_stats()
+        mark["io"] = memory.io_read_bytes()
+
+    def after_each() -> None:
+        now = memory.io_read_bytes()
+        if now is not None and mark.get("io") is not None:
+            reads.append(now - mark["io"])
+        mark["io"] = now
+
+    speed = bench_runtime(model, prompt_tokens, new_tokens, batch, repeats, after_each=after_each,
+                          before_timed=before_timed)
+    off = model.offload
+    steps = off.stats["decode"]["steps"]
+    disk = {"disk_read_bytes_per_run": reads}
+    if reads and steps:  # /proc/self/io counts prefill too: per step of the whole run
+        disk["disk_read_bytes_per_token"] = sum(reads) / (steps + off.stats["prefill"]["steps"])
+    return {"engine": "peakllm", "dtype": str(dtype).removeprefix("torch."), **speed,
+            "weight_bytes": weight_bytes_per_step(model, batch),
+            "offload": off.describe(), **off.summary("decode"), **disk,
+            "threads": torch.get_num_threads(), "batch": batch}
 
 
 def _probe_tensors(model: nn.Module) -> list[torch.Tensor] | None:

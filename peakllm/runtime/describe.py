@@ -45,4 +45,7 @@ def moe_desc(block: nn.Module, dim: int, batch: int, keep: list):
     if any(lin is None for lin in gate_up + down):
         return None
     inter = gate_up[0].out_features // 2
-    return decode.moe(router, gate_up, down, block.top_k, inter, dim, keep)
+    readout: list = []
+    address = decode.moe(router, gate_up, down, block.top_k, inter, dim, keep, readout)
+    block.engine_chosen = readout[0]  # the experts the engine's router picked last (runtime/offload.py)
+    return address

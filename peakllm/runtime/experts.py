@@ -21,10 +21,14 @@ class PackedExperts(nn.Module):
         self.down = nn.ModuleList(down)        # [H, I] each
         self.act_fn = act_fn
         self.num_experts = len(gate_up)
+        self.on_route = None  # called with the experts a forward uses (runtime/offload.py's LRU cache)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():
+        used = torch.unique(top_k_index).tolist()
+        if self.on_route is not None:
+            self.on_route([e for e in used if 0 <= e < self.num_experts])
+        for e in used:
             if not 0 <= e < self.num_experts:
                 continue  # transformers marks dropped routes with index num_experts
             token, slot = torch.where(top_k_index == e)

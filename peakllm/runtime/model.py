@@ -295,6 +295,14 @@ class RuntimeModel(nn.Module):
         self.use_fused = True  # False forces the plain torch path (tests compare the two)
         self.use_step_engine = True  # False: the op-by-op decode path (tests compare the two)
         self._step = None
+        self.max_memory = None  # bytes: weights + KV cache are held to it by runtime/offload.py
+        self.offload = None
+
+    def set_max_memory(self, budget: int | None) -> None:
+        """Hold the weights and the KV cache to `budget` bytes (None: everything stays in memory); the plan is
+        made when the cache is set up, since the cache is part of the budget."""
+        self.max_memory = budget
+        self.k_cache = None  # the next setup_cache plans
 
     @classmethod
     @torch.inference_mode()
@@ -331,6 +339,15 @@ class RuntimeModel(nn.Module):
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
         self.batch = batch
+        if self.offload is not None:
+            self.offload.close()
+            self.offload = None
+        if self.max_memory is not None:
+            from peakllm.runtime.offload import Offload
+
+            kv = 2 * self.k_cache.numel() * self.k_cache.element_size()
+            self.offload = Offload(self, self.max_memory, kv)
+            self.offload.start()
         self._step = self._build_step(batch)
 
     def _build_step(self, batch: int):
@@ -349,6 +366,11 @@ class RuntimeModel(nn.Module):
                 return None
             layers.append(made)
         head = _any_lin(self.lm_head, keep)
+        if self.offload is not None and not self.offload.all_resident:  # layer groups with the hooks between
+            from peakllm.runtime.offload import OffloadStep
+
+            chosen = [None if b.fused_act else getattr(b.mlp, "engine_chosen", None) for b in self.layers]
+            return OffloadStep(layers, head, self.dtype, batch, keep, self.offload, chosen)
         return decode.Step(layers, head, self.dtype, batch, keep)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -365,6 +387,9 @@ class RuntimeModel(nn.Module):
         if self.k_cache is None or B != self.batch or end > self.k_cache.shape[3]:
             raise PeakError(f"KV cache not set up for batch {B} and {end} tokens (call setup_cache)")
         x = self.embed_tokens(tokens)
+        off = self.offload  # None, or the memory budget's hooks around each layer
+        if off is not None:
+            off.phase = "decode" if T == 1 else "prefill"
         if T == 1 and self.use_fused and dense.decode_ops_available(self.dtype):
             return self._decode(x, start_pos)
         masks = {}
@@ -373,7 +398,11 @@ class RuntimeModel(nn.Module):
             window = layer.attn.window
             if window not in masks:
                 masks[window] = self._mask(T, start_pos, window)
+            if off is not None:
+                off.before(i)
             x = layer(x, cos, sin_signed, self.k_cache[i], self.v_cache[i], start_pos, masks[window])
+            if off is not None:
+                off.after(i)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(rms_norm(x, self.norm_weight, self.norm_eps))
@@ -394,7 +423,10 @@ class RuntimeModel(nn.Module):
             cos, sin_signed = self.cos[pos, 0], self.sin_signed[pos, 0]
             logits = self._step.run(x, h, pos, cos, sin_signed, torch.get_num_threads())
             return self.lm_head(h) if logits is None else logits
+        off = self.offload
         for i, layer in enumerate(self.layers):
+            if off is not None:
+                off.before(i)
             cos, sin_signed = (t[pos, 0] for t in self.rope[layer.rope_key])
             attn = layer.attn.decode(h, cos, sin_signed, self.k_cache[i], self.v_cache[i], pos)
             if layer.post_attn_norm is not None:
@@ -411,4 +443,6 @@ class RuntimeModel(nn.Module):
                 h = dense.add_rmsnorm(x, mlp.contiguous().view_as(x), nxt.attn_norm, nxt.eps)
             else:
                 h = dense.add_rmsnorm(x, mlp.contiguous().view_as(x), self.norm_weight, self.norm_eps)
+            if off is not None:
+                off.after(i)
         return self.lm_head(h)

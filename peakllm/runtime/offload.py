@@ -1,0 +1,390 @@
+"""Running a model whose weights exceed a memory budget (`--max-memory`): decoder layers streamed from
+disk with read-ahead, and a MoE's experts held in an LRU cache, both over the memory maps the loader made.
+
+A peakllm folder's tensors are views of private memory maps of its files (formats/container.py `_map`), so a
+weight is read from disk when first touched and nothing is ever copied. This module decides which of those
+pages may stay in memory:
+
+- the budget covers the model's weights in memory (mapped pages, and the page cache behind them) and its KV
+  cache; the Python process itself (interpreter, torch, tokenizer: ~0.3-0.5 GB) is not counted;
+- what is not a decoder layer's (embeddings, lm_head, final norm) and every tensor that is not a view of a
+  file (small derived copies) stays resident; a layer's own weights are a *unit*, and so is each expert;
+- dense layers: the first layers that fit stay pinned; the others stream through `ahead + 1` slots: while
+  layer i computes, a background thread faults layer i+1 in (`madvise(MADV_POPULATE_READ)`, which reads
+  from disk without holding the GIL); after layer i its pages are dropped from the process
+  (`MADV_DONTNEED`) and from the page cache (`POSIX_FADV_DONTNEED`), so the next token reads it from disk
+  again, which is what a machine without the memory would have to do;
+- MoE layers: attention and routers stay resident; experts are faulted in on demand when the router
+  picks them (the kernels simply touch the mapped bytes), and after each layer the least recently used
+  experts beyond the cache's capacity are dropped the same way.
+
+Offloading changes where bytes live, never what is computed: the kernels read the same addresses, so an
+offloaded run's tokens equal the in-memory run's bit for bit (tests/test_offload.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from peakllm.errors import PeakError
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 3, 4, 22
+
+_libc = ctypes.CDLL(None, use_errno=True)  # CDLL calls release the GIL: read-ahead overlaps compute
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+
+
+def _file_mappings() -> list[tuple[int, int, int, str]]:
+    """(start, end, file offset, path) of every file-backed mapping of this process."""
+    out = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split(maxsplit=5)
+            if len(parts) < 6 or not parts[5].startswith("/"):
+                continue
+            lo, hi = (int(a, 16) for a in parts[0].split("-"))
+            out.append((lo, hi, int(parts[2], 16), parts[5].rstrip("\n")))
+    return out
+
+
+def _anonymous_kb() -> dict[int, int]:
+    """{mapping start: its anonymous (copied-on-write) kilobytes} from /proc/self/smaps."""
+    out, start = {}, None
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                start = int(first.split("-")[0], 16)
+            elif first == "Anonymous:" and start is not None:
+                out[start] = int(line.split()[1])
+    return out
+
+
+class Span:
+    """Whole pages of one mapped file: [addr, addr + length) in memory, [offset, offset + length) on disk."""
+
+    __slots__ = ("addr", "length", "path", "offset")
+
+    def __init__(self, addr: int, length: int, path: str, offset: int):
+        self.addr, self.length, self.path, self.offset = addr, length, path, offset
+
+
+def _storages(module: nn.Module, skip: set[int] = frozenset()) -> dict[int, int]:
+    """{storage address: nbytes} of every tensor under `module` (modules in `skip` by id left out)."""
+    found: dict[int, int] = {}
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in skip:
+            continue
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is not None and t.device.type == "cpu" and not t.is_meta:
+                s = t.untyped_storage()
+                if s.nbytes():
+                    found[s.data_ptr()] = max(found.get(s.data_ptr(), 0), s.nbytes())
+        stack.extend(m._modules.values())
+    return found
+
+
+class Unit:
+    """One evictable piece (a decoder layer's own weights, or one expert): its whole file pages."""
+
+    def __init__(self, name: str, storages: dict[int, int], maps: list):
+        self.name, self.spans, self.nbytes = name, [], sum(storages.values())
+        ranges = []
+        for ptr, n in storages.items():
+            for lo, hi, off, path in maps:
+                if lo <= ptr < hi:
+                    a, b = -(-ptr // PAGE) * PAGE, (ptr + n) // PAGE * PAGE  # whole pages inside the tensor
+                    if b > a:
+                        ranges.append((a, b, off - lo, path))
+                    break
+        ranges.sort()
+        for a, b, delta, path in ranges:  # merge touching ranges of one file
+            last = self.spans[-1] if self.spans else None
+            if last is not None and last.path == path and last.addr + last.length == a:
+                last.length += b - a
+            else:
+                self.spans.append(Span(a, b - a, path, a + delta))
+        self.mapped = sum(s.length for s in self.spans)
+
+
+def _expert_modules(mlp: nn.Module) -> list[list[nn.Module]] | None:
+    """Per expert, the modules holding its weights (packed experts), or None for a block without them."""
+    experts = getattr(mlp, "experts", None)
+    if experts is not None and hasattr(experts, "gate_up") and hasattr(experts, "down"):
+        return [[g, d] for g, d in zip(experts.gate_up, experts.down)]
+    return None
+
+
+def resident_bytes(unit: "Unit") -> int:
+    """Bytes of the unit's pages mapped into this process now (/proc/self/pagemap's present bit). The page
+    cache is not counted: the kernel's readahead may keep a window of neighbouring pages there."""
+    import array
+
+    total = 0
+    with open("/proc/self/pagemap", "rb") as fh:
+        for s in unit.spans:
+            fh.seek(s.addr // PAGE * 8)
+            entries = array.array("Q", fh.read(s.length // PAGE * 8))
+            total += sum(1 for e in entries if e >> 63) * PAGE
+    return total
+
+
+class Offload:
+    """The budget's plan for one RuntimeModel and the hooks its forward calls around each layer."""
+
+    def __init__(self, model: nn.Module, budget: int, kv_bytes: int, ahead: int = 1):
+        if ahead < 1:
+            raise PeakError("offload read-ahead must be at least one layer")
+        maps = _file_mappings()
+        self.budget, self.kv_bytes, self.ahead = int(budget), int(kv_bytes), ahead
+        self.layers: list[Unit] = []
+        self.experts: list[list[Unit]] = []  # per layer; empty for dense layers
+        unit_ptrs: set[int] = set()
+        for i, layer in enumerate(model.layers):
+            per_expert = _expert_modules(layer.mlp)
+            skip = {id(m) for ms in per_expert or [] for m in ms}
+            own = _storages(layer, skip)
+            self.layers.append(Unit(f"layer {i}", own, maps))
+            self.experts.append([Unit(f"layer {i} expert {e}", _storages(nn.ModuleList(ms)), maps)
+                                 for e, ms in enumerate(per_expert or [])])
+            unit_ptrs.update(own)
+            for ms in per_expert or []:
+                unit_ptrs.update(_storages(nn.ModuleList(ms)))
+        everything = _storages(model)
+        self.fixed = sum(n for p, n in everything.items() if p not in unit_ptrs) + self.kv_bytes
+        self._check_unwritten(maps)
+        self.moe = any(self.experts)
+        self._plan()
+        self._fds: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peakllm-readahead")
+        self._pending: dict[int, Future] = {}
+        self._resident: set[int] = set(range(len(self.layers)))  # streamed layers are dropped on first use
+        self.lru: OrderedDict = OrderedDict()  # (layer, expert) -> None, least recently used first
+        self.routes: list[tuple[int, list[int]]] = []  # (layer, experts picked) since the last hook
+        self.phase = "prefill"  # set by RuntimeModel.forward: counts go to stats[phase]
+        self._observed = []
+        for i, layer in enumerate(model.layers):  # the op-by-op path reports its experts' routes
+            experts = getattr(layer.mlp, "experts", None)
+            if hasattr(experts, "on_route"):
+                experts.on_route = functools.partial(self.route, i)
+                self._observed.append(experts)
+        self.stats = {ph: {"steps": 0, "expert_hits": 0, "expert_misses": 0, "layer_reads": 0, "bytes_read": 0}
+                      for ph in ("prefill", "decode")}
+
+    # ---- the plan ----------------------------------------------------------------------------------
+    def _plan(self) -> None:
+        sizes = [u.nbytes for u in self.layers]
+        avail = self.budget - self.fixed
+        need = self.fixed + sum(sizes) + sum(u.nbytes for us in self.experts for u in us)
+        self.all_resident = need <= self.budget
+        self.pinned = list(range(len(sizes)))
+        self.streamed: list[int] = []
+        self.capacity = None
+        if self.all_resident:
+            return
+        if self.moe:
+            exp = max(u.nbytes for us in self.experts for u in us)
+            top_k = 1  # the layer's misses are dropped right after it: one expert of room is the minimum
+            room = avail - sum(sizes)
+            if room < top_k * exp:
+                raise PeakError(self._too_small(sum(sizes) + top_k * exp, "every layer's attention and router plus one "
+                                                                          "expert"))
+            self.capacity = int(room // exp) - top_k
+            return
+        biggest = max(sizes)
+        slots = (self.ahead + 1) * biggest
+        if avail < slots:
+            raise PeakError(self._too_small(slots, f"{self.ahead + 1} layers (one computing, {self.ahead} read ahead)"))
+        used, self.pinned = 0, []
+        for i, n in enumerate(sizes):
+            if used + n + slots > avail:
+                break
+            self.pinned.append(i)
+            used += n
+        self.streamed = [i for i in range(len(sizes)) if i not in self.pinned]
+
+    def _too_small(self, need_more: int, what: str) -> str:
+        from peakllm.memory import size_text as t
+
+        return (f"--max-memory {t(self.budget)} is too small: the resident part (embeddings, lm_head, norms, "
+                f"KV cache) takes {t(self.fixed)} and {what} need {t(need_more)} more; the smallest budget that "
+                f"runs is {t(self.fixed + need_more)}")
+
+    def _check_unwritten(self, maps) -> None:
+        """Dropping a page of a private map reverts it to the file: refuse if a mapped weight was written."""
+        anon = _anonymous_kb()
+        for u in self.layers + [u for us in self.experts for u in us]:
+            for s in u.spans:
+                lo = next(lo for lo, hi, _off, _path in maps if lo <= s.addr < hi)
+                if anon.get(lo):
+                    raise PeakError(f"{u.name}: its mapped weights were modified in memory ({s.path}); "
+                                    "offloading would drop the changes")
+
+    def describe(self) -> dict:
+        out = {"budget_bytes": self.budget, "resident_bytes": self.fixed, "all_resident": self.all_resident,
+               "layer_bytes": sum(u.nbytes for u in self.layers)}
+        if self.moe:
+            out.update(expert_capacity=self.capacity, experts=sum(len(us) for us in self.experts),
+                       expert_bytes=max(u.nbytes for us in self.experts for u in us))
+        else:
+            out.update(pinned_layers=len(self.pinned), streamed_layers=len(self.streamed),
+                       streamed_bytes_per_token=sum(self.layers[i].nbytes for i in self.streamed))
+        return out
+
+    # ---- page movement -----------------------------------------------------------------------------
+    def _fd(self, path: str) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    @staticmethod
+    def _populate(unit: Unit) -> None:
+        for s in unit.spans:
+            if _libc.madvise(s.addr, s.length, MADV_POPULATE_READ) != 0:  # kernels before 5.14: hint, then touch
+                _libc.madvise(s.addr, s.length, MADV_WILLNEED)
+                ctypes.string_at(s.addr, 1)
+                for a in range(s.addr, s.addr + s.length, PAGE):
+                    ctypes.c_char.from_address(a).value  # noqa: B018 (the read faults the page in)
+
+    def _drop(self, unit: Unit) -> None:
+        for s in unit.spans:
+            if _libc.madvise(s.addr, s.length, MADV_DONTNEED) != 0:
+                raise PeakError(f"cannot release {unit.name}'s pages: {os.strerror(ctypes.get_errno())}")
+            os.posix_fadvise(self._fd(s.path), s.offset, s.length, os.POSIX_FADV_DONTNEED)
+
+    def _fetch(self, i: int) -> None:
+        if i not in self._pending and i not in self._resident:
+            self._pending[i] = self._pool.submit(self._populate, self.layers[i])
+
+    # ---- hooks (RuntimeModel calls them around each layer) ------------------------------------------
+    def before(self, i: int) -> None:
+        if i == 0:
+            self.stats[self.phase]["steps"] += 1
+        if self.all_resident:
+            return
+        if i == 0 and self.streamed:
+            self._fetch(self.streamed[0])  # read ahead while the pinned layers compute
+        if i in self.streamed:
+            self._fetch(i)
+            fut = self._pending.pop(i, None)
+            if fut is not None:
+                fut.result()
+                self._resident.add(i)
+                self.stats[self.phase]["layer_reads"] += 1
+                self.stats[self.phase]["bytes_read"] += self.layers[i].mapped
+            k = self.streamed.index(i)
+            for j in range(1, self.ahead + 1):  # the next layers to stream, wrapping to the next token's
+                self._fetch(self.streamed[(k + j) % len(self.streamed)])
+
+    def after(self, i: int) -> None:
+        if self.all_resident:
+            return
+        if i in self.streamed and len(self.streamed) > self.ahead:
+            self._drop(self.layers[i])
+            self._resident.discard(i)
+        if self.moe and self.experts[i]:
+            self._experts_after(i)
+
+    def route(self, layer: int, experts) -> None:
+        """The experts a layer's router picked (called by the op-by-op path and the engine's readout)."""
+        if self.all_resident:
+            return
+        self.routes.append((layer, [int(e) for e in experts]))
+
+    def _experts_after(self, i: int) -> None:
+        picked = [e for layer, es in self.routes if layer == i for e in es]
+        self.routes = [r for r in self.routes if r[0] != i]
+        for e in dict.fromkeys(picked):
+            key = (i, e)
+            st = self.stats[self.phase]
+            if key in self.lru:
+                st["expert_hits"] += 1
+                self.lru.move_to_end(key)
+            else:
+                st["expert_misses"] += 1
+                st["bytes_read"] += self.experts[i][e].mapped
+                self.lru[key] = None
+        while len(self.lru) > self.capacity:
+            (li, e), _ = self.lru.popitem(last=False)
+            self._drop(self.experts[li][e])
+        for e, unit in enumerate(self.experts[i]):  # touched without a readout (prefill): not kept
+            if (i, e) not in self.lru:
+                self._drop(unit)
+
+    def summary(self, phase: str = "decode") -> dict:
+        """Per step of `phase`: bytes the plan read from disk, and the expert cache's hit rate."""
+        st = self.stats[phase]
+        steps = max(st["steps"], 1)
+        out = {"offload_bytes_read_per_step": st["bytes_read"] / steps}
+        if self.moe:
+            picked = st["expert_hits"] + st["expert_misses"]
+            out["expert_hit_rate"] = st["expert_hits"] / picked if picked else None
+        return out
+
+    def reset_stats(self) -> None:
+        for st in self.stats.values():
+            for k in st:
+                st[k] = 0
+
+    def start(self) -> None:
+        """Drop every streamed layer and uncached expert now (the loader's checksum may have read them)."""
+        if self.all_resident:
+            return
+        for i in self.streamed:
+            self._drop(self.layers[i])
+            self._resident.discard(i)
+        for us in self.experts:
+            for unit in us:
+                self._drop(unit)
+
+    def close(self) -> None:
+        for experts in self._observed:
+            experts.on_route = None
+        self._observed = []
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class OffloadStep:
+    """The decode engine in groups of layers with the offload hooks between them: the pinned layers in one
+    C call, every streamed (or MoE) layer in its own; the same `run` as kernels/decode.py `Step`."""
+
+    def __init__(self, layers: list, head, dtype, batch: int, keep: list, offload: Offload, chosen: list):
+        from peakllm.kernels.decode import Step
+
+        self.offload, self.chosen = offload, chosen  # chosen[i]: layer i's engine top-k readout, or None
+        cut = 0 if offload.moe else len(offload.pinned)
+        bounds = ([(0, cut)] if cut else []) + [(i, i + 1) for i in range(cut, len(layers))]
+        self.groups = [(a, b, Step(layers[a:b], head if b == len(layers) else None, dtype, batch, keep))
+                       for a, b in bounds]
+
+    def run(self, x, h, pos, cos, sin_signed, threads):
+        off, logits = self.offload, None
+        for a, b, step in self.groups:
+            for i in range(a, b):
+                off.before(i)
+            logits = step.run(x, h, pos, cos, sin_signed, threads)
+            for i in range(a, b):
+                if self.chosen[i] is not None:
+                    off.route(i, self.chosen[i].tolist())
+                off.after(i)
+        return logits

@@ -1,0 +1,157 @@
+"""Running under a memory budget (runtime/offload.py): streamed layers and LRU experts read the same
+mapped bytes, so the tokens equal the all-in-memory run's bit for bit; the pages really leave memory; a
+budget too small to run is refused before any work."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from peakllm.cli import main
+from peakllm.errors import PeakError
+from peakllm.models import load_model
+from peakllm.runtime.generate import generate
+from peakllm.runtime.model import RuntimeModel
+from peakllm.runtime.offload import _file_mappings, resident_bytes
+
+N = 16
+
+
+def _hf_dir(tmp_path, tiny_tokenizer, **shape):
+    """A random Llama with layers of many pages (int4: ~0.4 MB each), saved as an HF folder."""
+    from conftest import _randomize, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config(hidden_size=256, intermediate_size=1024, num_hidden_layers=5, **shape)
+    path = tmp_path / "hf"
+    _randomize(LlamaForCausalLM(cfg), 0).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _in_memory(hf):
+    """The loaded model with every tensor copied out of the file maps."""
+    model = copy.deepcopy(hf)
+    maps = _file_mappings()
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        assert not any(lo <= ptr < hi for lo, hi, _o, _p in maps)
+    return model
+
+
+def _tokens(hf, tok, ids, budget=None, engine=True):
+    rt = RuntimeModel.from_hf(hf)
+    rt.set_max_memory(budget)
+    rt.use_step_engine = engine
+    out = generate(rt, tok, ids, N, stop_at_eos=False)
+    return out, rt
+
+
+@pytest.fixture(scope="module")
+def int4_folder(tmp_path_factory, tiny_tokenizer):
+    tmp = tmp_path_factory.mktemp("offload")
+    out = tmp / "int4"
+    code = main(["quantize", "--model", str(_hf_dir(tmp, tiny_tokenizer)), "--method", "rtn", "--bits", "4",
+                 "--group-size", "32", "--eval-tokens", "0", "--stream", "on", "--output", str(out), "--json"])
+    assert code == 0  # streamed: one shard per layer, as a big model is written
+    return out
+
+
+def test_streamed_layers_give_the_in_memory_tokens(int4_folder):
+    hf, tok = load_model(str(int4_folder))
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    ref, _ = _tokens(_in_memory(hf), tok, ids)
+    mapped, _ = _tokens(hf, tok, ids)
+    assert torch.equal(mapped, ref)
+    layer = RuntimeModel.from_hf(hf)
+    layer.set_max_memory(1 << 40)
+    layer.setup_cache(2, 9 + N)
+    sizes = [u.nbytes for u in layer.offload.layers]
+    fixed = layer.offload.fixed
+    assert layer.offload.all_resident
+    plans = set()
+    for extra in (2, 3, 4):  # 0, 1 and 2 layers pinned next to the two streaming slots
+        budget = int(fixed + extra * max(sizes))
+        for engine in (True, False):
+            out, rt = _tokens(hf, tok, ids, budget, engine)
+            assert torch.equal(out, ref), (budget, engine)
+            off = rt.offload
+            plans.add(len(off.pinned))
+            assert not off.all_resident and off.streamed
+            # every streamed layer but the one read ahead for the next token has left memory
+            ahead = off.streamed[0]
+            for i in off.streamed:
+                if i != ahead:
+                    assert resident_bytes(off.layers[i]) == 0, (i, budget)
+            for i in off.pinned:
+                assert resident_bytes(off.layers[i]) == off.layers[i].mapped
+            st = off.stats["decode"]
+            assert st["steps"] == N - 1 and st["layer_reads"] == (N - 1) * len(off.streamed)
+    assert plans == {0, 1, 2}
+
+
+def test_too_small_budget_is_refused_with_the_smallest_that_runs(int4_folder):
+    hf, _tok = load_model(str(int4_folder))
+    rt = RuntimeModel.from_hf(hf)
+    rt.set_max_memory(200_000)
+    with pytest.raises(PeakError, match="too small.*smallest budget that runs is"):
+        rt.setup_cache(1, 16)
+
+
+def test_bench_reports_disk_reads_under_a_budget(int4_folder, capsys):
+    import json
+
+    code = main(["bench", "--model", str(int4_folder), "--max-memory", "1.5MB", "--new-tokens", "4",
+                 "--prompt-tokens", "4", "--repeats", "1", "--json"])
+    assert code == 0, capsys.readouterr().err
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plan = row["offload"]
+    assert plan["streamed_layers"] >= 2 and not plan["all_resident"]
+    assert row["offload_bytes_read_per_step"] > 0 and row["decode_tok_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory, tiny_tokenizer):
+    tmp = tmp_path_factory.mktemp("offload_moe")
+    text = tmp / "text.txt"
+    text.write_text(("The quick brown fox jumps over the lazy dog. " * 40 + "\n") * 20)
+    moe = tmp / "moe"
+    assert main(["moefy", "--model", str(_hf_dir(tmp, tiny_tokenizer)), "--experts", "8", "--top-k", "2",
+                 "--calib-samples", "2", "--calib-seqlen", "32", "--calib-dataset", str(text),
+                 "--output", str(moe)]) == 0
+    out = tmp / "moe-int4"
+    assert main(["quantize", "--model", str(moe), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--eval-tokens", "0", "--stream", "on", "--output", str(out)]) == 0
+    return out
+
+
+def test_expert_lru_gives_the_in_memory_tokens(moe_folder):
+    hf, tok = load_model(str(moe_folder))
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(1))
+    ref, _ = _tokens(_in_memory(hf), tok, ids)
+    probe = RuntimeModel.from_hf(hf)
+    probe.set_max_memory(1 << 40)
+    probe.setup_cache(1, 9 + N)
+    off = probe.offload
+    assert off.moe and off.all_resident
+    base = off.fixed + sum(u.nbytes for u in off.layers)
+    expert = max(u.nbytes for us in off.experts for u in us)
+    rates = {}
+    for capacity in (0, 3, 10):
+        for engine in (True, False):
+            out, rt = _tokens(hf, tok, ids, base + (capacity + 1) * expert, engine)
+            assert torch.equal(out, ref), (capacity, engine)
+            o = rt.offload
+            assert o.capacity == capacity and len(o.lru) <= capacity
+            cached = set(o.lru)
+            for li, us in enumerate(o.experts):
+                for e, unit in enumerate(us):
+                    if (li, e) not in cached:
+                        assert resident_bytes(unit) == 0
+            st = o.stats["decode"]
+            assert st["expert_hits"] + st["expert_misses"] > 0
+            rates[(capacity, engine)] = o.summary()["expert_hit_rate"]
+    assert rates[(0, True)] == 0.0 and rates[(10, True)] >= rates[(3, True)] >= 0.0
+    assert rates[(3, True)] == rates[(3, False)]  # both paths see the same routes
