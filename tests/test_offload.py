@@ -100,6 +100,26 @@ def test_too_small_budget_is_refused_with_the_smallest_that_runs(int4_folder):
         rt.setup_cache(1, 16)
 
 
+def test_weights_copied_into_memory_are_refused(int4_folder):
+    hf, _tok = load_model(str(int4_folder))
+    rt = RuntimeModel.from_hf(_in_memory(hf))
+    rt.set_max_memory(3 << 19)
+    with pytest.raises(PeakError, match="memory-mapped"):
+        rt.setup_cache(1, 16)
+
+
+def test_generate_cli_under_a_budget_prints_the_in_memory_text(int4_folder, capsys):
+    import json
+
+    args = ["generate", "--model", str(int4_folder), "--prompt", "the quick brown", "--max-new-tokens", "12", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--max-memory", "1.5MB"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == plain["text"]
+    assert main([*args, "--max-memory", "0.5MB"]) == 2
+    assert "smallest budget that runs" in capsys.readouterr().err
+
+
 def test_bench_reports_disk_reads_under_a_budget(int4_folder, capsys):
     import json
 

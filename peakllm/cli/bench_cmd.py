@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from peakllm.cli.common import (add_int8_act_option, add_model_option, add_output_options, add_threads_option,
-                                apply_int8_act, emit, set_threads)
+from peakllm.cli.common import (add_int8_act_option, add_max_memory_run_option, add_model_option, add_output_options,
+                                add_threads_option, apply_int8_act, emit, set_threads)
 from peakllm.errors import PeakError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -22,11 +22,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="weights and activations of dense layers (default: %(default)s)")
     p.add_argument("--hf", action="store_true", help="benchmark transformers' model.generate instead (a baseline)")
-    p.add_argument("--max-memory", metavar="SIZE", default=None,
-                   help="hold the model's weights and KV cache to SIZE (e.g. 2GB; the Python process itself is not "
-                   "counted): decoder layers beyond it are streamed from disk with read-ahead, a MoE's experts kept in "
-                   "an LRU cache; reports what is read from disk per token and the expert cache's hit rate (a peakllm "
-                   "folder, lean runtime only)")
+    add_max_memory_run_option(p)  # reports bytes read from disk per token and the expert cache's hit rate
     add_int8_act_option(p)
     add_threads_option(p)
     add_output_options(p)

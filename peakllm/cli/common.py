@@ -44,6 +44,15 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and kernels (default: all cores)")
 
 
+def add_max_memory_run_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", metavar="SIZE", default=None,
+                        help="hold the model's weights and KV cache to SIZE (e.g. 2GB; the Python process itself, "
+                        "~0.3-0.5 GB, is not counted): the first decoder layers that fit stay in memory, the others "
+                        "are streamed from disk with one layer read ahead, and a MoE's experts are kept in an LRU "
+                        "cache; needs weights memory-mapped from their files (a peakllm folder, or safetensors in "
+                        "the run's dtype). Refused before any work when even two layers do not fit")
+
+
 def add_int8_act_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8-act", action="store_true",
                         help="int-k layers quantize their input to int8 per 32 columns when decoding and use integer "

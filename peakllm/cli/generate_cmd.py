@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-from peakllm.cli.common import (add_bos_option, add_int8_act_option, add_model_option, add_output_options,
-                                add_threads_option, apply_int8_act, emit, set_threads)
+from peakllm.cli.common import (add_bos_option, add_int8_act_option, add_max_memory_run_option, add_model_option,
+                                add_output_options, add_threads_option, apply_int8_act, emit, set_threads)
 from peakllm.errors import PeakError
 
 
@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     add_bos_option(p)
+    add_max_memory_run_option(p)
     add_int8_act_option(p)
     add_threads_option(p)
     add_output_options(p)
@@ -51,6 +52,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool, bos: bool = True):
 
 
 def run(args) -> int:
+    from peakllm import memory
     from peakllm.data import protocol_bos
     from peakllm.models import load_model
     from peakllm.runtime.generate import generate_text
@@ -61,6 +63,7 @@ def run(args) -> int:
         raise PeakError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise PeakError("--temperature must be >= 0 and --top-p in (0, 1]")
+    budget = memory.parse_size(args.max_memory) if args.max_memory else None
     model, tokenizer = load_model(args.model)
     ids = prompt_ids(tokenizer, args.prompt, args.chat, bos=not args.no_bos)
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -68,7 +71,7 @@ def run(args) -> int:
         sys.stdout.write(args.prompt if not args.chat else "")
     start = time.perf_counter()
     text, n_new = generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed, stream=stream)
+                                top_p=args.top_p, seed=args.seed, stream=stream, max_memory=budget)
     seconds = time.perf_counter() - start
     result = {"model": args.model, "prompt": args.prompt, "text": text, "new_tokens": n_new, "seconds": seconds,
               "bos": int(ids[0, 0]) == protocol_bos(tokenizer, not args.no_bos),

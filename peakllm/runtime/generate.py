@@ -109,15 +109,18 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, *, temperature: 
 
 def generate_text(hf_model, tokenizer, ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
                   seed: int | None = 0, stream: Callable[[str], None] | None = None,
-                  dtype: torch.dtype = torch.float32) -> tuple[str, int]:
+                  dtype: torch.dtype = torch.float32, max_memory: int | None = None) -> tuple[str, int]:
     """(text, number of new tokens) for an HF model: through the lean runtime when it supports the
-    architecture, else through `runtime.hf_loop` (same signature as `hf_generate_text`)."""
+    architecture, else through `runtime.hf_loop` (same signature as `hf_generate_text`). max_memory (bytes):
+    weights and KV cache held to it (runtime/offload.py; the lean runtime only)."""
     from peakllm.runtime.families import check_config
     from peakllm.runtime.model import RuntimeModel
 
     try:
         check_config(hf_model.config)
     except PeakError as exc:  # a family or feature the runtime lacks: transformers runs it, said in one line
+        if max_memory is not None:
+            raise PeakError(f"--max-memory needs peakllm's runtime, which cannot run this model: {exc}") from None
         from peakllm.runtime.hf_loop import hf_generate_text
 
         print(f"peakllm: {exc}; generating with transformers instead (slower)", file=sys.stderr)
@@ -125,6 +128,7 @@ def generate_text(hf_model, tokenizer, ids, max_new_tokens: int, *, temperature:
                                 seed=seed, stream=stream)
     prompt = torch.as_tensor(ids, dtype=torch.long)
     model = RuntimeModel.from_hf(hf_model, dtype, max_seq=prompt.shape[-1] + max_new_tokens)
+    model.set_max_memory(max_memory)
     out = generate(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    stream=stream)[0]
     eos = _eos_ids(model, tokenizer)

@@ -166,6 +166,11 @@ class Offload:
         self._check_unwritten(maps)
         self.moe = any(self.experts)
         self._plan()
+        units = [self.layers[i] for i in self.streamed] + [u for us in self.experts for u in us]
+        if not self.all_resident and any(u.nbytes > 4 * PAGE and not u.spans for u in units):
+            raise PeakError("--max-memory needs weights memory-mapped from their files (a peakllm folder, or a "
+                            "safetensors folder already in the run's dtype); this model's weights were copied into "
+                            "memory (write a folder first, e.g. `peakllm quantize ... --output DIR`, and run that)")
         self._fds: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peakllm-readahead")
         self._pending: dict[int, Future] = {}
