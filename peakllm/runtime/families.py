@@ -77,7 +77,7 @@ def split_rows(module: nn.Module, sizes: list[int]) -> list[nn.Module] | None:
     """A fused linear (Phi-3's qkv_proj, gate_up_proj) as one module per band of output rows, each a view
     of the fused module's bytes; None when the module's layout cannot be split that way."""
     from peakllm.runtime.linear import IntKLinear
-    from peakllm.runtime.model import DenseLinear
+    from peakllm.runtime.layers import DenseLinear
 
     if sum(sizes) != module.out_features:
         return None

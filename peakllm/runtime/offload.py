@@ -30,7 +30,6 @@ import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
 from torch import nn
 
 from peakllm.errors import PeakError

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from peakllm.errors import PeakError
 from peakllm.kernels import dense
 from peakllm.runtime.families import SUPPORTED
-from peakllm.runtime.model import causal_mask, rms_norm, rope
+from peakllm.runtime.layers import causal_mask, rms_norm, rope
 from peakllm.serve.scheduler import Work
 
 SERVE_SUPPORTED = tuple(t for t in SUPPORTED if t != "peakllm_moe")  # the runtime's dense families
