@@ -76,8 +76,8 @@ def main() -> int:
             loads.append(os.getloadavg()[0])
             ours[name].append(peakllm_tok_s(folder, args, extra.get(name, [])))
             theirs[name].append(llama_tok_s(gguf, args))
-            print(f"round {r}: {name}: peakllm {ours[name][-1]['decode_tok_s']:.1f} tok/s, "
-                  f"llama.cpp {theirs[name][-1]:.1f} tok/s (load {loads[-1]:.2f})", file=sys.stderr, flush=True)
+            print(f"round {r}: {name}: peakllm {ours[name][-1]['decode_tok_s']:.3g} tok/s, "
+                  f"llama.cpp {theirs[name][-1]:.3g} tok/s (load {loads[-1]:.2f})", file=sys.stderr, flush=True)
     lines = ["| pair | peakllm tok/s | llama.cpp tok/s | ratio | peakllm weight MB/token | GGUF MB | "
              "peakllm roofline fraction |", "|---|---|---|---|---|---|---|"]
     for name, folder, gguf in pairs:
@@ -90,11 +90,13 @@ def main() -> int:
                "peakllm_weight_bytes": ours[name][0]["weight_bytes"], "gguf_bytes": Path(gguf).stat().st_size,
                "roofline_fraction": statistics.median(o["roofline_fraction"] for o in ours[name]),
                "bandwidth_gb_s": statistics.median(o["bandwidth_gb_s"] for o in ours[name]),
-               "load_average": [min(loads), max(loads)]}
+               "load_average": [min(loads), max(loads)],
+               **{f"peakllm_{k}": [o.get(k) for o in ours[name]] for k in ("load_s", "peak_rss_bytes",
+                                                                          "peak_rss_decode_bytes", "base_rss_bytes")}}
         if args.log:
             with open(args.log, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-        lines.append(f"| {name} | {mine:.1f} | {other:.1f} | {mine / other:.2f} | {row['peakllm_weight_bytes'] / 1e6:.1f} | "
+        lines.append(f"| {name} | {mine:.3g} | {other:.3g} | {mine / other:.2f} | {row['peakllm_weight_bytes'] / 1e6:.1f} | "
                      f"{row['gguf_bytes'] / 1e6:.1f} | {row['roofline_fraction']:.2f} |")
     print("\n".join(lines))
     print(f"load average during the runs: {min(loads):.2f}-{max(loads):.2f}")
