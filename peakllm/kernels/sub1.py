@@ -103,6 +103,10 @@ def operands(packed: PackedSub1, fused: bool = True) -> Operands:
     stream, offsets = packed.stream.contiguous(), packed.block_offsets.contiguous()
     scale_pos = packed.scale_pos.float().contiguous()
     scale_neg = None if packed.sym else packed.scale_neg.float().contiguous()
+    if scale_neg is not None and torch.equal(scale_neg, scale_pos):
+        # equal scales (a min-max ternary grid stored asymmetric): the symmetric kernels give the same
+        # products, since 0.5 (p + p) s + 0.5 (p - p) a = p s exactly, and need only the signed sum
+        scale_neg = None
     ptrs = [None if t is None else t.data_ptr() for t in (stream, offsets, table, lanes, scale_pos, scale_neg)]
     matrix = _Matrix(*ptrs, packed.out_features, packed.in_features, packed.group_size, packed.block_rows,
                      packed.dictionary.sym_bits, None if fused_table is None else fused_table.data_ptr(), fused_k)

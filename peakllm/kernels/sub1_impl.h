@@ -224,15 +224,16 @@ void run(const Args& A, const float* xt, int64_t nb_chunks) {
         std::vector<float> xb(fused ? fused_xb_floats<SYM>(A.in) : 0);
         if (fused) fused_prepare<SYM>(A.x, A.in, xb.data());
         alignas(32) float s[MAXB], a[MAXB];
+        if (fused) {  // blocks in pairs, one row of each in lockstep (sub1_fused.h)
+#pragma omp for schedule(static)
+            for (int64_t pr = 0; pr < (n_blocks + 1) / 2; pr++)
+                fused_block_pair_k<SymT, SYM>(A.fused_k, (const SymT*)A.stream, A.block_offsets, A.block_rows, A.out,
+                                              2 * pr, A.fused, xb.data(), A.in, A.scale_pos, A.scale_neg, A.y);
+        } else
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < n_blocks; blk++) {
             const SymT* sp = (const SymT*)A.stream + A.block_offsets[blk];
             const int64_t r_end = std::min(A.out, (blk + 1) * A.block_rows);
-            if (fused) {
-                fused_rows_k<SymT, SYM>(A.fused_k, sp, A.fused, xb.data(), A.in, A.scale_pos, A.scale_neg, A.y,
-                                        blk * A.block_rows, r_end);
-                continue;
-            }
             if constexpr (BP == 1) {
                 if (n_groups == 1) {  // one group per row, no batch loops: gather path
                     for (int64_t r = blk * A.block_rows; r < r_end; r++) {
@@ -313,7 +314,8 @@ void rows_b1(const Sub1Matrix& m, const float* x, float* y, int64_t lo, int64_t 
         for (int64_t r0 = lo; r0 < hi;) {  // block by block: a block's first row starts at its offset
             const int64_t r1 = std::min(hi, (r0 / m.block_rows + 1) * m.block_rows);
             if (r0 % m.block_rows == 0) sp = (const SymT*)m.stream + m.block_offsets[r0 / m.block_rows];
-            fused_rows_k<SymT, SYM>(m.fused_k, sp, m.fused, xb, m.in, m.scale_pos, m.scale_neg, y, r0, r1);
+            const SymT* lim = (const SymT*)m.stream + m.block_offsets[r0 / m.block_rows + 1] - 1;
+            fused_rows_k<SymT, SYM>(m.fused_k, sp, lim, m.fused, xb, m.in, m.scale_pos, m.scale_neg, y, r0, r1);
             r0 = r1;
         }
         return;
