@@ -8,6 +8,7 @@ dense matrix never exists; the reference decodes to dense fp32 and calls F.linea
 from __future__ import annotations
 
 import ctypes
+import os
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -95,9 +96,12 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def operands(packed: PackedSub1, fused: bool = True) -> Operands:
+def operands(packed: PackedSub1, fused: bool | None = None) -> Operands:
     """The kernel's operands; fused=False leaves out the fused batch-1 path (every call gathers, as before
-    the fused path existed: benchmarks and tests compare the two)."""
+    the fused path existed: benchmarks and tests compare the two). fused=None: the fused path unless
+    the environment sets PEAKLLM_SUB1_GATHER (an end-to-end A/B switch for Sub1Linear and the engine)."""
+    if fused is None:
+        fused = not os.environ.get("PEAKLLM_SUB1_GATHER")
     table, lanes = _dictionary_tables(packed.dictionary)
     fused_table, fused_k = _fused_table(packed.dictionary) if fused else (None, 0)
     stream, offsets = packed.stream.contiguous(), packed.block_offsets.contiguous()
