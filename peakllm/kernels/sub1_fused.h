@@ -8,7 +8,8 @@
 // count (at most NZ_MAX = 6; 1-3 for the QMoE-like 85-97% zeros). Decoding a row is then, per symbol,
 //     v = xb[c3 + off_0] + ... + xb[c3 + off_{K-1}];  acc += v;  c3 += len3
 // with no branch on the data except the row end, and no write: the word's signs and its empty slots are
-// addresses, not arithmetic. Four accumulators take turns so the fp add latency is not the bound.
+// addresses, not arithmetic. Accumulators take turns so the fp add latency is not the bound, and the
+// matvec runs one row of each of two blocks in lockstep (two independent chains).
 // Sums are taken word by word in column order (the gather path sums 8 interleaved lanes), so the two
 // paths differ by fp32 rounding only (tests bound it by a few ulps of sum |w x|).
 #pragma once
@@ -90,7 +91,8 @@ inline float pair_hi(PairAcc v) { return v.a; }
 
 // One row from sp (advanced past it): s = signed sum, a = plain sum (asymmetric scales only).
 template <typename SymT, int K, bool SYM>
-inline void fused_row(const SymT*& sp, const SymT* lim, const uint16_t* tab, const float* xb, int64_t in, float& s, float& a) {
+inline void fused_row(const SymT*& sp, const SymT* lim, const uint16_t* tab, const float* xb, int64_t in, float& s,
+                      float& a) {
     constexpr int W = fused_width(K);
     const int64_t end = 3 * in;
     int64_t c = 0;
@@ -106,7 +108,7 @@ inline void fused_row(const SymT*& sp, const SymT* lim, const uint16_t* tab, con
             for (int k = 1; k < K; k++) v += xc[e[1 + k]];                    \
             S += v;                                                           \
         } else {                                                              \
-            pair_add<K>(xb + 2 * c, e, A);                                 \
+            pair_add<K>(xb + 2 * c, e, A);                                    \
         }                                                                     \
         c += e[0];                                                            \
         if (c >= end) break;                                                  \
@@ -128,8 +130,8 @@ inline void fused_row(const SymT*& sp, const SymT* lim, const uint16_t* tab, con
 
 // Rows [r0, r1) of y, one group per row, batch 1; sp points at row r0's first symbol. xb: fused_prepare'd x.
 template <typename SymT, int K, bool SYM>
-inline void fused_rows(const SymT* sp, const SymT* lim, const uint16_t* tab, const float* xb, int64_t in, const float* scale_pos,
-                       const float* scale_neg, float* y, int64_t r0, int64_t r1) {
+inline void fused_rows(const SymT* sp, const SymT* lim, const uint16_t* tab, const float* xb, int64_t in,
+                       const float* scale_pos, const float* scale_neg, float* y, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
         float s, a;
         fused_row<SymT, K, SYM>(sp, lim, tab, xb, in, s, a);
@@ -141,8 +143,8 @@ inline void fused_rows(const SymT* sp, const SymT* lim, const uint16_t* tab, con
 // Two rows from different blocks in lockstep (two independent decode chains: on large matrices, whose x
 // copy lives in L2, one row alone leaves the core waiting on loads). Same sums as fused_row, per row.
 template <typename SymT, int K, bool SYM>
-inline void fused_row2(const SymT*& pa, const SymT*& pb, const SymT* palim, const SymT* pblim, const uint16_t* tab, const float* xb, int64_t in,
-                       float* s, float* a) {
+inline void fused_row2(const SymT*& pa, const SymT*& pb, const SymT* palim, const SymT* pblim, const uint16_t* tab,
+                       const float* xb, int64_t in, float* s, float* a) {
     constexpr int W = fused_width(K);
     const int64_t end = 3 * in;
     int64_t ca = 0, cb = 0;
@@ -158,7 +160,7 @@ inline void fused_row2(const SymT*& pa, const SymT*& pb, const SymT* palim, cons
             for (int k = 1; k < K; k++) v += xc[e[1 + k]];                    \
             S += v;                                                           \
         } else {                                                              \
-            pair_add<K>(xb + 2 * C, e, A);                                 \
+            pair_add<K>(xb + 2 * C, e, A);                                    \
         }                                                                     \
         C += e[0];                                                            \
     }
@@ -183,8 +185,9 @@ inline void fused_row2(const SymT*& pa, const SymT*& pb, const SymT* palim, cons
 
 // Rows [ra, ra + n) and [rb, rb + n) of y (two blocks' rows, paired), as fused_rows.
 template <typename SymT, int K, bool SYM>
-inline void fused_rows2(const SymT* pa, const SymT* pb, const SymT* la, const SymT* lb, const uint16_t* tab, const float* xb, int64_t in,
-                        const float* scale_pos, const float* scale_neg, float* y, int64_t ra, int64_t rb, int64_t n) {
+inline void fused_rows2(const SymT* pa, const SymT* pb, const SymT* la, const SymT* lb, const uint16_t* tab,
+                        const float* xb, int64_t in, const float* scale_pos, const float* scale_neg, float* y,
+                        int64_t ra, int64_t rb, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         float s[2], a[2];
         fused_row2<SymT, K, SYM>(pa, pb, la, lb, tab, xb, in, s, a);
@@ -235,12 +238,13 @@ inline void fused_rows_k(int64_t K, const SymT* sp, const SymT* lim, const uint1
     }
 }
 
-// Step sp past n rows without summing (the decode engine's rows of a block before its band).
+// fused_block_pair with K chosen at run time.
 template <typename SymT, bool SYM>
 inline void fused_block_pair_k(int64_t K, const SymT* stream, const int32_t* block_offsets, int64_t block_rows,
                                int64_t out, int64_t b0, const uint16_t* tab, const float* xb, int64_t in,
                                const float* spos, const float* sneg, float* y) {
-#define PEAK_SUB1_PAIR(KK) fused_block_pair<SymT, KK, SYM>(stream, block_offsets, block_rows, out, b0, tab, xb, in, spos, sneg, y)
+#define PEAK_SUB1_PAIR(KK) \
+    fused_block_pair<SymT, KK, SYM>(stream, block_offsets, block_rows, out, b0, tab, xb, in, spos, sneg, y)
     switch (K) {
         case 1: PEAK_SUB1_PAIR(1); break;
         case 2: PEAK_SUB1_PAIR(2); break;
@@ -252,6 +256,7 @@ inline void fused_block_pair_k(int64_t K, const SymT* stream, const int32_t* blo
 #undef PEAK_SUB1_PAIR
 }
 
+// Step sp past n rows without summing (the decode engine's rows of a block before its band).
 template <typename SymT>
 inline void fused_skip_rows_k(int64_t K, const SymT*& sp, const uint16_t* tab, int64_t in, int64_t n) {
     const int W = K <= 3 ? fused_width(3) : fused_width(6);
