@@ -1,8 +1,11 @@
 """The sub-1-bit kernel against decode-then-matmul, its fallback, and Sub1Linear.
 
-Tolerance: the kernel sums in a different order (and for asymmetric scales through sum+ and sum-
-recombined), so each output may differ from the fp64 reference by a few fp32 ulps of sum_c |w_c x_c|;
-we allow 1e-5 of that magnitude (fp32 eps is 1.2e-7, rows here have at most ~2000 terms).
+Tolerance: the kernel sums in a different order (the gather path in 8 interleaved lanes, the fused
+batch-1 path word by word into 4 rotating accumulators, and for asymmetric scales through sum+ and sum-
+recombined), so each output may differ from the fp64 reference by a few fp32 ulps of sum_c |w_c x_c|:
+a sum of n terms in any order is within (n - 1) eps of sum |terms|, and fp32 eps is 1.2e-7 while rows
+here have at most ~2000 nonzero terms, of which the fp64 reference shows ~1e-7 in practice; we allow
+1e-5 of that magnitude.
 """
 
 from __future__ import annotations
@@ -66,6 +69,76 @@ def test_kernel_matches_dequantize_then_matmul(case, sym, dictionary):
     W = packed.dequantize().double()
     for batch in range(1, 33):
         check(packed, torch.randn(batch, cols, generator=g), W, n_threads=2 if batch in (1, 9, 32) else 1)
+
+
+DENSITY_SHAPES = [(1, 1), (3, 5), (37, 129), (17, 1001), (130, 67)]  # rows, cols
+
+
+@needs_kernel
+@pytest.mark.parametrize("sym_bits", [8, 16])
+@pytest.mark.parametrize("p_zero", [0.0, 0.3, 0.7, 0.9, 0.97, 1.0])
+def test_fused_and_gather_paths_match_the_reference_at_every_density(p_zero, sym_bits):
+    """Batch 1 with one group per row runs the fused path (kernels/sub1_fused.h), other batches gather;
+    both, and the gather path forced at batch 1, equal dequantize-then-matmul from all-nonzero to all-zero
+    codes, on odd shapes, with dictionaries fitted to each matrix (so the fused entries' slot count K runs
+    from 1 to 6) and with fixed ones, symmetric and asymmetric scales, one and two threads."""
+    ks = set()
+    for i, (rows, cols) in enumerate(DENSITY_SHAPES):
+        for sym in (True, False):
+            base = random_packed(rows, cols, p_zero, -1, sym, D8, seed=100 + i, block_rows=1 + i * 4)
+            codes = base.decode()
+            for dictionary in (Sub1Dictionary.fit(codes, sym_bits), D8 if sym_bits == 8 else D16):
+                packed = PackedSub1.encode(codes, base.scale_neg, base.scale_pos, -1, dictionary,
+                                           block_rows=base.block_rows)
+                W = packed.dequantize().double()
+                fused, gather = K.operands(packed), K.operands(packed, fused=False)
+                ks.add(int(fused.matrix.fused_k))
+                g = torch.Generator().manual_seed(rows * cols)
+                for batch in (1, 2, 5):
+                    x = torch.randn(batch, cols, generator=g)
+                    ref = x.double() @ W.T
+                    scale = x.double().abs() @ W.abs().T + 1e-30
+                    for ops in (fused, gather):
+                        for threads in (1, 2):
+                            y = K.sub1_matmul(x, packed, ops, n_threads=threads)
+                            assert ((y.double() - ref).abs() / scale).max().item() < RTOL
+    if p_zero == 0.0:
+        assert len(ks) >= 2, ks  # the sweep reaches more than one entry layout
+
+
+@needs_kernel
+@pytest.mark.parametrize("p_zero", [0.0, 0.5, 0.95, 1.0])
+def test_fused_path_in_the_decode_engine_row_split(p_zero):
+    """The engine's bands (rows_b1) start inside blocks: the fused path skips the rows before the band."""
+    from peakllm.kernels import decode
+
+    for rows, cols, block_rows, dictionary in ((37, 129, 16, D8), (23, 77, 5, D16), (9, 300, 4, None)):
+        for sym in (True, False):
+            base = random_packed(rows, cols, p_zero, -1, sym, D8, seed=rows, block_rows=block_rows)
+            codes = base.decode()
+            packed = PackedSub1.encode(codes, base.scale_neg, base.scale_pos, -1,
+                                       dictionary or Sub1Dictionary.fit(codes, 8), block_rows=block_rows)
+            keep: list = []
+            lin = decode.sub1_lin(K.operands(packed), None, cols, rows, keep)
+            W = packed.dequantize().double()
+            x = torch.randn(2, cols, generator=torch.Generator().manual_seed(cols))
+            for threads in (1, 2, 3):
+                y = decode.lin_apply(lin, x, threads)
+                err = ((y.double() - x.double() @ W.T).abs() / (x.double().abs() @ W.abs().T + 1e-30)).max()
+                assert err < RTOL, (rows, cols, threads, err)
+
+
+@needs_kernel
+def test_equal_scales_run_symmetric_with_the_same_products():
+    """encode stores equal scales as sym; a container written with sym false and equal scales runs the
+    symmetric kernels too (0.5 (p + p) s + 0.5 (p - p) a = p s exactly)."""
+    import dataclasses
+
+    packed = random_packed(40, 200, 0.9, -1, True, D8, seed=11)
+    asym = dataclasses.replace(packed, sym=False, scale_neg=packed.scale_pos.clone())
+    assert K.operands(asym).scale_neg is None
+    x = torch.randn(3, 200)
+    assert torch.equal(K.sub1_matmul(x, asym), K.sub1_matmul(x, packed))
 
 
 @needs_kernel
@@ -144,13 +217,15 @@ def test_portable_build_without_avx2_agrees(tmp_path):
     fn = ctypes.CDLL(str(lib_path)).sub1_matmul_f32
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     fn.restype = ctypes.c_int
-    for dictionary, group_size, sym in ((D8, -1, True), (D16, 32, False), (D8, 7, False)):
-        packed = random_packed(21, 100, 0.85, group_size, sym, dictionary, seed=9)
-        ops = K.operands(packed)
+    cases = [(D8, -1, True, 0.85), (D16, 32, False, 0.85), (D8, 7, False, 0.85), (D16, -1, False, 0.9),
+             (Sub1Dictionary(8, 3, 128), -1, False, 0.0), (D8, -1, True, 1.0)]  # -1: the fused path at batch 1
+    for dictionary, group_size, sym, p_zero in cases:
+        packed = random_packed(21, 100, p_zero, group_size, sym, dictionary, seed=9)
         W = packed.dequantize().double()
-        for batch in (1, 3, 17):
-            x = torch.randn(batch, 100, generator=torch.Generator().manual_seed(batch))
-            y = torch.empty(batch, 21)
-            assert fn(ctypes.addressof(ops.matrix), x.data_ptr(), batch, y.data_ptr(), 1) == 0
-            ref = x.double() @ W.T
-            assert ((y.double() - ref).abs() / (x.double().abs() @ W.abs().T + 1e-30)).max() < RTOL
+        for ops in (K.operands(packed), K.operands(packed, fused=False)):
+            for batch in (1, 3, 17):
+                x = torch.randn(batch, 100, generator=torch.Generator().manual_seed(batch))
+                y = torch.empty(batch, 21)
+                assert fn(ctypes.addressof(ops.matrix), x.data_ptr(), batch, y.data_ptr(), 1) == 0
+                ref = x.double() @ W.T
+                assert ((y.double() - ref).abs() / (x.double().abs() @ W.abs().T + 1e-30)).max() < RTOL

@@ -156,7 +156,7 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
         const Sub1Matrix& m = *(const Sub1Matrix*)L.w;
         w.wide.resize((size_t)L.in);
         w.yf.resize((size_t)B * L.out);
-        w.sub1buf.resize((size_t)L.in + 8);
+        w.sub1buf.resize((size_t)sub1k::rows_b1_buf_words(L.in));
         for (int b = 0; b < B; ++b) {
             load_x_row(x, sizeof(TX) == 2, nullptr, L.in, b, w.wide.data());
             sub1k::rows_b1_any(m, w.wide.data(), w.yf.data() + (size_t)b * L.out, lo, hi, w.sub1buf.data());

@@ -26,7 +26,9 @@ int sub1_matmul_f32(const Sub1Matrix* m, const float* x, int64_t batch, float* y
     int threads = n_threads > 0 ? n_threads : omp_get_max_threads();
     if (out * in * batch < sub1k::MIN_PARALLEL_WORK) threads = 1;
     threads = (int)std::min<int64_t>(threads, n_blocks);
-    const sub1k::Args A{m->stream, m->block_offsets, m->dict, m->lanes, m->scale_pos, scale_neg, out, in,
+    const bool fused = m->fused != nullptr && m->fused_k >= 1 && m->fused_k <= 6;
+    const sub1k::Args A{m->stream, m->block_offsets, m->dict, m->lanes, m->scale_pos, scale_neg,
+                        fused ? m->fused : nullptr, m->fused_k, out, in,
                  m->group_size, block_rows, batch, threads, x, y};
     const bool sym = scale_neg == nullptr;
     if (sym_bits == 8) {

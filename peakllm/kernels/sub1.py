@@ -8,6 +8,7 @@ dense matrix never exists; the reference decodes to dense fp32 and calls F.linea
 from __future__ import annotations
 
 import ctypes
+import os
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ class Operands(NamedTuple):
     scale_pos: torch.Tensor
     scale_neg: torch.Tensor | None  # None: symmetric
     matrix: "_Matrix"  # the C struct pointing at all the above
+    fused: torch.Tensor | None = None  # int16 [2^sym_bits, 4 or 8] fused-path entries (sub1_fused.h)
 
 
 class _Matrix(ctypes.Structure):
@@ -41,7 +43,8 @@ class _Matrix(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("stream", "block_offsets", "dict", "lanes", "scale_pos", "scale_neg")] + \
-               [(name, ctypes.c_int64) for name in ("out", "in_", "group_size", "block_rows", "sym_bits")]
+               [(name, ctypes.c_int64) for name in ("out", "in_", "group_size", "block_rows", "sym_bits")] + \
+               [("fused", ctypes.c_void_p), ("fused_k", ctypes.c_int64)]
 
 
 @lru_cache(maxsize=16)
@@ -57,6 +60,24 @@ def _dictionary_tables(dictionary: Sub1Dictionary) -> tuple[torch.Tensor, torch.
     lanes[:, 6], lanes[:, 7] = tables.length, tables.nnz
     lanes = lanes.astype(np.uint32).view(np.int32)
     return table, torch.from_numpy(np.ascontiguousarray(lanes))
+
+
+@lru_cache(maxsize=16)
+def _fused_table(dictionary: Sub1Dictionary) -> tuple[torch.Tensor, int]:
+    """The dictionary as the fused batch-1 path reads it (kernels/sub1_fused.h), and its slot count K.
+
+    Entry of symbol w, uint16: [3 len, 3 pos_k + s_k for k < K, padding], s_k = 0 for +, 1 for -, and 2
+    for a slot past the word's nonzeros (it reads a zero); K = the largest nonzero count of any word.
+    """
+    tables = dictionary.tables
+    k = max(1, int(tables.nnz.max()))
+    width = 4 if k <= 3 else 8
+    entry = np.full((tables.length.shape[0], width), 2, dtype=np.int64)
+    entry[:, 0] = 3 * tables.length
+    slot = np.arange(NZ_MAX)[None, :] < tables.nnz[:, None]
+    offs = np.where(slot, 3 * tables.pos + tables.neg.astype(np.int64), 2)
+    entry[:, 1:1 + k] = offs[:, :k]
+    return torch.from_numpy(np.ascontiguousarray(entry.astype(np.uint16).view(np.int16))), k
 
 
 def _kernel():
@@ -75,15 +96,25 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def operands(packed: PackedSub1) -> Operands:
+def operands(packed: PackedSub1, fused: bool | None = None) -> Operands:
+    """The kernel's operands; fused=False leaves out the fused batch-1 path (every call gathers, as before
+    the fused path existed: benchmarks and tests compare the two). fused=None: the fused path unless
+    the environment sets PEAKLLM_SUB1_GATHER (an end-to-end A/B switch for Sub1Linear and the engine)."""
+    if fused is None:
+        fused = not os.environ.get("PEAKLLM_SUB1_GATHER")
     table, lanes = _dictionary_tables(packed.dictionary)
+    fused_table, fused_k = _fused_table(packed.dictionary) if fused else (None, 0)
     stream, offsets = packed.stream.contiguous(), packed.block_offsets.contiguous()
     scale_pos = packed.scale_pos.float().contiguous()
     scale_neg = None if packed.sym else packed.scale_neg.float().contiguous()
+    if scale_neg is not None and torch.equal(scale_neg, scale_pos):
+        # equal scales (a min-max ternary grid stored asymmetric): the symmetric kernels give the same
+        # products, since 0.5 (p + p) s + 0.5 (p - p) a = p s exactly, and need only the signed sum
+        scale_neg = None
     ptrs = [None if t is None else t.data_ptr() for t in (stream, offsets, table, lanes, scale_pos, scale_neg)]
     matrix = _Matrix(*ptrs, packed.out_features, packed.in_features, packed.group_size, packed.block_rows,
-                     packed.dictionary.sym_bits)
-    return Operands(stream, offsets, table, lanes, scale_pos, scale_neg, matrix)
+                     packed.dictionary.sym_bits, None if fused_table is None else fused_table.data_ptr(), fused_k)
+    return Operands(stream, offsets, table, lanes, scale_pos, scale_neg, matrix, fused_table)
 
 
 def sub1_reference(x: torch.Tensor, packed: PackedSub1) -> torch.Tensor:

@@ -9,6 +9,7 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#include "sub1_fused.h"
 
 // One matrix, as prepared once by kernels/sub1.py (a ctypes.Structure with these fields in this order).
 struct Sub1Matrix {
@@ -20,6 +21,8 @@ struct Sub1Matrix {
     const float* scale_neg;  // nullptr: symmetric scales
     int64_t out, in, group_size, block_rows;  // group_size <= 0: one group per row
     int64_t sym_bits;  // 8 or 16
+    const uint16_t* fused;  // the dictionary as fused-path entries (sub1_fused.h), or nullptr: gather path only
+    int64_t fused_k;  // slots per fused entry: the dictionary's largest nonzero count (1..6)
 };
 
 namespace sub1k {
@@ -201,6 +204,8 @@ struct Args {
     const uint32_t* lanes;
     const float* scale_pos;
     const float* scale_neg;
+    const uint16_t* fused;
+    int64_t fused_k;
     int64_t out, in, group_size, block_rows, batch;
     int n_threads;
     const float* x;
@@ -214,14 +219,23 @@ void run(const Args& A, const float* xt, int64_t nb_chunks) {
     const int64_t n_blocks = (A.out + A.block_rows - 1) / A.block_rows;
 #pragma omp parallel num_threads(A.n_threads)
     {
-        std::vector<uint32_t> buf(A.in + 8);
+        const bool fused = BP == 1 && n_groups == 1 && A.fused != nullptr;  // the common matvec
+        std::vector<uint32_t> buf(fused ? 0 : A.in + 8);
+        std::vector<float> xb(fused ? fused_xb_floats<SYM>(A.in) : 0);
+        if (fused) fused_prepare<SYM>(A.x, A.in, xb.data());
         alignas(32) float s[MAXB], a[MAXB];
+        if (fused) {  // blocks in pairs, one row of each in lockstep (sub1_fused.h)
+#pragma omp for schedule(static)
+            for (int64_t pr = 0; pr < (n_blocks + 1) / 2; pr++)
+                fused_block_pair_k<SymT, SYM>(A.fused_k, (const SymT*)A.stream, A.block_offsets, A.block_rows, A.out,
+                                              2 * pr, A.fused, xb.data(), A.in, A.scale_pos, A.scale_neg, A.y);
+        } else
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < n_blocks; blk++) {
             const SymT* sp = (const SymT*)A.stream + A.block_offsets[blk];
             const int64_t r_end = std::min(A.out, (blk + 1) * A.block_rows);
             if constexpr (BP == 1) {
-                if (n_groups == 1) {  // the common matvec: one group per row, no batch loops
+                if (n_groups == 1) {  // one group per row, no batch loops: gather path
                     for (int64_t r = blk * A.block_rows; r < r_end; r++) {
                         const int64_t n = decode_row<SymT>(sp, A.dict, A.lanes, A.in, buf.data());
                         sum_range_1<SYM>(buf.data(), 0, n, A.x, s[0], a[0]);
@@ -283,12 +297,29 @@ void dispatch_bp(const Args& A) {
 
 
 
+// uint32 words of scratch that rows_b1 needs for a matrix of `in` columns (either path).
+inline int64_t rows_b1_buf_words(int64_t in) { return std::max<int64_t>(in + 8, fused_xb_floats<false>(in)); }
+
 // Rows [lo, hi) of y = W x for ONE row of x (the decode engine's row split): decoding starts at the block
-// holding row lo, and the rows of that block before lo are decoded and dropped. buf: in + 8 uint32.
+// holding row lo, and the rows of that block before lo are decoded and dropped. buf: rows_b1_buf_words(in).
 template <typename SymT, bool SYM>
 void rows_b1(const Sub1Matrix& m, const float* x, float* y, int64_t lo, int64_t hi, uint32_t* buf) {
     const int64_t gs = m.group_size > 0 ? m.group_size : m.in;
     const int64_t n_groups = (m.in + gs - 1) / gs;
+    if (n_groups == 1 && m.fused != nullptr && m.fused_k >= 1 && m.fused_k <= 6) {
+        float* xb = reinterpret_cast<float*>(buf);  // only ever accessed as float in this path
+        fused_prepare<SYM>(x, m.in, xb);
+        const SymT* sp = (const SymT*)m.stream + m.block_offsets[lo / m.block_rows];
+        fused_skip_rows_k<SymT>(m.fused_k, sp, m.fused, m.in, lo % m.block_rows);
+        for (int64_t r0 = lo; r0 < hi;) {  // block by block: a block's first row starts at its offset
+            const int64_t r1 = std::min(hi, (r0 / m.block_rows + 1) * m.block_rows);
+            if (r0 % m.block_rows == 0) sp = (const SymT*)m.stream + m.block_offsets[r0 / m.block_rows];
+            const SymT* lim = (const SymT*)m.stream + m.block_offsets[r0 / m.block_rows + 1] - 1;
+            fused_rows_k<SymT, SYM>(m.fused_k, sp, lim, m.fused, xb, m.in, m.scale_pos, m.scale_neg, y, r0, r1);
+            r0 = r1;
+        }
+        return;
+    }
     const SymT* sp = nullptr;
     for (int64_t r = lo / m.block_rows * m.block_rows; r < hi; r++) {
         if (r % m.block_rows == 0) sp = (const SymT*)m.stream + m.block_offsets[r / m.block_rows];
