@@ -173,7 +173,8 @@ def _plot_offload(records, ax) -> bool:
     ax.set(ylabel="tokens / s", ylim=(0, None))
     twin = ax.twinx()
     if moe:
-        twin.plot(x, [r.get("expert_hit_rate") or 0.0 for r in pts], marker="s", color="tab:red",
+        hits = [1.0 if r["offload"].get("all_resident") else (r.get("expert_hit_rate") or 0.0) for r in pts]
+        twin.plot(x, hits, marker="s", color="tab:red",
                   label="expert hit rate")
         twin.set(ylabel="hit rate", ylim=(0, 1.05))
     else:

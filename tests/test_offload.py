@@ -175,3 +175,17 @@ def test_expert_lru_gives_the_in_memory_tokens(moe_folder):
             rates[(capacity, engine)] = o.summary()["expert_hit_rate"]
     assert rates[(0, True)] == 0.0 and rates[(10, True)] >= rates[(3, True)] >= 0.0
     assert rates[(3, True)] == rates[(3, False)]  # both paths see the same routes
+
+
+def test_report_plots_offload_runs(tmp_path):
+    import json
+
+    from peakllm.report import write_report
+
+    rows = [{"command": "bench", "decode_tok_s": t, "expert_hit_rate": h,
+             "offload": {"experts": 8, "expert_capacity": c, "all_resident": c is None, "budget_bytes": 1}}
+            for t, h, c in ((2.0, 0.0, 0), (5.0, 0.5, 4), (9.0, None, None))]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = write_report(log, tmp_path / "rep")
+    assert "offload.png" in written["files"] and (tmp_path / "rep" / "offload.png").stat().st_size > 1000

@@ -196,12 +196,19 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
         raise PeakError("--max-memory runs the lean runtime only (not --hf)")
     from peakllm import memory
 
-    load_peak = memory.peak_rss_bytes()  # loading included
-    reset = memory.reset_peak_rss()  # VmHWM from here on (the model is loaded): peak_rss_decode_bytes
+    mark = {"peak": 0, "reset": False}
+
+    def start_decode_peak() -> None:
+        """VmHWM from here on: peak_rss_decode_bytes covers the timed repeats (after the warm-up, the cache
+        set up and, under a budget, the streamed layers dropped); the peak before is kept."""
+        mark["peak"] = max(mark["peak"], memory.peak_rss_bytes())
+        mark["reset"] = memory.reset_peak_rss()
+
+    start_decode_peak()  # the HF baseline: from the loaded model on
 
     def peaks() -> dict:
         now = memory.peak_rss_bytes()
-        return {"peak_rss_bytes": max(load_peak, now), "peak_rss_decode_bytes": now if reset else None}
+        return {"peak_rss_bytes": max(mark["peak"], now), "peak_rss_decode_bytes": now if mark["reset"] else None}
     if engine == "transformers":
         model = hf_model.to(dtype)
         state["tensors"] = _probe_tensors(model)
@@ -212,9 +219,11 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
         model = RuntimeModel.from_hf(hf_model, dtype, max_seq=prompt_tokens + new_tokens)
         if max_memory is not None:
             model.set_max_memory(max_memory)
-            return {**_bench_offloaded(model, dtype, prompt_tokens, new_tokens, batch, repeats), **peaks()}
+            return {**_bench_offloaded(model, dtype, prompt_tokens, new_tokens, batch, repeats, start_decode_peak),
+                    **peaks()}
         state["tensors"] = _probe_tensors(model)
-        speed = bench_runtime(model, prompt_tokens, new_tokens, batch, repeats, after_each=probe)
+        speed = bench_runtime(model, prompt_tokens, new_tokens, batch, repeats, after_each=probe,
+                              before_timed=start_decode_peak)
     else:
         raise PeakError(f"unknown engine '{engine}' (peakllm or transformers)")
     weight_bytes = weight_bytes_per_step(model, batch)
@@ -245,7 +254,8 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
     }
 
 
-def _bench_offloaded(model, dtype, prompt_tokens: int, new_tokens: int, batch: int, repeats: int) -> dict:
+def _bench_offloaded(model, dtype, prompt_tokens: int, new_tokens: int, batch: int, repeats: int,
+                     before=None) -> dict:
     """bench_runtime under the model's memory budget, with what the offload read per decode step; the
     counts start after the warm-up (each timed repeat's disk reads are listed)."""
     from peakllm import memory
@@ -254,6 +264,8 @@ def _bench_offloaded(model, dtype, prompt_tokens: int, new_tokens: int, batch: i
     mark = {}
 
     def before_timed() -> None:
+        if before is not None:
+            before()
         model.offload.reset_stats()
         mark["io"] = memory.io_read_bytes()
 
