@@ -147,7 +147,9 @@ def moe_folder(tmp_path_factory, tiny_tokenizer):
     return out
 
 
-def test_expert_lru_gives_the_in_memory_tokens(moe_folder):
+@pytest.mark.parametrize("readahead", ["on", "off"])
+def test_expert_lru_gives_the_in_memory_tokens(moe_folder, monkeypatch, readahead):
+    monkeypatch.setenv("PEAKLLM_EXPERT_READAHEAD", readahead)
     hf, tok = load_model(str(moe_folder))
     ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(1))
     ref, _ = _tokens(_in_memory(hf), tok, ids)

@@ -15,8 +15,9 @@ pages may stay in memory:
   (`MADV_DONTNEED`) and from the page cache (`POSIX_FADV_DONTNEED`), so the next token reads it from disk
   again, which is what a machine without the memory would have to do;
 - MoE layers: attention and routers stay resident; experts are faulted in on demand when the router
-  picks them (the kernels simply touch the mapped bytes), and after each layer the least recently used
-  experts beyond the cache's capacity are dropped the same way.
+  picks them (the kernels simply touch the mapped bytes; $PEAKLLM_EXPERT_READAHEAD=off turns the kernel's
+  readahead off for experts, `MADV_RANDOM`, so a miss reads its expert only), and after each layer the least recently used experts
+  beyond the cache's capacity are dropped the same way.
 
 Offloading changes where bytes live, never what is computed: the kernels read the same addresses, so an
 offloaded run's tokens equal the in-memory run's bit for bit (tests/test_offload.py).
@@ -35,7 +36,9 @@ from torch import nn
 from peakllm.errors import PeakError
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 3, 4, 22
+MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 1, 3, 4, 22
+
+EXPERT_READAHEAD_ENV = "PEAKLLM_EXPERT_READAHEAD"  # on (default) | off
 
 _libc = ctypes.CDLL(None, use_errno=True)  # CDLL calls release the GIL: read-ahead overlaps compute
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -170,6 +173,12 @@ class Offload:
             raise PeakError("--max-memory needs weights memory-mapped from their files (a peakllm folder, or a "
                             "safetensors folder already in the run's dtype); this model's weights were copied into "
                             "memory (write a folder first, e.g. `peakllm quantize ... --output DIR`, and run that)")
+        if self.moe and not self.all_resident and os.environ.get(EXPERT_READAHEAD_ENV, "on") == "off":
+            # The kernels fault a routed expert's pages in one by one and the kernel's file readahead reads its
+            # neighbours too, dropped unused: ~6x the plan's bytes from disk. Off, a miss reads only its expert,
+            # but page by page: 20-25 % slower on the dev machine's disk (README), so readahead stays on.
+            for sp in (sp for us in self.experts for u in us for sp in u.spans):
+                _libc.madvise(sp.addr, sp.length, MADV_RANDOM)
         self._fds: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peakllm-readahead")
         self._pending: dict[int, Future] = {}
