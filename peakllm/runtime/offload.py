@@ -158,11 +158,12 @@ class Offload:
             skip = {id(m) for ms in per_expert or [] for m in ms}
             own = _storages(layer, skip)
             self.layers.append(Unit(f"layer {i}", own, maps))
-            self.experts.append([Unit(f"layer {i} expert {e}", _storages(nn.ModuleList(ms)), maps)
-                                 for e, ms in enumerate(per_expert or [])])
             unit_ptrs.update(own)
-            for ms in per_expert or []:
-                unit_ptrs.update(_storages(nn.ModuleList(ms)))
+            self.experts.append([])
+            for e, ms in enumerate(per_expert or []):
+                found = _storages(nn.ModuleList(ms))
+                self.experts[i].append(Unit(f"layer {i} expert {e}", found, maps))
+                unit_ptrs.update(found)
         everything = _storages(model)
         self.fixed = sum(n for p, n in everything.items() if p not in unit_ptrs) + self.kv_bytes
         self._check_unwritten(maps)
@@ -266,7 +267,6 @@ class Offload:
         for s in unit.spans:
             if _libc.madvise(s.addr, s.length, MADV_POPULATE_READ) != 0:  # kernels before 5.14: hint, then touch
                 _libc.madvise(s.addr, s.length, MADV_WILLNEED)
-                ctypes.string_at(s.addr, 1)
                 for a in range(s.addr, s.addr + s.length, PAGE):
                     ctypes.c_char.from_address(a).value  # noqa: B018 (the read faults the page in)
 
