@@ -7,7 +7,7 @@ returning a `ModuleResult`. No math lives here: it is all in `peakllm.solvers`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -112,6 +112,7 @@ class QuantRecipe:
     # Ternary GPTQ under a size target: (name, out, in) -> the share of zero codes that matrix needs (set by
     # the caller from the format's accounting, e.g. save.sub1_zero_share); None: plain GPTQ.
     zero_share_for: Callable[[str, int, int], float] | None = None
+    matched_levels: bool = False            # with zero_share_for: ternary levels fitted to that share (grids.fit)
     _rates: dict = field(default_factory=dict, repr=False, compare=False)  # last rate per matrix kind
 
     moe: bool = False                       # set by the caller for MoE models
@@ -146,6 +147,8 @@ class QuantRecipe:
                 from peakllm.solvers.rate import gptq_at_zero_share
 
                 share = self.zero_share_for(name, *W.shape)
+                if self.matched_levels:
+                    grid = replace(grid, zero_share=share)
                 kind = name.rstrip("0123456789").rstrip(".").rsplit(".", 1)[-1]  # e.g. down_proj (of any expert)
                 q, info, rate = gptq_at_zero_share(W, stats.pop("hessian"), grid, share,
                                                    rate_hint=self._rates.get(kind), **kw)

@@ -175,7 +175,8 @@ def test_validation():
 
 
 @pytest.mark.parametrize("act_order", ["none", "group", "static"])
-@pytest.mark.parametrize("grid", [Grid(kind="ternary", group_size=6), Grid(kind="ternary", sym=True)], ids=str)
+@pytest.mark.parametrize("grid", [Grid(kind="ternary", group_size=6), Grid(kind="ternary", sym=True),
+                                  Grid(kind="ternary", group_size=6, zero_share=0.8)], ids=str)
 @pytest.mark.parametrize("rate", [0.3, 2.0])
 def test_rate_controlled_ternary_matches_reference(grid, act_order, rate):
     """A nonzero code must lower the column's OBS loss by more than the rate: the same codes as the

@@ -163,6 +163,24 @@ def test_ternary_default_fit_is_qmoe_minmax():
     assert (codes == 1).float().mean() > 0.5  # mostly zeros on Gaussian rows
 
 
+def test_ternary_levels_matched_to_a_zero_share():
+    """zero_share z: one level per row, the mean of its round((1 - z) * cols) largest |w| (fp16): the
+    least-squares level of exactly the weights that stay nonzero at that share."""
+    torch.manual_seed(4)
+    W = torch.randn(7, 37)
+    for z in (0.0, 0.5, 0.9, 0.99):
+        p = fit(W, Grid(kind="ternary", zero_share=z))
+        keep = max(1, round((1 - z) * 37))
+        for r in range(7):
+            mags = sorted((abs(v) for v in W[r].tolist()), reverse=True)[:keep]
+            want = torch.tensor(sum(mags) / keep).half().float()
+            assert p["scale_pos"][r, 0] == want and p["scale_neg"][r, 0] == want
+    for bad in (dict(kind="affine", zero_share=0.5), dict(kind="ternary", mse=True, zero_share=0.5),
+                dict(kind="ternary", zero_share=1.0), dict(kind="ternary", zero_share=-0.1)):
+        with pytest.raises(PeakError):
+            Grid(**bad)
+
+
 def test_weighted_mse_fit_minimises_the_weighted_error():
     """With weights (diag(H)), the mse search picks, per row, the candidate range with the least weighted error."""
     g = torch.Generator().manual_seed(7)

@@ -35,6 +35,11 @@ def register(sub) -> None:
                    "format stores it (stream, offsets, scales) by pricing nonzero codes inside GPTQ, which keeps "
                    "its error feedback; each matrix gets the share of zero codes its shape needs at B "
                    "(e.g. 0.8; default: plain GPTQ, whatever size its codes come to)")
+    p.add_argument("--levels", choices=("minmax", "matched"), default=None,
+                   help="with --target-bits, the level s of each ternary row {-s, 0, +s}. minmax: QMoE's s = (max - min) / 2; "
+                   "matched: the mean |w| of the weights the target keeps nonzero, i.e. the row's largest (1 - z) "
+                   "share for the z zeros its size needs (lower output error at the same size; see the README's "
+                   "QMoE section) (default: minmax)")
     p.add_argument("--dense-bits", choices=("2", "3", "4", "8", "keep"), default=None,
                    help="MoE models: grid of the non-expert matrices (attention, shared experts); 'keep' leaves them "
                    "as they are (default: the same as --bits; routers and embeddings always stay dense)")
@@ -67,6 +72,8 @@ def run(args) -> int:
     if args.format == "sub1" and not ternary:
         raise PeakError("--format sub1 stores ternary codes: use --bits ternary")
     zero_share_for = None
+    if args.levels is not None and args.target_bits is None:
+        raise PeakError("--levels chooses the ternary levels of a --target-bits run; add --target-bits B")
     if args.target_bits is not None:
         if not (ternary and args.method == "gptq" and args.format == "sub1" and not args.mse):
             raise PeakError("--target-bits needs --method gptq --bits ternary --format sub1 (and no --mse: its "
@@ -89,11 +96,12 @@ def run(args) -> int:
         dense_grid = Grid(bits=int(args.dense_bits), group_size=args.group_size if args.group_size > 0 else 128,
                           sym=args.sym, mse=args.mse)
     recipe = QuantRecipe(args.method, grid, act_order=act_order, blocksize=args.blocksize, damp=args.damp,
-                         dense_grid=dense_grid, keep_dense=args.dense_bits == "keep", zero_share_for=zero_share_for)
+                         dense_grid=dense_grid, keep_dense=args.dense_bits == "keep", zero_share_for=zero_share_for,
+                         matched_levels=args.levels == "matched")
     extra = {"method": args.method, "bits": args.bits if ternary else int(args.bits), "group_size": args.group_size,
              "sym": args.sym, "act_order": act_order, "dense_bits": args.dense_bits,
              "embed_bits": args.embed_bits, "embed_group_size": args.embed_group_size if args.embed_grid else None,
-             "target_bits": args.target_bits}
+             "target_bits": args.target_bits, "levels": args.levels}
     result = run_compression(args, recipe, extra_result=extra)
     emit(result, args, f"quantized {args.model} with {args.method}")
     return 0

@@ -31,6 +31,8 @@ class Grid:
     ``bits`` is ignored for ternary and recorded as 2 (the width of its dense code layout).
     ``mse`` searches shrunken clip ranges for the affine fit; for ternary it selects the least-squares fit
     instead of QMoE's min-max grid.
+    ``zero_share`` (ternary only): the share of zero codes a size target asks of this matrix; the level is
+    then fitted to the weights that stay nonzero at that share (see ``fit``), always symmetric.
     """
 
     kind: str = "affine"
@@ -38,6 +40,7 @@ class Grid:
     group_size: int = -1
     sym: bool = False
     mse: bool = False
+    zero_share: float | None = None
 
     def __post_init__(self):
         if self.kind not in ("affine", "ternary"):
@@ -52,6 +55,11 @@ class Grid:
             raise PeakError(f"group_size must be -1 (one group per row) or >= 1, got {self.group_size!r}")
         if not isinstance(self.sym, bool) or not isinstance(self.mse, bool):
             raise PeakError("grid sym and mse must be True or False")
+        if self.zero_share is not None:
+            if self.kind != "ternary" or self.mse:
+                raise PeakError("a grid's zero_share applies to ternary grids without mse")
+            if not 0.0 <= self.zero_share < 1.0:
+                raise PeakError(f"grid zero_share must be in [0, 1), got {self.zero_share}")
 
     @property
     def maxq(self) -> int:
@@ -114,6 +122,10 @@ def fit(W_cols: torch.Tensor, grid: Grid, weights: torch.Tensor | None = None) -
     ternary (default, as QMoE): the 3-level min-max grid, levels {-s, 0, +s} with s = (max - min) / 2, so
     weights within s/2 of zero (most of them) become 0 -- the sparsity the sub-1-bit code feeds on.
     ternary with ``grid.mse``: the exact least-squares fit per row (lower error, far fewer zeros).
+    ternary with ``grid.zero_share`` z: one level, the mean magnitude of the row's round((1 - z) * cols)
+    largest |w| -- the least-squares level of the weights that stay nonzero when a size target asks for a
+    share z of zeros (the min-max level (max - min) / 2 fits few of them well; rate-controlled GPTQ then chooses
+    which codes are zero).
     ``weights`` (``[cols]``, e.g. diag(H): each input's mean squared activation) weight the affine ``mse``
     search's error per column, so the range is chosen for the layer's output rather than the weights alone
     (llama.cpp's importance-matrix search does the same).
@@ -124,6 +136,10 @@ def fit(W_cols: torch.Tensor, grid: Grid, weights: torch.Tensor | None = None) -
     if x.dim() != 2 or x.shape[1] == 0:
         raise PeakError(f"fit needs a [rows, cols] block with cols >= 1, got shape {tuple(x.shape)}")
     if grid.kind == "ternary":
+        if grid.zero_share is not None:
+            keep = max(1, round((1.0 - grid.zero_share) * x.shape[1]))
+            s = _fp16(x.abs().topk(keep, dim=1).values.mean(dim=1, keepdim=True)).clamp_min(_FP16.tiny)
+            return {"scale_neg": s, "scale_pos": s.clone()}
         if not grid.mse:  # QMoE's fit: the 3-level min-max grid, whose middle level is 0
             xmin = x.min(dim=1, keepdim=True).values.clamp(max=0)
             xmax = x.max(dim=1, keepdim=True).values.clamp(min=0)
