@@ -115,8 +115,15 @@ def compress_experts(prefix: str, experts: nn.Module, part: str, stats: list[dic
 
     param = getattr(experts, part)
     t0 = time.perf_counter()
-    solves = workers().solve(list(range(param.shape[0])),  # dict(): pooled stats may be shared
-                             lambda e: method.compress(f"{prefix}.{part}.{e}", li, param.data[e], dict(stats[e])))
+    E = param.shape[0]
+    group = getattr(method, "compress_group", None)  # experts sharing one budget (recipes.QuantRecipe)
+    shared = group and group([f"{prefix}.{part}.{e}" for e in range(E)], [param.data[e] for e in range(E)],
+                             stats, map_fn=lambda f, keys: (r for _, r in workers().solve(list(keys), f)))
+    if shared:
+        solves = enumerate(shared)
+    else:
+        solves = workers().solve(list(range(E)),  # dict(): pooled stats may be shared
+                                 lambda e: method.compress(f"{prefix}.{part}.{e}", li, param.data[e], dict(stats[e])))
     for e, result in solves:
         name = f"{prefix}.{part}.{e}"
         if result is not None:

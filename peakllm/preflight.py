@@ -100,6 +100,33 @@ def check_disk(out: Path, need: int) -> None:
                         f"{memory.gb(free)} free")
 
 
+def check_size_target(model, recipe, shapes: dict) -> None:
+    """A bits/param target that some ternary matrix (or a MoE block's experts together) cannot reach even
+    with every code zero, and a shared expert budget on a model without experts, fail here, not mid-run."""
+    from peakllm.calibrate import is_moe
+
+    share_for, budget = getattr(recipe, "zero_share_for", None), getattr(recipe, "expert_budget", None)
+    if budget is not None and not is_moe(model):
+        raise PeakError("--bit-allocation experts shares a budget among a MoE block's experts; this model has none")
+    if share_for is None:
+        return
+    from peakllm.solvers.rate import ZERO_SHARE_MAX
+
+    moe = is_moe(model)
+    for name, (out_f, in_f) in shapes.items():
+        expert = moe and ".experts." in name and name.endswith((".gate_up_proj", ".down_proj"))
+        if moe and not expert:  # attention and the like: not ternary in a MoE run (--dense-bits)
+            continue
+        member = f"{name}.0" if expert else name
+        if budget is not None and expert:
+            need = budget[1](member, out_f, in_f, ZERO_SHARE_MAX)
+            if need > budget[0]:
+                raise PeakError(f"{name}: [{out_f}, {in_f}] experts need {need:.3f} bits/param even with (almost) "
+                                f"every code zero, over the {budget[0]} asked: raise --target-bits")
+        else:
+            share_for(member, out_f, in_f)  # a PeakError names the shape and the smallest size it takes
+
+
 def check_run(model, args, recipe, *, disk: bool = True) -> None:
     """Every check on a compression run that the loaded model (or its meta skeleton) allows."""
     from peakllm.calibrate import check_method
@@ -114,6 +141,7 @@ def check_run(model, args, recipe, *, disk: bool = True) -> None:
     if embed_grid is not None:
         check_embed_group(model.get_input_embeddings().weight.shape[1], embed_grid)
     check_method(model, recipe)
+    check_size_target(model, recipe, shapes)
     if disk:
         check_disk(args.output, output_estimate(model, compressed_params, grid, fmt, getattr(recipe, "sparsity", None),
                                                 embed_grid))

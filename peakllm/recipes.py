@@ -113,6 +113,9 @@ class QuantRecipe:
     # the caller from the format's accounting, e.g. save.sub1_zero_share); None: plain GPTQ.
     zero_share_for: Callable[[str, int, int], float] | None = None
     matched_levels: bool = False            # with zero_share_for: ternary levels fitted to that share (grids.fit)
+    # Experts of one MoE block share a bits/param budget (rate.allocate_at_price): (budget, bits_of) with
+    # bits_of(name, out, in, zero_share) the format's accounting; None: each matrix held to its own share.
+    expert_budget: tuple[float, Callable[[str, int, int, float], float]] | None = None
     _rates: dict = field(default_factory=dict, repr=False, compare=False)  # last rate per matrix kind
 
     moe: bool = False                       # set by the caller for MoE models
@@ -136,6 +139,28 @@ class QuantRecipe:
         if not moe or is_expert(name):
             return self.grid
         return None if self.keep_dense else (self.dense_grid or self.grid)
+
+    def compress_group(self, names: list[str], Ws: list[torch.Tensor], stats: list[dict],
+                       map_fn=map) -> list[ModuleResult] | None:
+        """All experts of one MoE block's part at once, under one bits/param budget (one price for a nonzero
+        code, each expert's loss weighted by its calibration tokens); None when no budget is shared."""
+        grid = self.grid_for(names[0], self.moe) if names else None
+        if self.expert_budget is None or self.method != "gptq" or grid is None or grid.kind != "ternary":
+            return None
+        from peakllm.solvers.rate import allocate_at_price
+
+        budget, bits_of = self.expert_budget
+        problems = []
+        for name, W, st in zip(names, Ws, stats):
+            g = replace(grid, zero_share=self.zero_share_for(name, *W.shape)) if self.matched_levels else grid
+            problems.append((W, st["hessian"], float(max(st.get("tokens", 0), 1)), g))
+        kind = names[0].rstrip("0123456789").rstrip(".").rsplit(".", 1)[-1]
+        solves, price = allocate_at_price(
+            problems, lambda i, share: bits_of(names[i], *Ws[i].shape, share), budget,
+            price_hint=self._rates.get(("price", kind)), map_fn=map_fn,
+            blocksize=self.blocksize, damp=self.damp, act_order=self.act_order)
+        self._rates[("price", kind)] = price  # the next block's search starts there
+        return [ModuleResult(q.weight, None, q, info) for q, info in solves]
 
     def compress(self, name: str, layer_index: int, W: torch.Tensor, stats: dict) -> ModuleResult | None:
         grid = self.grid_for(name, self.moe)

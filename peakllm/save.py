@@ -75,6 +75,24 @@ def sub1_zero_share(target_bits: float, group_size: int, name: str, out_features
     return zero_share_for_bits(target_bits, out_features, in_features, group_size=group_size, extra_bytes=entry)
 
 
+def sub1_bits(group_size: int, name: str, out_features: int, in_features: int, zero_share: float) -> float:
+    """What the ternary matrix `name` [out, in] is expected to store per parameter in the sub1 format at a
+    share of zero codes, counted as `sub1_zero_share` counts (linear between the 1/256 steps of the
+    format's probabilities, so that it is monotone in the share)."""
+    import math
+
+    from peakllm.formats.container import _compact, _module_entry
+    from peakllm.formats.sub1 import PROB_Q, expected_bits_per_param, placeholder
+
+    entry = len(_compact({name: _module_entry(placeholder(out_features, in_features, group_size))}).encode())
+    q = min(max(zero_share * PROB_Q, 1.0), PROB_Q - 1.0)
+    lo = math.floor(q)
+    hi = min(lo + 1, PROB_Q - 1)
+    b_lo, b_hi = (expected_bits_per_param(out_features, in_features, k, group_size=group_size, extra_bytes=entry)
+                  for k in (lo, hi))
+    return b_lo + (q - lo) * (b_hi - b_lo)
+
+
 def packed_module(result, fmt: str = "peakllm", dictionary=None):
     """The packed form of one compressed matrix (a ModuleResult from recipes.py). In the `sub1` format
     ternary matrices use the sub-1-bit dictionary code; elsewhere they use the dense 2-bit layout."""

@@ -101,15 +101,17 @@ def test_target_bits_holds_ternary_experts_to_the_size_asked(capsys, tmp_path, t
     model.save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     sizes = {}
-    for target, levels in ((None, None), (1.2, None), (1.0, "matched")):
+    for target, levels in ((None, None), (1.2, None), (1.0, "matched"), (1.0, "experts")):
         out = tmp_path / f"q{target}{levels}"
         extra = [] if target is None else ["--target-bits", str(target)]
-        extra += [] if levels is None else ["--levels", levels]
+        extra += [] if levels is None else ["--bit-allocation", "experts"] if levels == "experts" else ["--levels", levels]
         code = main(["quantize", "--model", str(src), "--bits", "ternary", "--group-size", "-1", "--format", "sub1",
                      "--dense-bits", "4", "--calib-dataset", str(text_file), "--calib-samples", "4",
                      "--calib-seqlen", "32", "--eval-tokens", "0", "--output", str(out), "--json", *extra])
         result = json.loads(capsys.readouterr().out)
-        assert code == 0 and result["target_bits"] == target and result["levels"] == levels
+        assert code == 0 and result["target_bits"] == target
+        assert result["levels"] == (levels if levels != "experts" else None)
+        assert result["bit_allocation"] == (None if target is None else "experts" if levels == "experts" else "matrix")
         sizes[target, levels] = result["bits_per_param_experts"]
     assert sizes[None, None] > 1.3  # plain GPTQ leaves too many nonzeros for these targets
     for target, levels in sizes:  # the folder's measured size (manifest entries included) lands on the target
@@ -117,7 +119,13 @@ def test_target_bits_holds_ternary_experts_to_the_size_asked(capsys, tmp_path, t
             assert abs(sizes[target, levels] - target) <= 0.03 * target, sizes
     assert main(["quantize", "--model", str(src), "--bits", "ternary", "--format", "sub1", "--levels", "matched",
                  "--output", str(tmp_path / "x")]) == 2  # matched levels need the share a target asks for
-    assert "--levels chooses" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert "--levels and --bit-allocation shape" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    for extra in (["--target-bits", "0.3"], ["--target-bits", "0.3", "--bit-allocation", "experts"]):
+        assert main(["quantize", "--model", str(src), "--bits", "ternary", "--group-size", "-1", "--format", "sub1",
+                     "--dense-bits", "4", "--calib-dataset", str(text_file), "--calib-samples", "4", "--calib-seqlen",
+                     "32", "--eval-tokens", "0", "--output", str(tmp_path / "y"), *extra]) == 2
+        err = capsys.readouterr().err  # an unreachable size fails before calibration, naming the matrix
+        assert "even" in err and "zero" in err and "calibrat" not in err and not (tmp_path / "y").exists()
     assert main(["quantize", "--model", str(src), "--bits", "4", "--target-bits", "0.8",
                  "--output", str(tmp_path / "x")]) == 2  # one clear error before any work
     assert "--target-bits needs" in capsys.readouterr().err and not (tmp_path / "x").exists()

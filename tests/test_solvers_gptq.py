@@ -24,7 +24,7 @@ def correlated(rows, cols, n=256, seed=0, dtype=torch.float64):
     return W, X, 2 / n * X.T @ X
 
 
-def gptq_reference(W, H, grid, damp=0.01, act_order="none", rate=0.0):
+def gptq_reference(W, H, grid, damp=0.01, act_order="none", rate=0.0, price=None):
     """Column by column: Hinv_j = inverse(H[j:, j:]), quantize w_j, W[:, j:] -= (w - q)/Hinv_j[0,0] * Hinv_j[0, :].
 
     act_order "static": every group's parameters fitted on the original W before the sweep, column j of the
@@ -42,7 +42,7 @@ def gptq_reference(W, H, grid, damp=0.01, act_order="none", rate=0.0):
     W, H, diag = W[:, perm], H[perm][:, perm], diag[perm]
     H = H + damp * H.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
     Q, codes, groups = torch.zeros_like(W), torch.zeros(rows, cols, dtype=torch.uint8), []
-    lam = 0.0
+    lam = price or 0.0
     if rate:  # a nonzero code is kept only if it lowers the OBS loss (w^2 - (w-q)^2) / [H_F^-1]_00 by > lam
         levels = torch.stack([p[k] for p in static for k in ("scale_pos", "scale_neg")]) \
             if act_order == "static" else fit(W, grid)["scale_pos"]
@@ -213,3 +213,52 @@ def test_zero_share_control():
         gptq_at_zero_share(W, H, Grid(bits=4), 0.5)
     with pytest.raises(PeakError):
         gptq(W, H, Grid(bits=4), rate=1.0)
+
+
+@pytest.mark.parametrize("act_order", ["none", "static"])
+def test_priced_ternary_matches_reference(act_order):
+    """price: the same dead zone as rate, in the loss's own units (no per-matrix normalisation)."""
+    W, _, H = correlated(10, 18, seed=8)
+    grid = Grid(kind="ternary", group_size=6)
+    for price in (0.05, 0.5):
+        qw, _ = gptq(W, H, grid, act_order=act_order, blocksize=7, price=price)
+        Q, codes, _, _ = gptq_reference(W, H, grid, act_order=act_order, price=price)
+        assert torch.equal(qw.codes, codes)
+    with pytest.raises(PeakError, match="price"):
+        gptq(W, H, grid, price=0.1, rate=0.1)
+    with pytest.raises(PeakError, match="price"):
+        gptq(W, H, Grid(bits=4), price=0.1)
+
+
+def test_allocation_at_one_price_stays_within_the_budget():
+    """Experts share a budget: one price per nonzero code (each loss weighted), the mean bits never above the
+    budget and close below it; the heavily weighted matrix (many tokens) keeps more nonzeros."""
+    from peakllm.solvers.rate import allocate_at_price, zero_share
+
+    grid = Grid(kind="ternary", sym=True)
+    problems = []
+    for i, weight in enumerate((1.0, 1.0, 1.0, 100.0)):
+        W, _, H = correlated(12, 40, seed=20 + i)
+        problems.append((W, H, weight, grid))
+
+    def bits_of(i, share):  # any decreasing accounting will do; this one has a floor, as the format's has
+        return 0.1 + 1.6 * (1 - share)
+
+    def mean_bits(solves):
+        return sum(bits_of(i, zero_share(q)) for i, (q, _) in enumerate(solves)) / len(solves)
+
+    plain = [gptq(W, H, grid)[0] for W, H, _, _ in problems]
+    loose = sum(bits_of(i, zero_share(q)) for i, q in enumerate(plain)) / 4 + 0.01
+    solves, price = allocate_at_price(problems, bits_of, loose)
+    assert price == 0.0 and all(torch.equal(q.codes, p.codes) for (q, _), p in zip(solves, plain))
+    for budget in (0.4, 0.25):
+        solves, price = allocate_at_price(problems, bits_of, budget, tolerance=0.01)
+        assert price > 0 and budget * 0.99 - 1e-6 <= mean_bits(solves) <= budget
+        for (W, H, weight, g), (q, _) in zip(problems, solves):  # every matrix solved at the one price
+            assert torch.equal(q.codes, gptq(W, H, g, price=price / weight)[0].codes)
+        shares = [zero_share(q) for q, _ in solves]
+        assert shares[3] < min(shares[:3])
+        again, _ = allocate_at_price(problems, bits_of, budget, tolerance=0.01, price_hint=price * 37)
+        assert mean_bits(again) <= budget  # a hint moves the search, never the budget
+    with pytest.raises(PeakError, match="every code zero"):
+        allocate_at_price(problems, bits_of, 0.1)

@@ -40,6 +40,11 @@ def register(sub) -> None:
                    "matched: the mean |w| of the weights the target keeps nonzero, i.e. the row's largest (1 - z) "
                    "share for the z zeros its size needs (lower output error at the same size; see the README's "
                    "QMoE section) (default: minmax)")
+    p.add_argument("--bit-allocation", choices=("matrix", "experts"), default="matrix",
+                   help="with --target-bits on a MoE model. matrix: every ternary matrix held to B; experts: the "
+                   "experts of each MoE block (gate/up, then down) share B bits/param and one price per nonzero "
+                   "code, each expert's error weighted by the calibration tokens it serves, so the experts whose "
+                   "output gains most get more bits; the block's total never exceeds B (default: %(default)s)")
     p.add_argument("--dense-bits", choices=("2", "3", "4", "8", "keep"), default=None,
                    help="MoE models: grid of the non-expert matrices (attention, shared experts); 'keep' leaves them "
                    "as they are (default: the same as --bits; routers and embeddings always stay dense)")
@@ -71,9 +76,9 @@ def run(args) -> int:
         raise PeakError("compressed-tensors has no ternary format; use --format peakllm or sub1 for --bits ternary")
     if args.format == "sub1" and not ternary:
         raise PeakError("--format sub1 stores ternary codes: use --bits ternary")
-    zero_share_for = None
-    if args.levels is not None and args.target_bits is None:
-        raise PeakError("--levels chooses the ternary levels of a --target-bits run; add --target-bits B")
+    zero_share_for = expert_budget = None
+    if (args.levels is not None or args.bit_allocation != "matrix") and args.target_bits is None:
+        raise PeakError("--levels and --bit-allocation shape a --target-bits run; add --target-bits B")
     if args.target_bits is not None:
         if not (ternary and args.method == "gptq" and args.format == "sub1" and not args.mse):
             raise PeakError("--target-bits needs --method gptq --bits ternary --format sub1 (and no --mse: its "
@@ -85,6 +90,10 @@ def run(args) -> int:
         from peakllm.save import sub1_zero_share
 
         zero_share_for = partial(sub1_zero_share, args.target_bits, args.group_size)
+        if args.bit_allocation == "experts":
+            from peakllm.save import sub1_bits
+
+            expert_budget = (args.target_bits, partial(sub1_bits, args.group_size))
     if args.embed_bits is None:
         args.embed_bits = "keep" if args.format == "compressed-tensors" else "8"
     if args.embed_bits != "keep" and args.format == "compressed-tensors":
@@ -97,11 +106,12 @@ def run(args) -> int:
                           sym=args.sym, mse=args.mse)
     recipe = QuantRecipe(args.method, grid, act_order=act_order, blocksize=args.blocksize, damp=args.damp,
                          dense_grid=dense_grid, keep_dense=args.dense_bits == "keep", zero_share_for=zero_share_for,
-                         matched_levels=args.levels == "matched")
+                         matched_levels=args.levels == "matched", expert_budget=expert_budget)
     extra = {"method": args.method, "bits": args.bits if ternary else int(args.bits), "group_size": args.group_size,
              "sym": args.sym, "act_order": act_order, "dense_bits": args.dense_bits,
              "embed_bits": args.embed_bits, "embed_group_size": args.embed_group_size if args.embed_grid else None,
-             "target_bits": args.target_bits, "levels": args.levels}
+             "target_bits": args.target_bits, "levels": args.levels,
+             "bit_allocation": args.bit_allocation if args.target_bits is not None else None}
     result = run_compression(args, recipe, extra_result=extra)
     emit(result, args, f"quantized {args.model} with {args.method}")
     return 0

@@ -32,7 +32,7 @@ def check_act_order(act_order) -> str:
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, damp: float = 0.01,
-         act_order: str = "static", rate: float = 0.0) -> tuple[QuantizedWeight, SolveInfo]:
+         act_order: str = "static", rate: float = 0.0, price: float | None = None) -> tuple[QuantizedWeight, SolveInfo]:
     """Quantize ``W [out, in]`` onto ``grid`` minimising ||WX - QX||^2 given ``H [in, in]``.
 
     Columns are swept in order of decreasing diag(H) unless ``act_order`` is "none": columns with large
@@ -49,6 +49,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
     rate * lam0 (lam0: the matrix's mean v^2 / d^2, so rate is unitless), else 0: a dead zone that widens
     where the layer's output is least sensitive, with GPTQ's error feedback intact. rate = 0 is plain GPTQ;
     larger rates give more zero codes (cheaper for the sub-1-bit code), see solvers/rate.py.
+    ``price``: the same in the loss's own units (lam itself, replacing rate * lam0), so that one price
+    means the same trade of error for nonzero codes in every matrix it is given to (rate.allocate_at_price).
     """
     check_weight(W)
     check_hessian(H, W.shape[1])
@@ -81,7 +83,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
 
     if rate < 0 or (rate and grid.kind != "ternary"):
         raise PeakError(f"rate must be >= 0 and applies to ternary grids only, got {rate} on {grid.kind}")
-    lam = 0.0
+    if price is not None and (price < 0 or rate or grid.kind != "ternary"):
+        raise PeakError(f"price must be >= 0, without a rate, on a ternary grid; got {price} on {grid.kind}")
+    lam = price or 0.0
     if rate:
         levels = torch.stack([p[k] for p in static_params for k in ("scale_pos", "scale_neg")]) if static_params \
             else fit(W, grid)["scale_pos"]

@@ -11,6 +11,7 @@ share from a bits/param target with the format's own accounting.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -21,6 +22,7 @@ from peakllm.solvers.grids import Grid, QuantizedWeight
 
 ZERO_CODE = 1  # ternary codes {0, 1, 2} = {-, 0, +}
 MAX_STEPS = 14  # bisection steps on log(rate): the share is met within ~0.2% of the rate's range
+ZERO_SHARE_MAX = 255 / 256  # the sub1 accounting's largest share (its probabilities are multiples of 1/256)
 
 
 def zero_share(qw: QuantizedWeight) -> float:
@@ -90,3 +92,69 @@ def gptq_at_zero_share(W: torch.Tensor, H: torch.Tensor, grid: Grid, share: floa
         else:
             lo = mid
     return best[0], best[1], rate
+
+
+def allocate_at_price(problems: list, bits_of: Callable[[int, float], float], budget: float, *,
+                      price_hint: float | None = None, tolerance: float = 0.005, map_fn=map,
+                      **kw) -> tuple[list, float]:
+    """Bit allocation across matrices by their output error: one price for a nonzero code in all of them.
+
+    `problems`: (W, H, weight, grid) per matrix; `weight` scales its OBS loss into common units (H being a
+    per-token mean, a MoE expert's weight is its calibration token count, so the loss is the error summed
+    over the tokens it serves). A code is kept only where it saves more than the price in those units, so
+    the marginal error per nonzero code is equal everywhere: the matrices whose output gains most from
+    nonzeros get them (a Lagrangian allocation; GPTQ's error feedback intact in each matrix).
+    `bits_of(i, zero_share)`: what matrix i then stores per parameter (the format's accounting). The
+    price is the smallest found (bisection on its log) at which the parameter-weighted mean of bits_of is
+    <= `budget`, within `tolerance` x budget below it; never above the budget. `map_fn(f, indices)` runs the
+    per-matrix solves (e.g. on several workers). Returns ([(codes, info)] per matrix, price)."""
+    sizes = [W.numel() for W, _, _, _ in problems]
+    total = float(sum(sizes))
+    if not problems:
+        return [], 0.0
+    if any(weight <= 0 for _, _, weight, _ in problems):
+        raise PeakError("every matrix's loss weight must be > 0")
+
+    def run(price: float):
+        def one(i):
+            W, H, weight, grid = problems[i]
+            return gptq(W, H, grid, price=price / weight, **kw) if price else gptq(W, H, grid, **kw)
+        out = list(map_fn(one, range(len(problems))))
+        bits = sum(n * bits_of(i, zero_share(q)) for i, (n, (q, _)) in enumerate(zip(sizes, out))) / total
+        return out, bits
+
+    if sum(n * bits_of(i, ZERO_SHARE_MAX) for i, n in enumerate(sizes)) / total > budget:
+        raise PeakError(f"these matrices need more than {budget:.3f} bits/param even with (almost) every code zero")
+    out, bits = run(0.0)
+    if bits <= budget:  # plain GPTQ fits already
+        return out, 0.0
+    if price_hint is None or price_hint <= 0:  # the order of a code's saving: w^2 H_jj, weighted
+        price_hint = float(torch.tensor([weight * float((W.float() ** 2).mean()) * float(torch.diagonal(H).mean())
+                                         for W, H, weight, _ in problems]).median())
+    lo, hi, best = 0.0, price_hint, None
+    while best is None:  # bracket: hi within the budget, lo (0 or a price found over it) not
+        res = run(hi)
+        if res[1] <= budget:
+            best = res
+        else:
+            lo, hi = hi, hi * 4
+            if hi > price_hint * 4 ** 20:
+                raise PeakError(f"no price brings these matrices to {budget:.3f} bits/param (at best {res[1]:.3f})")
+    while lo == 0.0:  # find a price over the budget below hi
+        res = run(hi / 4)
+        if res[1] > budget:
+            lo = hi / 4
+        else:
+            hi, best = hi / 4, res
+            if hi < price_hint / 4 ** 20:
+                return best[0], hi
+    for _ in range(MAX_STEPS):
+        if best[1] >= budget * (1 - tolerance):
+            break
+        mid = math.sqrt(lo * hi)
+        res = run(mid)
+        if res[1] <= budget:
+            hi, best = mid, res
+        else:
+            lo = mid
+    return best[0], hi
