@@ -93,19 +93,36 @@ def _plot_sparsity(records, ax) -> bool:
     return True
 
 
+def _series(r: dict) -> str:
+    """One curve per way of compressing: method and bits, and what shapes a size-targeted ternary run."""
+    name = f"{r.get('method', '?')} {r.get('bits', '')}".strip()
+    if r.get("target_bits") is not None:
+        name += " rate-controlled"
+        name += ", matched levels" if r.get("levels") == "matched" else ""
+        name += ", experts share the budget" if r.get("bit_allocation") == "experts" else ""
+    return name
+
+
 def _plot_bits(records, ax) -> bool:
+    """Perplexity against size; MoE runs are placed by their experts' bits/param (what QMoE compresses)."""
     pts = [r for r in records if "ppl" in r and "bits_per_param" in r and r.get("bits_per_param")]
     if not pts:
         return False
-    by_method = defaultdict(list)
+    experts = all(r.get("bits_per_param_experts") for r in pts)
+    key = "bits_per_param_experts" if experts else "bits_per_param"
+    by_series = defaultdict(list)
     for r in pts:
-        by_method[r.get("method", "?")].append((r["bits_per_param"], r["ppl"]))
-    for method, xy in sorted(by_method.items()):
+        by_series[_series(r)].append((r[key], r["ppl"]))
+    for series, xy in sorted(by_series.items()):
         xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", linestyle="", label=method)
-    ax.set(xlabel="bits per parameter (compressed modules)", ylabel="perplexity", yscale="log",
-           title="perplexity vs size")
-    ax.legend(fontsize=8)
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", linestyle="-" if len(xy) > 1 else "",
+                label=series)
+    dense = {r["dense_ppl"] for r in pts if r.get("dense_ppl")}
+    if len(dense) == 1:
+        ax.axhline(dense.pop(), color="gray", linestyle="--", label="uncompressed")
+    ax.set(xlabel=f"bits per parameter ({'experts' if experts else 'compressed modules'}, all metadata)",
+           ylabel="perplexity", yscale="log", title="perplexity vs size")
+    ax.legend(fontsize=7)
     return True
 
 

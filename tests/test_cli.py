@@ -86,3 +86,21 @@ def test_default_model_eval_and_generate(capsys):
     assert code == 0 and 5 < result["ppl"] < 40 and result["tokens"] == 1024
     code, out, _ = run_cli(capsys, "generate", "--prompt", "The capital of France is", "--max-new-tokens", "4", "--json")
     assert code == 0 and "Paris" in json.loads(out)["text"]
+
+
+def test_report_curve_places_moe_runs_by_their_experts_bits(tmp_path):
+    """size.png: one curve per way of compressing, MoE runs placed by the experts' bits/param."""
+    from peakllm.report import _series, write_report
+
+    rows = [{"command": "quantize", "method": "gptq", "bits": "ternary", "target_bits": t, "levels": lv,
+             "bit_allocation": al, "bits_per_param": 9.0, "bits_per_param_experts": b, "ppl": p, "dense_ppl": 24.6}
+            for t, lv, al, b, p in ((0.8, "matched", "experts", 0.79, 5e4), (0.7, "matched", "matrix", 0.69, 9e4),
+                                    (None, None, None, 1.0, 1e6))]
+    rows.append({"command": "quantize", "method": "gptq", "bits": 2, "bits_per_param": 9.5,
+                 "bits_per_param_experts": 2.1, "ppl": 700.0, "dense_ppl": 24.6})
+    assert _series(rows[0]) == "gptq ternary rate-controlled, matched levels, experts share the budget"
+    assert _series(rows[2]) == "gptq ternary" and _series(rows[3]) == "gptq 2"
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = write_report(log, tmp_path / "rep")
+    assert "size.png" in written["files"] and (tmp_path / "rep" / "size.png").stat().st_size > 1000
