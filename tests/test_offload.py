@@ -191,3 +191,46 @@ def test_report_plots_offload_runs(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = write_report(log, tmp_path / "rep")
     assert "offload.png" in written["files"] and (tmp_path / "rep" / "offload.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_serve_runner_under_a_budget_gives_the_in_memory_logits(int4_folder, fused):
+    """serve's paged runner calls the same hooks: streamed layers, a KV pool counted in the budget, the same
+    logits bit for bit as without a budget, and the streamed layers out of memory between steps."""
+    from peakllm.serve.block_manager import BlockManager
+    from peakllm.serve.runner import PagedRunner
+    from peakllm.serve.scheduler import Scheduler
+    from peakllm.serve.sequence import SamplingParams, Sequence
+    from test_serve import _drive
+
+    hf, _tok = load_model(str(int4_folder))
+    probe = PagedRunner(RuntimeModel.from_hf(hf), 24, 4, max_memory=1 << 40)
+    fixed, size = probe.offload.fixed, max(u.nbytes for u in probe.offload.layers)
+    assert probe.offload.all_resident and fixed >= probe.kv_bytes
+    probe.offload.close()
+    logits = {}
+    for budget in (None, int(fixed + 3 * size)):
+        runner = PagedRunner(RuntimeModel.from_hf(hf), 24, 4, max_memory=budget)
+        runner.use_fused = fused
+        seqs = [Sequence(list(range(5 + 3 * i, 12 + 4 * i)), SamplingParams(max_tokens=6), lambda *_: None)
+                for i in range(3)]
+        out = _drive(runner, Scheduler(BlockManager(24, 4), 3, 16), seqs, 6)
+        logits[budget] = [torch.stack(out[s.seq_id]) for s in seqs]
+        off = runner.offload
+        if budget is not None:
+            assert len(off.pinned) == 1 and len(off.streamed) == 4
+            assert off.stats["decode"]["layer_reads"] > 0 and off.stats["prefill"]["steps"] > 0
+            for i in off.streamed[1:]:  # all but the one read ahead for the next step have left memory
+                assert resident_bytes(off.layers[i]) == 0
+            off.close()
+    ref, got = logits.values()
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    with pytest.raises(PeakError, match="too small"):
+        PagedRunner(RuntimeModel.from_hf(hf), 24, 4, max_memory=int(fixed))
+    if fused:  # what `peakllm serve --max-memory` builds
+        from peakllm.serve.server import build_engine
+
+        engine, _ = build_engine(str(int4_folder), num_blocks=24, block_size=4, max_model_len=64,
+                                 max_memory=int(fixed + 3 * size))
+        assert engine.runner.offload.streamed == [1, 2, 3, 4]
+        engine.runner.offload.close()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from peakllm.cli.common import (add_int8_act_option, add_model_option, add_threads_option, apply_int8_act,
-                                set_threads, stderr)
+from peakllm.cli.common import (add_int8_act_option, add_max_memory_run_option, add_model_option, add_threads_option,
+                                apply_int8_act, set_threads, stderr)
 from peakllm.errors import PeakError
 
 EPILOG = """\
@@ -46,6 +46,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of activations, dense weights and the KV cache (default: %(default)s)")
     add_int8_act_option(p)
+    add_max_memory_run_option(p)  # the KV pool (--kv-blocks) is part of the budget
     add_threads_option(p)
     p.set_defaults(func=run)
 
@@ -63,14 +64,24 @@ def run(args) -> int:
         raise PeakError(f"--port must be in 1..65535, got {args.port}")
     if args.max_model_len < 2:
         raise PeakError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    from peakllm import memory
+
+    budget = memory.parse_size(args.max_memory) if args.max_memory else None
     engine, tokenizer = build_engine(
         args.model, dtype=getattr(torch, args.dtype), max_model_len=args.max_model_len, num_blocks=args.kv_blocks,
         block_size=args.block_size, max_batch=args.max_batch, max_step_tokens=args.max_step_tokens,
-        max_queue=args.max_queue, threads=args.threads, prefix_sharing=not args.no_prefix_sharing)
+        max_queue=args.max_queue, threads=args.threads, prefix_sharing=not args.no_prefix_sharing, max_memory=budget)
     name = args.served_name or args.model
     kv_mb = engine.runner.kv_bytes / 2**20
     stderr(f"peakllm serve: '{name}' on http://{args.host}:{args.port}/v1 — KV cache {args.kv_blocks} blocks × "
            f"{args.block_size} tokens ({kv_mb:.0f} MB), batch ≤ {args.max_batch}, context {engine.max_model_len}")
+    off = engine.runner.offload
+    if off is not None:
+        plan = off.describe()
+        shown = ("all in memory" if plan["all_resident"] else
+                 f"{plan['expert_capacity']} of {plan['experts']} experts cached" if "experts" in plan else
+                 f"{plan['pinned_layers']} layers pinned, {plan['streamed_layers']} streamed from disk")
+        stderr(f"peakllm serve: --max-memory {args.max_memory}: {shown}")
     engine.warmup()
     engine.start()
     try:

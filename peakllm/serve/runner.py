@@ -36,13 +36,19 @@ def check_supported(model) -> None:
 
 
 class PagedRunner:
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, max_memory: int | None = None):
         check_supported(model)
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         shape = (model.n_layers, num_blocks * block_size, model.n_kv_heads, model.head_dim)
         self.k_pool = torch.zeros(shape, dtype=model.dtype)
         self.v_pool = torch.zeros(shape, dtype=model.dtype)
         self.use_fused = True  # False: plain torch norms and MLP (the path without a compiler; tests compare)
+        self.offload = None  # --max-memory: runtime/offload.py's hooks around each layer (the pool is counted)
+        if max_memory is not None:
+            from peakllm.runtime.offload import Offload
+
+            self.offload = Offload(model, max_memory, self.kv_bytes)
+            self.offload.start()
 
     @property
     def kv_bytes(self) -> int:
@@ -84,6 +90,8 @@ class PagedRunner:
             "decode": self._decode_batch(work[:n_decode], windows) if n_decode else None,
             "prefill": [(offsets[i], w) for i, w in enumerate(work) if i >= n_decode],
         }
+        if self.offload is not None:
+            self.offload.phase = "prefill" if plan["prefill"] else "decode"
         x = m.embed_tokens(ids)
         # x [N, dim]: the linears see every token of the step as the rows of one matrix
         last = [offsets[i + 1] - 1 for i, w in enumerate(work) if w.sample]
@@ -97,7 +105,10 @@ class PagedRunner:
         """The layers with RuntimeModel's decode kernels: residual add + RMSNorm in one call, gated act fused."""
         m = self.model
         h = dense.add_rmsnorm(x, None, m.layers[0].attn_norm, m.layers[0].eps)
+        off = self.offload
         for li, layer in enumerate(m.layers):
+            if off is not None:
+                off.before(li)
             attn = self._attention(layer, h, li, plan)
             if layer.post_attn_norm is not None:
                 attn = dense.add_rmsnorm(attn, None, layer.post_attn_norm, layer.eps)
@@ -108,15 +119,21 @@ class PagedRunner:
             nxt = m.layers[li + 1] if li + 1 < len(m.layers) else None
             w, eps = (nxt.attn_norm, nxt.eps) if nxt is not None else (m.norm_weight, m.norm_eps)
             h = dense.add_rmsnorm(x, mlp, w, eps)
+            if off is not None:
+                off.after(li)
         return h
 
     def _layers_torch(self, x: torch.Tensor, plan: dict) -> torch.Tensor:
-        m = self.model
+        m, off = self.model, self.offload
         for li, layer in enumerate(m.layers):
+            if off is not None:
+                off.before(li)
             attn = self._attention(layer, rms_norm(x, layer.attn_norm, layer.eps), li, plan)
             x = x + (attn if layer.post_attn_norm is None else rms_norm(attn, layer.post_attn_norm, layer.eps))
             mlp = layer.mlp(rms_norm(x, layer.mlp_norm, layer.eps))
             x = x + (mlp if layer.post_mlp_norm is None else rms_norm(mlp, layer.post_mlp_norm, layer.eps))
+            if off is not None:
+                off.after(li)
         return rms_norm(x, m.norm_weight, m.norm_eps)
 
     def _attention(self, layer, h: torch.Tensor, li: int, plan: dict) -> torch.Tensor:
