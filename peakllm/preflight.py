@@ -122,7 +122,7 @@ def check_size_target(model, recipe, shapes: dict) -> None:
             need = budget[1](member, out_f, in_f, ZERO_SHARE_MAX)
             if need > budget[0]:
                 raise PeakError(f"{name}: [{out_f}, {in_f}] experts need {need:.3f} bits/param even with (almost) "
-                                f"every code zero, over the {budget[0]} asked: raise --target-bits")
+                                f"every code zero, over the {budget[0]:.3f} the target leaves them: raise --target-bits")
         else:
             share_for(member, out_f, in_f)  # a PeakError names the shape and the smallest size it takes
 

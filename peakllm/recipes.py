@@ -114,7 +114,8 @@ class QuantRecipe:
     zero_share_for: Callable[[str, int, int], float] | None = None
     matched_levels: bool = False            # with zero_share_for: ternary levels fitted to that share (grids.fit)
     # Experts of one MoE block share a bits/param budget (rate.allocate_at_price): (budget, bits_of) with
-    # bits_of(name, out, in, zero_share) the format's accounting; None: each matrix held to its own share.
+    # bits_of(name, out, in, zero_share, dictionary_share) the format's accounting (save.sub1_bits); None:
+    # each matrix held to its own share.
     expert_budget: tuple[float, Callable[[str, int, int, float], float]] | None = None
     _rates: dict = field(default_factory=dict, repr=False, compare=False)  # last rate per matrix kind
 
@@ -150,13 +151,16 @@ class QuantRecipe:
         from peakllm.solvers.rate import allocate_at_price
 
         budget, bits_of = self.expert_budget
+        # The experts' codes share one dictionary, near the share the budget gives their shape: an expert whose
+        # share strays from it is coded by a dictionary not its own, and is counted so.
+        shares = [self.zero_share_for(name, *W.shape) for name, W in zip(names, Ws)]
         problems = []
-        for name, W, st in zip(names, Ws, stats):
-            g = replace(grid, zero_share=self.zero_share_for(name, *W.shape)) if self.matched_levels else grid
+        for W, st, share in zip(Ws, stats, shares):
+            g = replace(grid, zero_share=share) if self.matched_levels else grid
             problems.append((W, st["hessian"], float(max(st.get("tokens", 0), 1)), g))
         kind = names[0].rstrip("0123456789").rstrip(".").rsplit(".", 1)[-1]
         solves, price = allocate_at_price(
-            problems, lambda i, share: bits_of(names[i], *Ws[i].shape, share), budget,
+            problems, lambda i, share: bits_of(names[i], *Ws[i].shape, share, shares[i]), budget,
             price_hint=self._rates.get(("price", kind)), map_fn=map_fn,
             blocksize=self.blocksize, damp=self.damp, act_order=self.act_order)
         self._rates[("price", kind)] = price  # the next block's search starts there

@@ -114,9 +114,9 @@ def test_target_bits_holds_ternary_experts_to_the_size_asked(capsys, tmp_path, t
         assert result["bit_allocation"] == (None if target is None else "experts" if levels == "experts" else "matrix")
         sizes[target, levels] = result["bits_per_param_experts"]
     assert sizes[None, None] > 1.3  # plain GPTQ leaves too many nonzeros for these targets
-    for target, levels in sizes:  # the folder's measured size (manifest entries included) lands on the target
+    for target, levels in sizes:  # the folder's measured size (manifest entries included): at most the target
         if target is not None:
-            assert abs(sizes[target, levels] - target) <= 0.03 * target, sizes
+            assert 0.97 * target <= sizes[target, levels] <= target, sizes
     assert main(["quantize", "--model", str(src), "--bits", "ternary", "--format", "sub1", "--levels", "matched",
                  "--output", str(tmp_path / "x")]) == 2  # matched levels need the share a target asks for
     assert "--levels and --bit-allocation shape" in capsys.readouterr().err and not (tmp_path / "x").exists()

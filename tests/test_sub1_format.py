@@ -304,3 +304,23 @@ def test_from_quantized_reproduces_the_solver_weights():
     assert not torch.equal(q.g_idx.long(), torch.arange(70) // 16)  # act-order groups are not contiguous
     with pytest.raises(PeakError, match="act-order"):
         PackedSub1.from_quantized(q)
+
+
+def test_expected_length_under_another_dictionary():
+    """A dictionary coding a source of another share: at its own share it is Tables.expected_len; elsewhere
+    a dictionary built for that source does at least as well; the i.i.d. expectation matches a long random
+    source parsed by the encoder."""
+    from peakllm.formats.sub1 import PROB_Q, PackedSub1, Sub1Dictionary, expected_len_under, tunstall
+
+    d = Sub1Dictionary(8, 230, 128)
+    assert expected_len_under(d, 230 / PROB_Q) == pytest.approx(tunstall(8, 230, 128).expected_len, rel=1e-12)
+    for q in (200, 215, 240, 250):
+        assert expected_len_under(d, q / PROB_Q) <= tunstall(8, q, 128).expected_len + 1e-9
+    g = torch.Generator().manual_seed(5)
+    p0 = 215 / PROB_Q
+    u = torch.rand(64, 4096, generator=g)
+    codes = torch.where(u < p0, 1, torch.where(u < p0 + (1 - p0) / 2, 0, 2)).to(torch.uint8)
+    ones = torch.ones(64, 1, dtype=torch.float16)
+    packed = PackedSub1.encode(codes, ones, ones, -1, d)
+    symbols = packed.stream.numel()  # 8-bit symbols; each row ends with a partly used word
+    assert 64 * 4096 / (symbols - 64 * 0.5) == pytest.approx(expected_len_under(d, p0), rel=0.02)

@@ -87,13 +87,12 @@ def run(args) -> int:
             raise PeakError(f"--target-bits must be between 0.05 and 2.0 bits/param, got {args.target_bits}")
         from functools import partial
 
-        from peakllm.save import sub1_zero_share
+        from peakllm.save import SUB1_SHARED_DICTIONARY_MARGIN, sub1_bits, sub1_zero_share
 
-        zero_share_for = partial(sub1_zero_share, args.target_bits, args.group_size)
+        aim = args.target_bits * (1 - SUB1_SHARED_DICTIONARY_MARGIN)  # the stored size lands at or below B
+        zero_share_for = partial(sub1_zero_share, aim, args.group_size)
         if args.bit_allocation == "experts":
-            from peakllm.save import sub1_bits
-
-            expert_budget = (args.target_bits, partial(sub1_bits, args.group_size))
+            expert_budget = (aim, partial(sub1_bits, args.group_size))
     if args.embed_bits is None:
         args.embed_bits = "keep" if args.format == "compressed-tensors" else "8"
     if args.embed_bits != "keep" and args.format == "compressed-tensors":

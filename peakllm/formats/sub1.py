@@ -126,6 +126,34 @@ def tunstall(sym_bits: int, p_zero_q: int, p_pos_q: int) -> Tables:
                   n_words=sym, expected_len=expected_len)
 
 
+@lru_cache(maxsize=16)
+def _node_counts(sym_bits: int, p_zero_q: int, p_pos_q: int) -> tuple[np.ndarray, np.ndarray]:
+    """(zeros, nonzeros) in the label of every node of the dictionary's parse tree but the root."""
+    child = tunstall(sym_bits, p_zero_q, p_pos_q).child
+    zeros, nonzeros, stack = [], [], [(0, 0, 0)]
+    while stack:
+        node, z, nz = stack.pop()
+        for code in (NEG, ZERO, POS):
+            c = child[node * 3 + code]
+            if c >= 0:
+                cz, cnz = z + (code == ZERO), nz + (code != ZERO)
+                zeros.append(cz)
+                nonzeros.append(cnz)
+                stack.append((c, cz, cnz))
+    return np.array(zeros, dtype=np.float64), np.array(nonzeros, dtype=np.float64)
+
+
+def expected_len_under(dictionary: "Sub1Dictionary", p_zero: float) -> float:
+    """E[values per symbol] when `dictionary` codes an i.i.d. source with P(0) = p_zero (signs even): every
+    node of the parse tree but the root is one value of a symbol, reached with the probability of its label.
+    (At the dictionary's own statistics this is Tables.expected_len.)"""
+    zeros, nonzeros = _node_counts(dictionary.sym_bits, dictionary.p_zero_q, dictionary.p_pos_q)
+    p_zero = min(max(p_zero, 0.0), 1.0)
+    with np.errstate(divide="ignore"):
+        logp = zeros * np.log(p_zero) + nonzeros * np.log((1.0 - p_zero) / 2)
+    return float(np.exp(logp).sum())
+
+
 def code_counts(codes: torch.Tensor) -> tuple[int, int, int]:
     """(codes, zero codes, positive codes) of a ternary code matrix."""
     return codes.numel(), int((codes == ZERO).sum()), int((codes == POS).sum())
@@ -174,12 +202,18 @@ class Sub1Dictionary:
 
 def expected_bits_per_param(out_features: int, in_features: int, p_zero_q: int, *, group_size: int = -1,
                             sym: bool = True, sym_bits: int = 16, block_rows: int = DEFAULT_BLOCK_ROWS,
-                            extra_bytes: int = 0) -> float:
+                            extra_bytes: int = 0, dictionary_zero_q: int | None = None) -> float:
     """Bits/param this format is expected to store for a matrix whose codes are zero with probability
     p_zero_q / 256 (signs even), counting what `nbytes` counts: the stream (each row's values over the
     dictionary's expected word length, plus half a symbol for the row's last word), the block offsets and
-    the fp16 scales (one side when symmetric); plus `extra_bytes` (e.g. its manifest entry)."""
-    words = in_features / tunstall(sym_bits, p_zero_q, PROB_Q // 2).expected_len + 0.5
+    the fp16 scales (one side when symmetric); plus `extra_bytes` (e.g. its manifest entry).
+    `dictionary_zero_q`: the codes are coded by the dictionary built for that share instead of their own
+    (a dictionary shared with other matrices; p_zero_q may then be fractional)."""
+    if dictionary_zero_q is None:
+        expected_len = tunstall(sym_bits, p_zero_q, PROB_Q // 2).expected_len
+    else:
+        expected_len = expected_len_under(Sub1Dictionary(sym_bits, dictionary_zero_q, PROB_Q // 2), p_zero_q / PROB_Q)
+    words = in_features / expected_len + 0.5
     stream = out_features * words * sym_bits
     offsets = 32 * (math.ceil(out_features / block_rows) + 1)
     scales = 16 * out_features * n_groups_of(in_features, group_size) * (1 if sym else 2)
