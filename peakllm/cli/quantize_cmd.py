@@ -38,8 +38,8 @@ def register(sub) -> None:
     p.add_argument("--levels", choices=("minmax", "matched"), default=None,
                    help="with --target-bits, the level s of each ternary row {-s, 0, +s}. minmax: QMoE's s = (max - min) / 2; "
                    "matched: the mean |w| of the weights the target keeps nonzero, i.e. the row's largest (1 - z) "
-                   "share for the z zeros its size needs (lower output error at the same size; see the README's "
-                   "QMoE section) (default: minmax)")
+                   "share for the z zeros its size needs (lower reconstruction error per matrix, but a higher perplexity "
+                   "on the moefied default model: see the README's QMoE section) (default: minmax)")
     p.add_argument("--bit-allocation", choices=("matrix", "experts"), default="matrix",
                    help="with --target-bits on a MoE model. matrix: every ternary matrix held to B; experts: the "
                    "experts of each MoE block (gate/up, then down) share B bits/param and one price per nonzero "
