@@ -154,6 +154,33 @@ def expected_len_under(dictionary: "Sub1Dictionary", p_zero: float) -> float:
     return float(np.exp(logp).sum())
 
 
+RENEWAL_EXACT = 2048  # row positions computed exactly; a longer row's rest counts 1 / E[len] symbols a value
+
+
+@lru_cache(maxsize=4096)
+def expected_symbols_per_row(dictionary: "Sub1Dictionary", p_zero: float, in_features: int) -> float:
+    """E[symbols] of a row of `in_features` i.i.d. codes (P(0) = p_zero, signs even): the number of words
+    started before the row ends, the last one cut short and completed (a renewal sum: u[t], the chance
+    that a word starts at position t, from the parsed word length's distribution, whose tail P(len >= L)
+    sums the probabilities of the tree's nodes at depth L). Short rows of long words pay more than the
+    half symbol a long row's end costs on average."""
+    zeros, nonzeros = _node_counts(dictionary.sym_bits, dictionary.p_zero_q, dictionary.p_pos_q)
+    p_zero = min(max(p_zero, 0.0), 1.0)
+    with np.errstate(divide="ignore"):
+        prob = np.exp(zeros * np.log(p_zero) + nonzeros * np.log((1.0 - p_zero) / 2))
+    tail = np.bincount((zeros + nonzeros).astype(np.int64), weights=prob, minlength=MAX_LEN + 2)  # P(len >= L)
+    pmf = tail[1:MAX_LEN + 1] - tail[2:MAX_LEN + 2]  # P(len = L), L = 1..MAX_LEN
+    mean = float(tail[1:].sum())
+    m = min(in_features, RENEWAL_EXACT)
+    u = np.zeros(m)
+    u[0] = 1.0
+    rev = pmf[::-1]  # u[t] = sum over L of u[t - L] P(len = L)
+    for t in range(1, m):
+        k = min(t, MAX_LEN)
+        u[t] = float(u[t - k:t] @ rev[MAX_LEN - k:])
+    return float(u.sum()) + (in_features - m) / mean
+
+
 def code_counts(codes: torch.Tensor) -> tuple[int, int, int]:
     """(codes, zero codes, positive codes) of a ternary code matrix."""
     return codes.numel(), int((codes == ZERO).sum()), int((codes == POS).sum())
@@ -204,16 +231,14 @@ def expected_bits_per_param(out_features: int, in_features: int, p_zero_q: int, 
                             sym: bool = True, sym_bits: int = 16, block_rows: int = DEFAULT_BLOCK_ROWS,
                             extra_bytes: int = 0, dictionary_zero_q: int | None = None) -> float:
     """Bits/param this format is expected to store for a matrix whose codes are zero with probability
-    p_zero_q / 256 (signs even), counting what `nbytes` counts: the stream (each row's values over the
-    dictionary's expected word length, plus half a symbol for the row's last word), the block offsets and
+    p_zero_q / 256 (signs even), counting what `nbytes` counts: the stream (`expected_symbols_per_row`, the
+    row's last word completed), the block offsets and
     the fp16 scales (one side when symmetric); plus `extra_bytes` (e.g. its manifest entry).
     `dictionary_zero_q`: the codes are coded by the dictionary built for that share instead of their own
     (a dictionary shared with other matrices; p_zero_q may then be fractional)."""
-    if dictionary_zero_q is None:
-        expected_len = tunstall(sym_bits, p_zero_q, PROB_Q // 2).expected_len
-    else:
-        expected_len = expected_len_under(Sub1Dictionary(sym_bits, dictionary_zero_q, PROB_Q // 2), p_zero_q / PROB_Q)
-    words = in_features / expected_len + 0.5
+    own = dictionary_zero_q is None
+    dictionary = Sub1Dictionary(sym_bits, int(p_zero_q) if own else dictionary_zero_q, PROB_Q // 2)
+    words = expected_symbols_per_row(dictionary, p_zero_q / PROB_Q, in_features)
     stream = out_features * words * sym_bits
     offsets = 32 * (math.ceil(out_features / block_rows) + 1)
     scales = 16 * out_features * n_groups_of(in_features, group_size) * (1 if sym else 2)
