@@ -116,7 +116,7 @@ class QuantRecipe:
     # Experts of one MoE block share a bits/param budget (rate.allocate_at_price): (budget, bits_of) with
     # bits_of(name, out, in, zero_share, dictionary_share) the format's accounting (save.sub1_bits); None:
     # each matrix held to its own share.
-    expert_budget: tuple[float, Callable[[str, int, int, float], float]] | None = None
+    expert_budget: tuple[float, Callable[..., float]] | None = None
     _rates: dict = field(default_factory=dict, repr=False, compare=False)  # last rate per matrix kind
 
     moe: bool = False                       # set by the caller for MoE models
@@ -157,6 +157,7 @@ class QuantRecipe:
         problems = []
         for W, st, share in zip(Ws, stats, shares):
             g = replace(grid, zero_share=share) if self.matched_levels else grid
+            # an expert no calibration token reached (pooled statistics, 0 tokens) weighs as one token
             problems.append((W, st["hessian"], float(max(st.get("tokens", 0), 1)), g))
         kind = names[0].rstrip("0123456789").rstrip(".").rsplit(".", 1)[-1]
         solves, price = allocate_at_price(
