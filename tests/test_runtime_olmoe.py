@@ -153,6 +153,20 @@ def test_sub1_experts_under_a_budget_give_the_in_memory_tokens(olmoe_folders):
     assert rates[(5, True)] == rates[(5, False)] > 0.0  # both paths report the same routes to the cache
 
 
+def test_bench_counts_only_the_routed_share_of_the_experts():
+    from peakllm.runtime.bench import weight_bytes_per_step
+
+    hf = tiny_olmoe()  # 6 experts, top 3; untied: the embedding is read one row per token
+    experts = sum(p.numel() * 4 for layer in hf.model.layers for p in layer.mlp.experts.parameters())
+    embedding = hf.model.embed_tokens.weight.numel() * 4
+    everything = sum(p.numel() * 4 for p in hf.parameters())
+    for batch in (1, 2):
+        read = 1 - (1 - 3 / 6) ** batch
+        expect = everything - embedding - experts + int(experts * read) + batch * 64 * 4
+        assert abs(weight_bytes_per_step(hf, batch=batch) - expect) <= 2
+        assert abs(weight_bytes_per_step(RuntimeModel.from_hf(hf), batch=batch) - expect) <= 2
+
+
 def test_clip_qkv_falls_back_with_one_line(tiny_tokenizer, capsys):
     from peakllm.runtime.hf_loop import hf_generate_text
 
