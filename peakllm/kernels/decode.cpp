@@ -11,7 +11,9 @@
 // Each linear is a `Lin` descriptor: dense fp32 / bf16 weights (dense_impl.h), group-wise int-k codes
 // (intk_impl.h), N:M / bitmask sparse weights with float or int-k kept values (sparse_impl.h), or a
 // sub-1-bit stream (sub1_impl.h). A layer's MLP may instead be a mixture of experts (`Moe`, batch 1):
-//   router + top-k | gate/up rows of each chosen expert, SiLU * up | down rows of each, summed Every thread takes a contiguous band of output rows of each linear (one stream through
+//   router + top-k | gate/up rows of each chosen expert, SiLU * up | down rows of each, weighted and summed.
+// OLMoE's q/k norms span the whole q / k (not each head): one more phase after the q, k, v rows.
+// Every thread takes a contiguous band of output rows of each linear (one stream through
 // the weights per thread) and prepares its own copy of the activations (x widened / reordered for the
 // kernel; a few KB, cheaper than another barrier). Arithmetic and rounding are those of the per-op
 // kernels, so the engine computes exactly what the op-by-op path computes.
@@ -46,14 +48,19 @@ struct Lin {
     int act_bits;           // int-k: 8 = x quantized to int8 per 32 columns where a8_applies (intk_a8_impl.h), 0 = fp32
 };
 
-// A mixture-of-experts MLP (peakllm_moe, batch 1, fp32): a linear router scores the E experts, the
-// top k run (gate_up [2I, dim]: gate rows first; down [dim, I]) and their outputs are summed.
+// A mixture-of-experts MLP (batch 1, fp32): a linear router scores the E experts, the top k run
+// (gate_up [2I, dim]: gate rows first; down [dim, I]) and their outputs are summed, each times its weight:
+// 1 (MOE_SUM: peakllm_moe), its softmax probability over all E scores (MOE_SOFTMAX: OLMoE), or that
+// probability over the sum of the top k's (MOE_SOFTMAX_TOPK: norm_topk_prob). Softmax keeps the order of
+// the scores, so the top k are the same either way.
+enum { MOE_SUM = 0, MOE_SOFTMAX = 1, MOE_SOFTMAX_TOPK = 2 };
 struct Moe {
     Lin router;            // [E, dim] (+ bias)
     const Lin* gate_up;    // E of them
     const Lin* down;       // E of them
     int n_experts, top_k, inter;
-    float* work;           // E + 3 * top_k * inter + top_k * dim floats
+    float* work;           // E + 3 * top_k * inter + top_k * dim + 2 * top_k floats
+    int weighting;         // MOE_*
 };
 
 // One Llama-style decoder layer: the seven linears (g, u, d unused when moe is set), norms, and this
@@ -70,6 +77,7 @@ struct Layer {
     const void *post_attn_norm, *post_mlp_norm, *rope_cos, *rope_sin;
     int act, window;
     int norm_f32w;  // every norm weight of the layer (and next_norm) is fp32, Gemma's rounding (norm_mul)
+    int qk_norm_full;  // qn / kn span all of q / k (OLMoE), not each head
 };
 
 static constexpr int SPINS_BEFORE_YIELD = 1 << 14;
@@ -273,14 +281,24 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
             lin_rows<TX>(L.k, h, k, B, t, nt, w, err);
             lin_rows<TX>(L.v, h, v, B, t, nt, w, err);
             bar.wait(nt);
+            if (L.qk_norm_full) {  // in place, one row of q or k per item; the heads below see no norm
+                share(2 * B, 1, t, nt, lo, hi);
+                for (int i = lo; i < hi; ++i) {
+                    TX* r = i < B ? q + (size_t)i * qd : k + (size_t)(i - B) * kvd;
+                    add_rmsnorm<TX>(r, nullptr, i < B ? L.qn : L.kn, L.norm_f32w, r, 1, i < B ? (int)qd : (int)kvd,
+                                    L.qk_eps);
+                }
+                bar.wait(nt);
+            }
+            const void *head_qn = L.qk_norm_full ? nullptr : L.qn, *head_kn = L.qk_norm_full ? nullptr : L.kn;
             share(B * KV, 1, t, nt, lo, hi);
             for (int i = lo; i < hi; ++i)
-                kv_append<TX>(k, v, L.kn, L.norm_f32w, L.qk_eps, lcos, lsin, (TX*)L.kc, (TX*)L.vc, i / KV, i % KV,
+                kv_append<TX>(k, v, head_kn, L.norm_f32w, L.qk_eps, lcos, lsin, (TX*)L.kc, (TX*)L.vc, i / KV, i % KV,
                               KV, D, L.max_seq, pos, w.attn.data());
             bar.wait(nt);
             share(B * H, 1, t, nt, lo, hi);
             for (int i = lo; i < hi; ++i)
-                attend_head<TX>(q, L.qn, L.norm_f32w, L.qk_eps, lcos, lsin, (const TX*)L.kc, (const TX*)L.vc, a,
+                attend_head<TX>(q, head_qn, L.norm_f32w, L.qk_eps, lcos, lsin, (const TX*)L.kc, (const TX*)L.vc, a,
                                 i / H, i % H, H, KV, D, L.max_seq, pos, L.scale, L.window, w.attn.data());
             bar.wait(nt);
             lin_rows<TX>(L.o, a, o, B, t, nt, w, err);
@@ -331,7 +349,8 @@ static void moe_mlp(const Moe& M, int dim, const float* h, float* d, int t, int 
     float* gu = scores + E;                      // [K, 2I]
     float* act = gu + (size_t)K * 2 * I;          // [K, I]
     float* parts = act + (size_t)K * I;           // [K, dim]
-    int* chosen = (int*)(parts + (size_t)K * dim);  // [K] (room for it is counted in work)
+    float* weight = parts + (size_t)K * dim;      // [K]
+    int* chosen = (int*)(weight + K);             // [K] (room for it is counted in work; the last K floats)
     if (t == 0) {
         lin_range<float>(M.router, h, scores, 1, 0, E, w, err);
         // top k by score, highest first; ties keep the lower index (torch.topk's order does not matter:
@@ -344,6 +363,15 @@ static void moe_mlp(const Moe& M, int dim, const float* h, float* d, int t, int 
                 if (!taken && (best < 0 || scores[e] > scores[best])) best = e;
             }
             chosen[j] = best;
+        }
+        for (int j = 0; j < K; ++j) weight[j] = 1.f;
+        if (M.weighting != MOE_SUM) {  // softmax as torch computes it in fp32: exp(s - max) / sum
+            const float mx = scores[chosen[0]];
+            float sum = 0.f, top = 0.f;
+            for (int e = 0; e < E; ++e) sum += std::exp(scores[e] - mx);
+            for (int j = 0; j < K; ++j) top += (weight[j] = std::exp(scores[chosen[j]] - mx) / sum);
+            if (M.weighting == MOE_SOFTMAX_TOPK)
+                for (int j = 0; j < K; ++j) weight[j] /= top;
         }
     }
     bar.wait(nt);
@@ -361,7 +389,7 @@ static void moe_mlp(const Moe& M, int dim, const float* h, float* d, int t, int 
     for (int j = 0; j < K; ++j) lin_range<float>(M.down[chosen[j]], act + (size_t)j * I, parts + (size_t)j * dim, 1, lo, hi, w, err);
     for (int r = lo; r < hi; ++r) {
         float s = 0.f;
-        for (int j = 0; j < K; ++j) s += parts[(size_t)j * dim + r];
+        for (int j = 0; j < K; ++j) s += parts[(size_t)j * dim + r] * weight[j];
         d[r] = s;
     }
     bar.wait(nt);

@@ -17,6 +17,7 @@ from peakllm.errors import PeakError
 from peakllm.kernels.build import load_library
 
 LIN_F32, LIN_BF16, LIN_INTK, LIN_NM, LIN_BITMASK, LIN_SUB1 = 0, 1, 2, 3, 4, 5
+MOE_SUM, MOE_SOFTMAX, MOE_SOFTMAX_TOPK = 0, 1, 2  # how a MoE weights its chosen experts (decode.cpp)
 _VALUE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # sparse_impl.h; 3 = int-k codes
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -32,11 +33,11 @@ class Lin(ctypes.Structure):
 
 
 class Moe(ctypes.Structure):
-    """A mixture-of-experts MLP: linear router, top-k experts summed (mirrors the C struct)."""
+    """A mixture-of-experts MLP: linear router, top-k experts weighted and summed (mirrors the C struct)."""
 
     _fields_ = [("router", Lin), ("gate_up", ctypes.POINTER(Lin)), ("down", ctypes.POINTER(Lin)),
                 ("n_experts", ctypes.c_int), ("top_k", ctypes.c_int), ("inter", ctypes.c_int),
-                ("work", ctypes.c_void_p)]
+                ("work", ctypes.c_void_p), ("weighting", ctypes.c_int)]
 
 
 class Layer(ctypes.Structure):
@@ -48,18 +49,18 @@ class Layer(ctypes.Structure):
                 + [(n, ctypes.c_float) for n in ("eps", "next_eps", "qk_eps", "scale")]
                 + [("moe", ctypes.c_void_p)]
                 + [(n, ctypes.c_void_p) for n in ("post_attn_norm", "post_mlp_norm", "rope_cos", "rope_sin")]
-                + [(n, ctypes.c_int) for n in ("act", "window", "norm_f32w")])
+                + [(n, ctypes.c_int) for n in ("act", "window", "norm_f32w", "qk_norm_full")])
 
 
 def moe(router: Lin, gate_up: list[Lin], down: list[Lin], top_k: int, inter: int, dim: int, keep: list,
-        readout: list | None = None):
+        readout: list | None = None, weighting: int = MOE_SUM):
     """The C description of a MoE MLP (batch 1, fp32); returns its address for Layer.moe. `readout`, if
     given, receives an int32 view [top_k] of the experts the last step picked."""
     E = len(gate_up)
     gu, dn = (Lin * E)(*gate_up), (Lin * E)(*down)
-    work = torch.zeros(E + 3 * top_k * inter + top_k * dim + top_k)  # the last top_k floats hold ints
+    work = torch.zeros(E + 3 * top_k * inter + top_k * dim + 2 * top_k)  # the last top_k floats hold ints
     m = Moe(router, ctypes.cast(gu, ctypes.POINTER(Lin)), ctypes.cast(dn, ctypes.POINTER(Lin)), E, top_k, inter,
-            work.data_ptr())
+            work.data_ptr(), weighting)
     keep.extend((gu, dn, work, m))
     if readout is not None:
         readout.append(work[work.numel() - top_k:].view(torch.int32))

@@ -64,7 +64,10 @@ def _expert_shares(model: nn.Module, batch: int) -> dict[int, float]:
     1, and E * (1 - (1 - k/E)^B) / E expected distinct experts at batch B under uniform routing."""
     shares: dict[int, float] = {}
     for block in model.modules():
-        E, k, experts = getattr(block, "num_experts", None), getattr(block, "top_k", None), getattr(block, "experts", None)
+        gate = getattr(block, "gate", None)  # OLMoE's block keeps E and k on its router
+        E = getattr(block, "num_experts", None) or getattr(gate, "num_experts", None)
+        k = getattr(block, "top_k", None) or getattr(gate, "top_k", None)
+        experts = getattr(block, "experts", None)
         if not (isinstance(E, int) and isinstance(k, int) and isinstance(experts, nn.Module) and 0 < k <= E):
             continue
         share = 1.0 - (1.0 - k / E) ** batch

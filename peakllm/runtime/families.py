@@ -1,15 +1,19 @@
 """What differs between the model families the lean runtime runs, read off an HF model once.
 
-Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3 and Gemma-3 share one decoder shape (RMSNorm, RoPE, grouped-query
-attention, a gated MLP); what differs is small and is described here so that `runtime/model.py` and the
-decode engine see one layout:
+Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma-3 and OLMoE share one decoder shape (RMSNorm, RoPE,
+grouped-query attention, a gated MLP or a mixture of gated experts); what differs is small and is described
+here so that `runtime/model.py` and the decode engine see one layout:
 - Gemma's RMSNorm multiplies by (1 + weight): folded into the weight once (`norm_params`).
 - The gated MLP's activation: SiLU (SwiGLU) or GELU-tanh (GeGLU) (`act_kind`).
 - Phi-3 fuses q, k, v into `qkv_proj` and gate, up into `gate_up_proj`: split into row views of the same
   bytes when the module allows it (`split_rows`), so no weight is copied.
 - Per-layer sliding windows and RoPE tables (Gemma-3's local / global layers; Qwen2's sliding layers) from
   `config.layer_types` (`layer_windows`, `rope_kinds`).
-- Things the runtime does not implement (logit soft-capping, partial rotary) are refused with one line by
+- q/k norms: per head (Qwen3, Gemma-3: a weight of head_dim) or over the whole projection output (OLMoE:
+  a weight of heads * head_dim) (`qk_norm_full`).
+- MoE blocks (peakllm_moe, OLMoE) run as the model's own module; the engine reads their router and experts
+  (`runtime/describe.py`).
+- Things the runtime does not implement (logit soft-capping, partial rotary, OLMoE's clip_qkv) are refused with one line by
   `check_config`, and the caller falls back to the HF model.
 """
 
@@ -23,7 +27,7 @@ from torch import nn
 
 from peakllm.errors import PeakError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "peakllm_moe")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "peakllm_moe", "olmoe")
 ACT_SILU, ACT_GELU_TANH = 0, 1  # kernels/dense_impl.h
 
 
@@ -42,6 +46,8 @@ def check_config(config) -> None:
     factors.append(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
     if any(float(f) != 1.0 for f in factors):
         raise PeakError("the lean runtime does not implement partial rotary embeddings")
+    if getattr(config, "clip_qkv", None) is not None:
+        raise PeakError("the lean runtime does not implement clip_qkv (this model sets it)")
     if getattr(config, "use_bidirectional_attention", False):
         raise PeakError("the lean runtime runs causal attention only; this model attends bidirectionally")
 
@@ -59,6 +65,11 @@ def norm_params(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, floa
     if _offset_norm(norm):
         return (1.0 + weight.float()).contiguous(), float(eps)
     return weight.to(dtype).contiguous(), float(eps)
+
+
+def qk_norm_full(norm: nn.Module, head_dim: int) -> bool:
+    """True when a q or k norm spans the whole projection output (OLMoE) rather than each head (Qwen3)."""
+    return norm.weight.numel() != head_dim
 
 
 def act_kind(fn) -> int | None:

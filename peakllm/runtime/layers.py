@@ -81,11 +81,13 @@ class Attention(nn.Module):
         self.o_proj = _linear(hf_attn.o_proj, dtype)
         self.scaling = float(getattr(hf_attn, "scaling", head_dim**-0.5))
         self.qk_norm = None  # Qwen3, Gemma-3: RMSNorm over each head of q and k, before RoPE
+        self.qk_norm_full = False  # OLMoE: over all of q and all of k instead
         if getattr(hf_attn, "q_norm", None) is not None:
             (qw, self.qk_eps), (kw, _) = norm_params(hf_attn.q_norm, dtype), norm_params(hf_attn.k_norm, dtype)
             self.register_buffer("q_norm_weight", qw, persistent=False)
             self.register_buffer("k_norm_weight", kw, persistent=False)
             self.qk_norm = True
+            self.qk_norm_full = families.qk_norm_full(hf_attn.q_norm, head_dim)
 
     def _qkv(self, x):
         if self.qkv_proj is not None:
@@ -96,8 +98,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self._qkv(x)
+        if self.qk_norm_full:
+            q, k = rms_norm(q, self.q_norm_weight, self.qk_eps), rms_norm(k, self.k_norm_weight, self.qk_eps)
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
-        if self.qk_norm:
+        if self.qk_norm and not self.qk_norm_full:
             q = rms_norm(q, self.q_norm_weight, self.qk_eps)
             k = rms_norm(k, self.k_norm_weight, self.qk_eps)
         qk = rope(torch.cat((q, k), dim=2), cos, sin_signed)  # q and k together
@@ -121,6 +125,9 @@ class Attention(nn.Module):
         """forward for one token per sequence through the fused kernel; x [B, 1, dim]."""
         q, k, v = (t.contiguous() for t in self._qkv(x))
         qn, kn = (self.q_norm_weight, self.k_norm_weight) if self.qk_norm else (None, None)
+        if self.qk_norm_full:  # the kernel norms each head: the whole-width norms run first
+            q, k = dense.add_rmsnorm(q, None, qn, self.qk_eps), dense.add_rmsnorm(k, None, kn, self.qk_eps)
+            qn = kn = None
         out = dense.attn_decode(q, k, v, qn, kn, getattr(self, "qk_eps", 0.0), cos, sin_signed,
                                 k_cache, v_cache, pos, self.scaling, self.n_heads, self.window)
         return self.o_proj(out)
@@ -217,7 +224,8 @@ class Block(nn.Module):
                             self.dim, a.n_heads, a.n_kv_heads, a.head_dim,
                             0 if moe is not None else m.down_proj.in_features, k_cache.shape[2], self.eps, next_eps,
                             getattr(a, "qk_eps", 0.0), a.scaling, moe, p(pa), p(pm), p(cos), p(sin),
-                            m.act if moe is None else 0, a.window, int(self.attn_norm.dtype == torch.float32))
+                            m.act if moe is None else 0, a.window, int(self.attn_norm.dtype == torch.float32),
+                            int(a.qk_norm_full))
 
     def _post(self, y, weight):
         return y if weight is None else rms_norm(y, weight, self.eps)

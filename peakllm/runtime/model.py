@@ -1,6 +1,7 @@
-"""A lean decoder for Llama-family models (Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma-3), built from a
-loaded HF model; what differs between the families (Gemma's norms, GeGLU, sliding windows, per-layer RoPE,
-Phi-3's fused projections) is read off the model by `runtime/families.py`.
+"""A lean decoder for Llama-family models (Llama, Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma-3, OLMoE and
+peakllm_moe), built from a loaded HF model; what differs between the families (Gemma's norms, GeGLU, sliding
+windows, per-layer RoPE, Phi-3's fused projections, OLMoE's whole-width q/k norms) is read off the model by
+`runtime/families.py`.
 
 gpt-fast style: a static KV cache preallocated as [layers, batch, kv_heads, max_seq, head_dim], RoPE
 from a precomputed table, RMSNorm, grouped-query attention, and one `forward(tokens, start_pos)` for
@@ -9,7 +10,7 @@ both prefill and decode. The linear layers are the HF model's own modules, so pa
 which on the decode path runs the compiled streaming matvec of `peakllm.kernels.dense`.
 
 Decoding one token runs, when every layer can be described to it (dense, int-k, sparse or sub-1-bit
-linears; SiLU- or GELU-gated MLP, or a peakllm_moe block at batch 1 in fp32), the whole-step engine of
+linears; SiLU- or GELU-gated MLP, or a peakllm_moe / OLMoE block at batch 1 in fp32), the whole-step engine of
 `peakllm.kernels.decode`: one C call for all layers and the lm_head. Otherwise each module runs on its
 own, op by op.
 

@@ -362,8 +362,10 @@ class Offload:
                 self._drop(unit)
 
     def close(self) -> None:
-        for experts in self._observed:
-            experts.on_route = None
+        for experts in self._observed:  # unless a later Offload over the same modules has hooked them since
+            hook = experts.on_route
+            if isinstance(hook, functools.partial) and getattr(hook.func, "__self__", None) is self:
+                experts.on_route = None
         self._observed = []
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():

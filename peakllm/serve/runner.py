@@ -19,7 +19,7 @@ from peakllm.runtime.families import SUPPORTED
 from peakllm.runtime.layers import causal_mask, rms_norm, rope
 from peakllm.serve.scheduler import Work
 
-SERVE_SUPPORTED = tuple(t for t in SUPPORTED if t != "peakllm_moe")  # the runtime's dense families
+SERVE_SUPPORTED = tuple(t for t in SUPPORTED if t not in ("peakllm_moe", "olmoe"))  # the runtime's dense families
 
 
 def check_family(config) -> None:
