@@ -96,6 +96,8 @@ def _plot_sparsity(records, ax) -> bool:
 def _series(r: dict) -> str:
     """One curve per way of compressing: method and bits, and what shapes a size-targeted ternary run."""
     name = f"{r.get('method', '?')} {r.get('bits', '')}".strip()
+    if r.get("group_size") not in (None, -1):
+        name += f" g{r['group_size']}"
     if r.get("target_bits") is not None:
         name += " rate-controlled"
         name += ", matched levels" if r.get("levels") == "matched" else ""

@@ -96,10 +96,10 @@ def test_report_curve_places_moe_runs_by_their_experts_bits(tmp_path):
              "bit_allocation": al, "bits_per_param": 9.0, "bits_per_param_experts": b, "ppl": p, "dense_ppl": 24.6}
             for t, lv, al, b, p in ((0.8, "matched", "experts", 0.79, 5e4), (0.7, "matched", "matrix", 0.69, 9e4),
                                     (None, None, None, 1.0, 1e6))]
-    rows.append({"command": "quantize", "method": "gptq", "bits": 2, "bits_per_param": 9.5,
+    rows.append({"command": "quantize", "method": "gptq", "bits": 2, "group_size": 64, "bits_per_param": 9.5,
                  "bits_per_param_experts": 2.1, "ppl": 700.0, "dense_ppl": 24.6})
     assert _series(rows[0]) == "gptq ternary rate-controlled, matched levels, experts share the budget"
-    assert _series(rows[2]) == "gptq ternary" and _series(rows[3]) == "gptq 2"
+    assert _series(rows[2]) == "gptq ternary" and _series(rows[3]) == "gptq 2 g64"
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = write_report(log, tmp_path / "rep")
