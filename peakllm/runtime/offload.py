@@ -26,6 +26,7 @@ offloaded run's tokens equal the in-memory run's bit for bit (tests/test_offload
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 from collections import OrderedDict
@@ -266,6 +267,8 @@ class Offload:
     def _populate(unit: Unit) -> None:
         for s in unit.spans:
             if _libc.madvise(s.addr, s.length, MADV_POPULATE_READ) != 0:  # kernels before 5.14: hint, then touch
+                if ctypes.get_errno() != errno.EINVAL:  # not an old kernel: e.g. the mapping is gone (ENOMEM)
+                    return  # touching it would fault; a span still mapped is faulted in when the kernel reads it
                 _libc.madvise(s.addr, s.length, MADV_WILLNEED)
                 for a in range(s.addr, s.addr + s.length, PAGE):
                     ctypes.c_char.from_address(a).value  # noqa: B018 (the read faults the page in)
@@ -367,7 +370,7 @@ class Offload:
             if isinstance(hook, functools.partial) and getattr(hook.func, "__self__", None) is self:
                 experts.on_route = None
         self._observed = []
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # a read-ahead not started is not needed any more
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
