@@ -71,14 +71,21 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 SUB1_SHARED_DICTIONARY_MARGIN = 0.01
 
 
+def _sub1_entry_bytes(name: str, out_features: int, in_features: int, group_size: int) -> int:
+    """The bytes of the manifest entry a sub1 matrix of this shape takes, sized from a placeholder."""
+    from peakllm.formats.container import _compact, _module_entry
+    from peakllm.formats.sub1 import placeholder
+
+    return len(_compact({name: _module_entry(placeholder(out_features, in_features, group_size))}).encode())
+
+
 def sub1_zero_share(target_bits: float, group_size: int, name: str, out_features: int, in_features: int) -> float:
     """The share of zero codes at which the ternary matrix `name` [out, in] is expected to take `target_bits`
     per parameter in the sub1 format, everything counted: stream, offsets, scales (min-max ternary levels
     are symmetric, one side stored) and its manifest entry, sized from a placeholder of its shape."""
-    from peakllm.formats.container import _compact, _module_entry
-    from peakllm.formats.sub1 import placeholder, zero_share_for_bits
+    from peakllm.formats.sub1 import zero_share_for_bits
 
-    entry = len(_compact({name: _module_entry(placeholder(out_features, in_features, group_size))}).encode())
+    entry = _sub1_entry_bytes(name, out_features, in_features, group_size)
     return zero_share_for_bits(target_bits, out_features, in_features, group_size=group_size, extra_bytes=entry)
 
 
@@ -87,10 +94,9 @@ def sub1_bits(group_size: int, name: str, out_features: int, in_features: int, z
     """What the ternary matrix `name` [out, in] is expected to store per parameter in the sub1 format at a
     share of zero codes, counted as `sub1_zero_share` counts. `dictionary_share`: its codes are coded by
     the dictionary of that share (one shared by many matrices) rather than by one of their own."""
-    from peakllm.formats.container import _compact, _module_entry
-    from peakllm.formats.sub1 import PROB_Q, expected_bits_per_param, placeholder
+    from peakllm.formats.sub1 import PROB_Q, expected_bits_per_param
 
-    entry = len(_compact({name: _module_entry(placeholder(out_features, in_features, group_size))}).encode())
+    entry = _sub1_entry_bytes(name, out_features, in_features, group_size)
     q = min(max(zero_share * PROB_Q, 1.0), PROB_Q - 1.0)
     if dictionary_share is not None:
         dq = min(max(round(dictionary_share * PROB_Q), 1), PROB_Q - 1)

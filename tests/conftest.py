@@ -53,6 +53,15 @@ def _randomize(model, seed: int):
 FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
 
 
+def hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """n greedy tokens, each from a full forward over everything so far: no cache, no generation config."""
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[:, prompt.shape[1]:]
+
+
 def tiny_family(kind: str, **overrides):
     """A tiny random model of one family the runtime runs (vocab 300, EOS 0), every weight random."""
     import transformers

@@ -49,6 +49,19 @@ def _tokens(hf, tok, ids, budget=None, engine=True):
     return out, rt
 
 
+def moe_plan_sizes(hf, seq: int) -> tuple[int, int]:
+    """(bytes a MoE keeps resident with every layer's non-expert part, bytes of its largest expert), read off
+    the plan of an unlimited budget."""
+    probe = RuntimeModel.from_hf(hf)
+    probe.set_max_memory(1 << 40)
+    probe.setup_cache(1, seq)
+    off = probe.offload
+    assert off.moe and off.all_resident
+    sizes = off.fixed + sum(u.nbytes for u in off.layers), max(u.nbytes for us in off.experts for u in us)
+    off.close()
+    return sizes
+
+
 @pytest.fixture(scope="module")
 def int4_folder(tmp_path_factory, tiny_tokenizer):
     tmp = tmp_path_factory.mktemp("offload")
@@ -153,13 +166,7 @@ def test_expert_lru_gives_the_in_memory_tokens(moe_folder, monkeypatch, readahea
     hf, tok = load_model(str(moe_folder))
     ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(1))
     ref, _ = _tokens(_in_memory(hf), tok, ids)
-    probe = RuntimeModel.from_hf(hf)
-    probe.set_max_memory(1 << 40)
-    probe.setup_cache(1, 9 + N)
-    off = probe.offload
-    assert off.moe and off.all_resident
-    base = off.fixed + sum(u.nbytes for u in off.layers)
-    expert = max(u.nbytes for us in off.experts for u in us)
+    base, expert = moe_plan_sizes(hf, 9 + N)
     rates = {}
     for capacity in (0, 3, 10):
         for engine in (True, False):

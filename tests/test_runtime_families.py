@@ -14,27 +14,18 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_family
+from conftest import FAMILIES, hf_greedy, tiny_family
 from peakllm.runtime.generate import generate, generate_text
 from peakllm.runtime.model import RuntimeModel
 
 N = 24
 
 
-def _hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """n greedy tokens, each from a full forward over everything so far: no cache, no generation config."""
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids[:, prompt.shape[1]:]
-
-
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_engine_greedy_tokens_equal_transformers(kind):
     hf = tiny_family(kind)
     prompt = torch.randint(1, 300, (2, 6), generator=torch.Generator().manual_seed(11))
-    ref = _hf_greedy(hf, prompt, N)
+    ref = hf_greedy(hf, prompt, N)
     rt = RuntimeModel.from_hf(hf, torch.float32, max_seq=6 + N)
     rt.setup_cache(2, 6 + N)
     assert rt._step is not None  # every step below runs in the engine
@@ -70,7 +61,7 @@ def test_int4_folder_of_fused_and_gemma_layouts_decodes_in_the_engine(kind, fami
     assert rt._step is not None and type(rt.layers[0].attn.q_proj).__name__ == "IntKLinear"
     ids = torch.tensor([[5, 17, 42, 99]])
     ours = generate(rt, tok, ids, N, stop_at_eos=False)
-    assert torch.equal(ours, _hf_greedy(dense, ids, N))  # transformers on the same weights, dequantized
+    assert torch.equal(ours, hf_greedy(dense, ids, N))  # transformers on the same weights, dequantized
 
 
 def test_a_feature_the_runtime_lacks_falls_back_with_one_line(tiny_tokenizer, capsys):

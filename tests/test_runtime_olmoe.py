@@ -14,21 +14,14 @@ whose top-k probabilities weight the experts.
 import pytest
 import torch
 
+from conftest import hf_greedy
+from test_offload import moe_plan_sizes
 from peakllm.cli import main
 from peakllm.models import load_model
 from peakllm.runtime.generate import generate, generate_text
 from peakllm.runtime.model import RuntimeModel
 
 N = 16
-
-
-def _hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """n greedy tokens, each from a full forward over everything so far (no cache, no generation config)."""
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids[:, prompt.shape[1]:]
 
 
 def tiny_olmoe(**overrides):
@@ -54,7 +47,7 @@ def test_engine_greedy_tokens_equal_transformers(norm_topk_prob):
     hf = tiny_olmoe(norm_topk_prob=norm_topk_prob)
     assert hf.model.layers[0].self_attn.q_norm.weight.numel() == 64  # whole-width, not per head (16)
     prompt = torch.randint(1, 300, (2, 6), generator=torch.Generator().manual_seed(11))
-    ref = _hf_greedy(hf, prompt, N)
+    ref = hf_greedy(hf, prompt, N)
     assert len(set(ref[0].tolist())) > 3  # a real sequence, not one token repeated
     for row in range(2):
         rt = RuntimeModel.from_hf(hf, torch.float32, max_seq=6 + N)
@@ -115,7 +108,7 @@ def test_quantized_folder_decodes_in_the_engine(olmoe_folders, kind, expert_type
     assert type(experts).__name__ == "PackedExperts" and type(experts.gate_up[0]).__name__ == expert_type
     assert type(rt.layers[0].attn.q_proj).__name__ == "IntKLinear"
     ids = torch.tensor([[5, 17, 42, 99]])
-    ref = _hf_greedy(dense, ids, N)  # transformers on the same weights, dequantized
+    ref = hf_greedy(dense, ids, N)  # transformers on the same weights, dequantized
     assert torch.equal(generate(rt, tok, ids, N, stop_at_eos=False), ref)
     seq = torch.cat([ids, ref], 1)
     outs = []
@@ -130,13 +123,7 @@ def test_sub1_experts_under_a_budget_give_the_in_memory_tokens(olmoe_folders):
     hf, tok = load_model(str(olmoe_folders / "sub1"))
     ids = torch.tensor([[5, 17, 42, 99]])
     ref = generate(RuntimeModel.from_hf(hf), tok, ids, N, stop_at_eos=False)
-    probe = RuntimeModel.from_hf(hf)
-    probe.set_max_memory(1 << 40)
-    probe.setup_cache(1, 4 + N)
-    off = probe.offload
-    assert off.moe and off.all_resident
-    base = off.fixed + sum(u.nbytes for u in off.layers)
-    expert = max(u.nbytes for us in off.experts for u in us)
+    base, expert = moe_plan_sizes(hf, 4 + N)
     rates = {}
     for capacity in (0, 5):
         for engine in (True, False):
