@@ -35,112 +35,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from torch import nn
 
 from peakllm.errors import PeakError
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED, MADV_POPULATE_READ = 1, 3, 4, 22
+from peakllm.runtime.pages import (MADV_DONTNEED, MADV_POPULATE_READ, MADV_RANDOM, MADV_WILLNEED, PAGE, Unit, anonymous_kb,
+                                   expert_modules, file_mappings, libc, storages)
 
 EXPERT_READAHEAD_ENV = "PEAKLLM_EXPERT_READAHEAD"  # on (default) | off
-
-_libc = ctypes.CDLL(None, use_errno=True)  # CDLL calls release the GIL: read-ahead overlaps compute
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
-
-
-def _file_mappings() -> list[tuple[int, int, int, str]]:
-    """(start, end, file offset, path) of every file-backed mapping of this process."""
-    out = []
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            parts = line.split(maxsplit=5)
-            if len(parts) < 6 or not parts[5].startswith("/"):
-                continue
-            lo, hi = (int(a, 16) for a in parts[0].split("-"))
-            out.append((lo, hi, int(parts[2], 16), parts[5].rstrip("\n")))
-    return out
-
-
-def _anonymous_kb() -> dict[int, int]:
-    """{mapping start: its anonymous (copied-on-write) kilobytes} from /proc/self/smaps."""
-    out, start = {}, None
-    with open("/proc/self/smaps") as fh:
-        for line in fh:
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):
-                start = int(first.split("-")[0], 16)
-            elif first == "Anonymous:" and start is not None:
-                out[start] = int(line.split()[1])
-    return out
-
-
-class Span:
-    """Whole pages of one mapped file: [addr, addr + length) in memory, [offset, offset + length) on disk."""
-
-    __slots__ = ("addr", "length", "path", "offset")
-
-    def __init__(self, addr: int, length: int, path: str, offset: int):
-        self.addr, self.length, self.path, self.offset = addr, length, path, offset
-
-
-def _storages(module: nn.Module, skip: set[int] = frozenset()) -> dict[int, int]:
-    """{storage address: nbytes} of every tensor under `module` (modules in `skip` by id left out)."""
-    found: dict[int, int] = {}
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        if id(m) in skip:
-            continue
-        for t in list(m._parameters.values()) + list(m._buffers.values()):
-            if t is not None and t.device.type == "cpu" and not t.is_meta:
-                s = t.untyped_storage()
-                if s.nbytes():
-                    found[s.data_ptr()] = max(found.get(s.data_ptr(), 0), s.nbytes())
-        stack.extend(m._modules.values())
-    return found
-
-
-class Unit:
-    """One evictable piece (a decoder layer's own weights, or one expert): its whole file pages."""
-
-    def __init__(self, name: str, storages: dict[int, int], maps: list):
-        self.name, self.spans, self.nbytes = name, [], sum(storages.values())
-        ranges = []
-        for ptr, n in storages.items():
-            for lo, hi, off, path in maps:
-                if lo <= ptr < hi:
-                    a, b = -(-ptr // PAGE) * PAGE, (ptr + n) // PAGE * PAGE  # whole pages inside the tensor
-                    if b > a:
-                        ranges.append((a, b, off - lo, path))
-                    break
-        ranges.sort()
-        for a, b, delta, path in ranges:  # merge touching ranges of one file
-            last = self.spans[-1] if self.spans else None
-            if last is not None and last.path == path and last.addr + last.length == a:
-                last.length += b - a
-            else:
-                self.spans.append(Span(a, b - a, path, a + delta))
-        self.mapped = sum(s.length for s in self.spans)
-
-
-def _expert_modules(mlp: nn.Module) -> list[list[nn.Module]] | None:
-    """Per expert, the modules holding its weights (packed experts), or None for a block without them."""
-    experts = getattr(mlp, "experts", None)
-    if experts is not None and hasattr(experts, "gate_up") and hasattr(experts, "down"):
-        return [[g, d] for g, d in zip(experts.gate_up, experts.down)]
-    return None
-
-
-def resident_bytes(unit: "Unit") -> int:
-    """Bytes of the unit's pages mapped into this process now (/proc/self/pagemap's present bit). The page
-    cache is not counted: the kernel's readahead may keep a window of neighbouring pages there."""
-    import array
-
-    total = 0
-    with open("/proc/self/pagemap", "rb") as fh:
-        for s in unit.spans:
-            fh.seek(s.addr // PAGE * 8)
-            entries = array.array("Q", fh.read(s.length // PAGE * 8))
-            total += sum(1 for e in entries if e >> 63) * PAGE
-    return total
 
 
 class Offload:
@@ -149,23 +47,23 @@ class Offload:
     def __init__(self, model: nn.Module, budget: int, kv_bytes: int, ahead: int = 1):
         if ahead < 1:
             raise PeakError("offload read-ahead must be at least one layer")
-        maps = _file_mappings()
+        maps = file_mappings()
         self.budget, self.kv_bytes, self.ahead = int(budget), int(kv_bytes), ahead
         self.layers: list[Unit] = []
         self.experts: list[list[Unit]] = []  # per layer; empty for dense layers
         unit_ptrs: set[int] = set()
         for i, layer in enumerate(model.layers):
-            per_expert = _expert_modules(layer.mlp)
+            per_expert = expert_modules(layer.mlp)
             skip = {id(m) for ms in per_expert or [] for m in ms}
-            own = _storages(layer, skip)
+            own = storages(layer, skip)
             self.layers.append(Unit(f"layer {i}", own, maps))
             unit_ptrs.update(own)
             self.experts.append([])
             for e, ms in enumerate(per_expert or []):
-                found = _storages(nn.ModuleList(ms))
+                found = storages(nn.ModuleList(ms))
                 self.experts[i].append(Unit(f"layer {i} expert {e}", found, maps))
                 unit_ptrs.update(found)
-        everything = _storages(model)
+        everything = storages(model)
         self.fixed = sum(n for p, n in everything.items() if p not in unit_ptrs) + self.kv_bytes
         self._check_unwritten(maps)
         self.moe = any(self.experts)
@@ -180,7 +78,7 @@ class Offload:
             # neighbours too, dropped unused: ~6x the plan's bytes from disk. Off, a miss reads only its expert,
             # but page by page: 20-25 % slower on the dev machine's disk (README), so readahead stays on.
             for sp in (sp for us in self.experts for u in us for sp in u.spans):
-                _libc.madvise(sp.addr, sp.length, MADV_RANDOM)
+                libc.madvise(sp.addr, sp.length, MADV_RANDOM)
         self._fds: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peakllm-readahead")
         self._pending: dict[int, Future] = {}
@@ -238,7 +136,7 @@ class Offload:
 
     def _check_unwritten(self, maps) -> None:
         """Dropping a page of a private map reverts it to the file: refuse if a mapped weight was written."""
-        anon = _anonymous_kb()
+        anon = anonymous_kb()
         for u in self.layers + [u for us in self.experts for u in us]:
             for s in u.spans:
                 lo = next(lo for lo, hi, _off, _path in maps if lo <= s.addr < hi)
@@ -266,16 +164,16 @@ class Offload:
     @staticmethod
     def _populate(unit: Unit) -> None:
         for s in unit.spans:
-            if _libc.madvise(s.addr, s.length, MADV_POPULATE_READ) != 0:  # kernels before 5.14: hint, then touch
+            if libc.madvise(s.addr, s.length, MADV_POPULATE_READ) != 0:  # kernels before 5.14: hint, then touch
                 if ctypes.get_errno() != errno.EINVAL:  # not an old kernel: e.g. the mapping is gone (ENOMEM)
                     return  # touching it would fault; a span still mapped is faulted in when the kernel reads it
-                _libc.madvise(s.addr, s.length, MADV_WILLNEED)
+                libc.madvise(s.addr, s.length, MADV_WILLNEED)
                 for a in range(s.addr, s.addr + s.length, PAGE):
                     ctypes.c_char.from_address(a).value  # noqa: B018 (the read faults the page in)
 
     def _drop(self, unit: Unit) -> None:
         for s in unit.spans:
-            if _libc.madvise(s.addr, s.length, MADV_DONTNEED) != 0:
+            if libc.madvise(s.addr, s.length, MADV_DONTNEED) != 0:
                 raise PeakError(f"cannot release {unit.name}'s pages: {os.strerror(ctypes.get_errno())}")
             os.posix_fadvise(self._fd(s.path), s.offset, s.length, os.POSIX_FADV_DONTNEED)
 
