@@ -236,3 +236,27 @@ def test_engine_equals_op_by_op_path_with_int8_act(monkeypatch):
     rt.setup_cache(2, 12)
     f32 = torch.cat([rt(ids[:, :4], 0)] + [rt(ids[:, t:t + 1], t) for t in range(4, 10)], 1)
     assert not torch.equal(f32[:, 4:], outs[0][:, 4:])  # the decode steps did run on int8 activations
+
+
+def test_int8_is_the_default_and_the_cli_chooses(monkeypatch):
+    """Unset, $PEAKLLM_INTK_ACT means int8 (what measured best); `--act` sets it for one command and the old
+    `--int8-act` flag still means int8."""
+    import argparse
+
+    from peakllm.cli.common import add_act_option, apply_act
+    from peakllm.runtime.linear import int8_act_default
+
+    monkeypatch.delenv(INTK_ACT_ENV, raising=False)
+    assert int8_act_default()
+    _, qweight, scales, zeros, _ = random_intk(9, 128, 4, 32, False, seed=2)
+    assert IntKLinear(128, 9, 4, 32, qweight, scales, zeros).int8_act
+    parser = argparse.ArgumentParser()
+    add_act_option(parser)
+    assert parser.parse_args([]).act is None
+    assert parser.parse_args(["--int8-act"]).act == "int8"
+    apply_act(parser.parse_args(["--act", "f32"]).act)
+    assert not int8_act_default()
+    apply_act(None)  # no option: the environment decides
+    assert not int8_act_default()
+    apply_act("int8")
+    assert int8_act_default()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from peakllm.cli.common import (add_int8_act_option, add_max_memory_run_option, add_model_option, add_output_options,
-                                add_threads_option, apply_int8_act, emit, set_threads)
+from peakllm.cli.common import (add_act_option, add_max_memory_run_option, add_model_option, add_output_options,
+                                add_threads_option, apply_act, emit, set_threads)
 from peakllm.errors import PeakError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -23,7 +23,7 @@ def register(sub) -> None:
                    help="weights and activations of dense layers (default: %(default)s)")
     p.add_argument("--hf", action="store_true", help="benchmark transformers' model.generate instead (a baseline)")
     add_max_memory_run_option(p)  # reports bytes read from disk per token and the expert cache's hit rate
-    add_int8_act_option(p)
+    add_act_option(p)
     add_threads_option(p)
     add_output_options(p)
     p.set_defaults(func=run)
@@ -38,7 +38,7 @@ def run(args) -> int:
     from peakllm.runtime.bench import bench
 
     set_threads(args.threads)
-    apply_int8_act(args.int8_act)
+    apply_act(args.act)
     if args.repeats < 1 or args.batch < 1 or args.prompt_tokens < 1 or args.new_tokens < 2:
         raise PeakError("need --prompt-tokens >= 1, --new-tokens >= 2, --batch >= 1 and --repeats >= 1")
     from peakllm import memory

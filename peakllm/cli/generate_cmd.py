@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-from peakllm.cli.common import (add_bos_option, add_int8_act_option, add_max_memory_run_option, add_model_option,
-                                add_output_options, add_threads_option, apply_int8_act, emit, set_threads)
+from peakllm.cli.common import (add_bos_option, add_act_option, add_max_memory_run_option, add_model_option,
+                                add_output_options, add_threads_option, apply_act, emit, set_threads)
 from peakllm.errors import PeakError
 
 
@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     add_bos_option(p)
     add_max_memory_run_option(p)
-    add_int8_act_option(p)
+    add_act_option(p)
     add_threads_option(p)
     add_output_options(p)
     p.set_defaults(func=run)
@@ -58,7 +58,7 @@ def run(args) -> int:
     from peakllm.runtime.generate import generate_text
 
     set_threads(args.threads)
-    apply_int8_act(args.int8_act)
+    apply_act(args.act)
     if args.max_new_tokens < 1:
         raise PeakError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:

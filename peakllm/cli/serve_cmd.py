@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from peakllm.cli.common import (add_int8_act_option, add_max_memory_run_option, add_model_option, add_threads_option,
-                                apply_int8_act, set_threads, stderr)
+from peakllm.cli.common import (add_act_option, add_max_memory_run_option, add_model_option, add_threads_option,
+                                apply_act, set_threads, stderr)
 from peakllm.errors import PeakError
 
 EPILOG = """\
@@ -45,7 +45,7 @@ def register(sub) -> None:
                    "once and its full blocks are shared by default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of activations, dense weights and the KV cache (default: %(default)s)")
-    add_int8_act_option(p)
+    add_act_option(p)
     add_max_memory_run_option(p)  # the KV pool (--kv-blocks) is part of the budget
     add_threads_option(p)
     p.set_defaults(func=run)
@@ -59,7 +59,7 @@ def run(args) -> int:
     from peakllm.serve.server import build_engine
 
     set_threads(args.threads)
-    apply_int8_act(args.int8_act)
+    apply_act(args.act)
     if not 0 < args.port < 65536:
         raise PeakError(f"--port must be in 1..65535, got {args.port}")
     if args.max_model_len < 2:
