@@ -26,17 +26,27 @@
 #endif
 #endif
 
-// Lane order of the int8 path's SIMD decoders: lane i of a block's 32 codes is column a8_order(i).
-static int a8_order(int bits, int i) {
+// Where the int8 path's SIMD decoders want each quantized x: column c of block k (of nb in a row) goes to
+// xq[row * in + a8_pos(bits, k, nb, c)].
+// - 4 bits: blocks go in pairs (k, k + 1), whose 32 code bytes one 256-bit load reads; the low nibbles of
+//   those bytes are the pair's even columns and the high nibbles its odd ones, so the pair's 64 x values are
+//   [k even, k + 1 even, k odd, k + 1 odd] (16 each). An unpaired last block: [even, odd].
+// - 2 bits: lane 8s + j of a block is the code at shift 2s of byte j, column 4j + s.
+// - 8 bits and the scalar path: natural order.
+static int64_t a8_pos(int bits, int64_t k, int64_t nb, int c) {
 #ifdef PEAK_AVX2
     switch (bits) {
-        case 4: return i < 16 ? 2 * i : 2 * (i - 16) + 1;  // low nibbles of the 16 bytes, then the high ones
-        case 2: return 4 * (i % 8) + i / 8;                // shift 2k of byte j in lane 8k + j
-        default: return i;
+        case 4: {
+            const int e = c % 2, i = c / 2;
+            if (k % 2 == 1 || k + 1 < nb) return (k / 2) * 64 + e * 32 + (k % 2) * 16 + i;
+            return k * BLOCK + e * 16 + i;
+        }
+        case 2: return k * BLOCK + 8 * (c % 4) + c / 4;
+        default: return k * BLOCK + c;
     }
 #else
-    (void)bits;
-    return i;
+    (void)bits, (void)nb;
+    return k * BLOCK + c;
 #endif
 }
 
@@ -73,8 +83,6 @@ static void intk_prepare_a8(const void* x, int x_bf16, const int32_t* perm, int 
         while (g < n_groups - 1 && gstart[g + 1] <= k * BLOCK) g++;
         pq.bg[k] = g;
     }
-    int order[BLOCK];
-    for (int i = 0; i < BLOCK; i++) order[i] = a8_order(bits, i);
     for (int b = 0; b < B; b++) {
         const float* r = pq.row.data();
         load_x_row(x, x_bf16, perm, in, b, pq.row.data());
@@ -83,11 +91,11 @@ static void intk_prepare_a8(const void* x, int x_bf16, const int32_t* perm, int 
             float amax = 0.f;
             for (int i = 0; i < BLOCK; i++) amax = std::max(amax, std::fabs(xb[i]));
             const float id = amax > 0.f ? 127.f / amax : 0.f;
-            int8_t* q = &pq.xq[b * in + k * BLOCK];
+            int8_t* q = &pq.xq[b * in];
             int isum = 0;
-            for (int i = 0; i < BLOCK; i++) {
-                const int v = (int)std::nearbyint(xb[order[i]] * id);
-                q[i] = (int8_t)v;
+            for (int c = 0; c < BLOCK; c++) {
+                const int v = (int)std::nearbyint(xb[c] * id);
+                q[a8_pos(bits, k, nb, c)] = (int8_t)v;
                 isum += v;
             }
             pq.sx[b * nbp + k] = amax / 127.f;
@@ -172,6 +180,51 @@ static inline void a8_params8(const ProblemA8& P, int64_t o, int64_t k, __m256& 
 #endif
 
 #ifdef PEAK_AVX2
+// Lane j = the integer dot of block k + j (4 bits): v[pp] holds pair pp's two blocks as four int32 lanes
+// each ([2pp | 2pp + 1]), so two rounds of horizontal adds and one permute reduce the eight blocks, against
+// three rounds for eight one-block vectors (a8_reduce8); the pairs also need one load and three decode
+// instructions per 64 codes instead of per 32.
+static inline __m256i a8_reduce_pairs(const __m256i v[4]) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    return _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // [0 2 4 6 | 1 3 5 7]
+}
+
+// Pair pp of a chunk (4 bits): (even-column codes, odd-column codes) of its two blocks, 64 u8 lanes (a8_pos).
+static inline void a8_decode_pair(const uint8_t* p, __m256i& lo, __m256i& hi) {
+    const __m256i m = _mm256_set1_epi8(0x0f), v = _mm256_loadu_si256((const __m256i*)p);
+    lo = _mm256_and_si256(v, m);
+    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+}
+
+// The eight int32 dots of a chunk's blocks (4 bits) for one row of x (xq at the chunk's first block); n
+// blocks exist. `w` holds the decoded pairs (lo, hi) or, for an unpaired last block, its a8_decode<4>.
+template <int N>
+static inline __m256i a8_dots4(const __m256i (*w)[2], const int8_t* xq, int n) {
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+    __m256i v[4];
+    for (int pp = 0; pp < 4; pp++) {
+        const int8_t* x = xq + 64 * pp;
+        if (N || 2 * pp + 1 < n) {
+            const __m256i xl = _mm256_loadu_si256((const __m256i*)x), xh = _mm256_loadu_si256((const __m256i*)(x + 32));
+#if PEAK_VNNI == 1
+            v[pp] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w[pp][0], xl), w[pp][1], xh);
+#elif PEAK_VNNI == 2
+            v[pp] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w[pp][0], xl), w[pp][1], xh);
+#else  // |lo dot + hi dot| per int16 lane <= 4 * 15 * 127: no saturation
+            v[pp] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w[pp][0], xl), _mm256_maddubs_epi16(w[pp][1], xh)),
+                                      ones);
+#endif
+        } else if (2 * pp < n) {  // the row's unpaired last block: its eight lanes folded into the pair's first half
+            const __m256i d = a8_dot<4>(w[pp][0], x);
+            v[pp] = _mm256_inserti128_si256(_mm256_setzero_si256(),
+                                            _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1)), 0);
+        } else {
+            v[pp] = _mm256_setzero_si256();
+        }
+    }
+    return a8_reduce_pairs(v);
+}
+
 // Blocks k..k+7 of output row o (codes at q) for NB rows of x into tot; N = 8, or 0: only the row's
 // remaining blocks exist (the padding contributes 0).
 template <int BITS, int NB, int N>
@@ -179,27 +232,42 @@ static inline void a8_chunk(const ProblemA8& P, const uint8_t* q, int64_t o, int
                             uint8_t (*wbuf)[BLOCK], __m256 tot[NB]) {
     constexpr int BB = BLOCK * BITS / 8;
     const int n = N ? N : (int)(P.in / BLOCK - k);
-    if constexpr (NB > 1)
+    __m256i pairs[4][2];  // 4 bits: the chunk's decoded pairs (a8_dots4), once for all NB rows of x
+    if constexpr (BITS == 4) {
+        for (int pp = 0; pp < 4; pp++) {
+            if (N || 2 * pp + 1 < n)
+                a8_decode_pair(q + 2 * pp * BB, pairs[pp][0], pairs[pp][1]);
+            else if (2 * pp < n)
+                pairs[pp][0] = a8_decode<4>(q + 2 * pp * BB);
+        }
+    } else if constexpr (NB > 1) {
         for (int j = 0; j < n; j++) _mm256_store_si256((__m256i*)wbuf[j], a8_decode<BITS>(q + j * BB));
+    }
     __m256 sc;
     __m256i zp;
     a8_params8(P, o, k, sc, zp);
     const int64_t nbp = a8_padded_blocks(P.in);
     for (int b = 0; b < NB; b++) {
         const int8_t* xq = P.xq + (b0 + b) * P.in + k * BLOCK;
-        __m256i d[8];
-        for (int j = 0; j < 8; j++) {
-            if (N || j < n) {
-                const __m256i w = NB > 1 ? _mm256_load_si256((const __m256i*)wbuf[j]) : a8_decode<BITS>(q + j * BB);
-                d[j] = a8_dot<BITS>(w, xq + j * BLOCK);
-            } else {
-                d[j] = _mm256_setzero_si256();
+        __m256i dots;
+        if constexpr (BITS == 4) {
+            dots = a8_dots4<N>(pairs, xq, n);
+        } else {
+            __m256i d[8];
+            for (int j = 0; j < 8; j++) {
+                if (N || j < n) {
+                    const __m256i w = NB > 1 ? _mm256_load_si256((const __m256i*)wbuf[j]) : a8_decode<BITS>(q + j * BB);
+                    d[j] = a8_dot<BITS>(w, xq + j * BLOCK);
+                } else {
+                    d[j] = _mm256_setzero_si256();
+                }
             }
+            dots = a8_reduce8(d);
         }
         const int64_t at = (b0 + b) * nbp + k;
         const __m256i isum = _mm256_loadu_si256((const __m256i*)(P.isum + at));
         // zero * isum: zp < 256 and |isum| <= 32 * 127 fit int16, so one vpmaddwd multiplies them exactly
-        const __m256i s = _mm256_sub_epi32(a8_reduce8(d), _mm256_madd_epi16(zp, isum));
+        const __m256i s = _mm256_sub_epi32(dots, _mm256_madd_epi16(zp, isum));
         const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(P.sx + at));
         tot[b] = _mm256_fmadd_ps(sc, p, tot[b]);
     }
