@@ -2,13 +2,13 @@
 
   python benchmarks/bench_decode_vs_llamacpp.py --llama-bench /work/peers/llama.cpp/build/bin/llama-bench \\
       --pair "int4 g32 sym + 8-bit embedding=OUT/int4-e8:GGUFDIR/q4_0.gguf" --pair ... --rounds 3 --log FILE \\
-      [--peakllm-args "NAME=--int8-act"]
+      [--peakllm-args "NAME=--act f32"]
 
 Each round runs every peakllm folder (`peakllm bench --json`, fresh process) and every GGUF (`llama-bench
 -p 0 -n N -r 1 -t T -o json`) once, alternating, so both sides see the same machine state; the table shows
 the median tok/s of each side over the rounds, their ratio, and the weight bytes each reads per token
 (peakllm: as `bench` counts them; llama.cpp: its file size, which it reads once per token but for the
-embedding rows). --peakllm-args NAME=ARGS adds arguments to that pair's `peakllm bench` (e.g. --int8-act,
+embedding rows). --peakllm-args NAME=ARGS adds arguments to that pair's `peakllm bench` (e.g. --act f32,
 so one folder can run as two pairs side by side). Decode is timed from a 16-token prompt on the peakllm side and from an empty context on
 llama.cpp's (-p 0); both are dominated by reading the weights at these lengths.
 """
@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log", default=None)
     ap.add_argument("--peakllm-args", action="append", default=[], metavar="NAME=ARGS",
-                    help="extra arguments for one pair's `peakllm bench`, e.g. 'int8=--int8-act'")
+                    help="extra arguments for one pair's `peakllm bench`, e.g. 'f32=--act f32'")
     args = ap.parse_args()
     extra = {}
     for spec in args.peakllm_args:

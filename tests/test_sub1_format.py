@@ -341,3 +341,27 @@ def test_expected_symbols_per_row_match_the_encoder(width, q):
     ones = torch.ones(1500, 1, dtype=torch.float16)
     actual = PackedSub1.encode(codes, ones, ones, -1, d).n_symbols / 1500
     assert expected_symbols_per_row(d, p0, width) == pytest.approx(actual, rel=0.01)
+
+
+@pytest.mark.skipif(not __import__("peakllm.kernels.sub1", fromlist=["available"]).available(),
+                    reason="sub1 kernel not built")
+def test_compiled_encoder_equals_the_python_parse():
+    """kernels/sub1.py encode_rows (C++) gives exactly _encode_rows' symbols and row counts: every shape,
+    density and dictionary of the round-trip tests, rows of one code, and runs longer than a word's cap."""
+    from peakllm.formats.sub1 import _encode_rows
+    from peakllm.kernels.sub1 import encode_rows
+
+    cases = [ternary(*shape, p_zero, seed=shape[0] + shape[1]) for shape in SHAPES for p_zero in (0.3, 0.9, 0.98)]
+    edge = ternary(6, 3 * MAX_LEN + 5, 0.9, seed=4)
+    edge[0], edge[1], edge[2], edge[3, ::3] = 1, 0, 2, 2  # all zero (runs past MAX_LEN), all -, all +, dense
+    cases.append(edge)
+    for codes in cases:
+        for dictionary in (D16, Sub1Dictionary.fit(codes, 8), Sub1Dictionary(8, 250, 128), Sub1Dictionary(8, 10, 3)):
+            want_syms, want_rows = _encode_rows(codes.numpy(), dictionary.tables)
+            syms, rows = encode_rows(codes.numpy(), dictionary)
+            assert syms.tolist() == want_syms
+            assert np.array_equal(rows, want_rows)
+    bad = ternary(2, 9, 0.5, seed=1)
+    bad[1, 4] = 3
+    with pytest.raises(PeakError, match="sub1 encode"):
+        encode_rows(bad.numpy(), D16)

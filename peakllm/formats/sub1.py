@@ -284,7 +284,8 @@ def zero_share_for_bits(target_bits: float, out_features: int, in_features: int,
 # ---- encoding and parsing ----------------------------------------------------------------------
 
 def _encode_rows(codes: np.ndarray, tables: Tables) -> tuple[list, np.ndarray]:
-    """Greedy longest-match parse of every row; (symbols, symbols per row)."""
+    """Greedy longest-match parse of every row; (symbols, symbols per row). The reference of the compiled
+    parse (kernels/sub1.py `encode_rows`), and what runs without a compiler."""
     child, word = tables.child, tables.word
     syms: list = []
     per_row = np.zeros(codes.shape[0], dtype=np.int64)
@@ -395,7 +396,11 @@ class PackedSub1(PackedSize):
             dictionary = Sub1Dictionary.fit(codes, sym_bits)
         if not isinstance(dictionary, Sub1Dictionary):
             raise PeakError(f"sub1 dictionary must be a Sub1Dictionary, got {type(dictionary).__name__}")
-        syms, per_row = _encode_rows(codes.cpu().numpy(), dictionary.tables)
+        from peakllm.kernels import sub1 as sub1_kernel  # formats -> kernels; imported here: it imports this module
+
+        rows = codes.cpu().numpy()
+        fast = sub1_kernel.encode_rows(rows, dictionary)
+        syms, per_row = fast if fast is not None else _encode_rows(rows, dictionary.tables)
         row_end = np.cumsum(per_row)
         block_offsets = np.concatenate(([0], row_end[block_rows - 1::block_rows]))
         if block_offsets[-1] != row_end[-1]:

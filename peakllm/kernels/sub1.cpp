@@ -41,4 +41,39 @@ int sub1_matmul_f32(const Sub1Matrix* m, const float* x, int64_t batch, float* y
     return 0;
 }
 
+// The encoder's greedy longest-match parse of every row (formats/sub1.py `_encode_rows`, its reference):
+// codes uint8 [out, in] in {0, 1, 2}; child int32 [n_nodes * 3] (node * 3 + code -> node, or -1; node 0 is
+// the root); word int32 [n_nodes] (node -> symbol, or -1); `zero` the code the tree completes a row's last
+// word with. Writes the symbols to syms (room for `cap`) and each row's symbol count to per_row. Returns
+// the number of symbols, or -1 for a code out of range, a tree that does not parse, or too little room.
+int64_t sub1_encode_rows(const uint8_t* codes, int64_t out, int64_t in, const int32_t* child, const int32_t* word,
+                         int64_t n_nodes, int32_t zero, int32_t* syms, int64_t cap, int64_t* per_row) {
+    int64_t n = 0;
+    for (int64_t r = 0; r < out; r++) {
+        const uint8_t* row = codes + r * in;
+        const int64_t start = n;
+        int32_t v = 0;
+        for (int64_t c = 0; c < in; c++) {
+            const uint32_t code = row[c];
+            if (code > 2) return -1;
+            int32_t nxt = child[3 * (int64_t)v + code];
+            if (nxt < 0) {  // v is a word that cannot grow by this code: emit it, restart at the root
+                if (word[v] < 0 || n >= cap) return -1;
+                syms[n++] = word[v];
+                nxt = child[code];
+            }
+            if (nxt < 0 || nxt >= n_nodes) return -1;
+            v = nxt;
+        }
+        while (word[v] < 0) {  // the row ended inside the tree: complete the word with zeros
+            v = child[3 * (int64_t)v + zero];
+            if (v < 0 || v >= n_nodes) return -1;
+        }
+        if (n >= cap) return -1;
+        syms[n++] = word[v];
+        per_row[r] = n - start;
+    }
+    return n;
+}
+
 }  // extern "C"
