@@ -263,6 +263,8 @@ def test_synth_writes_a_loadable_sharded_model_of_the_shape(tmp_path, tiny_token
     assert info["shards"] == cfg["num_hidden_layers"] + 1
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["random_weights"] == "true"
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["architectures"] == ["OlmoeForCausalLM"]  # what vLLM and transformers dispatch on
 
 
 def _free_port() -> int:

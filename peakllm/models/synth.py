@@ -112,6 +112,7 @@ def synthesize(shape: str, out_dir, *, tokenizer, dtype=torch.bfloat16, seed: in
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config.dtype = dtype
+        config.architectures = [type(model).__name__]  # what vLLM and transformers' pipelines dispatch on
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "PEAKLLM_SYNTH.json").write_text(json.dumps(
