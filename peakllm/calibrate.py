@@ -171,6 +171,7 @@ def capture_inputs(model, segments: torch.Tensor, batch_size: int, offload_bytes
                 acts.append(hidden_states)
             kwargs.pop("past_key_values", None)
             kwargs.pop("past_key_value", None)
+            kwargs.pop("cache", None)  # transformers 5.x's name for the KV cache
             kwargs["use_cache"] = False
             current.append(kwargs)
             return hidden_states

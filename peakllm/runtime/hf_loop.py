@@ -7,6 +7,8 @@ lean runtime's own (`runtime/generate.py`), so both paths pick and print tokens 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from peakllm.runtime.generate import _TextStream, sample
@@ -19,8 +21,11 @@ def hf_generate_text(model, tokenizer, ids: torch.Tensor, max_new_tokens: int, *
     eos = tokenizer.eos_token_id
     text = _TextStream(tokenizer, stream) if stream is not None else None
     new_ids: list[int] = []
+    # transformers 5.x names the KV cache `cache` (argument and output); `past_key_values`, what 4.x calls it,
+    # is deprecated there and goes in 5.40
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     result = model(input_ids=ids, use_cache=True)
-    past = result.past_key_values
+    past = getattr(result, key)
     for _ in range(max_new_tokens):
         token = sample(result.logits[:, -1, :], temperature, top_p, gen)
         if eos is not None and int(token[0]) == eos:
@@ -28,6 +33,6 @@ def hf_generate_text(model, tokenizer, ids: torch.Tensor, max_new_tokens: int, *
         new_ids.append(int(token[0]))
         if text is not None:
             text.push(new_ids[-1])
-        result = model(input_ids=token.view(1, 1), past_key_values=past, use_cache=True)
-        past = result.past_key_values
+        result = model(input_ids=token.view(1, 1), use_cache=True, **{key: past})
+        past = getattr(result, key)
     return tokenizer.decode(new_ids, skip_special_tokens=True), len(new_ids)
