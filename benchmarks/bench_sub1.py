@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from peakllm.formats.sub1 import PackedSub1, Sub1Dictionary  # noqa: E402
+from peakllm.formats.sub1 import PackedSub1  # noqa: E402
+from peakllm.formats.sub1_code import Sub1Dictionary  # noqa: E402
 from peakllm.kernels import sub1 as K  # noqa: E402
 
 E = 8

@@ -89,7 +89,7 @@ class StreamIO:
             self.mask_total += result.mask.numel()
         quant = getattr(result, "quant", None)
         if self.fmt == "sub1" and quant is not None and quant.grid["kind"] == "ternary":
-            from peakllm.formats.sub1 import code_counts
+            from peakllm.formats.sub1_code import code_counts
 
             # stored as 2-bit ternary for now; re-encoded once the model-wide dictionary is known
             self.ternary_counts = [a + b for a, b in zip(self.ternary_counts, code_counts(quant.codes))]
@@ -321,7 +321,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
             writer.write(total - 1, outer, outer_packed, outer=True)
         if args.format == "sub1" and io.ternary_counts[0] and workers().is_writer:
             from peakllm.formats.shards import ternary_to_sub1
-            from peakllm.formats.sub1 import Sub1Dictionary
+            from peakllm.formats.sub1_code import Sub1Dictionary
 
             writer = ternary_to_sub1(writer, Sub1Dictionary.from_counts(*io.ternary_counts, 16))
         sm.release_outer()

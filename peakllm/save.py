@@ -83,7 +83,7 @@ def sub1_zero_share(target_bits: float, group_size: int, name: str, out_features
     """The share of zero codes at which the ternary matrix `name` [out, in] is expected to take `target_bits`
     per parameter in the sub1 format, everything counted: stream, offsets, scales (min-max ternary levels
     are symmetric, one side stored) and its manifest entry, sized from a placeholder of its shape."""
-    from peakllm.formats.sub1 import zero_share_for_bits
+    from peakllm.formats.sub1_code import zero_share_for_bits
 
     entry = _sub1_entry_bytes(name, out_features, in_features, group_size)
     return zero_share_for_bits(target_bits, out_features, in_features, group_size=group_size, extra_bytes=entry)
@@ -94,7 +94,7 @@ def sub1_bits(group_size: int, name: str, out_features: int, in_features: int, z
     """What the ternary matrix `name` [out, in] is expected to store per parameter in the sub1 format at a
     share of zero codes, counted as `sub1_zero_share` counts. `dictionary_share`: its codes are coded by
     the dictionary of that share (one shared by many matrices) rather than by one of their own."""
-    from peakllm.formats.sub1 import PROB_Q, expected_bits_per_param
+    from peakllm.formats.sub1_code import PROB_Q, expected_bits_per_param
 
     entry = _sub1_entry_bytes(name, out_features, in_features, group_size)
     q = min(max(zero_share * PROB_Q, 1.0), PROB_Q - 1.0)
@@ -185,7 +185,7 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
 
     dictionary = None
     if fmt == "sub1":  # one dictionary fitted to all ternary codes of the model (it is stored as 3 integers)
-        from peakllm.formats.sub1 import Sub1Dictionary
+        from peakllm.formats.sub1_code import Sub1Dictionary
 
         codes = [r.quant.codes for r in modules.values() if r.quant is not None and r.quant.grid["kind"] == "ternary"]
         if codes:

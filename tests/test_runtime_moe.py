@@ -105,7 +105,8 @@ def test_moe_engine_falls_back_where_it_does_not_apply():
 
 def test_engine_runs_moe_blocks_with_sub1_experts():
     """QMoE's format in the engine: ternary experts in the sub-1-bit stream, decoded while multiplying."""
-    from peakllm.formats.sub1 import PackedSub1, Sub1Dictionary
+    from peakllm.formats.sub1 import PackedSub1
+    from peakllm.formats.sub1_code import Sub1Dictionary
     from peakllm.runtime.experts import PackedExperts
     from peakllm.runtime.sub1 import Sub1Linear
 

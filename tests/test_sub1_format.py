@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peakllm.errors import PeakError
-from peakllm.formats.sub1 import MAX_LEN, NZ_MAX, PackedSub1, Sub1Dictionary, tunstall
+from peakllm.formats.sub1 import PackedSub1
+from peakllm.formats.sub1_code import MAX_LEN, NZ_MAX, Sub1Dictionary, tunstall
 
 D16 = Sub1Dictionary(16, 230, 128)  # one 16-bit table for most tests: it takes ~1 s to build
 
@@ -310,7 +311,8 @@ def test_expected_length_under_another_dictionary():
     """A dictionary coding a source of another share: at its own share it is Tables.expected_len; elsewhere
     a dictionary built for that source does at least as well; the i.i.d. expectation matches a long random
     source parsed by the encoder."""
-    from peakllm.formats.sub1 import PROB_Q, PackedSub1, Sub1Dictionary, expected_len_under, tunstall
+    from peakllm.formats.sub1 import PackedSub1
+    from peakllm.formats.sub1_code import PROB_Q, Sub1Dictionary, expected_len_under, tunstall
 
     d = Sub1Dictionary(8, 230, 128)
     assert expected_len_under(d, 230 / PROB_Q) == pytest.approx(tunstall(8, 230, 128).expected_len, rel=1e-12)
@@ -332,7 +334,8 @@ def test_expected_symbols_per_row_match_the_encoder(width, q):
     """The renewal sum (a row's last word cut and completed) against the encoder on i.i.d. rows, with a
     dictionary built for another share: within 1%, where 'values / E[len] + 1/2' is off by up to 3% on
     short rows of long words."""
-    from peakllm.formats.sub1 import PROB_Q, PackedSub1, Sub1Dictionary, expected_symbols_per_row
+    from peakllm.formats.sub1 import PackedSub1
+    from peakllm.formats.sub1_code import PROB_Q, Sub1Dictionary, expected_symbols_per_row
 
     d = Sub1Dictionary(8, 227, 128)
     p0 = q / PROB_Q

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from peakllm.errors import PeakError
-from peakllm.formats.sub1 import PackedSub1, Sub1Dictionary
+from peakllm.formats.sub1 import PackedSub1
+from peakllm.formats.sub1_code import Sub1Dictionary
 from peakllm.kernels import sub1 as K
 from peakllm.runtime.sub1 import Sub1Linear
 

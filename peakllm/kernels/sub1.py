@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from peakllm.errors import PeakError
-from peakllm.formats.sub1 import NZ_MAX, ZERO, PackedSub1, Sub1Dictionary
+from peakllm.formats.sub1 import PackedSub1
+from peakllm.formats.sub1_code import NZ_MAX, ZERO, Sub1Dictionary
 from peakllm.kernels.build import load_library
 
 _fn = None
