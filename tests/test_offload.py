@@ -245,7 +245,7 @@ def test_serve_runner_under_a_budget_gives_the_in_memory_logits(int4_folder, fus
 
 def test_load_gives_back_the_embedding_pages(tmp_path, tiny_tokenizer):
     """The load check multiplies once through every embedding row; the loader then unmaps those pages, so
-    decoding holds only the rows of its tokens (bench's peak RSS at 7B: packed + 0.31 GB instead of + 0.55)."""
+    decoding holds only the rows of its tokens (bench's peak RSS at 7B: packed + 0.31-0.35 GB instead of + 0.55)."""
     from peakllm.runtime.embedding import PackedEmbedding
     from peakllm.runtime.pages import Unit, storages
 

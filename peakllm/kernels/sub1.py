@@ -23,6 +23,7 @@ from peakllm.formats.sub1_code import NZ_MAX, ZERO, Sub1Dictionary
 from peakllm.kernels.build import load_library
 
 _fn = None
+_encode_fn = None
 _tried = False
 
 
@@ -82,7 +83,7 @@ def _fused_table(dictionary: Sub1Dictionary) -> tuple[torch.Tensor, int]:
 
 
 def _kernel():
-    global _fn, _tried
+    global _fn, _encode_fn, _tried
     if not _tried:
         _tried = True
         lib = load_library("sub1")
@@ -90,6 +91,10 @@ def _kernel():
             _fn = lib.sub1_matmul_f32
             _fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
             _fn.restype = ctypes.c_int
+            _encode_fn = lib.sub1_encode_rows
+            _encode_fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            _encode_fn.restype = ctypes.c_int64
     return _fn
 
 
@@ -105,21 +110,17 @@ def _trie(dictionary: Sub1Dictionary) -> tuple[np.ndarray, np.ndarray]:
 
 def encode_rows(codes: np.ndarray, dictionary: Sub1Dictionary) -> tuple[np.ndarray, np.ndarray] | None:
     """formats/sub1.py `_encode_rows` compiled (sub1.cpp `sub1_encode_rows`): the same symbols and symbols per
-    row, ~20x faster (the trie walk is a chain of dependent loads); None without the kernel library (the caller then runs the Python parse)."""
+    row, ~20x faster (the trie walk is a chain of dependent loads); None without the kernel library (the
+    caller then runs the Python parse)."""
     if _kernel() is None:
         return None
-    lib = load_library("sub1")
-    fn = lib.sub1_encode_rows
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    fn.restype = ctypes.c_int64
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     out, inn = codes.shape
     child, word = _trie(dictionary)
     cap = out * inn + out  # a symbol covers at least one value, and each row may end on a part-word
     syms = np.empty(max(cap, 1), dtype=np.int32)
     per_row = np.zeros(out, dtype=np.int64)
-    n = fn(codes.ctypes.data, out, inn, child.ctypes.data, word.ctypes.data, len(word), ZERO, syms.ctypes.data, cap,
+    n = _encode_fn(codes.ctypes.data, out, inn, child.ctypes.data, word.ctypes.data, len(word), ZERO, syms.ctypes.data, cap,
            per_row.ctypes.data)
     if n < 0:
         raise PeakError("sub1 encode: a code is not 0, 1 or 2, or the dictionary does not parse the rows")

@@ -36,7 +36,7 @@ from torch import nn
 
 from peakllm.errors import PeakError
 from peakllm.runtime.pages import (MADV_DONTNEED, MADV_POPULATE_READ, MADV_RANDOM, MADV_WILLNEED, PAGE, Unit, anonymous_kb,
-                                   expert_modules, file_mappings, libc, storages)
+                                   expert_modules, file_mappings, libc, storages, written)
 
 EXPERT_READAHEAD_ENV = "PEAKLLM_EXPERT_READAHEAD"  # on (default) | off
 
@@ -139,8 +139,7 @@ class Offload:
         anon = anonymous_kb()
         for u in self.layers + [u for us in self.experts for u in us]:
             for s in u.spans:
-                lo = next(lo for lo, hi, _off, _path in maps if lo <= s.addr < hi)
-                if anon.get(lo):
+                if written(s.addr, maps, anon):
                     raise PeakError(f"{u.name}: its mapped weights were modified in memory ({s.path}); "
                                     "offloading would drop the changes")
 

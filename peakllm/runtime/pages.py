@@ -120,6 +120,13 @@ def resident_bytes(unit: "Unit") -> int:
     return total
 
 
+def written(addr: int, maps: list, anon: dict[int, int]) -> bool:
+    """Whether this process has written to the private file map holding `addr` (`anonymous_kb` of it): dropping
+    a page of such a map would revert it to the file."""
+    lo = next(lo for lo, hi, _off, _path in maps if lo <= addr < hi)
+    return bool(anon.get(lo))
+
+
 def release(module: nn.Module) -> int:
     """Unmap from this process the whole file pages of `module`'s tensors (they stay in the page cache, and the
     next read faults them back in); tensors that are not views of a file, and maps this process has written
@@ -129,9 +136,6 @@ def release(module: nn.Module) -> int:
     anon = anonymous_kb()
     given = 0
     for s in unit.spans:
-        lo = next(lo for lo, hi, _off, _path in maps if lo <= s.addr < hi)
-        if anon.get(lo):  # a copied-on-write page would revert to the file
-            continue
-        if libc.madvise(s.addr, s.length, MADV_DONTNEED) == 0:
+        if not written(s.addr, maps, anon) and libc.madvise(s.addr, s.length, MADV_DONTNEED) == 0:
             given += s.length
     return given
