@@ -17,7 +17,7 @@ independently; `scale_pos` fp16 [out, n_groups] and, unless the scales are symme
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -75,6 +75,13 @@ def _symbols(stream: torch.Tensor, sym_bits: int) -> np.ndarray:
     return raw.view("<u2").astype(np.int64)
 
 
+def _check_offsets(block_offsets: np.ndarray, n_blocks: int, n_symbols: int) -> None:
+    if block_offsets.shape != (n_blocks + 1,) or block_offsets[0] != 0 or block_offsets[-1] != n_symbols:
+        raise PeakError(f"sub1 block_offsets must run from 0 to {n_symbols} over {n_blocks} blocks")
+    if np.any(np.diff(block_offsets) < 1):
+        raise PeakError("sub1 block_offsets must increase (every row holds at least one symbol)")
+
+
 def parse(symbols: np.ndarray, block_offsets: np.ndarray, out_features: int, in_features: int,
           block_rows: int, tables: Tables) -> tuple[np.ndarray, np.ndarray]:
     """Row and first column of every symbol, checking that the stream parses exactly into the rows.
@@ -83,10 +90,7 @@ def parse(symbols: np.ndarray, block_offsets: np.ndarray, out_features: int, in_
     offset, and no nonzero of a row's last word lies past the row's end (the kernel reads x there).
     """
     n_blocks = math.ceil(out_features / block_rows)
-    if block_offsets.shape != (n_blocks + 1,) or block_offsets[0] != 0 or block_offsets[-1] != len(symbols):
-        raise PeakError(f"sub1 block_offsets must run from 0 to {len(symbols)} over {n_blocks} blocks")
-    if np.any(np.diff(block_offsets) < 1):
-        raise PeakError("sub1 block_offsets must increase (every row holds at least one symbol)")
+    _check_offsets(block_offsets, n_blocks, len(symbols))
     lens = tables.length[symbols]
     if np.any(lens == 0):
         raise PeakError("sub1 stream holds a symbol that is not in its dictionary")
@@ -131,7 +135,6 @@ class PackedSub1(PackedSize):
     in_features: int
     out_features: int
     sym: bool
-    _parsed: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def encode(cls, codes: torch.Tensor, scale_neg, scale_pos, group_size: int = -1,
@@ -212,10 +215,9 @@ class PackedSub1(PackedSize):
     # -- decoding
 
     def _rows_cols(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._parsed is None:
-            self._parsed = parse(_symbols(self.stream, self.dictionary.sym_bits), self.block_offsets.numpy(),
-                                 self.out_features, self.in_features, self.block_rows, self.dictionary.tables)
-        return self._parsed
+        # not kept: 16 bytes per symbol, several times the stream (4.5 GB for an OLMoE-shaped model's experts)
+        return parse(_symbols(self.stream, self.dictionary.sym_bits), self.block_offsets.numpy(),
+                     self.out_features, self.in_features, self.block_rows, self.dictionary.tables)
 
     def decode(self) -> torch.Tensor:
         """The ternary codes uint8 [out, in], exactly as encoded."""
@@ -268,8 +270,13 @@ class PackedSub1(PackedSize):
                 raise PeakError(f"sub1 {name} holds non-finite values")
         if self.sym and not torch.equal(self.scale_neg, self.scale_pos):
             raise PeakError("symmetric sub1 needs scale_neg == scale_pos")
-        self._parsed = None
-        self._rows_cols()
+        # the structure the kernels rely on, checked in one compiled pass (the Python parse without a compiler)
+        _check_offsets(self.block_offsets.numpy(), n_blocks, self.n_symbols)
+        from peakllm.kernels import sub1 as sub1_kernel
+
+        if not sub1_kernel.check_stream(self.stream, self.block_offsets, rows, self.in_features, self.block_rows,
+                                        self.dictionary):
+            self._rows_cols()
 
     @classmethod
     def from_tensors(cls, tensors: dict, metadata: dict, prefix: str = "") -> "PackedSub1":

@@ -76,4 +76,40 @@ int64_t sub1_encode_rows(const uint8_t* codes, int64_t out, int64_t in, const in
     return n;
 }
 
+// The stream's structure checked before any kernel reads it (formats/sub1.py `parse` is the reference,
+// which also returns every symbol's row and column; this keeps nothing). length / span int64
+// [2^sym_bits]: values a symbol covers (0: not a word) and its last nonzero position + 1. block_offsets
+// [n_blocks + 1] are known to run from 0 to the symbol count and to increase (checked by the caller).
+// Returns 0, or the first fault in parse's order: -1 a symbol not in the dictionary (*where: the symbol's
+// index), -2 a row that runs past the end of its block (the row), -3 symbols left after a block's last row
+// (the block), -4 a nonzero past the end of a row (the row).
+int64_t sub1_check_stream(const uint8_t* stream, int64_t sym_bits, const int32_t* block_offsets, int64_t out,
+                          int64_t in, int64_t block_rows, const int64_t* length, const int64_t* span,
+                          int64_t* where) {
+    const int64_t n_blocks = (out + block_rows - 1) / block_rows, n_symbols = block_offsets[n_blocks];
+    auto symbol = [&](int64_t s) -> int64_t {
+        return sym_bits == 8 ? stream[s] : (int64_t)stream[2 * s] | (int64_t)stream[2 * s + 1] << 8;
+    };
+    for (int64_t s = 0; s < n_symbols; s++)
+        if (length[symbol(s)] == 0) { *where = s; return -1; }
+    int64_t r = 0, past_end = -1;
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int64_t s = block_offsets[b];
+        const int64_t e = block_offsets[b + 1];
+        const int64_t rows = std::min(block_rows, out - r);
+        for (int64_t i = 0; i < rows; i++, r++) {
+            int64_t col = 0, sym = 0;
+            while (col < in) {  // the row's last symbol is the first whose cumulative length reaches in
+                if (s >= e) { *where = r; return -2; }
+                sym = symbol(s++);
+                col += length[sym];
+            }
+            if (past_end < 0 && col - length[sym] + span[sym] > in) past_end = r;
+        }
+        if (s != e) { *where = b; return -3; }
+    }
+    if (past_end >= 0) { *where = past_end; return -4; }
+    return 0;
+}
+
 }  // extern "C"

@@ -24,6 +24,7 @@ from peakllm.kernels.build import load_library
 
 _fn = None
 _encode_fn = None
+_check_fn = None
 _tried = False
 
 
@@ -83,7 +84,7 @@ def _fused_table(dictionary: Sub1Dictionary) -> tuple[torch.Tensor, int]:
 
 
 def _kernel():
-    global _fn, _encode_fn, _tried
+    global _fn, _encode_fn, _check_fn, _tried
     if not _tried:
         _tried = True
         lib = load_library("sub1")
@@ -95,6 +96,10 @@ def _kernel():
             _encode_fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
             _encode_fn.restype = ctypes.c_int64
+            _check_fn = lib.sub1_check_stream
+            _check_fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
+            _check_fn.restype = ctypes.c_int64
     return _fn
 
 
@@ -106,6 +111,38 @@ def available() -> bool:
 def _trie(dictionary: Sub1Dictionary) -> tuple[np.ndarray, np.ndarray]:
     tables = dictionary.tables
     return np.asarray(tables.child, dtype=np.int32), np.asarray(tables.word, dtype=np.int32)
+
+
+_CHECK_ERRORS = {
+    -1: "sub1 stream holds a symbol that is not in its dictionary (symbol {})",
+    -2: "sub1 row {} runs past the end of its block",
+    -3: "sub1 block {} holds symbols after its last row",
+    -4: "sub1 stream has a nonzero past the end of a row (row {})",
+}
+
+
+@lru_cache(maxsize=16)
+def _check_tables(dictionary: Sub1Dictionary) -> tuple[np.ndarray, np.ndarray]:
+    tables = dictionary.tables
+    return (np.ascontiguousarray(tables.length, dtype=np.int64), np.ascontiguousarray(tables.span, dtype=np.int64))
+
+
+def check_stream(stream: torch.Tensor, block_offsets: torch.Tensor, out_features: int, in_features: int,
+                 block_rows: int, dictionary: Sub1Dictionary) -> bool:
+    """formats/sub1.py `parse`'s checks compiled (sub1.cpp `sub1_check_stream`), keeping nothing: raises the
+    PeakError parse would (naming the row or block); False without the kernel library (the caller then
+    parses in Python). block_offsets must already run from 0 to the symbol count and increase."""
+    if _kernel() is None:
+        return False
+    stream = stream.contiguous()
+    offsets = block_offsets.contiguous()
+    length, span = _check_tables(dictionary)
+    where = ctypes.c_int64(-1)
+    rc = _check_fn(stream.data_ptr(), dictionary.sym_bits, offsets.data_ptr(), out_features, in_features, block_rows,
+                   length.ctypes.data, span.ctypes.data, ctypes.byref(where))
+    if rc != 0:
+        raise PeakError(_CHECK_ERRORS.get(rc, "sub1 stream check failed ({})").format(where.value))
+    return True
 
 
 def encode_rows(codes: np.ndarray, dictionary: Sub1Dictionary) -> tuple[np.ndarray, np.ndarray] | None:
