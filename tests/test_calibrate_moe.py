@@ -129,3 +129,54 @@ def test_target_bits_holds_ternary_experts_to_the_size_asked(capsys, tmp_path, t
     assert main(["quantize", "--model", str(src), "--bits", "4", "--target-bits", "0.8",
                  "--output", str(tmp_path / "x")]) == 2  # one clear error before any work
     assert "--target-bits needs" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_thin_nonzeros_zeroes_an_even_share_of_the_nonzeros():
+    from peakllm.solvers.rate import ZERO_CODE, thin_nonzeros
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 3, (37, 53), generator=g, dtype=torch.uint8)
+    nnz = int((codes != ZERO_CODE).sum())
+    assert torch.equal(thin_nonzeros(codes, 0.0), codes)
+    assert bool((thin_nonzeros(codes, 1.0) == ZERO_CODE).all())
+    for f in (0.001, 0.1, 0.5):
+        out = thin_nonzeros(codes, f)
+        changed = out != codes
+        assert int(changed.sum()) == int(f * nnz + 0.5)
+        assert bool((out[changed] == ZERO_CODE).all()) and bool((codes[changed] != ZERO_CODE).all())
+    rows = (thin_nonzeros(codes, 0.5) != codes).sum(1)  # spread over the rows, not the first ones
+    assert int((rows > 0).sum()) >= 30
+
+
+def test_a_size_target_is_held_exactly_and_the_model_is_what_is_stored(tmp_path, tiny_tokenizer):
+    """calibrate_target.hold_sub1_target: asked for less than the solver's codes store, it thins them until
+    the sub1 folder holds at most the target (every byte counted), and the model that is evaluated is the
+    stored one."""
+    from peakllm.calibrate_target import hold_sub1_target, sub1_bits
+    from peakllm.models.packed import load_peakllm_folder
+    from peakllm.save import save_compressed
+
+    model = tiny_moe(experts=4, top_k=2, moe_intermediate_size=64)
+    recipe = QuantRecipe("gptq", Grid(kind="ternary", group_size=-1), keep_dense=True)
+    recipe.moe = True
+    report = calibrate(model, torch.randint(0, 300, (3, 16)), recipe, batch_size=3, progress=False)
+    names = sorted(n for n, r in report.modules.items() if r.quant is not None)
+    assert len(names) == 16 and all(".experts." in n for n in names)
+    before = {n: report.modules[n].quant.codes.clone() for n in names}
+    solved = sub1_bits(before, report.modules)
+    assert hold_sub1_target(model, report.modules, solved + 1e-9)["thinned_codes"] == 0  # already fits
+    target = 0.97 * solved
+    facts = hold_sub1_target(model, report.modules, target)
+    after = {n: report.modules[n].quant.codes for n in names}
+    assert facts["thinned_codes"] > 0 and facts["target_bits_before_thinning"] == solved
+    assert sub1_bits(after, report.modules) <= target
+    assert sum(int((after[n] != before[n]).sum()) for n in names) == facts["thinned_codes"]
+    for n in names:  # the model holds the thinned weights
+        prefix, part, e = n.rsplit(".", 2)
+        assert torch.equal(getattr(model.get_submodule(prefix), part)[int(e)], report.modules[n].quant.dequantize())
+    sizes = save_compressed(model, tiny_tokenizer, report.modules, tmp_path / "q", fmt="sub1", run_info={})
+    assert sizes["bits_per_param_experts"] == sub1_bits(after, report.modules) <= target
+    stored, _ = load_peakllm_folder(tmp_path / "q", packed="dequantize")
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(stored(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

@@ -143,8 +143,13 @@ def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, 
     report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
                        progress=progress)
     report.modules.update(outer)
+    held = {}
+    if getattr(args, "target_bits", None) is not None and args.format == "sub1":
+        from peakllm.calibrate_target import hold_sub1_target
+
+        held = hold_sub1_target(model, report.modules, args.target_bits)  # before it is written or evaluated
     compress_seconds = time.perf_counter() - start
-    result = {**extra_result, "seconds": compress_seconds, "dense_size_bytes": dense_size_bytes, "calib_tokens": report.calib_tokens,
+    result = {**extra_result, **held, "seconds": compress_seconds, "dense_size_bytes": dense_size_bytes, "calib_tokens": report.calib_tokens,
               "time_breakdown": {k: round(v, 2) for k, v in report.seconds.items()},
               "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks,
               "bos": protocol_bos(tokenizer, not args.no_bos) is not None}

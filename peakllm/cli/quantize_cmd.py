@@ -33,8 +33,10 @@ def register(sub) -> None:
     p.add_argument("--target-bits", type=float, default=None, metavar="B",
                    help="ternary GPTQ into the sub1 format: hold every ternary matrix to about B bits/param as the "
                    "format stores it (stream, offsets, scales) by pricing nonzero codes inside GPTQ, which keeps "
-                   "its error feedback; each matrix gets the share of zero codes its shape needs at B "
-                   "(e.g. 0.8; default: plain GPTQ, whatever size its codes come to)")
+                   "its error feedback; each matrix gets the share of zero codes its shape needs at B. In memory "
+                   "the matrices' total is then held at or below B exactly: if the shared dictionary leaves it over, an "
+                   "evenly spaced few of the nonzero codes are zeroed (reported as thinned_codes); streamed runs aim "
+                   "1%% below B (e.g. 0.8; default: plain GPTQ, whatever size its codes come to)")
     p.add_argument("--levels", choices=("minmax", "matched"), default=None,
                    help="with --target-bits, the level s of each ternary row {-s, 0, +s}. minmax: QMoE's s = (max - min) / 2; "
                    "matched: the mean |w| of the weights the target keeps nonzero, i.e. the row's largest (1 - z) "

@@ -158,3 +158,20 @@ def allocate_at_price(problems: list, bits_of: Callable[[int, float], float], bu
         else:
             lo = mid
     return best[0], hi
+
+
+def thin_nonzeros(codes: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Ternary codes with round(fraction x nonzeros) of their nonzero codes set to zero, evenly spaced in
+    row-major order (deterministic). The last step of a size target: after the solver and the shared
+    dictionary, a few codes may still stand between the stored size and the target, and without the
+    calibration statistics there is nothing better to rank them by than their place."""
+    if not 0.0 <= fraction <= 1.0:
+        raise PeakError(f"thinning fraction must be in [0, 1], got {fraction}")
+    nz = (codes != ZERO_CODE).reshape(-1).nonzero().squeeze(1)
+    k = math.floor(fraction * nz.numel() + 0.5)
+    if k == 0:
+        return codes
+    pick = nz[((torch.arange(k, dtype=torch.float64) + 0.5) * nz.numel() / k).long()]
+    out = codes.clone().reshape(-1)
+    out[pick] = ZERO_CODE
+    return out.reshape(codes.shape)
