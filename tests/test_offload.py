@@ -121,6 +121,22 @@ def test_weights_copied_into_memory_are_refused(int4_folder):
         rt.setup_cache(1, 16)
 
 
+def test_a_written_mapped_weight_is_refused(int4_folder):
+    """Dropping a page of a private file map reverts it to the file: offloading refuses a model whose mapped
+    weights were written in memory (pages.written), naming the layer, instead of silently undoing the write."""
+    hf, _tok = load_model(str(int4_folder))
+    maps = file_mappings()
+    mapped = [b for b in hf.model.layers[1].buffers()
+              if any(lo <= b.untyped_storage().data_ptr() < hi for lo, hi, _o, _p in maps)]
+    assert mapped
+    flat = mapped[0].view(-1)
+    flat[:1].copy_(flat[:1].clone())  # the same value, but the page is now this process's copy
+    rt = RuntimeModel.from_hf(hf)
+    rt.set_max_memory(200_000)  # unwritten, this budget is refused as too small (the test above)
+    with pytest.raises(PeakError, match="layer 1: its mapped weights were modified in memory"):
+        rt.setup_cache(1, 16)
+
+
 def test_generate_cli_under_a_budget_prints_the_in_memory_text(int4_folder, capsys):
     import json
 
