@@ -301,7 +301,8 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
                         for part in PARTS:
                             stats = collect_expert_stats(layer, experts[ename], part, acts, layer_kwargs, li, kinds,
                                                          Stats, _StopLayer, report)
-                            compress_experts(f"{prefix}.{li}.{ename}", experts[ename], part, stats, method, li, report)
+                            compress_experts(f"{prefix}.{li}.{ename}", experts[ename], part, stats, method, li, report,
+                                             None if io is None else io.keep)
                         continue
                     group = [n for n in group if n in linears]
                     stats = _collect(layer, {n: linears[n] for n in group}, acts, layer_kwargs, li, kinds, report,
@@ -423,7 +424,8 @@ def _compress_without_data(layers, prefix: str, moe: bool, method, report: Calib
         for name, experts in fused_experts(layer).items():
             for part in PARTS:
                 E = getattr(experts, part).shape[0]
-                compress_experts(f"{prefix}.{li}.{name}", experts, part, [{"tokens": 0}] * E, method, li, report)
+                compress_experts(f"{prefix}.{li}.{name}", experts, part, [{"tokens": 0}] * E, method, li, report,
+                                 None if io is None else io.keep)
         if io is not None:
             io.done(li, layer, None, report)
         bar.update(1)

@@ -88,6 +88,26 @@ def test_streamed_output_equals_in_memory_bit_for_bit(capsys, tmp_path, llama_di
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_streamed_experts_are_held_packed_until_their_layer_is_written(monkeypatch, capsys, tmp_path, tiny_tokenizer,
+                                                                       text_file):
+    """A streamed run keeps each expert's packed form only, as it keeps every other matrix's: the full results
+    (dense fp32 weight and codes) of an OLMoE layer's 128 experts held 1.9 GB until the layer was written."""
+    from peakllm import calibrate_stream
+
+    seen = []
+    done = calibrate_stream.StreamIO.done
+
+    def spy(self, li, layer, acts, report):
+        seen.append({type(r).__name__ for n, r in report.modules.items() if ".experts." in n})
+        return done(self, li, layer, acts, report)
+
+    monkeypatch.setattr(calibrate_stream.StreamIO, "done", spy)
+    src = _synth(tmp_path, tiny_tokenizer, "tiny-olmoe")
+    code, _ = _run("quantize", src, tmp_path / "str", text_file, "--method", "gptq", "--bits", "4", "--group-size",
+                   "32", "--stream", "on", "--eval-tokens", "0", capsys=capsys)
+    assert code == 0 and len(seen) >= 2 and all(s == {"_Kept"} for s in seen), seen
+
+
 @pytest.mark.parametrize("extra", [("--method", "gptq", "--bits", "4", "--group-size", "32"),
                                    ("--method", "gptq", "--bits", "ternary", "--group-size", "-1", "--format", "sub1",
                                     "--dense-bits", "4")])
