@@ -1,0 +1,88 @@
+// The whole-step decode engine's descriptors (decode.cpp; kernels/decode.py builds them with ctypes, field for
+// field): one linear layer (`Lin`), a mixture-of-experts MLP (`Moe`), one decoder layer (`Layer`), and the
+// spin barrier the engine's threads meet at between the dependent phases of a layer.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <sched.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INTK = 2, LIN_NM = 3, LIN_BITMASK = 4, LIN_SUB1 = 5 };
+
+// One linear layer y = x @ W.T + bias as the engine reads it.
+struct Lin {
+    int kind, in, out, bits, n_groups;
+    int n, m, value_kind, group_size;  // sparse: N zeros per M; kept values' kind (sparse_impl.h) and code groups
+    const void* w;          // dense weights [out, in] (fp32 / bf16), int-k codes [out, ceil(in*bits/8)],
+                            // the sparse layouts' kept values / codes, or a Sub1Matrix (sub1_impl.h)
+    const float* bias;      // [out] or null
+    const uint16_t* scales; // int-k codes (dense or sparse): fp16 [out, n_groups]
+    const uint8_t* zeros;   // int-k codes: uint8 [out, n_groups]
+    const int32_t* gstart;  // int-k: group column ranges [n_groups + 1]
+    const int32_t* perm;    // int-k act-order: x columns gathered by perm, or null
+    const uint8_t* index;   // N:M positions or the bitmask
+    const int64_t* row_offsets;   // bitmask: first kept value of each row [out + 1]
+    const int64_t* qrow_offsets;  // bitmask with codes: first code byte of each row [out + 1]
+    int64_t total;          // bitmask: elements (floats) or bytes (codes) of the kept values
+    int act_bits;           // int-k: 8 = x quantized to int8 per 32 columns where a8_applies (intk_a8_impl.h), 0 = fp32
+};
+
+// A mixture-of-experts MLP (batch 1, fp32): a linear router scores the E experts, the top k run
+// (gate_up [2I, dim]: gate rows first; down [dim, I]) and their outputs are summed, each times its weight:
+// 1 (MOE_SUM: peakllm_moe), its softmax probability over all E scores (MOE_SOFTMAX: OLMoE), or that
+// probability over the sum of the top k's (MOE_SOFTMAX_TOPK: norm_topk_prob). Softmax keeps the order of
+// the scores, so the top k are the same either way.
+enum { MOE_SUM = 0, MOE_SOFTMAX = 1, MOE_SOFTMAX_TOPK = 2 };
+struct Moe {
+    Lin router;            // [E, dim] (+ bias)
+    const Lin* gate_up;    // E of them
+    const Lin* down;       // E of them
+    int n_experts, top_k, inter;
+    float* work;           // E + 3 * top_k * inter + top_k * dim + 2 * top_k floats
+    int weighting;         // MOE_*
+};
+
+// One Llama-style decoder layer: the seven linears (g, u, d unused when moe is set), norms, and this
+// layer's KV cache [B, KV, S, D]. Gemma-3 adds: RMSNorms on the attention's and the MLP's outputs before
+// they join the residual (post_attn_norm, post_mlp_norm), GeGLU (act), sliding-window layers (window > 0)
+// and per-layer RoPE tables [S, D] (rope_cos / rope_sin; null: the step's cos / sin_signed rows).
+struct Layer {
+    Lin q, k, v, o, g, u, d;
+    const void *mlp_norm, *next_norm, *qn, *kn;
+    void *kc, *vc;
+    int dim, n_heads, n_kv, head_dim, inter, max_seq;
+    float eps, next_eps, qk_eps, scale;
+    const Moe* moe;
+    const void *post_attn_norm, *post_mlp_norm, *rope_cos, *rope_sin;
+    int act, window;
+    int norm_f32w;  // every norm weight of the layer (and next_norm) is fp32, Gemma's rounding (norm_mul)
+    int qk_norm_full;  // qn / kn span all of q / k (OLMoE), not each head
+};
+
+static constexpr int SPINS_BEFORE_YIELD = 1 << 14;
+
+struct Barrier {
+    std::atomic<int> arrived{0};
+    std::atomic<unsigned> phase{0};
+
+    void wait(int n) {
+        if (n == 1) return;
+        const unsigned p = phase.load(std::memory_order_acquire);
+        if (arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+            arrived.store(0, std::memory_order_relaxed);
+            phase.store(p + 1, std::memory_order_release);
+            return;
+        }
+        for (int spin = 0; phase.load(std::memory_order_acquire) == p; ++spin) {
+            if (spin < SPINS_BEFORE_YIELD) {
+#if defined(__x86_64__) || defined(__i386__)
+                _mm_pause();
+#endif
+            } else {
+                sched_yield();
+            }
+        }
+    }
+};
