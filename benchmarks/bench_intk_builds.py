@@ -32,12 +32,7 @@ from test_kernels_intk_int8act import random_intk  # noqa: E402
 
 def compile_tree(src_dir: Path, out: Path) -> dict:
     subprocess.run(["g++", *build.CXX_FLAGS, str(src_dir / "intk.cpp"), "-o", str(out)], check=True)
-    lib, fns = ctypes.CDLL(str(out)), {}
-    for name, argtypes in ops._SIGNATURES["intk"].items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        fns[name] = fn
-    return fns
+    return ops.bind(ctypes.CDLL(str(out)), "intk")
 
 
 def main() -> None:

@@ -128,13 +128,7 @@ def test_scalar_build_matches_reference(tmp_path, monkeypatch):
     src = build.HERE / "intk.cpp"
     subprocess.run(["g++", "-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", "-std=c++17", str(src), "-o",
                     str(lib_path)], check=True, capture_output=True)
-    lib = ctypes.CDLL(str(lib_path))
-    fns = {}
-    for name, argtypes in ops._SIGNATURES["intk"].items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        fns[name] = fn
-    monkeypatch.setitem(ops._fns, "intk", fns)
+    monkeypatch.setitem(ops._fns, "intk", ops.bind(ctypes.CDLL(str(lib_path)), "intk"))
     for bits in (3, 4):
         codes, qweight, scales, zeros, g_idx = random_intk(21, 200, bits, 32, act_order=True)
         W = ref.dequantize_intk(qweight, scales, zeros, bits, 200, 32, g_idx)

@@ -125,13 +125,7 @@ def _build_variant(tmp_path, name, flags):
     proc = subprocess.run(["g++", "-O2", *flags, "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=fast",
                            str(build.HERE / "intk.cpp"), "-o", str(lib_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lib = ctypes.CDLL(str(lib_path))
-    fns = {}
-    for fn_name, argtypes in ops._SIGNATURES["intk"].items():
-        fn = getattr(lib, fn_name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        fns[fn_name] = fn
-    return fns
+    return ops.bind(ctypes.CDLL(str(lib_path)), "intk")
 
 
 def _cpu_flags() -> set:

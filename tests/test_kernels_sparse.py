@@ -142,13 +142,7 @@ def test_scalar_build_matches_reference(tmp_path, monkeypatch):
     lib_path = tmp_path / "libsparse_scalar.so"
     subprocess.run(["g++", "-O2", "-march=x86-64", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
                     str(build.HERE / "sparse.cpp"), "-o", str(lib_path)], check=True, capture_output=True)
-    lib = ctypes.CDLL(str(lib_path))
-    fns = {}
-    for name, argtypes in ops._SIGNATURES["sparse"].items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        fns[name] = fn
-    monkeypatch.setitem(ops._fns, "sparse", fns)
+    monkeypatch.setitem(ops._fns, "sparse", ops.bind(ctypes.CDLL(str(lib_path)), "sparse"))
     g = torch.Generator().manual_seed(7)
     x = torch.randn(5, 96, generator=g)
     _, indices = nm_layout(11, 96, 2, 4, g)

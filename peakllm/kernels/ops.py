@@ -41,18 +41,22 @@ _SIGNATURES = {
 _fns: dict[str, dict | None] = {}
 
 
+def bind(lib: ctypes.CDLL, lib_name: str) -> dict:
+    """The functions of a loaded `lib_name` library (intk, sparse) with their ctypes signatures, by name
+    (also for builds compiled elsewhere: the scalar-path tests, benchmarks/bench_intk_builds.py)."""
+    fns = {}
+    for name, argtypes in _SIGNATURES[lib_name].items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        fns[name] = fn
+    return fns
+
+
 def _kernels(lib_name: str) -> dict | None:
     """ctypes functions of one library, or None when it cannot be built."""
     if lib_name not in _fns:
         lib = load_library(lib_name)
-        fns = None
-        if lib is not None:
-            fns = {}
-            for name, argtypes in _SIGNATURES[lib_name].items():
-                fn = getattr(lib, name)
-                fn.argtypes, fn.restype = argtypes, ctypes.c_int
-                fns[name] = fn
-        _fns[lib_name] = fns
+        _fns[lib_name] = None if lib is None else bind(lib, lib_name)
     return _fns[lib_name]
 
 
