@@ -322,8 +322,9 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
         if args.format == "sub1" and io.ternary_counts[0] and workers().is_writer:
             from peakllm.formats.shards import ternary_to_sub1
             from peakllm.formats.sub1_code import Sub1Dictionary
+            from peakllm.save import SUB1_SYM_BITS
 
-            writer = ternary_to_sub1(writer, Sub1Dictionary.from_counts(*io.ternary_counts, 16))
+            writer = ternary_to_sub1(writer, Sub1Dictionary.from_counts(*io.ternary_counts, SUB1_SYM_BITS))
         sm.release_outer()
         run_info = {"command": args.command, "model": args.model, **extra_result, "calib_samples": args.calib_samples,
                     "calib_seqlen": args.calib_seqlen, "calib_dataset": args.calib_dataset, "seed": args.seed,

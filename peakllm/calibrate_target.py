@@ -20,64 +20,54 @@ from peakllm.errors import PeakError
 from peakllm.recipes import is_expert
 from peakllm.solvers.rate import thin_nonzeros
 
-MAX_DOUBLINGS = 24
 FIRST_FRACTION = 1e-4
 
 
-def _ternary(modules: dict) -> list[str]:
-    return sorted(n for n, r in modules.items() if r.quant is not None and r.quant.grid["kind"] == "ternary")
-
-
-def sub1_bits(codes: dict, modules: dict) -> float:
-    """Bits/param the ternary matrices `codes` {name: uint8 [out, in]} store in the sub1 format, everything
-    counted, with one 16-bit dictionary fitted to all of them (as save.save_compressed writes them)."""
+def sub1_bits(results: dict) -> float:
+    """Bits/param the ternary matrices of `results` (ModuleResults) store in the sub1 format, everything counted:
+    packed by save.py exactly as `save_compressed` packs them, with one dictionary fitted to all of them."""
     from peakllm.formats.container import bits_per_param
-    from peakllm.formats.sub1 import PackedSub1
-    from peakllm.formats.sub1_code import Sub1Dictionary
+    from peakllm.save import packed_module, sub1_dictionary
 
-    dictionary = Sub1Dictionary.fit(list(codes.values()), 16)
-    packed = {}
-    for name, c in codes.items():
-        q = modules[name].quant
-        packed[name] = PackedSub1.encode(c, q.params["scale_neg"], q.params["scale_pos"], q.grid["group_size"],
-                                         dictionary)
-    return bits_per_param(packed)
+    dictionary = sub1_dictionary(results)
+    return bits_per_param({n: packed_module(r, "sub1", dictionary) for n, r in results.items()})
+
+
+def _thinned(results: dict, fraction: float) -> dict:
+    """The results with `fraction` of each one's nonzero codes zeroed (their dense weights not yet rebuilt)."""
+    return {n: dataclasses.replace(r, quant=dataclasses.replace(r.quant, codes=thin_nonzeros(r.quant.codes, fraction)))
+            for n, r in results.items()}
 
 
 def hold_sub1_target(model, modules: dict, target_bits: float) -> dict:
     """Thin the ternary matrices of `modules` (ModuleResults, updated in place, and their weights in `model`)
     until they store at most `target_bits` per parameter; returns what it did (for the run's JSON)."""
-    names = _ternary(modules)
-    if not names:
+    base = {n: r for n, r in sorted(modules.items()) if r.quant is not None and r.quant.grid["kind"] == "ternary"}
+    if not base:
         return {}
-    base = {n: modules[n].quant.codes for n in names}
-    bits = sub1_bits(base, modules)
+    bits = sub1_bits(base)
     facts = {"target_bits_before_thinning": bits, "thinned_codes": 0}
     if bits <= target_bits:
         return facts
     # a nonzero costs ~3-4 bits at 80-90% zeros while the stream carries ~0.7 bits/param: removing a
     # fraction f of them saves ~0.7 f of the size, so 2x the relative excess is the first guess
-    fraction = max(FIRST_FRACTION, 2 * (bits - target_bits) / bits)
-    for _ in range(MAX_DOUBLINGS):
-        codes = {n: thin_nonzeros(base[n], fraction) for n in names}
-        bits = sub1_bits(codes, modules)
+    fraction = min(1.0, max(FIRST_FRACTION, 2 * (bits - target_bits) / bits))
+    while True:
+        thinned = _thinned(base, fraction)
+        bits = sub1_bits(thinned)
         if bits <= target_bits:
             break
         if fraction >= 1.0:
             raise PeakError(f"the ternary matrices store {bits:.4f} bits/param with every code zero, over "
                             f"--target-bits {target_bits}")
         fraction = min(1.0, 2 * fraction)
-    else:
-        raise PeakError(f"could not bring the sub1 size to --target-bits {target_bits} (at {bits:.4f})")
-    thinned = 0
-    for n in names:
-        result = modules[n]
-        qw = dataclasses.replace(result.quant, codes=codes[n])
-        qw = dataclasses.replace(qw, weight=qw.dequantize())
-        thinned += int((codes[n] != base[n]).sum())
-        modules[n] = dataclasses.replace(result, weight=qw.weight, quant=qw)
+    count = 0
+    for n, r in thinned.items():
+        qw = dataclasses.replace(r.quant, weight=r.quant.dequantize())
+        count += int((qw.codes != base[n].quant.codes).sum())
+        modules[n] = dataclasses.replace(r, weight=qw.weight, quant=qw)
         _write_back(model, n, qw.weight)
-    facts.update(thinned_codes=thinned, thinned_fraction=fraction)
+    facts.update(thinned_codes=count, thinned_fraction=fraction)
     return facts
 
 

@@ -109,6 +109,18 @@ def sub1_bits(group_size: int, name: str, out_features: int, in_features: int, z
     return b_lo + (q - lo) * (b_hi - b_lo)
 
 
+SUB1_SYM_BITS = 16  # the width of the one dictionary a model's ternary matrices share in the sub1 format
+
+
+def sub1_dictionary(modules: dict):
+    """The dictionary of a sub1 folder: one fitted to all ternary codes among `modules` (ModuleResults), or
+    None without any (it is stored as 3 integers)."""
+    from peakllm.formats.sub1_code import Sub1Dictionary
+
+    codes = [r.quant.codes for r in modules.values() if r.quant is not None and r.quant.grid["kind"] == "ternary"]
+    return Sub1Dictionary.fit(codes, SUB1_SYM_BITS) if codes else None
+
+
 def packed_module(result, fmt: str = "peakllm", dictionary=None):
     """The packed form of one compressed matrix (a ModuleResult from recipes.py). In the `sub1` format
     ternary matrices use the sub-1-bit dictionary code; elsewhere they use the dense 2-bit layout."""
@@ -183,13 +195,7 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
             shutil.rmtree(tmp, ignore_errors=True)
         return {"size_bytes": folder_bytes(out), "bits_per_param": None}
 
-    dictionary = None
-    if fmt == "sub1":  # one dictionary fitted to all ternary codes of the model (it is stored as 3 integers)
-        from peakllm.formats.sub1_code import Sub1Dictionary
-
-        codes = [r.quant.codes for r in modules.values() if r.quant is not None and r.quant.grid["kind"] == "ternary"]
-        if codes:
-            dictionary = Sub1Dictionary.fit(codes, 16)
+    dictionary = sub1_dictionary(modules) if fmt == "sub1" else None
     packed = {name: packed_module(r, fmt, dictionary) for name, r in modules.items()}
     dense = dense_state(model, set(packed))
 
