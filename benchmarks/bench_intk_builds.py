@@ -1,13 +1,15 @@
 """The int-k kernel library of a git revision against the working tree's, alternated call by call in one process.
 
     python benchmarks/bench_intk_builds.py --rev 2e328b7 --shapes 11008x4096,4096x4096 --group-size 128 \\
-        [--bits 4] [--batch 1] [--threads 1] [--calls 40] [--act int8|f32]
+        [--bits 4] [--batch 1] [--threads 1] [--calls 40] [--act int8|f32] [--matrices 40]
 
 Both trees' kernels/intk.cpp (with their headers) are compiled as the JIT build does (kernels/build.py
 CXX_FLAGS) into a temporary folder; every call of one build is followed by a call of the other on the same
 random packed matrix, so both see the same machine state. Reports the median seconds per call (CPU time of
 this thread at --threads 1, wall time otherwise), GB/s of packed bytes, the speed-up, and whether the two
-outputs are bit-equal.
+outputs are bit-equal. --matrices N gives each shape N copies of its matrix in distinct memory, called in
+turn, so a working set far larger than the last-level cache is read from memory as in decoding a big model
+(one matrix of these shapes fits a 32 MB L3).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--act", choices=("int8", "f32"), default="int8")
+    ap.add_argument("--matrices", type=int, default=1, help="copies of each shape's matrix, called in turn")
     args = ap.parse_args()
     repo = Path(__file__).resolve().parents[1]
     kdir = repo / "peakllm" / "kernels"
@@ -61,16 +64,21 @@ def main() -> None:
         fn_name = "intk_gemm_a8" if args.act == "int8" else "intk_gemm"
         timer = time.thread_time if args.threads == 1 else time.perf_counter
         print(f"rev {args.rev} vs working tree, int{args.bits} g{args.group_size}, {args.act} activations, "
-              f"batch {args.batch}, {args.threads} thread(s), load {os.getloadavg()[0]:.2f}")
+              f"batch {args.batch}, {args.threads} thread(s), {args.matrices} matrices a shape, "
+              f"load {os.getloadavg()[0]:.2f}")
         for shape in args.shapes.split(","):
             out, inn = (int(v) for v in shape.split("x"))
             _, qweight, scales, zeros, _ = random_intk(out, inn, args.bits, args.group_size, False, seed=1)
+            copies = [(qweight, scales, zeros)] + [(qweight.clone(), scales.clone(), zeros.clone())
+                                                   for _ in range(args.matrices - 1)]
             starts, _ = ops.intk_groups(inn, args.group_size)
             x = torch.randn(args.batch, inn)
             y = {k: torch.empty(args.batch, out) for k in libs}
             t = {k: [] for k in libs}
-            for _ in range(args.calls):
-                for k, fns in libs.items():
+            for i in range(args.calls):
+                for j, (k, fns) in enumerate(libs.items()):
+                    # the two builds read copies half the set apart: neither finds the other's just-read one in cache
+                    qweight, scales, zeros = copies[(i + j * (len(copies) // 2)) % len(copies)]
                     t0 = timer()
                     rc = fns[fn_name](ops.ptr(x), 0, None, args.batch, inn, ops.ptr(qweight), ops.ptr(scales),
                                       ops.ptr(zeros), ops.ptr(starts), starts.numel() - 1, out, args.bits,
