@@ -254,3 +254,26 @@ def test_int8_is_the_default_and_the_cli_chooses(monkeypatch):
     assert not int8_act_default()
     apply_act("int8")
     assert int8_act_default()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rows_taken_over_by_other_threads_equal_the_op(bits):
+    """The decode step's row claims: a thread done with its band takes chunks from the back of the others'.
+    Forced here by holding one thread back until the others are done (they take its whole band), and run
+    freely; every row must still equal the op's exactly (3 bits: the fp32 path, which keeps its static
+    bands)."""
+    for out, inn, group_size in [(1000, 576, 32), (37, 256, 64), (500, 2048, 128)]:
+        _, qweight, scales, zeros, g_idx = random_intk(out, inn, bits, group_size, True, seed=out + bits)
+        starts, perm = ops.intk_groups(inn, group_size, g_idx)
+        q = ops.permute_columns(qweight, bits, inn, perm)
+        bias = torch.randn(out)
+        lin = decode.intk_lin(q, scales, zeros, bits, starts, perm, bias, inn, out, [], int8_act=True)
+        for batch in (1, 3):
+            x = torch.randn(batch, inn)
+            y_op = ops.intk_matmul(x, q, scales, zeros, bits, starts, perm, int8_act=True) + bias
+            for threads, idle in [(2, -1), (2, 0), (2, 1), (3, 1), (3, 2)]:
+                y = decode.lin_apply_claims(lin, x, threads, idle)
+                if bits == 3:
+                    torch.testing.assert_close(y, y_op, rtol=1e-5, atol=1e-5)
+                else:
+                    assert torch.equal(y, y_op), (out, inn, bits, batch, threads, idle)

@@ -90,6 +90,10 @@ def _kernels() -> dict:
             apply.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int]
             apply.restype = ctypes.c_int
             _fns["lin_apply_f32"] = apply
+            claims = lib.lin_apply_f32_claims
+            claims.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
+            claims.restype = ctypes.c_int
+            _fns["lin_apply_f32_claims"] = claims
     return _fns
 
 
@@ -186,6 +190,16 @@ def lin_apply(lin: Lin, x: torch.Tensor, threads: int | None = None) -> torch.Te
     y = torch.empty(x.shape[0], lin.out_features)
     _check(_kernels()["lin_apply_f32"](ctypes.byref(lin), x.data_ptr(), y.data_ptr(), x.shape[0],
                                        threads or torch.get_num_threads()))
+    return y
+
+
+def lin_apply_claims(lin: Lin, x: torch.Tensor, threads: int, idle: int = -1) -> torch.Tensor:
+    """lin_apply through the decode step's row claims (threads that finish early take over others' rows);
+    thread `idle` (>= 0) starts only when the others have finished, so they take its whole band (tests)."""
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], lin.out_features)
+    _check(_kernels()["lin_apply_f32_claims"](ctypes.byref(lin), x.data_ptr(), y.data_ptr(), x.shape[0], threads,
+                                              idle))
     return y
 
 

@@ -1,6 +1,7 @@
 // The whole-step decode engine's descriptors (decode.cpp; kernels/decode.py builds them with ctypes, field for
-// field): one linear layer (`Lin`), a mixture-of-experts MLP (`Moe`), one decoder layer (`Layer`), and the
-// spin barrier the engine's threads meet at between the dependent phases of a layer.
+// field): one linear layer (`Lin`), a mixture-of-experts MLP (`Moe`), one decoder layer (`Layer`), the
+// spin barrier the engine's threads meet at between the dependent phases of a layer, and the claims by
+// which a thread that has finished its rows of a linear takes over another's (`RowClaim`).
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -86,3 +87,28 @@ struct Barrier {
         }
     }
 };
+
+// One thread's band of a linear's rows, shared out for stealing: its owner takes chunks from the front, a
+// thread done with its own band takes chunks from the back. The word counts rows taken from the front (low
+// half) and from the back (high half); 0 = untouched. One cache line each: the owners' claims must not
+// bounce a line between cores.
+struct alignas(64) RowClaim {
+    std::atomic<uint64_t> taken{0};
+};
+
+// Claim up to `chunk` untaken rows of a band of `len` rows, from its front or its back: rows [a, b) of the
+// band. False when none are left.
+static inline bool claim_rows(RowClaim& c, int len, int chunk, bool back, int& a, int& b) {
+    uint64_t cur = c.taken.load(std::memory_order_relaxed);
+    for (;;) {
+        const int front = (int)(uint32_t)cur, rear = (int)(cur >> 32), left = len - front - rear;
+        if (left <= 0) return false;
+        const int n = left < chunk ? left : chunk;
+        if (c.taken.compare_exchange_weak(cur, back ? cur + ((uint64_t)n << 32) : cur + (uint64_t)n,
+                                          std::memory_order_relaxed)) {
+            a = back ? len - rear - n : front;
+            b = a + n;
+            return true;
+        }
+    }
+}
