@@ -216,7 +216,7 @@ def run_streamed(args, recipe, *, extra_result: dict, progress: bool, before_cal
     from peakllm.save import RUN_FILE, _replace_dir, check_writable, ct_actorder, folder_bytes
 
     start = time.perf_counter()
-    memory.release_free_heap(setup=True)
+    memory.release_free_heap(setup=True, budget=bool(getattr(args, "max_memory", None)))
     out = Path(args.output)
     partial = partial_dir(out)
     resume = bool(getattr(args, "resume", False))

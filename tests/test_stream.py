@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from peakllm.cli import main
+from peakllm import memory
 from peakllm.errors import PeakError
 
 
@@ -330,3 +331,18 @@ def test_default_model_streamed_equals_in_memory(capsys, tmp_path, command, extr
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert results["on"]["ppl"] == results["off"]["ppl"]
     assert results["on"]["dense_ppl"] == results["off"]["dense_ppl"]
+
+
+def test_a_budget_fixes_the_mmap_threshold_unless_told_otherwise(monkeypatch):
+    """Under an explicit --max-memory a streamed run fixes malloc's mmap threshold (1 MiB); the environment
+    variable overrides either way, 0 leaves glibc's, and a malformed value is one clear error."""
+    monkeypatch.delenv(memory.MMAP_THRESHOLD_ENV, raising=False)
+    assert memory.mmap_threshold(budget=True) == memory.BUDGET_MMAP_THRESHOLD == 1 << 20
+    assert memory.mmap_threshold(budget=False) == 0
+    monkeypatch.setenv(memory.MMAP_THRESHOLD_ENV, "0")
+    assert memory.mmap_threshold(budget=True) == 0
+    monkeypatch.setenv(memory.MMAP_THRESHOLD_ENV, "4194304")
+    assert memory.mmap_threshold(budget=False) == 4194304
+    monkeypatch.setenv(memory.MMAP_THRESHOLD_ENV, "4MB")
+    with pytest.raises(PeakError, match="PEAKLLM_MMAP_THRESHOLD"):
+        memory.release_free_heap(setup=True, budget=True)
