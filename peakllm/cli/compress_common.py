@@ -55,7 +55,7 @@ def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
                    help="memory budget, e.g. 4GB (binary units: 4GB = 4 GiB); a streamed run predicts its peak from the "
                    "shapes first, spills calibration activations to disk if that makes it fit, and refuses to start "
                    "if nothing does; with a budget it also fixes malloc's mmap threshold at 1 MiB (less heap fragmentation, "
-                   "~15%% more solver time; PEAKLLM_MMAP_THRESHOLD=0 keeps glibc's) (default: what the machine has "
+                   "~17%% more wall time; PEAKLLM_MMAP_THRESHOLD=0 keeps glibc's) (default: what the machine has "
                    "available)")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted streamed run of the same --output from its last finished layer "
