@@ -78,6 +78,9 @@ struct Work {
     PreparedQ pq;
 };
 
+// Bytes of one row of int-k codes.
+static inline int64_t intk_row_bytes(const Lin& L) { return ((int64_t)L.in * L.bits + 7) / 8; }
+
 // Whether other threads may take over rows of L: the int8-activation int-k path computes every row alone
 // (a8_tile), so which thread computes a row does not change its value. (The fp32-activation path's 4-row
 // tiles depend on where a band starts.)
@@ -96,7 +99,7 @@ static void a8_prepare(const Lin& L, const TX* x, int B, Work& w) {
 template <typename TX>
 static void a8_range(const Lin& L, TX* y, int B, int lo, int hi, Work& w) {
     float* yf = sizeof(TX) == sizeof(float) ? (float*)y : w.yf.data();
-    const ProblemA8 P{(const uint8_t*)L.w, L.scales, L.zeros, L.in, L.out, ((int64_t)L.in * L.bits + 7) / 8,
+    const ProblemA8 P{(const uint8_t*)L.w, L.scales, L.zeros, L.in, L.out, intk_row_bytes(L),
                       L.n_groups, B, w.pq.xq.data(), w.pq.sx.data(), w.pq.isum.data(), w.pq.bg.data(), yf};
     intk_a8_rows_any(P, L.bits, lo, hi);
     if (L.bias || sizeof(TX) != sizeof(float)) store_band<TX>(yf, L.bias, y, B, L.out, lo, hi);
@@ -145,7 +148,7 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
             }
         }
         store_band<TX>(yf, L.bias, y, B, L.out, lo, hi);
-    } else if (L.kind == LIN_INTK && lin_stealable(L)) {
+    } else if (lin_stealable(L)) {
         a8_prepare<TX>(L, x, B, w);
         a8_range<TX>(L, y, B, lo, hi, w);
     } else if (L.kind == LIN_INTK) {
@@ -156,7 +159,7 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
             w.yf.resize((size_t)B * L.out);
             yf = w.yf.data();
         }
-        const int64_t row_bytes = ((int64_t)L.in * L.bits + 7) / 8;
+        const int64_t row_bytes = intk_row_bytes(L);
         intk_prepare(x, sizeof(TX) == 2, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.px);
         const Problem P{(const uint8_t*)L.w, L.scales, L.zeros, L.gstart, L.in, L.out, row_bytes,
                         L.bits, L.n_groups, B, w.px.xp.data(), w.px.xblk.data(), w.px.xsum.data(), yf};
@@ -187,7 +190,7 @@ static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Wor
     share(L.out, L.kind == LIN_INTK ? 1 : 4, t, nt, lo, hi);
     if (!claims || nt == 1 || !lin_stealable(L)) return lin_range<TX>(L, x, y, B, lo, hi, w, err);
     a8_prepare<TX>(L, x, B, w);
-    const int chunk = (int)std::max<int64_t>(1, CLAIM_BYTES / (((int64_t)L.in * L.bits + 7) / 8));
+    const int chunk = (int)std::max<int64_t>(1, CLAIM_BYTES / intk_row_bytes(L));
     int a, b;
     while (claim_rows(claims[t], hi - lo, chunk, false, a, b)) a8_range<TX>(L, y, B, lo + a, lo + b, w);
     for (int i = 1; i < nt; ++i) {
