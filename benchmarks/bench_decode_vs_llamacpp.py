@@ -21,13 +21,17 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
-def peakllm_tok_s(folder: str, args, extra: list[str]) -> dict:
+def peakllm_tok_s(folder: str, args, extra: list[str], tree: str | None = None) -> dict:
+    """One `peakllm bench --json` in a fresh process; `tree`: run the peakllm of that checkout (PYTHONPATH, from
+    a neutral working directory so that no other checkout's package comes first)."""
     cmd = [sys.executable, "-m", "peakllm", "bench", "--model", folder, "--json", "--new-tokens", str(args.new_tokens),
            "--prompt-tokens", "16", "--repeats", "1", "--threads", str(args.threads), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=None if tree is None else tempfile.gettempdir())
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr.strip()[-800:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
