@@ -303,6 +303,9 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
                                                          Stats, _StopLayer, report)
                             compress_experts(f"{prefix}.{li}.{ename}", experts[ename], part, stats, method, li, report,
                                              None if io is None else io.keep)
+                            # freed before the next part's are collected: an OLMoE layer's 65 gate/up Hessians
+                            # are 1.1 GB, which sat beside the down statistics until they were complete
+                            del stats
                         continue
                     group = [n for n in group if n in linears]
                     stats = _collect(layer, {n: linears[n] for n in group}, acts, layer_kwargs, li, kinds, report,

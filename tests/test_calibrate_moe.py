@@ -180,3 +180,27 @@ def test_a_size_target_is_held_exactly_and_the_model_is_what_is_stored(tmp_path,
     ids = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         assert torch.allclose(stored(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_up_statistics_are_freed_before_the_down_statistics_are_collected(monkeypatch):
+    import gc
+    import weakref
+
+    import peakllm.calibrate as cal
+
+    model = tiny_moe()
+    real, alive_at_down, refs = cal.collect_expert_stats, [], []
+
+    def recording(layer, experts, part, *args, **kw):
+        if part == "down_proj":
+            gc.collect()
+            alive_at_down.append(sum(r() is not None for r in refs))
+        out = real(layer, experts, part, *args, **kw)
+        if part == "gate_up_proj":
+            refs[:] = [weakref.ref(s["hessian"]) for s in out]
+        return out
+
+    monkeypatch.setattr(cal, "collect_expert_stats", recording)
+    calibrate(model, torch.randint(0, 300, (2, 16)), QuantRecipe("gptq", Grid(bits=4, group_size=16)),
+              batch_size=2, progress=False)
+    assert alive_at_down == [0, 0]  # both layers: no gate/up Hessian outlives its solves
