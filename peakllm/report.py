@@ -94,19 +94,30 @@ def _plot_sparsity(records, ax) -> bool:
 
 
 def _series(r: dict) -> str:
-    """One curve per way of compressing: method and bits, and what shapes a size-targeted ternary run."""
+    """One curve per way of compressing, along its size knob: the target of a size-targeted ternary run (the
+    group size and what shapes the run name the curve), the group size of any other run (each point then
+    labelled with it)."""
     name = f"{r.get('method', '?')} {r.get('bits', '')}".strip()
-    if r.get("group_size") not in (None, -1):
-        name += f" g{r['group_size']}"
     if r.get("target_bits") is not None:
+        if r.get("group_size") not in (None, -1):
+            name += f" g{r['group_size']}"
         name += " rate-controlled"
         name += ", matched levels" if r.get("levels") == "matched" else ""
         name += ", experts share the budget" if r.get("bit_allocation") == "experts" else ""
     return name
 
 
+def _point_label(r: dict) -> str:
+    """What tells a curve's points apart when the group size is its knob."""
+    if r.get("target_bits") is None and r.get("group_size") not in (None, -1):
+        return f"g{r['group_size']}"
+    return ""
+
+
 def _plot_bits(records, ax) -> bool:
     """Perplexity against size; MoE runs are placed by their experts' bits/param (what QMoE compresses)."""
+    import matplotlib
+
     pts = [r for r in records if "ppl" in r and "bits_per_param" in r and r.get("bits_per_param")]
     if not pts:
         return False
@@ -114,17 +125,26 @@ def _plot_bits(records, ax) -> bool:
     key = "bits_per_param_experts" if experts else "bits_per_param"
     by_series = defaultdict(list)
     for r in pts:
-        by_series[_series(r)].append((r[key], r["ppl"]))
-    for series, xy in sorted(by_series.items()):
+        by_series[_series(r)].append((r[key], r["ppl"], _point_label(r)))
+    colors = matplotlib.colormaps["tab20" if len(by_series) > 10 else "tab10"].colors
+    markers = "osD^v<>pPX*h"
+    for i, (series, xy) in enumerate(sorted(by_series.items())):
         xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", linestyle="-" if len(xy) > 1 else "",
-                label=series)
+        ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], marker=markers[i % len(markers)],
+                color=colors[i % len(colors)], linestyle="-" if len(xy) > 1 else "", label=series)
+        for x, y, text in xy:
+            if text:
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
     dense = {r["dense_ppl"] for r in pts if r.get("dense_ppl")}
     if len(dense) == 1:
         ax.axhline(dense.pop(), color="gray", linestyle="--", label="uncompressed")
     ax.set(xlabel=f"bits per parameter ({'experts' if experts else 'compressed modules'}, all metadata)",
            ylabel="perplexity", yscale="log", title="perplexity vs size")
-    ax.legend(fontsize=7)
+    if len(by_series) > 6:  # beside the axes, where it covers no point
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax.figure.set_size_inches(9.6, 4.2)
+    else:
+        ax.legend(fontsize=7)
     return True
 
 

@@ -90,7 +90,7 @@ def test_default_model_eval_and_generate(capsys):
 
 def test_report_curve_places_moe_runs_by_their_experts_bits(tmp_path):
     """size.png: one curve per way of compressing, MoE runs placed by the experts' bits/param."""
-    from peakllm.report import _series, write_report
+    from peakllm.report import _point_label, _series, write_report
 
     rows = [{"command": "quantize", "method": "gptq", "bits": "ternary", "target_bits": t, "levels": lv,
              "bit_allocation": al, "bits_per_param": 9.0, "bits_per_param_experts": b, "ppl": p, "dense_ppl": 24.6}
@@ -99,7 +99,8 @@ def test_report_curve_places_moe_runs_by_their_experts_bits(tmp_path):
     rows.append({"command": "quantize", "method": "gptq", "bits": 2, "group_size": 64, "bits_per_param": 9.5,
                  "bits_per_param_experts": 2.1, "ppl": 700.0, "dense_ppl": 24.6})
     assert _series(rows[0]) == "gptq ternary rate-controlled, matched levels, experts share the budget"
-    assert _series(rows[2]) == "gptq ternary" and _series(rows[3]) == "gptq 2 g64"
+    assert _series(rows[2]) == "gptq ternary" and _series(rows[3]) == "gptq 2"  # group size: the curve's knob
+    assert _point_label(rows[3]) == "g64" and _point_label(rows[0]) == ""
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     written = write_report(log, tmp_path / "rep")
