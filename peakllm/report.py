@@ -99,19 +99,21 @@ def _series(r: dict) -> str:
     labelled with it)."""
     name = f"{r.get('method', '?')} {r.get('bits', '')}".strip()
     if r.get("target_bits") is not None:
-        if r.get("group_size") not in (None, -1):
-            name += f" g{r['group_size']}"
+        name += f" {_groups(r)}" if _groups(r) else ""
         name += " rate-controlled"
         name += ", matched levels" if r.get("levels") == "matched" else ""
         name += ", experts share the budget" if r.get("bit_allocation") == "experts" else ""
     return name
 
 
+def _groups(r: dict) -> str:
+    """The run's group size as plots name it ("g64"); "" for one scale per row."""
+    return f"g{r['group_size']}" if r.get("group_size") not in (None, -1) else ""
+
+
 def _point_label(r: dict) -> str:
     """What tells a curve's points apart when the group size is its knob."""
-    if r.get("target_bits") is None and r.get("group_size") not in (None, -1):
-        return f"g{r['group_size']}"
-    return ""
+    return _groups(r) if r.get("target_bits") is None else ""
 
 
 def _plot_bits(records, ax) -> bool:
