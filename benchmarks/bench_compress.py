@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from peakllm.calibrate import calibrate
+from peakllm.calibrate.loop import calibrate
 from peakllm.data import calibration_segments, eval_windows, protocol_bos, tokenize_source
 from peakllm.eval import perplexity
 from peakllm.models import load_model
-from peakllm.recipes import PruneRecipe, QuantRecipe
-from peakllm.save import packed_module
+from peakllm.calibrate.recipes import PruneRecipe, QuantRecipe
+from peakllm.formats.writer import packed_module
 from peakllm.solvers import Grid
 
 # the rows that decide the headline claims first (50% and 2:4), then the rest

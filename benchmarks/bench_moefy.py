@@ -36,7 +36,7 @@ from peakllm.data import calibration_segments  # noqa: E402
 from peakllm.eval import evaluate  # noqa: E402
 from peakllm.models import load_model  # noqa: E402
 from peakllm.models.moe import active_params_fraction, set_top_k  # noqa: E402
-from peakllm.moefy import (  # noqa: E402
+from peakllm.models.moefy import (  # noqa: E402
     balanced_kmeans,
     build_moe,
     collect_activations,

@@ -3,9 +3,11 @@ import json
 import pytest
 import torch
 
-from peakllm.calibrate import calibrate, capture_inputs, decoder_layers
+from peakllm.calibrate.loop import calibrate
+from peakllm.calibrate.stats import capture_inputs
+from peakllm.models.anatomy import decoder_layers
 from peakllm.errors import PeakError
-from peakllm.recipes import PruneRecipe, QuantRecipe
+from peakllm.calibrate.recipes import PruneRecipe, QuantRecipe
 from peakllm.solvers import Grid
 
 
@@ -132,12 +134,12 @@ def test_prune_cli_owl_allocates_per_layer_sparsity_loading_the_model_once(capsy
                                                                           monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import peakllm.models
+    from peakllm.calibrate import run as compression_run
     from peakllm.cli import main
 
     loads = []
-    real_load = peakllm.models.load_model
-    monkeypatch.setattr(peakllm.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = compression_run.load_model
+    monkeypatch.setattr(compression_run, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     out = tmp_path / "owl"
     code = main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--owl",
                  "--owl-lambda", "0.1", "--calib-dataset", str(text_file), "--calib-samples", "4",

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from peakllm.calibrate import calibrate
-from peakllm.recipes import PruneRecipe, QuantRecipe
+from peakllm.calibrate.loop import calibrate
+from peakllm.calibrate.recipes import PruneRecipe, QuantRecipe
 from peakllm.solvers import Grid
 
 COMMON = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

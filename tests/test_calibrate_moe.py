@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from peakllm.calibrate import calibrate
+from peakllm.calibrate.loop import calibrate
 from peakllm.cli import main
 from peakllm.models import load_model
-from peakllm.recipes import QuantRecipe
+from peakllm.calibrate.recipes import QuantRecipe
 from peakllm.solvers import Grid
 
 
@@ -152,9 +152,9 @@ def test_a_size_target_is_held_exactly_and_the_model_is_what_is_stored(tmp_path,
     """calibrate_target.hold_sub1_target: asked for less than the solver's codes store, it thins them until
     the sub1 folder holds at most the target (every byte counted), and the model that is evaluated is the
     stored one."""
-    from peakllm.calibrate_target import hold_sub1_target, sub1_bits
+    from peakllm.calibrate.target import hold_sub1_target, sub1_bits
     from peakllm.models.packed import load_peakllm_folder
-    from peakllm.save import save_compressed
+    from peakllm.formats.writer import save_compressed
 
     model = tiny_moe(experts=4, top_k=2, moe_intermediate_size=64)
     recipe = QuantRecipe("gptq", Grid(kind="ternary", group_size=-1), keep_dense=True)
@@ -186,7 +186,7 @@ def test_gate_up_statistics_are_freed_before_the_down_statistics_are_collected(m
     import gc
     import weakref
 
-    import peakllm.calibrate as cal
+    import peakllm.calibrate.loop as cal
 
     model = tiny_moe()
     real, alive_at_down, refs = cal.collect_expert_stats, [], []

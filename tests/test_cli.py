@@ -21,7 +21,7 @@ def test_every_command_has_help(command, capsys):
 
 @pytest.mark.parametrize("command", ["prune", "quantize"])
 def test_format_help_describes_exactly_the_formats_offered(command):
-    from peakllm.save import FORMATS
+    from peakllm.formats.writer import FORMATS
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
     action = next(a for a in sub._actions if a.dest == "format")
@@ -90,7 +90,7 @@ def test_default_model_eval_and_generate(capsys):
 
 def test_report_curve_places_moe_runs_by_their_experts_bits(tmp_path):
     """size.png: one curve per way of compressing, MoE runs placed by the experts' bits/param."""
-    from peakllm.report import _point_label, _series, write_report
+    from peakllm.eval.report import _point_label, _series, write_report
 
     rows = [{"command": "quantize", "method": "gptq", "bits": "ternary", "target_bits": t, "levels": lv,
              "bit_allocation": al, "bits_per_param": 9.0, "bits_per_param_experts": b, "ppl": p, "dense_ppl": 24.6}

@@ -8,7 +8,8 @@ import torch
 from safetensors import safe_open
 
 from peakllm.cli import main
-from peakllm.embeddings import embed_grid, outer_modules, quantize_outer
+from peakllm.calibrate.embeddings import embed_grid, quantize_outer
+from peakllm.models.anatomy import outer_modules
 from peakllm.errors import PeakError
 from peakllm.models import load_model
 from peakllm.runtime.embedding import PackedEmbedding

@@ -139,9 +139,9 @@ def _error_lines(capsys) -> list[str]:
 
 
 def test_write_failure_comes_before_the_compression(capsys, tmp_path, tiny_gguf, text_file, monkeypatch):
-    import peakllm.calibrate
+    from peakllm.calibrate import run as compression_run
 
-    monkeypatch.setattr(peakllm.calibrate, "calibrate", lambda *a, **k: pytest.fail("compressed before the check"))
+    monkeypatch.setattr(compression_run, "calibrate", lambda *a, **k: pytest.fail("compressed before the check"))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     argv = ["prune", "--model", str(tiny_gguf[0]), "--calib-dataset", str(text_file), "--calib-samples", "2",
@@ -156,14 +156,14 @@ def test_write_failure_comes_before_the_compression(capsys, tmp_path, tiny_gguf,
         def is_serializable(self, *a):
             return False
 
-    original = models.load_model
+    original = compression_run.load_model
 
     def held_quantized(spec, **kw):
         model, tok = original(spec, **kw)
         model.hf_quantizer = Refusing()
         return model, tok
 
-    monkeypatch.setattr(models, "load_model", held_quantized)
+    monkeypatch.setattr(compression_run, "load_model", held_quantized)
     assert main(argv[:-2] + ["--output", str(tmp_path / "out2"), "--format", "hf"]) == 2
     err = _error_lines(capsys)
     assert len(err) == 1 and "cannot save it as an hf folder" in err[0]

@@ -157,7 +157,7 @@ def test_every_instruction_set_path(tmp_path, monkeypatch, name, flags, path, ne
 
 
 def test_native_build_reports_its_path():
-    fns = ops._kernels("intk")
+    fns = ops.library_fns("intk")
     if fns is None:
         pytest.skip("no compiler")
     flags = _cpu_flags()

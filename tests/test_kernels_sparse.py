@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from peakllm.errors import PeakError
-from peakllm.kernels import build, ops
+from peakllm.kernels import build, ops, sparse_ops
 from peakllm.kernels import reference as ref
 
 
@@ -68,7 +68,7 @@ def test_nm_matmul_matches_reference(out, inn, n, m):
         values = torch.randn(out, per_row, generator=g).to(dtype)
         W = ref.dequantize_nm(indices, n, m, inn, values=values)
         for x in xs:
-            assert_close_to(ops.nm_matmul(x, indices, n, m, values=values), ref.matmul_ref(x.float(), W),
+            assert_close_to(sparse_ops.nm_matmul(x, indices, n, m, values=values), ref.matmul_ref(x.float(), W),
                             x.float().abs() @ W.abs().T)
     for bits, group_size in [(4, 32), (4, 16), (4, 24), (8, 64), (3, 32), (2, -1)]:
         codes, scales, zeros = random_codes(out, per_row, bits, inn, group_size, g)
@@ -78,8 +78,8 @@ def test_nm_matmul_matches_reference(out, inn, n, m):
         big = code_magnitude(list(cols), list(codes), scales, zeros, inn, group_size)
         for x in xs:
             mag = x.float().abs() @ big.T
-            assert_close_to(ops.nm_matmul(x, indices, n, m, **kw), ref.matmul_ref(x.float(), W), mag)
-        assert torch.equal(ops.nm_dequantize(indices, n, m, inn, **kw), W)
+            assert_close_to(sparse_ops.nm_matmul(x, indices, n, m, **kw), ref.matmul_ref(x.float(), W), mag)
+        assert torch.equal(sparse_ops.nm_dequantize(indices, n, m, inn, **kw), W)
 
 
 def bitmask_layout(out, inn, density, g):
@@ -99,7 +99,7 @@ def test_bitmask_matmul_matches_reference(out, inn, density):
         values = torch.randn(int(row_offsets[-1]), generator=g).to(dtype)
         W = ref.dequantize_bitmask(mask, row_offsets, inn, values=values)
         for x in xs:
-            assert_close_to(ops.bitmask_matmul(x, mask, row_offsets, values=values), ref.matmul_ref(x.float(), W),
+            assert_close_to(sparse_ops.bitmask_matmul(x, mask, row_offsets, values=values), ref.matmul_ref(x.float(), W),
                             x.float().abs() @ W.abs().T)
     kept_cols = [row.nonzero().reshape(-1) for row in keep]
     for bits, group_size in [(4, 32), (4, 12), (8, 64), (2, 16), (3, -1)]:
@@ -110,9 +110,9 @@ def test_bitmask_matmul_matches_reference(out, inn, density):
         W = ref.dequantize_bitmask(mask, row_offsets, inn, **kw)
         big = code_magnitude(kept_cols, rows, scales, zeros, inn, group_size)
         for x in xs:
-            assert_close_to(ops.bitmask_matmul(x, mask, row_offsets, **kw), ref.matmul_ref(x.float(), W),
+            assert_close_to(sparse_ops.bitmask_matmul(x, mask, row_offsets, **kw), ref.matmul_ref(x.float(), W),
                             x.float().abs() @ big.T)
-        assert torch.equal(ops.bitmask_dequantize(mask, row_offsets, inn, **kw), W)
+        assert torch.equal(sparse_ops.bitmask_dequantize(mask, row_offsets, inn, **kw), W)
 
 
 def test_sparse_fallback_without_kernels(monkeypatch):
@@ -125,7 +125,7 @@ def test_sparse_fallback_without_kernels(monkeypatch):
     values = torch.randn(6, 16, generator=g)
     x = torch.randn(2, 32, generator=g)
     with pytest.warns(RuntimeWarning, match="PEAKLLM_NO_KERNELS"):
-        y = ops.nm_matmul(x, indices, 2, 4, values=values)
+        y = sparse_ops.nm_matmul(x, indices, 2, 4, values=values)
     assert ops._fns["sparse"] is None
     W = ref.dequantize_nm(indices, 2, 4, 32, values=values)
     assert_close_to(y, ref.matmul_ref(x, W), x.abs() @ W.abs().T)
@@ -133,7 +133,7 @@ def test_sparse_fallback_without_kernels(monkeypatch):
     vals = torch.randn(int(row_offsets[-1]), generator=g)
     W = ref.dequantize_bitmask(mask, row_offsets, 30, values=vals)
     x = torch.randn(2, 30, generator=g)
-    assert_close_to(ops.bitmask_matmul(x, mask, row_offsets, values=vals), ref.matmul_ref(x, W), x.abs() @ W.abs().T)
+    assert_close_to(sparse_ops.bitmask_matmul(x, mask, row_offsets, values=vals), ref.matmul_ref(x, W), x.abs() @ W.abs().T)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -148,7 +148,7 @@ def test_scalar_build_matches_reference(tmp_path, monkeypatch):
     _, indices = nm_layout(11, 96, 2, 4, g)
     values = torch.randn(11, 48, generator=g).half()
     W = ref.dequantize_nm(indices, 2, 4, 96, values=values)
-    assert_close_to(ops.nm_matmul(x, indices, 2, 4, values=values), ref.matmul_ref(x, W), x.abs() @ W.abs().T)
+    assert_close_to(sparse_ops.nm_matmul(x, indices, 2, 4, values=values), ref.matmul_ref(x, W), x.abs() @ W.abs().T)
     keep, mask, row_offsets = bitmask_layout(11, 96, 0.4, g)
     codes, scales, zeros = random_codes(11, 96, 4, 96, 32, g)
     rows = [codes[r, : int(c)] for r, c in enumerate(keep.sum(1))]
@@ -156,8 +156,8 @@ def test_scalar_build_matches_reference(tmp_path, monkeypatch):
               zeros=zeros, bits=4, group_size=32)
     W = ref.dequantize_bitmask(mask, row_offsets, 96, **kw)
     big = code_magnitude([row.nonzero().reshape(-1) for row in keep], rows, scales, zeros, 96, 32)
-    assert_close_to(ops.bitmask_matmul(x, mask, row_offsets, **kw), ref.matmul_ref(x, W), x.abs() @ big.T)
-    assert torch.equal(ops.bitmask_dequantize(mask, row_offsets, 96, **kw), W)
+    assert_close_to(sparse_ops.bitmask_matmul(x, mask, row_offsets, **kw), ref.matmul_ref(x, W), x.abs() @ big.T)
+    assert torch.equal(sparse_ops.bitmask_dequantize(mask, row_offsets, 96, **kw), W)
 
 
 def test_sparse_rejects_inconsistent_layouts():
@@ -168,17 +168,17 @@ def test_sparse_rejects_inconsistent_layouts():
     shifted = row_offsets.clone()
     shifted[1] += 1  # row 0 claims one more value than its mask keeps
     with pytest.raises(PeakError, match="disagree"):
-        ops.bitmask_matmul(x, mask, shifted, values=values)
+        sparse_ops.bitmask_matmul(x, mask, shifted, values=values)
     with pytest.raises(PeakError, match="disagree"):
-        ops.bitmask_matmul(x, mask, row_offsets, values=values[:-1])
+        sparse_ops.bitmask_matmul(x, mask, row_offsets, values=values[:-1])
     with pytest.raises(PeakError, match="exactly one"):
-        ops.bitmask_matmul(x, mask, row_offsets)
+        sparse_ops.bitmask_matmul(x, mask, row_offsets)
     with pytest.raises(PeakError, match="positions must be < M"):  # a 2-bit position of 3 in a group of 3
-        ops.nm_matmul(torch.randn(1, 6), torch.full((1, 1), 0xFF, dtype=torch.uint8), 1, 3,
+        sparse_ops.nm_matmul(torch.randn(1, 6), torch.full((1, 1), 0xFF, dtype=torch.uint8), 1, 3,
                       values=torch.randn(1, 4))
     with pytest.raises(PeakError, match="in % M"):
-        ops.nm_matmul(torch.randn(1, 6), torch.zeros(1, 1, dtype=torch.uint8), 2, 4, values=torch.randn(1, 3))
+        sparse_ops.nm_matmul(torch.randn(1, 6), torch.zeros(1, 1, dtype=torch.uint8), 2, 4, values=torch.randn(1, 3))
     with pytest.raises(PeakError, match="scales"):
-        ops.nm_matmul(torch.randn(1, 8), torch.zeros(1, 1, dtype=torch.uint8), 2, 4,
+        sparse_ops.nm_matmul(torch.randn(1, 8), torch.zeros(1, 1, dtype=torch.uint8), 2, 4,
                       qweight=torch.zeros(1, 2, dtype=torch.uint8), scales=torch.ones(1, 2), zeros=torch.zeros(1, 1),
                       bits=4, group_size=8)

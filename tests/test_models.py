@@ -79,7 +79,7 @@ def test_packed_folder_loads_on_a_meta_skeleton_with_derived_buffers(tmp_path, f
     from peakllm.formats.container import save_model_folder
     from peakllm.formats.intk import PackedIntK
     from peakllm.models.packed import load_peakllm_folder
-    from peakllm.save import dense_state
+    from peakllm.formats.writer import dense_state
 
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)

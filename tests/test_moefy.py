@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from peakllm.errors import PeakError
 from peakllm.models.moe import PeakMoeConfig, PeakMoeForCausalLM, active_params_fraction, set_top_k
-from peakllm.moefy import (
+from peakllm.models.moefy import (
     balanced_assign,
     balanced_kmeans,
     expert_shares,

@@ -205,7 +205,7 @@ def test_expert_lru_gives_the_in_memory_tokens(moe_folder, monkeypatch, readahea
 def test_report_plots_offload_runs(tmp_path):
     import json
 
-    from peakllm.report import write_report
+    from peakllm.eval.report import write_report
 
     rows = [{"command": "bench", "decode_tok_s": t, "expert_hit_rate": h,
              "offload": {"experts": 8, "expert_capacity": c, "all_resident": c is None, "budget_bytes": 1}}

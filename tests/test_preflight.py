@@ -7,7 +7,7 @@ from collections import namedtuple
 import pytest
 
 from peakllm.cli import main
-from peakllm.preflight import group_hint
+from peakllm.calibrate.preflight import group_hint
 
 
 @pytest.fixture
@@ -15,12 +15,12 @@ def no_work(monkeypatch):
     def reached(*_a, **_k):
         raise AssertionError("evaluation or calibration started before the checks")
 
-    import peakllm.calibrate
-    import peakllm.eval
+    from peakllm.calibrate import run as compression_run, run_streamed
 
-    monkeypatch.setattr(peakllm.calibrate, "calibrate", reached)
-    monkeypatch.setattr(peakllm.eval, "cached_evaluate", reached)
-    monkeypatch.setattr(peakllm.eval, "evaluate", reached)
+    for module in (compression_run, run_streamed):  # where the runs look these names up
+        monkeypatch.setattr(module, "calibrate", reached)
+    monkeypatch.setattr(compression_run, "cached_evaluate", reached)
+    monkeypatch.setattr(compression_run, "evaluate", reached)
 
 
 def run(tmp_path, model_dir, text_file, *extra):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from peakllm.runtime.generate import generate, sample
+from peakllm.runtime.generate import generate
+from peakllm.runtime.sampling import sample
 from peakllm.runtime.model import RuntimeModel
 
 

@@ -93,7 +93,7 @@ def test_streamed_experts_are_held_packed_until_their_layer_is_written(monkeypat
                                                                        text_file):
     """A streamed run keeps each expert's packed form only, as it keeps every other matrix's: the full results
     (dense fp32 weight and codes) of an OLMoE layer's 128 experts held 1.9 GB until the layer was written."""
-    from peakllm import calibrate_stream
+    from peakllm.calibrate import stream as calibrate_stream
 
     seen = []
     done = calibrate_stream.StreamIO.done
@@ -124,7 +124,7 @@ def test_streamed_moe_experts_equal_in_memory(capsys, tmp_path, tiny_tokenizer, 
     assert streamed["ppl"] == mem["ppl"] and streamed["expert_tokens_min"] == mem["expert_tokens_min"]
     for key in ("bits_per_param", "bits_per_param_experts"):
         assert streamed[key] == mem[key]
-    from peakllm.save import weight_file_bytes
+    from peakllm.formats.writer import weight_file_bytes
 
     # the same parameters over each folder's own bytes (shard headers and the index differ from one header)
     params = 8 * weight_file_bytes(tmp_path / "mem") / mem["bits_per_param_total"]

@@ -2,6 +2,12 @@
 
 Each subcommand module defines `register(subparsers)`, which adds its parser and sets
 `func=run` where `run(args) -> int`. Add a new command by adding its module name to COMMANDS.
+
+Start-up time: building the parser imports every command module, so a command module imports only what its
+parser needs at the top and the rooms it drives (torch, transformers and everything built on them) inside
+its `run`: `peakllm --help` and argument errors answer without loading them. This is the one place where
+lazy imports are the rule; elsewhere a module's imports are at its top. Prune and quantize turn their
+arguments into a typed `RunSpec` (compress_common.run_spec) before anything reaches the pipeline.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""What `peakllm prune` and `peakllm quantize` share: calibration and evaluation options, the run itself
-(load → dense ppl → calibrate → save → ppl), and the JSON result."""
+"""What `peakllm prune` and `peakllm quantize` share: calibration, evaluation and big-model options, and the
+typed run description (calibrate/spec.py) built from them; the run itself is calibrate/run.py."""
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
-from peakllm.cli.common import (add_bos_option, add_model_option, add_output_options, add_threads_option,
-                                set_threads, show_progress)
-from peakllm.errors import PeakError
+from peakllm import memory
+from peakllm.calibrate.spec import RunSpec
+from peakllm.cli.common import (add_bos_option, add_model_option, add_output_options, add_threads_option, set_threads,
+                                show_progress)
 
 
 def add_calibration_options(p) -> None:
@@ -64,125 +65,16 @@ def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
     add_output_options(p, progress=True)
 
 
-def wants_stream(args) -> bool:
-    """--stream on/off, or auto: stream when the input is a safetensors folder too big to hold in fp32."""
-    from peakllm import memory
-    from peakllm.models import resolve
-
-    mode = getattr(args, "stream", "off")
-    if getattr(args, "resume", False):
-        if mode == "off":
-            raise PeakError("--resume continues a streamed run: it cannot be combined with --stream off")
-        return True
-    if mode != "auto":
-        return mode == "on"
-    kind, path = resolve(args.model)
-    if kind != "hf":
-        return False
-    from peakllm.models.stream import SOURCE_DTYPES, SourceFiles
-
-    src = SourceFiles.scan(path)
-    fp32 = sum(4 * _numel(shape) for _, dtype, shape in src.tensors.values() if dtype in SOURCE_DTYPES)
-    budget = memory.parse_size(args.max_memory) if args.max_memory else memory.available_bytes()
-    return budget is not None and fp32 > budget // 2
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def run_compression(args, recipe, *, extra_result: dict, before_calibrate=None, before_stream=None) -> dict:
-    """Everything after argument parsing; returns the JSON result. `before_calibrate(model, segments)`,
-    when given, runs on the loaded dense model and its calibration segments just before calibration
-    (e.g. OWL's per-layer sparsity allocation), inside the timed part; `before_stream(streamed_model,
-    segments, offload_bytes)` is its counterpart for a streamed run."""
-    from peakllm.calibrate import calibrate
-    from peakllm.data import calibration_segments, protocol_bos
-    from peakllm.eval import cached_evaluate, evaluate
-    from peakllm.models import load_model, model_bytes
-    from peakllm.preflight import check_run
-    from peakllm.save import check_output, check_writable, save_compressed
-
+def run_spec(args, *, embed_grid=None, target_bits: float | None = None) -> RunSpec:
+    """The typed description of the run, built from the parsed arguments at the door: nothing past this point
+    reads argparse's namespace. Malformed sizes fail here, before any work."""
     set_threads(args.threads)
-    if args.eval_tokens < 0:
-        raise PeakError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
-    if wants_stream(args):
-        from peakllm.calibrate_stream import run_streamed
-
-        if before_calibrate is not None and before_stream is None:
-            raise PeakError("this option needs the whole model in memory; use --stream off")
-        return run_streamed(args, recipe, extra_result=extra_result, progress=show_progress(args),
-                            before_calibrate=before_stream)
-    if getattr(args, "max_memory", None):
-        from peakllm import memory
-
-        memory.parse_size(args.max_memory)  # a malformed size fails before the work
-    check_output(args.output, args.overwrite)
-    start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    check_writable(model, tokenizer, args.output, args.format)  # fail now, not after the compression
-    if hasattr(recipe, "moe"):
-        from peakllm.calibrate import is_moe
-
-        recipe.moe = is_moe(model)
-    check_run(model, args, recipe)  # every check the shapes allow, before evaluation and calibration
-    dense_size_bytes = model_bytes(model)
-    progress = show_progress(args)
-    dense_ppl = None
-    if args.eval_tokens:
-        dense_ppl = cached_evaluate(model, tokenizer, args.model, args.eval_dataset, seqlen=512,
-                                    max_tokens=args.eval_tokens, progress=progress, bos=not args.no_bos)["ppl"]
-    from peakllm.embeddings import quantize_outer
-
-    outer = quantize_outer(model, getattr(args, "embed_grid", None))  # before calibration: layers see them
-    segments = calibration_segments(tokenizer, args.calib_samples, args.calib_seqlen, source=args.calib_dataset,
-                                    seed=args.seed, bos=not args.no_bos)
-    if before_calibrate is not None:
-        before_calibrate(model, segments)
-    report = calibrate(model, segments, recipe, batch_size=args.batch_size, sequential=not args.no_sequential,
-                       progress=progress)
-    report.modules.update(outer)
-    held = {}
-    if getattr(args, "target_bits", None) is not None and args.format == "sub1":
-        from peakllm.calibrate_target import hold_sub1_target
-
-        held = hold_sub1_target(model, report.modules, args.target_bits)  # before it is written or evaluated
-    compress_seconds = time.perf_counter() - start
-    result = {**extra_result, **held, "seconds": compress_seconds, "dense_size_bytes": dense_size_bytes, "calib_tokens": report.calib_tokens,
-              "time_breakdown": {k: round(v, 2) for k, v in report.seconds.items()},
-              "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks,
-              "bos": protocol_bos(tokenizer, not args.no_bos) is not None}
-    if report.expert_tokens:
-        tokens = sorted(report.expert_tokens)
-        result.update(experts_fallback=report.experts_fallback, expert_tokens_min=tokens[0],
-                      expert_tokens_median=tokens[len(tokens) // 2])
-    sparsity = measured_sparsity(report.modules)
-    if sparsity is not None:
-        result["sparsity"] = sparsity
-    run_info = {"command": args.command, "model": args.model, **extra_result,
-                "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
-                "calib_dataset": args.calib_dataset, "seed": args.seed, "bos": result["bos"]}
-    from peakllm.distributed import workers
-
-    if workers().is_writer:  # with torchrun, worker 0 alone writes
-        sizes = save_compressed(model, tokenizer, report.modules, args.output, fmt=args.format, run_info=run_info,
-                                overwrite=args.overwrite)
-        result.update(sizes)
-    if args.eval_tokens:
-        after = evaluate(model, tokenizer, args.eval_dataset, seqlen=512, max_tokens=args.eval_tokens, progress=progress,
-                         bos=not args.no_bos)
-        result["ppl"], result["dense_ppl"] = after["ppl"], dense_ppl
-    result.update({"output": str(args.output), "format": args.format, "model": args.model})
-    return result
-
-
-def measured_sparsity(modules: dict) -> float | None:
-    """Fraction of zeros over all pruned matrices."""
-    masks = [r.mask for r in modules.values() if getattr(r, "mask", None) is not None]
-    if not masks:
-        return None
-    total = sum(m.numel() for m in masks)
-    return float(sum((~m).sum().item() for m in masks) / total)
+    return RunSpec(
+        command=args.command, model=args.model, output=Path(args.output), format=args.format,
+        overwrite=args.overwrite, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+        calib_dataset=args.calib_dataset, seed=args.seed, batch_size=args.batch_size,
+        sequential=not args.no_sequential, blocksize=args.blocksize, damp=args.damp, bos=not args.no_bos,
+        eval_tokens=args.eval_tokens, eval_dataset=args.eval_dataset, embed_grid=embed_grid,
+        target_bits=target_bits, stream=args.stream,
+        max_memory_bytes=memory.parse_size(args.max_memory) if args.max_memory else None,
+        resume=args.resume, progress=show_progress(args))

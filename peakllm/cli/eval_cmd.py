@@ -49,14 +49,12 @@ def torch_dtype(name: str):
 def run(args) -> int:
     from peakllm.eval import evaluate
     from peakllm.models import load_model
+    from peakllm.models.stream import should_stream
 
     set_threads(args.threads)
     if args.max_tokens < 0:
         raise PeakError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    from peakllm.cli.compress_common import wants_stream
-
-    args.max_memory, args.resume = None, False
-    if wants_stream(args):
+    if should_stream(args.model, args.stream, None):
         from peakllm.eval.stream import stream_evaluate
 
         if args.dtype != "fp32" or args.batch_size != 1:

@@ -98,10 +98,10 @@ def compressed_tensors_info(args) -> tuple[dict, list[dict]] | None:
 def _packed_bits(spec: str, model, parameters: int) -> dict:
     """bits_per_param of a peakllm folder's decoder linears (from its manifest, as `quantize` counts them)
     and bits_per_param_total of its weight files."""
-    from peakllm.embeddings import outer_modules
+    from peakllm.models.anatomy import outer_modules
     from peakllm.formats.container import manifest_bits_per_param
     from peakllm.models import resolve
-    from peakllm.save import weight_file_bytes
+    from peakllm.formats.writer import weight_file_bytes
 
     _kind, path = resolve(spec)
     outer = set(outer_modules(model))

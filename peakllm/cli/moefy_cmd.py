@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--router-hidden", type=int, default=0,
                    help="router hidden width; 0 = linear router fitted by least squares (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and clustering (default: %(default)s)")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder to write (must not exist)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--eval-tokens", type=int, default=0,
                    help="also measure wiki perplexity (seqlen 512) of the dense and the MoE model on this many tokens; "
                    "0 = skip (default: %(default)s)")
@@ -41,14 +39,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from peakllm.formats.folder import check_output
     from peakllm.models import load_model
     from peakllm.models.moe import active_params_fraction
-    from peakllm.moefy import moefy
+    from peakllm.models.moefy import moefy
 
     set_threads(args.threads)
-    output = Path(args.output).expanduser()
-    if output.exists():
-        raise PeakError(f"output {output} already exists; choose a new folder")
+    output = check_output(Path(args.output).expanduser(), args.overwrite)
     if args.eval_tokens < 0:
         raise PeakError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
     if args.calib_samples < 1 or args.calib_seqlen < 2:
@@ -67,7 +64,7 @@ def run(args) -> int:
         dense_ppl = evaluate(model, tokenizer, "wiki", seqlen=512, max_tokens=args.eval_tokens,
                              progress=progress)["ppl"]
         ppl = evaluate(moe, tokenizer, "wiki", seqlen=512, max_tokens=args.eval_tokens, progress=progress)["ppl"]
-    save_folder(moe, tokenizer, output)
+    save_folder(moe, tokenizer, output, args.overwrite)
     if not args.json:
         stderr(f"wrote {output}")
     out = {
@@ -80,17 +77,13 @@ def run(args) -> int:
     return 0
 
 
-def save_folder(model, tokenizer, output: Path) -> None:
+def save_folder(model, tokenizer, output: Path, overwrite: bool) -> None:
     """save_pretrained into a temp folder beside `output`, then rename; nothing is left behind on failure."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    from peakllm.formats.folder import staged_dir
+
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, output)
-        except OSError as exc:
-            raise PeakError(f"cannot write {output}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(output, overwrite) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError as exc:
+        raise PeakError(f"cannot write {output}: {exc.strerror or exc}") from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peakllm.cli.common import emit, show_progress
-from peakllm.cli.compress_common import add_calibration_options, add_run_options, run_compression
+from peakllm.cli.compress_common import add_calibration_options, add_run_options, run_spec
 from peakllm.errors import PeakError
 
 
@@ -32,7 +32,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from peakllm.recipes import PruneRecipe, parse_pattern
+    from peakllm.calibrate.recipes import PruneRecipe, parse_pattern
+    from peakllm.calibrate.run import run_compression
     from peakllm.solvers import Grid
 
     pattern = parse_pattern(args.pattern)
@@ -50,7 +51,7 @@ def run(args) -> int:
         recipe.layer_sparsity = _owl_allocation(model, segments, args, sparsity)
 
     def owl_streamed(streamed, segments, offload_bytes):
-        from peakllm.calibrate_stream import streamed_layer_sqnorms
+        from peakllm.calibrate.stream import streamed_layer_sqnorms
         from peakllm.solvers import owl_sparsities
 
         ratios = []
@@ -59,7 +60,7 @@ def run(args) -> int:
                                progress=show_progress(args))
         recipe.layer_sparsity = owl_sparsities(ratios, sparsity, args.owl_lambda)
 
-    result = run_compression(args, recipe, extra_result=extra, before_calibrate=owl if args.owl else None,
+    result = run_compression(run_spec(args), recipe, extra=extra, before_calibrate=owl if args.owl else None,
                              before_stream=owl_streamed if args.owl else None)
     emit(result, args, f"pruned {args.model} with {args.method}")
     return 0
@@ -68,7 +69,8 @@ def run(args) -> int:
 def _owl_allocation(model, segments, args, sparsity: float) -> list[float]:
     """Per-layer sparsities from the dense model's outlier ratios (one extra pass over the calibration data,
     on the model the pipeline then prunes: it is loaded once)."""
-    from peakllm.calibrate import decoder_layers, input_sqnorms
+    from peakllm.calibrate.stats import input_sqnorms
+    from peakllm.models.anatomy import decoder_layers
     from peakllm.solvers import owl_sparsities
 
     sqnorms = input_sqnorms(model, segments, batch_size=args.batch_size, progress=show_progress(args))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peakllm.cli.common import emit
-from peakllm.cli.compress_common import add_calibration_options, add_run_options, run_compression
+from peakllm.cli.compress_common import add_calibration_options, add_run_options, run_spec
 from peakllm.errors import PeakError
 
 
@@ -64,8 +64,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from peakllm.embeddings import embed_grid
-    from peakllm.recipes import QuantRecipe
+    from peakllm.calibrate.embeddings import embed_grid
+    from peakllm.calibrate.recipes import QuantRecipe
+    from peakllm.calibrate.run import run_compression
     from peakllm.solvers import Grid
 
     ternary = args.bits == "ternary"
@@ -89,18 +90,17 @@ def run(args) -> int:
             raise PeakError(f"--target-bits must be between 0.05 and 2.0 bits/param, got {args.target_bits}")
         from functools import partial
 
-        from peakllm.save import SUB1_SHARED_DICTIONARY_MARGIN, sub1_bits, sub1_zero_share
+        from peakllm.formats import sub1_size
 
-        aim = args.target_bits * (1 - SUB1_SHARED_DICTIONARY_MARGIN)  # the stored size lands at or below B
-        zero_share_for = partial(sub1_zero_share, aim, args.group_size)
+        aim = args.target_bits * (1 - sub1_size.SHARED_DICTIONARY_MARGIN)  # the stored size lands at or below B
+        zero_share_for = partial(sub1_size.zero_share_for_target, aim, args.group_size)
         if args.bit_allocation == "experts":
-            expert_budget = (aim, partial(sub1_bits, args.group_size))
-    if args.embed_bits is None:
-        args.embed_bits = "keep" if args.format == "compressed-tensors" else "8"
-    if args.embed_bits != "keep" and args.format == "compressed-tensors":
+            expert_budget = (aim, partial(sub1_size.bits_per_param, args.group_size))
+    embed_bits = args.embed_bits or ("keep" if args.format == "compressed-tensors" else "8")
+    if embed_bits != "keep" and args.format == "compressed-tensors":
         raise PeakError("--format compressed-tensors keeps the embedding and lm_head dense: use --embed-bits keep, "
                         "or --format peakllm to store them quantized")
-    args.embed_grid = embed_grid(args.embed_bits, args.embed_group_size)
+    outer_grid = embed_grid(embed_bits, args.embed_group_size)
     dense_grid = None
     if args.dense_bits not in (None, "keep"):
         dense_grid = Grid(bits=int(args.dense_bits), group_size=args.group_size if args.group_size > 0 else 128,
@@ -110,9 +110,10 @@ def run(args) -> int:
                          matched_levels=args.levels == "matched", expert_budget=expert_budget)
     extra = {"method": args.method, "bits": args.bits if ternary else int(args.bits), "group_size": args.group_size,
              "sym": args.sym, "act_order": act_order, "dense_bits": args.dense_bits,
-             "embed_bits": args.embed_bits, "embed_group_size": args.embed_group_size if args.embed_grid else None,
+             "embed_bits": embed_bits, "embed_group_size": args.embed_group_size if outer_grid else None,
              "target_bits": args.target_bits, "levels": args.levels,
              "bit_allocation": args.bit_allocation if args.target_bits is not None else None}
-    result = run_compression(args, recipe, extra_result=extra)
+    spec = run_spec(args, embed_grid=outer_grid, target_bits=args.target_bits)
+    result = run_compression(spec, recipe, extra=extra)
     emit(result, args, f"quantized {args.model} with {args.method}")
     return 0

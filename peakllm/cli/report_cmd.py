@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from peakllm.report import write_report
+    from peakllm.eval.report import write_report
 
     emit(write_report(args.results, args.output), args, "report")
     return 0

@@ -29,7 +29,7 @@ def run(args) -> int:
 
     from peakllm.models import load_tokenizer
     from peakllm.models.synth import synthesize
-    from peakllm.save import check_output
+    from peakllm.formats.writer import check_output
 
     check_output(args.output, args.overwrite)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

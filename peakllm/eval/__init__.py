@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from peakllm.data import eval_windows, protocol_bos, tokenize_source
 from peakllm.errors import PeakError
+from peakllm.models import resolve
+from peakllm.paths import cache_dir
+from peakllm.progress import tqdm
 
 
 def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -28,8 +31,6 @@ def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def perplexity(model, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> dict:
     """ppl of `model` over `windows` [n, seqlen]; also tokens/s of the forward passes."""
-    from peakllm.progress import tqdm
-
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise PeakError("perplexity needs a non-empty [n, seqlen] tensor of windows")
     if batch_size < 1:
@@ -75,7 +76,6 @@ def _model_identity(spec: str) -> str:
     """A key that changes when the model's files change: the spec, or the folder and its files' mtimes."""
     from pathlib import Path
 
-    from peakllm.models import resolve
 
     kind, path = resolve(spec)
     files = [path] if path.is_file() else sorted(Path(path).glob("*.safetensors")) + [Path(path) / "config.json"]
@@ -90,7 +90,6 @@ def cached_evaluate(model, tokenizer, spec: str, dataset: str = "wiki", *, seqle
     import hashlib
     import json
 
-    from peakllm.paths import cache_dir
 
     dtype = str(next(model.parameters()).dtype)
     with_bos = protocol_bos(tokenizer, bos) is not None

@@ -12,15 +12,18 @@ import time
 
 import torch
 
+from peakllm.calibrate.stats import capture_inputs
+from peakllm.data import eval_windows, protocol_bos, tokenize_source
 from peakllm.errors import PeakError
+from peakllm.eval import window_nll
+from peakllm.models.anatomy import base_model, layer_output
+from peakllm.models.stream import StreamedModel
+from peakllm.progress import tqdm
 
 
 @torch.inference_mode()
 def head_nll(model, hidden: list, windows: torch.Tensor) -> float:
     """Summed NLL of the windows from their last hidden states: final norm, lm_head, as the model does."""
-    from peakllm.calibrate import base_model
-    from peakllm.eval import window_nll
-
     norm = getattr(base_model(model), "norm", None)
     if norm is None or getattr(model.config, "final_logit_softcapping", None):
         raise PeakError(f"streaming evaluation does not know the output head of {type(model).__name__}")
@@ -40,11 +43,6 @@ def ppl_of(total_nll: float, windows: torch.Tensor) -> float:
 
 def stream_evaluate(spec: str, dataset: str = "wiki", *, seqlen: int = 512, max_tokens: int | None = 16384,
                     progress: bool = True, bos: bool = True) -> dict:
-    from peakllm.progress import tqdm
-
-    from peakllm.calibrate import _layer_out, capture_inputs
-    from peakllm.data import eval_windows, protocol_bos, tokenize_source
-    from peakllm.models.stream import StreamedModel
 
     sm = StreamedModel.open(spec)
     bos_id = protocol_bos(sm.tokenizer, bos)
@@ -57,7 +55,7 @@ def stream_evaluate(spec: str, dataset: str = "wiki", *, seqlen: int = 512, max_
     with torch.inference_mode():
         for li in tqdm(range(len(sm.layers)), desc="perplexity (streamed)", unit="layer", disable=not progress):
             layer = sm.load_layer(li)
-            hidden = [_layer_out(layer(h, **kwargs[w][li])) for w, h in enumerate(hidden)]
+            hidden = [layer_output(layer(h, **kwargs[w][li])) for w, h in enumerate(hidden)]
             sm.release_layer(li)
     sm.load_outer("all")
     total = head_nll(sm.model, hidden, windows)

@@ -22,8 +22,9 @@ import torch
 
 from peakllm.errors import PeakError
 from peakllm.formats.bitpack import pack_bits
-from peakllm.formats.container import staged_dir, write_safetensors
+from peakllm.formats.folder import staged_dir
 from peakllm.formats.intk import PackedIntK
+from peakllm.formats.tensor_file import write_safetensors
 
 CT_FORMAT = "pack-quantized"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,7 +51,7 @@ def _check_representable(name: str, mod) -> None:
                         f"in_features ({mod.in_features})")
 
 
-def _scheme(mod: PackedIntK) -> dict:
+def module_scheme(mod: PackedIntK) -> dict:
     weights = {"num_bits": mod.bits, "type": "int", "symmetric": mod.sym, "dynamic": False,
                "strategy": "channel" if mod.group_size == -1 else "group",
                "group_size": None if mod.group_size == -1 else mod.group_size}
@@ -92,7 +93,7 @@ def quantization_config(packed_modules: dict, actorder: str | None = None) -> di
     so with any asymmetric module the config asks transformers to dequantize at load time instead; that path
     decodes every module with the first config group, so it takes exactly one scheme.
     """
-    return config_from_schemes({name: _scheme(mod) for name, mod in packed_modules.items()}, actorder)
+    return config_from_schemes({name: module_scheme(mod) for name, mod in packed_modules.items()}, actorder)
 
 
 def config_from_schemes(schemes: dict, actorder: str | None = None) -> dict:

@@ -21,9 +21,13 @@ from pathlib import Path
 import torch
 
 from peakllm.errors import PeakError
+from peakllm.formats.compressed_tensors import config_from_schemes, module_scheme, module_tensors, stored_bits
 from peakllm.formats.container import (CONFIG_FILE, CONTAINER_VERSION, FORMAT_NAME, INDEX_FILE, MANIFEST_FILE,
-                                       RESERVED_KEYS, _all_tensors, _compact, _data_sha256, _describe, _module_entry,
-                                       write_safetensors)
+                                       RESERVED_KEYS, all_tensors, build_module, compact_json, kind_class,
+                                       module_entry)
+from peakllm.formats.sub1 import PackedSub1
+from peakllm.formats.tensor_file import data_sha256, describe_tensor, read_safetensors, write_safetensors
+from peakllm.models.anatomy import is_expert
 
 
 def shard_name(k: int, total: int) -> str:
@@ -67,26 +71,24 @@ class ShardWriter:
         fname = shard_name(k, self.total)
         tmp = self.folder / f".{fname}.tmp"
         if self.fmt in ("peakllm", "sub1"):
-            tensors = _all_tensors(dense, packed)
-            digest = _data_sha256(tensors)
+            tensors = all_tensors(dense, packed)
+            digest = data_sha256(tensors)
             write_safetensors(tmp, tensors, {"peakllm_shard": fname})
             self.shards[fname] = digest
-            self.dense.update({n: _describe(t) for n, t in dense.items()})
+            self.dense.update({n: describe_tensor(t) for n, t in dense.items()})
             for name, mod in packed.items():
-                entry = _module_entry(mod)
+                entry = module_entry(mod)
                 self.modules[name] = entry
                 if name not in self.outer:
                     self._count(name, mod, entry)
         else:
             tensors = {n: (t.to(self.dtype) if t.is_floating_point() else t).contiguous() for n, t in dense.items()}
             if self.fmt == "compressed-tensors":
-                from peakllm.formats.compressed_tensors import _scheme, module_tensors, stored_bits
-
                 for name, mod in packed.items():
                     tensors.update(module_tensors(name, mod, self.dtype))
-                    self.schemes[name] = _scheme(mod)
+                    self.schemes[name] = module_scheme(mod)
                     if name not in self.outer:
-                        self._count(name, mod, _module_entry(mod), stored_bits(name, mod, self.dtype))
+                        self._count(name, mod, module_entry(mod), stored_bits(name, mod, self.dtype))
             elif packed:
                 raise PeakError("quantized weights need --format peakllm or compressed-tensors")
             write_safetensors(tmp, tensors, {"format": "pt"})
@@ -102,10 +104,9 @@ class ShardWriter:
     def _count(self, name: str, mod, entry: dict, bits: int | None = None) -> None:
         # as container.bits_per_param counts them, or the bits another format stores
         if bits is None:
-            bits = 8 * (mod.nbytes + len(_compact({name: entry}).encode()))
+            bits = 8 * (mod.nbytes + len(compact_json({name: entry}).encode()))
         self.packed_bits += bits
         self.packed_params += mod.num_params
-        from peakllm.recipes import is_expert
 
         if is_expert(name):
             self.expert_bits += bits
@@ -124,11 +125,9 @@ class ShardWriter:
             full = {k: v for k, v in (manifest or {}).items() if k not in RESERVED_KEYS}
             full.update(format=FORMAT_NAME, version=CONTAINER_VERSION, dense=self.dense, modules=self.modules,
                         shards=self.shards)
-            index_meta[FORMAT_NAME] = _compact(full)
+            index_meta[FORMAT_NAME] = compact_json(full)
             (self.folder / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
         elif self.fmt == "compressed-tensors":
-            from peakllm.formats.compressed_tensors import config_from_schemes
-
             if not self.schemes:
                 raise PeakError("nothing to export: no quantized modules")
             config["quantization_config"] = config_from_schemes(self.schemes, actorder)
@@ -143,8 +142,6 @@ def ternary_to_sub1(writer: ShardWriter, dictionary) -> ShardWriter:
     into a staging folder, then moved over the originals: a run killed meanwhile still has them."""
     import shutil
 
-    from peakllm.formats.container import _build_module, kind_class, read_safetensors
-    from peakllm.formats.sub1 import PackedSub1
 
     staging = writer.folder / ".sub1"
     shutil.rmtree(staging, ignore_errors=True)
@@ -160,7 +157,7 @@ def ternary_to_sub1(writer: ShardWriter, dictionary) -> ShardWriter:
             if home[mod] != fname:
                 continue
             local = {ln: tensors[f"{mod}.{ln}"] for ln in entry["tensors"]}
-            pm = _build_module(kind_class(entry["kind"]), mod, local, entry["metadata"])
+            pm = build_module(kind_class(entry["kind"]), mod, local, entry["metadata"])
             if pm.kind == "ternary":
                 pm = PackedSub1.encode(pm.codes(), pm.scale_neg, pm.scale_pos, pm.group_size, dictionary)
             packed[mod] = pm

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from peakllm.errors import PeakError
-from peakllm.formats.intk import (
-    MAX_DIM, PackedSize, canonical_g_idx, check_version, fp16_params, meta_bool, meta_int, n_groups_of, take,
-)
+from peakllm.formats.container import register_kind
+from peakllm.formats.intk import (MAX_DIM, canonical_g_idx, check_version, fp16_params, meta_bool, meta_int,
+                                  n_groups_of, PackedSize, take)
 from peakllm.formats.sub1_code import DEFAULT_BLOCK_ROWS, NEG, NZ_MAX, POS, PROB_Q, ZERO, Sub1Dictionary, Tables
+from peakllm.kernels import sub1 as sub1_kernel
 
 FORMAT_VERSION = 1
 
@@ -163,8 +164,6 @@ class PackedSub1(PackedSize):
             dictionary = Sub1Dictionary.fit(codes, sym_bits)
         if not isinstance(dictionary, Sub1Dictionary):
             raise PeakError(f"sub1 dictionary must be a Sub1Dictionary, got {type(dictionary).__name__}")
-        from peakllm.kernels import sub1 as sub1_kernel  # formats -> kernels; imported here: it imports this module
-
         rows = codes.cpu().numpy()
         fast = sub1_kernel.encode_rows(rows, dictionary)
         syms, per_row = fast if fast is not None else _encode_rows(rows, dictionary.tables)
@@ -272,8 +271,6 @@ class PackedSub1(PackedSize):
             raise PeakError("symmetric sub1 needs scale_neg == scale_pos")
         # the structure the kernels rely on, checked in one compiled pass (the Python parse without a compiler)
         _check_offsets(self.block_offsets.numpy(), n_blocks, self.n_symbols)
-        from peakllm.kernels import sub1 as sub1_kernel
-
         if not sub1_kernel.check_stream(self.stream, self.block_offsets, rows, self.in_features, self.block_rows,
                                         self.dictionary):
             self._rows_cols()
@@ -317,11 +314,5 @@ def _check_shape(out_features: int, in_features: int, group_size: int, block_row
         raise PeakError(f"sub1 block_rows must be in [1, {MAX_DIM}], got {block_rows!r}")
 
 
-def _register() -> None:
-    # The container loads "sub1" modules once this module is imported (peakllm.formats imports it).
-    from peakllm.formats.container import register_kind
-
-    register_kind(PackedSub1.kind, PackedSub1)
-
-
-_register()
+# The container loads "sub1" modules once this module is imported (peakllm.formats imports it).
+register_kind(PackedSub1.kind, PackedSub1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from peakllm.errors import PeakError
-from peakllm.formats.sub1 import PackedSub1
 from peakllm.formats.sub1_code import NZ_MAX, ZERO, Sub1Dictionary
 from peakllm.kernels.build import load_library
+
+if TYPE_CHECKING:  # the format calls this module to encode and check its streams; its class is only a type here
+    from peakllm.formats.sub1 import PackedSub1
 
 _fn = None
 _encode_fn = None

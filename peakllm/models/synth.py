@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from peakllm.errors import PeakError
+from peakllm.formats.folder import staged_dir
+from peakllm.models.anatomy import decoder_layers
+from peakllm.progress import tqdm
 
 # name -> (model_type, config overrides); numbers from the published configs of each model
 SHAPES = {
@@ -67,11 +70,8 @@ def synthesize(shape: str, out_dir, *, tokenizer, dtype=torch.bfloat16, seed: in
                progress: bool = True) -> dict:
     """Write a random model of `shape` to `out_dir` (temp folder, then rename); return its facts."""
     from safetensors.torch import save_file
-    from peakllm.progress import tqdm
     from transformers import AutoModelForCausalLM
 
-    from peakllm.calibrate import decoder_layers
-    from peakllm.formats.container import staged_dir
 
     config = shape_config(shape, len(tokenizer), {"bos_token_id": tokenizer.bos_token_id,
                                                   "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None})

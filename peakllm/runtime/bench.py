@@ -16,8 +16,12 @@ import time
 import torch
 from torch import nn
 
+from peakllm import memory
 from peakllm.errors import PeakError
 from peakllm.kernels.dense import probe_method, read_bandwidth_gb_s, read_tensors_gb_s
+from peakllm.runtime.embedding import PackedEmbedding
+from peakllm.runtime.generate import generate
+from peakllm.runtime.model import RuntimeModel
 
 PROBE_MIN_BYTES = 128 << 20  # 4x a 32 MiB last-level cache: reading the weights then measures memory
 
@@ -32,8 +36,6 @@ def _embedding(model: nn.Module):
 def _weights(model: nn.Module):
     """(bytes of one embedding row, [(module, its weight tensors)]), each tensor listed once; an untied
     embedding table is left out (a step reads only its looked-up rows)."""
-    from peakllm.runtime.embedding import PackedEmbedding
-
     embed, head = _embedding(model)
     if isinstance(embed, PackedEmbedding):  # int-k rows; tied when the lm_head is the same linear layer
         table = [embed.linear.qweight, embed.linear.scales, embed.linear.zeros]
@@ -119,8 +121,6 @@ def bench_runtime(model, prompt_tokens: int, new_tokens: int, batch: int = 1, re
                   after_each=None, before_timed=None) -> dict:
     """Median prefill tok/s, decode tok/s and time to first token of `generate` on a RuntimeModel;
     "decode_runs" lists each repeat's decode tok/s. `after_each()` runs after every timed repeat."""
-    from peakllm.runtime.generate import generate
-
     prompt = _prompt(model.config.vocab_size, batch, prompt_tokens)
     model.setup_cache(batch, prompt_tokens + new_tokens)
     generate(model, None, prompt, min(new_tokens, 4), stop_at_eos=False)  # warm-up: kernels built, pages touched
@@ -197,7 +197,6 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
 
     if max_memory is not None and engine != "peakllm":
         raise PeakError("--max-memory runs the lean runtime only (not --hf)")
-    from peakllm import memory
 
     mark = {"peak": 0, "reset": False}
 
@@ -217,8 +216,6 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
         state["tensors"] = _probe_tensors(model)
         speed = bench_hf(model, prompt_tokens, new_tokens, batch, repeats, after_each=probe)
     elif engine == "peakllm":
-        from peakllm.runtime.model import RuntimeModel
-
         model = RuntimeModel.from_hf(hf_model, dtype, max_seq=prompt_tokens + new_tokens)
         if max_memory is not None:
             model.set_max_memory(max_memory)
@@ -261,8 +258,6 @@ def _bench_offloaded(model, dtype, prompt_tokens: int, new_tokens: int, batch: i
                      before=None) -> dict:
     """bench_runtime under the model's memory budget, with what the offload read per decode step; the
     counts start after the warm-up (each timed repeat's disk reads are listed)."""
-    from peakllm import memory
-
     reads: list[int] = []
     mark = {}
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from peakllm.kernels import decode
+from peakllm.models.moe import PeakMoeBlock
+from peakllm.runtime.experts import PackedExperts
 from peakllm.runtime.families import ACT_SILU, act_kind
 
 
@@ -25,8 +27,6 @@ def any_lin(module: nn.Module, keep: list):
 def _router(block: nn.Module):
     """(router with .weight / .bias, top_k, weighting) of a MoE block whose router is one linear map and
     whose weights the engine computes (decode.MOE_*), else None."""
-    from peakllm.models.moe import PeakMoeBlock
-
     gate = getattr(block, "gate", None)
     if type(block) is PeakMoeBlock and gate.hidden is None:
         return gate, block.top_k, decode.MOE_SUM  # top k of the scores, summed
@@ -38,8 +38,6 @@ def _router(block: nn.Module):
 def moe_desc(block: nn.Module, dim: int, batch: int, keep: list):
     """The engine's description of a MoE MLP block (linear router, SiLU experts weighted and summed), at
     batch 1 in fp32; None for anything else (its op-by-op path then runs)."""
-    from peakllm.runtime.experts import PackedExperts
-
     found = _router(block) if batch == 1 else None
     if found is None:
         return None

@@ -6,7 +6,7 @@ here so that `runtime/model.py` and the decode engine see one layout:
 - Gemma's RMSNorm multiplies by (1 + weight): folded into the weight once (`norm_params`).
 - The gated MLP's activation: SiLU (SwiGLU) or GELU-tanh (GeGLU) (`act_kind`).
 - Phi-3 fuses q, k, v into `qkv_proj` and gate, up into `gate_up_proj`: split into row views of the same
-  bytes when the module allows it (`split_rows`), so no weight is copied.
+  bytes when the module allows it (`linear.split_rows`), so no weight is copied.
 - Per-layer sliding windows and RoPE tables (Gemma-3's local / global layers; Qwen2's sliding layers) from
   `config.layer_types` (`layer_windows`, `rope_kinds`).
 - q/k norms: per head (Qwen3, Gemma-3: a weight of head_dim) or over the whole projection output (OLMoE:
@@ -20,7 +20,6 @@ here so that `runtime/model.py` and the decode engine see one layout:
 from __future__ import annotations
 
 import inspect
-import itertools
 
 import torch
 from torch import nn
@@ -82,30 +81,6 @@ def act_kind(fn) -> int | None:
     if isinstance(fn, nn.GELU) and fn.approximate == "tanh":
         return ACT_GELU_TANH
     return None
-
-
-def split_rows(module: nn.Module, sizes: list[int]) -> list[nn.Module] | None:
-    """A fused linear (Phi-3's qkv_proj, gate_up_proj) as one module per band of output rows, each a view
-    of the fused module's bytes; None when the module's layout cannot be split that way."""
-    from peakllm.runtime.linear import IntKLinear
-    from peakllm.runtime.layers import DenseLinear
-
-    if sum(sizes) != module.out_features:
-        return None
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    bias = getattr(module, "bias", None)
-    parts = []
-    for lo, hi in itertools.pairwise(bounds):
-        b = None if bias is None else bias[lo:hi]
-        if type(module) is nn.Linear or isinstance(module, DenseLinear):
-            parts.append(DenseLinear(module.weight.detach()[lo:hi], b))
-        elif type(module) is IntKLinear:
-            m = module
-            parts.append(IntKLinear(m.in_features, hi - lo, m.bits, m.group_size, m.qweight[lo:hi],
-                                    m.scales[lo:hi], m.zeros[lo:hi], m.g_idx, b))
-        else:
-            return None
-    return parts
 
 
 def layer_windows(config, n_layers: int) -> list[int] | None:

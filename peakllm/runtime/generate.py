@@ -13,48 +13,10 @@ from typing import Callable
 import torch
 
 from peakllm.errors import PeakError
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token for each row of logits [B, vocab]: argmax when temperature == 0, else top-p sampling."""
-    if temperature <= 0.0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one).
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
-        choice = torch.multinomial(sorted_p, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for source in (getattr(tokenizer, "eos_token_id", None), getattr(model.config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source is not None:
-            ids.update(int(i) for i in source)
-    return ids
-
-
-class _TextStream:
-    """Turns token ids into text pieces, holding back a piece while it ends in a partial character."""
-
-    def __init__(self, tokenizer, callback: Callable[[str], None]):
-        self.tokenizer, self.callback = tokenizer, callback
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > self.sent:
-            self.callback(text[self.sent:])
-            self.sent = len(text)
+from peakllm.runtime.families import check_config
+from peakllm.runtime.hf_loop import hf_generate_text
+from peakllm.runtime.model import RuntimeModel
+from peakllm.runtime.sampling import eos_ids, sample, TextStream
 
 
 def generate(model, tokenizer, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
@@ -78,9 +40,9 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, *, temperature: 
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
-    eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
+    eos = eos_ids(model, tokenizer) if stop_at_eos else set()
     eos_t = torch.tensor(sorted(eos), dtype=torch.long)
-    text = _TextStream(tokenizer, stream) if stream is not None else None
+    text = TextStream(tokenizer, stream) if stream is not None else None
 
     out = torch.empty(B, max_new_tokens, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool)
@@ -113,16 +75,11 @@ def generate_text(hf_model, tokenizer, ids, max_new_tokens: int, *, temperature:
     """(text, number of new tokens) for an HF model: through the lean runtime when it supports the
     architecture, else through `runtime.hf_loop` (same signature as `hf_generate_text`). max_memory (bytes):
     weights and KV cache held to it (runtime/offload.py; the lean runtime only)."""
-    from peakllm.runtime.families import check_config
-    from peakllm.runtime.model import RuntimeModel
-
     try:
         check_config(hf_model.config)
     except PeakError as exc:  # a family or feature the runtime lacks: transformers runs it, said in one line
         if max_memory is not None:
             raise PeakError(f"--max-memory needs peakllm's runtime, which cannot run this model: {exc}") from None
-        from peakllm.runtime.hf_loop import hf_generate_text
-
         print(f"peakllm: {exc}; generating with transformers instead (slower)", file=sys.stderr)
         return hf_generate_text(hf_model, tokenizer, ids, max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed, stream=stream)
@@ -131,6 +88,6 @@ def generate_text(hf_model, tokenizer, ids, max_new_tokens: int, *, temperature:
     model.set_max_memory(max_memory)
     out = generate(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                    stream=stream)[0]
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     kept = [t for t in out.tolist() if t not in eos]
     return tokenizer.decode(kept, skip_special_tokens=True), len(out)

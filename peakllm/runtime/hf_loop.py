@@ -2,7 +2,7 @@
 
 The fallback for architectures the lean runtime (`runtime/model.py`) does not implement: one forward
 per token with `past_key_values`, streaming decoded text as it grows. Sampling and streaming are the
-lean runtime's own (`runtime/generate.py`), so both paths pick and print tokens the same way.
+lean runtime's own (`runtime/sampling.py`), so both paths pick and print tokens the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from peakllm.runtime.generate import _TextStream, sample
+from peakllm.runtime.sampling import sample, TextStream
 
 
 @torch.inference_mode()
@@ -19,7 +19,7 @@ def hf_generate_text(model, tokenizer, ids: torch.Tensor, max_new_tokens: int, *
                      top_p: float = 1.0, seed: int | None = 0, stream=None) -> tuple[str, int]:
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     eos = tokenizer.eos_token_id
-    text = _TextStream(tokenizer, stream) if stream is not None else None
+    text = TextStream(tokenizer, stream) if stream is not None else None
     new_ids: list[int] = []
     # transformers 5.x names the KV cache `cache` (argument and output); `past_key_values`, what 4.x calls it,
     # is deprecated there and goes in 5.40

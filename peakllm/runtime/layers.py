@@ -10,33 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from peakllm.kernels import decode, dense
-from peakllm.kernels.dense import dense_linear
 from peakllm.runtime import families
 from peakllm.runtime.describe import any_lin as _any_lin, moe_desc as _moe_desc
 from peakllm.runtime.families import act_kind, norm_params
-
-
-class DenseLinear(nn.Module):
-    """A dense linear layer whose weight may be shared (tied lm_head); decode uses the compiled kernel."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().contiguous(), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_linear(x, self.weight, self.bias)
-
-    def decode_lin(self, keep: list):
-        return decode.dense_lin(self.weight, self.bias, keep)
-
-
-def _linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    if type(module) is nn.Linear:
-        bias = None if module.bias is None else module.bias
-        return DenseLinear(module.weight.detach().to(dtype), bias)
-    return module  # a packed module: it owns its bytes and its kernel
+from peakllm.runtime.linear import as_runtime_linear, split_rows
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,17 +45,17 @@ class Attention(nn.Module):
         self.qkv_proj = None
         if hasattr(hf_attn, "qkv_proj"):  # Phi-3: q, k, v fused; split into views when the layout allows
             sizes = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
-            parts = families.split_rows(hf_attn.qkv_proj, sizes)
+            parts = split_rows(hf_attn.qkv_proj, sizes)
             if parts is None:
-                self.qkv_proj, self.qkv_sizes = _linear(hf_attn.qkv_proj, dtype), sizes
+                self.qkv_proj, self.qkv_sizes = as_runtime_linear(hf_attn.qkv_proj, dtype), sizes
                 self.q_proj = self.k_proj = self.v_proj = None
             else:
-                self.q_proj, self.k_proj, self.v_proj = (_linear(p, dtype) for p in parts)
+                self.q_proj, self.k_proj, self.v_proj = (as_runtime_linear(p, dtype) for p in parts)
         else:
-            self.q_proj = _linear(hf_attn.q_proj, dtype)
-            self.k_proj = _linear(hf_attn.k_proj, dtype)
-            self.v_proj = _linear(hf_attn.v_proj, dtype)
-        self.o_proj = _linear(hf_attn.o_proj, dtype)
+            self.q_proj = as_runtime_linear(hf_attn.q_proj, dtype)
+            self.k_proj = as_runtime_linear(hf_attn.k_proj, dtype)
+            self.v_proj = as_runtime_linear(hf_attn.v_proj, dtype)
+        self.o_proj = as_runtime_linear(hf_attn.o_proj, dtype)
         self.scaling = float(getattr(hf_attn, "scaling", head_dim**-0.5))
         self.qk_norm = None  # Qwen3, Gemma-3: RMSNorm over each head of q and k, before RoPE
         self.qk_norm_full = False  # OLMoE: over all of q and all of k instead
@@ -141,16 +118,16 @@ class MLP(nn.Module):
         self.gate_up_proj = None
         if hasattr(hf_mlp, "gate_up_proj"):
             inter = hf_mlp.gate_up_proj.out_features // 2
-            parts = families.split_rows(hf_mlp.gate_up_proj, [inter, inter])
+            parts = split_rows(hf_mlp.gate_up_proj, [inter, inter])
             if parts is None:
-                self.gate_up_proj = _linear(hf_mlp.gate_up_proj, dtype)
+                self.gate_up_proj = as_runtime_linear(hf_mlp.gate_up_proj, dtype)
                 self.gate_proj = self.up_proj = None
             else:
-                self.gate_proj, self.up_proj = (_linear(p, dtype) for p in parts)
+                self.gate_proj, self.up_proj = (as_runtime_linear(p, dtype) for p in parts)
         else:
-            self.gate_proj = _linear(hf_mlp.gate_proj, dtype)
-            self.up_proj = _linear(hf_mlp.up_proj, dtype)
-        self.down_proj = _linear(hf_mlp.down_proj, dtype)
+            self.gate_proj = as_runtime_linear(hf_mlp.gate_proj, dtype)
+            self.up_proj = as_runtime_linear(hf_mlp.up_proj, dtype)
+        self.down_proj = as_runtime_linear(hf_mlp.down_proj, dtype)
         self.act_fn = getattr(hf_mlp, "act_fn", None) or hf_mlp.activation_fn
         self.act = act_kind(self.act_fn)  # the kernels' code, or None: only the torch path runs
 

@@ -18,6 +18,7 @@ logits are scored over 2 x 1024 wiki tokens (README, "int8 activations").
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peakllm.errors import PeakError
-from peakllm.kernels import decode, ops
+from peakllm.kernels import decode, ops, sparse_ops
+from peakllm.kernels.dense import dense_linear
 
 PREFILL_ROWS = 32  # rows of x above which dequantize + torch GEMM is used instead of the kernels
 INTK_ACT_ENV = "PEAKLLM_INTK_ACT"
@@ -235,17 +237,17 @@ class NMLinear(_SparseValues):
         self._prepare()
 
     def _matmul(self, x2):
-        return ops.nm_matmul(x2, self.indices, self.n, self.m, **self._value_kwargs())
+        return sparse_ops.nm_matmul(x2, self.indices, self.n, self.m, **self._value_kwargs())
 
     def _bind(self):
-        return ops.bind_nm(self.indices, self.n, self.m, self.in_features, **self._value_kwargs())
+        return sparse_ops.bind_nm(self.indices, self.n, self.m, self.in_features, **self._value_kwargs())
 
     def decode_lin(self, keep: list):
         return decode.nm_lin(self.indices, self.n, self.m, self.in_features, self.out_features, bias=self.bias,
                              keep=keep, **self._value_kwargs())
 
     def dequantize(self, dtype=torch.float32):
-        return ops.nm_dequantize(self.indices, self.n, self.m, self.in_features, dtype=dtype, **self._value_kwargs())
+        return sparse_ops.nm_dequantize(self.indices, self.n, self.m, self.in_features, dtype=dtype, **self._value_kwargs())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparsity={self.n}:{self.m}, bits={self.bits}"
@@ -272,23 +274,23 @@ class BitmaskLinear(_SparseValues):
         self._prepare()
 
     def _derive(self):
-        self.qrow_offsets = None if self.qweight is None else ops.bitmask_code_offsets(self.row_offsets, self.bits)
+        self.qrow_offsets = None if self.qweight is None else sparse_ops.bitmask_code_offsets(self.row_offsets, self.bits)
 
     def _kwargs(self) -> dict:
         return dict(qrow_offsets=self.qrow_offsets, **self._value_kwargs())
 
     def _matmul(self, x2):
-        return ops.bitmask_matmul(x2, self.mask, self.row_offsets, **self._kwargs())
+        return sparse_ops.bitmask_matmul(x2, self.mask, self.row_offsets, **self._kwargs())
 
     def _bind(self):
-        return ops.bind_bitmask(self.mask, self.row_offsets, self.in_features, **self._kwargs())
+        return sparse_ops.bind_bitmask(self.mask, self.row_offsets, self.in_features, **self._kwargs())
 
     def decode_lin(self, keep: list):
         return decode.bitmask_lin(self.mask, self.row_offsets, self.in_features, self.out_features, bias=self.bias,
                                   keep=keep, **self._kwargs())
 
     def dequantize(self, dtype=torch.float32):
-        return ops.bitmask_dequantize(self.mask, self.row_offsets, self.in_features, dtype=dtype, **self._kwargs())
+        return sparse_ops.bitmask_dequantize(self.mask, self.row_offsets, self.in_features, dtype=dtype, **self._kwargs())
 
 
 _KINDS = {"intk": IntKLinear, "nm": NMLinear, "bitmask": BitmaskLinear}
@@ -319,3 +321,48 @@ def packed_linear(kind: str, tensors: dict, meta: dict, bias=None) -> nn.Module:
                              **values, **codes)
     except KeyError as exc:
         raise PeakError(f"packed {kind} layer is missing {exc.args[0]!r}") from None
+
+
+class DenseLinear(nn.Module):
+    """A dense linear layer whose weight may be shared (tied lm_head); decode uses the compiled kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x, self.weight, self.bias)
+
+    def decode_lin(self, keep: list):
+        return decode.dense_lin(self.weight, self.bias, keep)
+
+
+def as_runtime_linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """An nn.Linear as a DenseLinear in `dtype`; a packed module is already a runtime linear."""
+    if type(module) is nn.Linear:
+        bias = None if module.bias is None else module.bias
+        return DenseLinear(module.weight.detach().to(dtype), bias)
+    return module  # a packed module: it owns its bytes and its kernel
+
+
+def split_rows(module: nn.Module, sizes: list[int]) -> list[nn.Module] | None:
+    """A fused linear (Phi-3's qkv_proj, gate_up_proj) as one module per band of output rows, each a view
+    of the fused module's bytes; None when the module's layout cannot be split that way."""
+    if sum(sizes) != module.out_features:
+        return None
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    bias = getattr(module, "bias", None)
+    parts = []
+    for lo, hi in itertools.pairwise(bounds):
+        b = None if bias is None else bias[lo:hi]
+        if type(module) is nn.Linear or isinstance(module, DenseLinear):
+            parts.append(DenseLinear(module.weight.detach()[lo:hi], b))
+        elif type(module) is IntKLinear:
+            m = module
+            parts.append(IntKLinear(m.in_features, hi - lo, m.bits, m.group_size, m.qweight[lo:hi],
+                                    m.scales[lo:hi], m.zeros[lo:hi], m.g_idx, b))
+        else:
+            return None
+    return parts

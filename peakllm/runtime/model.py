@@ -29,8 +29,11 @@ from peakllm.errors import PeakError
 from peakllm.kernels import decode, dense
 from peakllm.runtime import families
 from peakllm.runtime.describe import any_lin as _any_lin
+from peakllm.runtime.embedding import PackedEmbedding
 from peakllm.runtime.families import SUPPORTED, norm_params  # noqa: F401 (SUPPORTED: callers)
-from peakllm.runtime.layers import Block, DenseLinear, _linear, causal_mask, rms_norm  # noqa: F401 (callers)
+from peakllm.runtime.layers import Block, causal_mask, rms_norm  # noqa: F401 (callers)
+from peakllm.runtime.linear import as_runtime_linear, DenseLinear  # noqa: F401 (callers)
+from peakllm.runtime.offload import Offload, OffloadStep
 
 DEFAULT_MAX_SEQ = 2048
 
@@ -55,7 +58,6 @@ class RuntimeModel(nn.Module):
         rope_keys = families.rope_kinds(config, self.rotary_emb, self.n_layers)
         self.layers = nn.ModuleList(Block(layer, cfg, dtype, windows[i] if windows else 0, rope_keys[i])
                                     for i, layer in enumerate(inner.layers))
-        from peakllm.runtime.embedding import PackedEmbedding
 
         if isinstance(inner.embed_tokens, PackedEmbedding):  # int-k rows; a tied lm_head is its linear layer
             self.embed = None
@@ -71,7 +73,7 @@ class RuntimeModel(nn.Module):
         if type(lm_head) is nn.Linear and lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr():
             self.lm_head = DenseLinear(self.embed)  # tied: one tensor serves both, read once per token
         else:
-            self.lm_head = _linear(lm_head, dtype)
+            self.lm_head = as_runtime_linear(lm_head, dtype)
 
         limit = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
@@ -135,8 +137,6 @@ class RuntimeModel(nn.Module):
             self.offload.close()
             self.offload = None
         if self.max_memory is not None:
-            from peakllm.runtime.offload import Offload
-
             kv = 2 * self.k_cache.numel() * self.k_cache.element_size()
             self.offload = Offload(self, self.max_memory, kv)
             self.offload.start()
@@ -159,7 +159,6 @@ class RuntimeModel(nn.Module):
             layers.append(made)
         head = _any_lin(self.lm_head, keep)
         if self.offload is not None and not self.offload.all_resident:  # layer groups with the hooks between
-            from peakllm.runtime.offload import OffloadStep
 
             chosen = [None if b.fused_act else getattr(b.mlp, "engine_chosen", None) for b in self.layers]
             return OffloadStep(layers, head, self.dtype, batch, keep, self.offload, chosen)

@@ -1,7 +1,7 @@
 """Running a model whose weights exceed a memory budget (`--max-memory`): decoder layers streamed from
 disk with read-ahead, and a MoE's experts held in an LRU cache, both over the memory maps the loader made.
 
-A peakllm folder's tensors are views of private memory maps of its files (formats/container.py `_map`), so a
+A peakllm folder's tensors are views of private memory maps of its files (formats/tensor_file.py `_map`), so a
 weight is read from disk when first touched and nothing is ever copied. This module decides which of those
 pages may stay in memory:
 
@@ -35,8 +35,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from torch import nn
 
 from peakllm.errors import PeakError
-from peakllm.runtime.pages import (MADV_DONTNEED, MADV_POPULATE_READ, MADV_RANDOM, MADV_WILLNEED, PAGE, Unit, anonymous_kb,
-                                   expert_modules, file_mappings, libc, storages, written)
+from peakllm.kernels.decode import Step
+from peakllm.memory import size_text as t
+from peakllm.runtime.pages import (MADV_DONTNEED, MADV_POPULATE_READ, MADV_RANDOM, MADV_WILLNEED, PAGE, anonymous_kb,
+                                   expert_modules, file_mappings, libc, storages, Unit, written)
 
 EXPERT_READAHEAD_ENV = "PEAKLLM_EXPERT_READAHEAD"  # on (default) | off
 
@@ -128,8 +130,6 @@ class Offload:
         self.streamed = [i for i in range(len(sizes)) if i not in self.pinned]
 
     def _too_small(self, need_more: int, what: str) -> str:
-        from peakllm.memory import size_text as t
-
         return (f"--max-memory {t(self.budget)} is too small: the resident part (embeddings, lm_head, norms, "
                 f"KV cache) takes {t(self.fixed)} and {what} need {t(need_more)} more; the smallest budget that "
                 f"runs is {t(self.fixed + need_more)}")
@@ -284,8 +284,6 @@ class OffloadStep:
     C call, every streamed (or MoE) layer in its own; the same `run` as kernels/decode.py `Step`."""
 
     def __init__(self, layers: list, head, dtype, batch: int, keep: list, offload: Offload, chosen: list):
-        from peakllm.kernels.decode import Step
-
         self.offload, self.chosen = offload, chosen  # chosen[i]: layer i's engine top-k readout, or None
         cut = 0 if offload.moe else len(offload.pinned)
         bounds = ([(0, cut)] if cut else []) + [(i, i + 1) for i in range(cut, len(layers))]

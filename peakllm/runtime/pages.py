@@ -3,7 +3,7 @@ how many of its pages are resident, and giving pages back (`madvise`). Used by t
 (runtime/offload.py) and by the loader, which gives back the pages its load check touched in tensors that
 decoding reads only a few rows of (the embedding).
 
-A peakllm folder's tensors are views of private memory maps of its files (formats/container.py `_map`).
+A peakllm folder's tensors are views of private memory maps of its files (formats/tensor_file.py `_map`).
 Dropping an unwritten page of such a map (`MADV_DONTNEED`) only unmaps it from this process: the next read
 faults it back in from the page cache or the file, with the same bytes.
 """

@@ -7,6 +7,7 @@ from torch import nn
 
 from peakllm.errors import PeakError
 from peakllm.formats.sub1 import PackedSub1
+from peakllm.kernels import decode
 from peakllm.kernels.sub1 import operands, sub1_matmul
 
 
@@ -44,8 +45,6 @@ class Sub1Linear(nn.Module):
 
     def decode_lin(self, keep: list):
         """This layer as a descriptor of the whole-step decode engine (kernels/decode.py)."""
-        from peakllm.kernels import decode
-
         return decode.sub1_lin(self._ops, self.bias, self.in_features, self.out_features, keep)
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from peakllm.errors import PeakError
-from peakllm.runtime.generate import _eos_ids, sample
+from peakllm.runtime.sampling import eos_ids, sample
 from peakllm.serve.block_manager import BlockManager
 from peakllm.serve.metrics import Metrics
 from peakllm.serve.runner import PagedRunner
@@ -40,7 +40,7 @@ class Engine:
         # the context: the model's (RoPE table, sliding window), the caller's, and what the pool can hold
         self.max_model_len = min(max_model_len or model.max_seq, model.cos.shape[0], num_blocks * block_size)
         self.max_queue, self.threads = max_queue, threads
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = eos_ids(model, tokenizer)
         self.metrics = Metrics()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._queued = 0  # submitted, not yet taken in by the engine thread

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+from peakllm.data import protocol_bos
 
 
 
@@ -79,8 +80,6 @@ def check_max_tokens(value: int | None, default: int, param: str = "max_tokens")
 def encode(tokenizer, text: str, bos: bool = True) -> list[int]:
     """Prompt ids as `peakllm generate` makes them: no special tokens added by the tokenizer, then BOS
     in front when the tokenizer uses one and the text does not start with it already."""
-    from peakllm.data import protocol_bos
-
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos_id = protocol_bos(tokenizer, bos)
     if ids and bos_id is not None and ids[0] != bos_id:

@@ -17,6 +17,7 @@ from peakllm.errors import PeakError
 from peakllm.kernels import dense
 from peakllm.runtime.families import SUPPORTED
 from peakllm.runtime.layers import causal_mask, rms_norm, rope
+from peakllm.runtime.offload import Offload
 from peakllm.serve.scheduler import Work
 
 SERVE_SUPPORTED = tuple(t for t in SUPPORTED if t not in ("peakllm_moe", "olmoe"))  # the runtime's dense families
@@ -45,8 +46,6 @@ class PagedRunner:
         self.use_fused = True  # False: plain torch norms and MLP (the path without a compiler; tests compare)
         self.offload = None  # --max-memory: runtime/offload.py's hooks around each layer (the pool is counted)
         if max_memory is not None:
-            from peakllm.runtime.offload import Offload
-
             self.offload = Offload(model, max_memory, self.kv_bytes)
             self.offload.start()
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peakllm.progress import tqdm
-
+from peakllm.data import calibration_segments
 from peakllm.errors import PeakError
+from peakllm.models.moe import PeakMoeConfig, PeakMoeForCausalLM
+from peakllm.progress import tqdm
 
 MAX_TOKENS_PER_LAYER = 4096  # calibration tokens kept per layer (a random subset) to bound memory
 
@@ -190,8 +191,6 @@ def collect_activations(model, segments: torch.Tensor, *, max_tokens: int, seed:
 
 
 def moe_config(dense_config, experts: int, top_k: int, router_hidden: int):
-    from peakllm.models.moe import PeakMoeConfig
-
     fields = dense_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "quantization_config", "dtype", "torch_dtype"):
         fields.pop(key, None)
@@ -210,8 +209,6 @@ def moefy(model, tokenizer, *, experts: int, top_k: int, calib_samples: int = 32
     "kept_share_by_k": [per layer: [k = 1..E]]}: the mean share of the dense MLP output norm held by the routed
     experts on the calibration tokens.
     """
-    from peakllm.data import calibration_segments
-
     check_dense(model, experts, top_k)
     if router_hidden < 0:
         raise PeakError(f"--router-hidden must be >= 0, got {router_hidden}")
@@ -229,8 +226,6 @@ def build_moe(model, X, A, *, experts: int, top_k: int, seed: int = 0, router_hi
     X and A are only read, so one calibration pass can serve several (experts, top_k); the router is fitted to
     predict shares, not a top-k set, so it does not depend on top_k (see `set_top_k`).
     """
-    from peakllm.models.moe import PeakMoeForCausalLM
-
     check_dense(model, experts, top_k)
     from transformers.initialization import no_init_weights
 

@@ -1,8 +1,8 @@
 """`make demo` / `make demo-qmoe`: the main jobs on the embedded default model, as plain `peakllm`
 commands (printed before they run), with every measured number logged and tabulated at the end.
 
-  python -m peakllm.demo          dense baseline, generation, SparseGPT 50% pruning, dense vs pruned
-  python -m peakllm.demo qmoe     moefy the default model, compress its experts to ternary in the
+  python -m peakllm.cli.demo          dense baseline, generation, SparseGPT 50% pruning, dense vs pruned
+  python -m peakllm.cli.demo qmoe     moefy the default model, compress its experts to ternary in the
                                   sub-1-bit format, evaluate and generate from the compressed form
 Outputs go to $PEAKLLM_CACHE/demo/.
 """

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,18 +11,16 @@ from pathlib import Path
 import torch
 
 from peakllm.errors import PeakError
-from peakllm.recipes import is_expert
+from peakllm.formats import compressed_tensors as ct, sub1_size
+from peakllm.formats.container import bits_per_param, save_model_folder
+from peakllm.formats.folder import check_output, staged_dir
+from peakllm.formats.intk import PackedIntK, PackedTernary
+from peakllm.formats.sparse import PackedBitmask, PackedNM
+from peakllm.formats.sub1 import PackedSub1
+from peakllm.models.anatomy import is_expert, outer_modules
 
 FORMATS = ("hf", "peakllm", "sub1", "compressed-tensors")
 RUN_FILE = "peakllm_run.json"  # what produced a folder (method, settings, measured numbers)
-
-
-def check_output(out_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse to clobber an existing non-empty folder before any work is done."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise PeakError(f"output {out} already exists and is not empty (use --overwrite to replace it)")
-    return out
 
 
 def check_writable(model, tokenizer, out_dir, fmt: str) -> None:
@@ -54,80 +51,9 @@ def check_writable(model, tokenizer, out_dir, fmt: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-# One 16-bit dictionary is fitted to all of a model's ternary codes when it is written, so each matrix is coded
-# a little worse than by a dictionary of its own statistics (which the per-matrix accounting below assumes):
-# +0.04% to +0.23% over the target at 0.8 bits/param on the moefied default model, +0.6% on tiny test experts
-# (8k-16k parameters). A size target aims this much lower to land at or below it.
-SUB1_SHARED_DICTIONARY_MARGIN = 0.01
-
-
-def _sub1_entry_bytes(name: str, out_features: int, in_features: int, group_size: int) -> int:
-    """The bytes of the manifest entry a sub1 matrix of this shape takes, sized from a placeholder."""
-    from peakllm.formats.container import _compact, _module_entry
-    from peakllm.formats.sub1 import placeholder
-
-    return len(_compact({name: _module_entry(placeholder(out_features, in_features, group_size))}).encode())
-
-
-def sub1_zero_share(target_bits: float, group_size: int, name: str, out_features: int, in_features: int) -> float:
-    """The share of zero codes at which the ternary matrix `name` [out, in] is expected to take `target_bits`
-    per parameter in the sub1 format, everything counted: stream, offsets, scales (min-max ternary levels
-    are symmetric, one side stored) and its manifest entry, sized from a placeholder of its shape."""
-    from peakllm.formats.sub1_code import zero_share_for_bits
-
-    entry = _sub1_entry_bytes(name, out_features, in_features, group_size)
-    return zero_share_for_bits(target_bits, out_features, in_features, group_size=group_size, extra_bytes=entry)
-
-
-def sub1_bits(group_size: int, name: str, out_features: int, in_features: int, zero_share: float,
-              dictionary_share: float | None = None) -> float:
-    """What the ternary matrix `name` [out, in] is expected to store per parameter in the sub1 format at a
-    share of zero codes, counted as `sub1_zero_share` counts. `dictionary_share`: its codes are coded by
-    the dictionary of that share (one shared by many matrices) rather than by one of their own."""
-    from peakllm.formats.sub1_code import PROB_Q, expected_bits_per_param
-
-    entry = _sub1_entry_bytes(name, out_features, in_features, group_size)
-    q = min(max(zero_share * PROB_Q, 1.0), PROB_Q - 1.0)
-    if dictionary_share is not None:
-        dq = min(max(round(dictionary_share * PROB_Q), 1), PROB_Q - 1)
-        return expected_bits_per_param(out_features, in_features, q, group_size=group_size, extra_bytes=entry,
-                                       dictionary_zero_q=dq)
-    lo = int(q)  # own dictionaries exist at 1/256 steps: linear between them, so it is monotone in the share
-    hi = min(lo + 1, PROB_Q - 1)
-    b_lo, b_hi = (expected_bits_per_param(out_features, in_features, k, group_size=group_size, extra_bytes=entry)
-                  for k in (lo, hi))
-    return b_lo + (q - lo) * (b_hi - b_lo)
-
-
-SUB1_SYM_BITS = 16  # the width of the one dictionary a model's ternary matrices share in the sub1 format
-
-
-def sub1_dictionary(modules: dict):
-    """The dictionary of a sub1 folder: one fitted to all ternary codes among `modules` (ModuleResults), or
-    None without any (it is stored as 3 integers)."""
-    from peakllm.formats.sub1_code import Sub1Dictionary
-
-    codes = [r.quant.codes for r in modules.values() if r.quant is not None and r.quant.grid["kind"] == "ternary"]
-    return Sub1Dictionary.fit(codes, SUB1_SYM_BITS) if codes else None
-
-
 def packed_module(result, fmt: str = "peakllm", dictionary=None):
     """The packed form of one compressed matrix (a ModuleResult from recipes.py). In the `sub1` format
     ternary matrices use the sub-1-bit dictionary code; elsewhere they use the dense 2-bit layout."""
-    from peakllm.formats.intk import PackedIntK, PackedTernary
-    from peakllm.formats.sparse import PackedBitmask, PackedNM
-    from peakllm.formats.sub1 import PackedSub1
-
     if result.mask is not None:
         if result.pattern is not None:
             n, m = result.pattern
@@ -180,22 +106,17 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
     if fmt not in FORMATS:
         raise PeakError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
     out = check_output(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
         if any(r.quant is not None for r in modules.values()):
             raise PeakError("quantized weights need --format peakllm or compressed-tensors (an hf folder would store "
                             "them dequantized at full size)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with staged_dir(out, overwrite) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
-            _replace_dir(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return {"size_bytes": folder_bytes(out), "bits_per_param": None}
 
-    dictionary = sub1_dictionary(modules) if fmt == "sub1" else None
+    dictionary = sub1_size.shared_dictionary(modules) if fmt == "sub1" else None
     packed = {name: packed_module(r, fmt, dictionary) for name, r in modules.items()}
     dense = dense_state(model, set(packed))
 
@@ -205,15 +126,11 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    from peakllm.embeddings import outer_modules
-    from peakllm.formats.container import bits_per_param
 
     outer = set(outer_modules(model))
     linears = {n: p for n, p in packed.items() if n not in outer}
     total_params = sum(t.numel() for t in dense.values()) + sum(p.num_params for p in packed.values())
     if fmt in ("peakllm", "sub1"):
-        from peakllm.formats.container import save_model_folder
-
         save_model_folder(out, config=config, dense_tensors=dense, packed_modules=packed,
                           manifest={"method": run_info.get("method"), "run": run_info}, extra_files=extra,
                           overwrite=overwrite)
@@ -223,8 +140,6 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
         if experts:
             sizes["bits_per_param_experts"] = bits_per_param(experts)
         return sizes
-    from peakllm.formats import compressed_tensors as ct
-
     ct.export_compressed_tensors(out, config, dense, packed, extra, overwrite=overwrite, actorder=ct_actorder(run_info))
     return {"size_bytes": folder_bytes(out), "bits_per_param": ct.bits_per_param(linears, ct.model_dtype(config, dense)),
             "bits_per_param_total": 8 * weight_file_bytes(out) / total_params}

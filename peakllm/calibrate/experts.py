@@ -18,24 +18,11 @@ from __future__ import annotations
 
 import time
 
-import torch
 import torch.nn as nn
 
+from peakllm.calibrate.distributed import workers
+from peakllm.calibrate.stats import Stats, StopLayer
 from peakllm.errors import PeakError
-
-PARTS = ("gate_up_proj", "down_proj")
-
-
-def fused_experts(layer: nn.Module) -> dict[str, nn.Module]:
-    """Experts modules with fused 3-D weights inside a decoder layer."""
-    found = {}
-    for name, mod in layer.named_modules():
-        gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-        if isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3:
-            if not hasattr(mod, "act_fn"):
-                raise PeakError(f"experts module {name} ({type(mod).__name__}) has no act_fn; unsupported MoE")
-            found[name] = mod
-    return found
 
 
 def _routed_inputs(args, kwargs):
@@ -45,13 +32,13 @@ def _routed_inputs(args, kwargs):
 
 
 def collect_expert_stats(layer, experts: nn.Module, part: str, acts, layer_kwargs, li: int, kinds: set[str],
-                         make_stats, stop_exc, report) -> list[dict]:
+                         report) -> list[dict]:
     """Statistics of every expert's `part` inputs over all calibration batches, one dict per expert."""
     E = experts.gate_up_proj.shape[0]
     width = experts.gate_up_proj.shape[2] if part == "gate_up_proj" else experts.down_proj.shape[2]
     device = experts.gate_up_proj.device
-    per_expert = [make_stats(width, kinds, device) for _ in range(E)]
-    pooled = make_stats(width, kinds, device) if part == "gate_up_proj" else None
+    per_expert = [Stats(width, kinds, device) for _ in range(E)]
+    pooled = Stats(width, kinds, device) if part == "gate_up_proj" else None
     spent = [0.0]
 
     def hook(mod, args, kwargs):
@@ -69,7 +56,7 @@ def collect_expert_stats(layer, experts: nn.Module, part: str, acts, layer_kwarg
                 x = mod.act_fn(gate) * up
             per_expert[e].add(x)
         spent[0] += time.perf_counter() - t0
-        raise stop_exc
+        raise StopLayer
 
     handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
     t0 = time.perf_counter()
@@ -77,7 +64,7 @@ def collect_expert_stats(layer, experts: nn.Module, part: str, acts, layer_kwarg
         for b in range(len(acts)):
             try:
                 layer(acts[b], **layer_kwargs[b][li])
-            except stop_exc:
+            except StopLayer:
                 pass
     finally:
         handle.remove()
@@ -114,8 +101,6 @@ def compress_experts(prefix: str, experts: nn.Module, part: str, stats: list[dic
     """Call the method on every expert's matrix and write the results into the fused parameter. `keep(name,
     result)`: what report.modules holds of each (a streamed run keeps the packed form only; the full result
     carries the dense fp32 weight, 1.9 GB for an OLMoE layer's 128 expert matrices)."""
-    from peakllm.distributed import workers
-
     param = getattr(experts, part)
     t0 = time.perf_counter()
     E = param.shape[0]

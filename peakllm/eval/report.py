@@ -10,13 +10,11 @@ against size, and decoding under --max-memory (tok/s, disk reads, the expert cac
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 from peakllm.errors import PeakError
+from peakllm.formats.folder import staged_dir
 
 SKIP_COLUMNS = {"command", "text", "prompt", "modules"}
 
@@ -236,9 +234,7 @@ def write_report(results: str | Path, output: str | Path) -> dict:
 
     records = read_records(results)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_dir(output, overwrite=True) as tmp:  # a report folder is always regenerated whole
         written = ["report.md"]
         body = [f"# peakllm report\n\n{len(records)} results from `{results}`.\n", markdown_tables(records)]
         for name, plot in (("sparsity.png", _plot_sparsity), ("size.png", _plot_bits), ("eval.png", _plot_eval),
@@ -251,10 +247,4 @@ def write_report(results: str | Path, output: str | Path) -> dict:
                 body.append(f"![{name}]({name})\n")
             plt.close(fig)
         (tmp / "report.md").write_text("\n".join(body), encoding="utf-8")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"records": len(records), "output": str(output), "files": written}

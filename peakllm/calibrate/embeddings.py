@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from peakllm.calibrate.recipes import ModuleResult
 from peakllm.errors import PeakError
-from peakllm.recipes import ModuleResult
+from peakllm.models.anatomy import outer_modules
 from peakllm.solvers import Grid, rtn
 
 EMBED_BITS = ("keep", "8", "4")
@@ -30,19 +31,6 @@ def embed_grid(bits: str | None, group_size: int = DEFAULT_EMBED_GROUP) -> Grid 
     if str(bits) not in EMBED_BITS:
         raise PeakError(f"--embed-bits must be one of {', '.join(EMBED_BITS)}, got {bits!r}")
     return Grid(bits=int(bits), group_size=group_size, sym=True)
-
-
-def outer_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: module} of the token embedding and, when it is not tied to the embedding, the lm_head."""
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    names = {id(m): n for n, m in model.named_modules()}
-    out = {names[id(embed)]: embed}
-    head_w, embed_w = getattr(head, "weight", None), getattr(embed, "weight", None)
-    same = head is not None and ((head_w is not None and head_w is embed_w) or head is getattr(embed, "linear", None))
-    tied = bool(getattr(model.config, "tie_word_embeddings", False)) or same
-    if head is not None and not tied:
-        out[names[id(head)]] = head
-    return out
 
 
 def quantize_matrix(weight, grid: Grid) -> ModuleResult:

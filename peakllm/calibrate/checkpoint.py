@@ -87,9 +87,3 @@ def restore_report(report, saved: dict) -> None:
             setattr(report, k, getattr(report, k) + v)
 
 
-def run_args(args, extra_result: dict) -> dict:
-    """What must not change between a run and its --resume (the result would differ)."""
-    keys = ("model", "format", "calib_samples", "calib_seqlen", "calib_dataset", "seed", "batch_size",
-            "no_sequential", "blocksize", "damp", "eval_tokens", "eval_dataset", "no_bos")
-    return {"command": args.command, **{k: getattr(args, k, None) for k in keys}, **extra_result,
-            "threads": torch.get_num_threads()}

@@ -11,7 +11,12 @@ import math
 import shutil
 from pathlib import Path
 
+from peakllm import memory
+from peakllm.calibrate.loop import check_method
+from peakllm.calibrate.spec import RunSpec
 from peakllm.errors import PeakError
+from peakllm.models.anatomy import PARTS, compressible_linears, decoder_layers, fused_experts, is_moe
+from peakllm.solvers.rate import ZERO_SHARE_MAX
 
 COMMON_GROUPS = (256, 128, 64, 32, 16)
 
@@ -19,7 +24,6 @@ COMMON_GROUPS = (256, 128, 64, 32, 16)
 def matrix_shapes(model) -> tuple[dict[str, tuple[int, int]], int]:
     """({name: (out, in)} of every matrix the calibration pipeline compresses (a fused MoE part once for all
     its experts), their parameter count); meta tensors suffice."""
-    from peakllm.calibrate import PARTS, compressible_linears, decoder_layers, fused_experts, is_moe
 
     layers, prefix = decoder_layers(model)
     moe = is_moe(model)
@@ -89,8 +93,6 @@ def output_estimate(model, compressed_params: int, grid, fmt: str, sparsity: flo
 
 
 def check_disk(out: Path, need: int) -> None:
-    from peakllm import memory
-
     where = Path(out).parent
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -103,15 +105,11 @@ def check_disk(out: Path, need: int) -> None:
 def check_size_target(model, recipe, shapes: dict) -> None:
     """A bits/param target that some ternary matrix (or a MoE block's experts together) cannot reach even
     with every code zero, and a shared expert budget on a model without experts, fail here, not mid-run."""
-    from peakllm.calibrate import is_moe
-
     share_for, budget = getattr(recipe, "zero_share_for", None), getattr(recipe, "expert_budget", None)
     if budget is not None and not is_moe(model):
         raise PeakError("--bit-allocation experts shares a budget among a MoE block's experts; this model has none")
     if share_for is None:
         return
-    from peakllm.solvers.rate import ZERO_SHARE_MAX
-
     moe = is_moe(model)
     for name, (out_f, in_f) in shapes.items():
         expert = moe and ".experts." in name and name.endswith((".gate_up_proj", ".down_proj"))
@@ -127,21 +125,19 @@ def check_size_target(model, recipe, shapes: dict) -> None:
             share_for(member, out_f, in_f)  # a PeakError names the shape and the smallest size it takes
 
 
-def check_run(model, args, recipe, *, disk: bool = True) -> None:
+def check_run(model, spec: RunSpec, recipe, *, disk: bool = True) -> None:
     """Every check on a compression run that the loaded model (or its meta skeleton) allows."""
-    from peakllm.calibrate import check_method
-
-    fmt = args.format
+    fmt = spec.format
     shapes, compressed_params = matrix_shapes(model)
     grid = getattr(recipe, "grid", None)
     if grid is not None:
         check_groups(shapes, grid.group_size, fmt)
     check_act_order_format(getattr(recipe, "act_order", None), fmt)
-    embed_grid = getattr(args, "embed_grid", None)
+    embed_grid = spec.embed_grid
     if embed_grid is not None:
         check_embed_group(model.get_input_embeddings().weight.shape[1], embed_grid)
     check_method(model, recipe)
     check_size_target(model, recipe, shapes)
     if disk:
-        check_disk(args.output, output_estimate(model, compressed_params, grid, fmt, getattr(recipe, "sparsity", None),
+        check_disk(spec.output, output_estimate(model, compressed_params, grid, fmt, getattr(recipe, "sparsity", None),
                                                 embed_grid))

@@ -1,7 +1,7 @@
 """A sub1 size target held exactly, after calibration and before the model is written or evaluated.
 
 `quantize --target-bits B` plans every ternary matrix's share of zero codes with the format's accounting,
-1% below B (save.SUB1_SHARED_DICTIONARY_MARGIN), but the one dictionary the model's matrices share and
+1% below B (formats/sub1_size.py: SHARED_DICTIONARY_MARGIN), but the one dictionary the model's matrices share and
 rows that are not i.i.d. move the stored size a little: the moefied default model's runs landed from
 2.1% under to 0.05% over B. This step measures the stored size exactly as `save_compressed` will write it
 (the shared 16-bit dictionary fitted to all ternary codes, every matrix encoded, its manifest entry
@@ -17,7 +17,10 @@ import dataclasses
 import torch
 
 from peakllm.errors import PeakError
-from peakllm.recipes import is_expert
+from peakllm.formats.container import bits_per_param
+from peakllm.formats.sub1_size import shared_dictionary
+from peakllm.formats.writer import packed_module
+from peakllm.models.anatomy import is_expert
 from peakllm.solvers.rate import thin_nonzeros
 
 FIRST_FRACTION = 1e-4
@@ -26,10 +29,7 @@ FIRST_FRACTION = 1e-4
 def sub1_bits(results: dict) -> float:
     """Bits/param the ternary matrices of `results` (ModuleResults) store in the sub1 format, everything counted:
     packed by save.py exactly as `save_compressed` packs them, with one dictionary fitted to all of them."""
-    from peakllm.formats.container import bits_per_param
-    from peakllm.save import packed_module, sub1_dictionary
-
-    dictionary = sub1_dictionary(results)
+    dictionary = shared_dictionary(results)
     return bits_per_param({n: packed_module(r, "sub1", dictionary) for n, r in results.items()})
 
 

@@ -13,6 +13,9 @@ import torch
 
 from peakllm import solvers
 from peakllm.errors import PeakError
+from peakllm.models.anatomy import is_expert
+from peakllm.solvers.gptq import check_act_order
+from peakllm.solvers.rate import allocate_at_price, gptq_at_zero_share
 
 PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
 QUANT_METHODS = ("gptq", "rtn")
@@ -94,12 +97,6 @@ class PruneRecipe:
         return ModuleResult(weight, mask, None, None, sparsity, self.pattern)
 
 
-def is_expert(name: str) -> bool:
-    """Matrices of fused MoE experts are named <...>.experts.<gate_up_proj|down_proj>.<e>."""
-    parts = name.split(".")
-    return len(parts) >= 3 and parts[-3] == "experts" and parts[-1].isdigit()
-
-
 @dataclass
 class QuantRecipe:
     method: str = "gptq"
@@ -110,11 +107,11 @@ class QuantRecipe:
     dense_grid: solvers.Grid | None = None  # MoE models: grid of the non-expert matrices (None: same as grid)
     keep_dense: bool = False                # MoE models: leave the non-expert matrices as they are
     # Ternary GPTQ under a size target: (name, out, in) -> the share of zero codes that matrix needs (set by
-    # the caller from the format's accounting, e.g. save.sub1_zero_share); None: plain GPTQ.
+    # the caller from the format's accounting, e.g. formats.sub1_size.zero_share_for_target); None: plain GPTQ.
     zero_share_for: Callable[[str, int, int], float] | None = None
     matched_levels: bool = False            # with zero_share_for: ternary levels fitted to that share (grids.fit)
     # Experts of one MoE block share a bits/param budget (rate.allocate_at_price): (budget, bits_of) with
-    # bits_of(name, out, in, zero_share, dictionary_share) the format's accounting (save.sub1_bits); None:
+    # bits_of(name, out, in, zero_share, dictionary_share) the format's accounting (formats.sub1_size.bits_per_param); None:
     # each matrix held to its own share.
     expert_budget: tuple[float, Callable[..., float]] | None = None
     _rates: dict = field(default_factory=dict, repr=False, compare=False)  # last rate per matrix kind
@@ -124,7 +121,6 @@ class QuantRecipe:
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
             raise PeakError(f"unknown quantization method {self.method!r}; choose from {', '.join(QUANT_METHODS)}")
-        from peakllm.solvers.gptq import check_act_order
 
         check_act_order(self.act_order)
 
@@ -148,7 +144,6 @@ class QuantRecipe:
         grid = self.grid_for(names[0], self.moe) if names else None
         if self.expert_budget is None or self.method != "gptq" or grid is None or grid.kind != "ternary":
             return None
-        from peakllm.solvers.rate import allocate_at_price
 
         budget, bits_of = self.expert_budget
         # The experts' codes share one dictionary, near the share the budget gives their shape: an expert whose
@@ -174,8 +169,6 @@ class QuantRecipe:
         if self.method == "gptq":
             kw = {"blocksize": self.blocksize, "damp": self.damp, "act_order": self.act_order}
             if self.zero_share_for is not None and grid.kind == "ternary":
-                from peakllm.solvers.rate import gptq_at_zero_share
-
                 share = self.zero_share_for(name, *W.shape)
                 if self.matched_levels:
                     grid = replace(grid, zero_share=share)

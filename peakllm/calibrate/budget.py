@@ -1,0 +1,84 @@
+"""The peak memory of a streamed compression, predicted before anything is loaded.
+
+The prediction is made from the config's shapes (on the meta skeleton): the process as it stands (Python,
+torch, transformers) plus the largest of the run's phases. Each phase is a sum of named terms, so a refusal
+can say what does not fit and what would.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from peakllm.memory import gb, rss_bytes
+from peakllm.models.anatomy import fused_experts
+
+
+def layer_terms(layer, *, batch_tokens: int, seqlen: int, batch: int, hessian: bool, source_bytes: int) -> dict:
+    """Bytes one decoder layer needs at its worst moment (from its meta shapes): its fp32 weights, plus the
+    largest of reading it, collecting a group's statistics while the layer runs, and solving its biggest
+    matrix (the statistics' H, the solver's copy of H and two more in x in factors, copies of W)."""
+    params = sum(p.numel() for p in layer.parameters())
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    by_width: dict[int, int] = {}
+    for m in linears:
+        by_width[m.in_features] = by_width.get(m.in_features, 0) + 1
+    inter = max((m.out_features for m in linears), default=0)
+    widest = max((m.in_features for m in linears), default=0)
+    cfg = getattr(getattr(layer, "self_attn", None), "config", None)
+    n_heads = getattr(cfg, "num_attention_heads", 1) if cfg is not None else 1
+    forward = 4 * batch_tokens * (3 * inter + 4 * widest) + 4 * batch * n_heads * seqlen * seqlen
+    stats = 4 * max((min(n, 3) * w * w for w, n in by_width.items()), default=0) if hessian else 0
+    solve = max((4 * (4 * m.in_features ** 2 + 3 * m.in_features * m.out_features) for m in linears), default=0)
+    for experts in fused_experts(layer).values():
+        E, two_i, H = experts.gate_up_proj.shape
+        I = experts.down_proj.shape[2]
+        if hessian:  # one H per expert plus the pooled one, for the wider of the two parts
+            stats = max(stats, 4 * (E + 1) * max(H * H, I * I))
+        solve = max(solve, 4 * (3 * max(H, I) ** 2 + 3 * two_i * H))
+    if not hessian:
+        solve = max((4 * 3 * m.in_features * m.out_features for m in linears), default=0)
+    moments = {"layer as read from disk": {"layer as read from disk": source_bytes * params},
+               "statistics": {"statistics (Hessians)": stats, "forward intermediates": forward},
+               "solve": {"statistics (Hessians)": stats, "solver workspace": solve}}
+    worst = max(moments.values(), key=lambda t: sum(t.values()))
+    return {"layer weights fp32": 4 * params, **worst}
+
+
+def predict(streamed, *, calib_tokens: int, calib_seqlen: int, batch_size: int, hessian: bool, eval_tokens: int,
+            offload_bytes: int | None) -> dict:
+    """The peak of a streamed compression, phase by phase; acts held in RAM are capped at offload_bytes."""
+    cfg = streamed.model.config
+    hidden = cfg.hidden_size
+    vocab = cfg.vocab_size
+    acts = 4 * calib_tokens * hidden
+    in_ram = acts if offload_bytes is None else min(acts, offload_bytes)
+    eval_acts = 2 * 4 * eval_tokens * hidden
+    src = streamed.source_dtype.itemsize
+    common = {"calibration activations (in RAM, current + next layer)": 2 * in_ram,
+              "evaluation activations (dense + compressed)": eval_acts}
+    phases = {"capture (embedding in fp32)": {**common, "embedding fp32": 4 * vocab * hidden}}
+    worst_layer, worst = None, -1
+    for i, layer in enumerate(streamed.layers):
+        terms = layer_terms(layer, batch_tokens=batch_size * calib_seqlen, seqlen=calib_seqlen, batch=batch_size,
+                            hessian=hessian, source_bytes=src)
+        if sum(terms.values()) > worst:
+            worst_layer, worst = terms, sum(terms.values())
+    phases["largest decoder layer"] = {**common, **worst_layer}
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    outer = sum(p.numel() for _, mod in streamed.outer_modules() for p in mod.parameters(recurse=False)
+                if not (tied and mod is streamed.model.get_output_embeddings()))
+    phases["the rest (embedding, norm, lm_head in fp32) written last"] = {**common, "embedding and head fp32": 4 * outer}
+    if eval_tokens:
+        phases["evaluation head (norm + lm_head fp32, logits)"] = {
+            "evaluation activations (dense + compressed)": eval_acts, "lm_head fp32": 4 * vocab * hidden,
+            "logits": 3 * 4 * 512 * vocab}
+    base = rss_bytes()
+    name, terms = max(phases.items(), key=lambda kv: sum(kv[1].values()))
+    return {"predicted_peak_bytes": base + sum(terms.values()), "baseline_bytes": base, "peak_phase": name,
+            "terms": terms, "activation_bytes": acts, "activations_in_ram_bytes": in_ram}
+
+
+def describe(prediction: dict) -> str:
+    lines = [f"  process so far: {gb(prediction['baseline_bytes'])}"]
+    lines += [f"  {k}: {gb(v)}" for k, v in sorted(prediction["terms"].items(), key=lambda kv: -kv[1]) if v]
+    return "\n".join(lines)
