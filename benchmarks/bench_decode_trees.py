@@ -13,7 +13,6 @@ see the same machine state. Prints each one's tok/s per round and median; --log 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
 
