@@ -9,7 +9,8 @@ import pytest
 
 from peakllm.cli import main
 from peakllm.errors import PeakError
-from peakllm.eval.results import Table, machine_text, median_spread, ratio, regenerate, regenerate_text, render
+from peakllm.eval.results import MARK, Table, machine_text, median_spread, ratio, regenerate, regenerate_text, render
+from peakllm.eval.results_tables import TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -19,7 +20,7 @@ def test_committed_tables_equal_what_their_data_gives(tmp_path):
     """Regenerate every page into a temp folder; a committed page that differs is stale (run `make results`)."""
     stale, tables = [], 0
     for i, pages in enumerate(([RESULTS], [ROOT / "README.md"])):  # two README.md: apart
-        done = regenerate(pages, RESULTS, tmp_path / str(i))
+        done = regenerate(pages, RESULTS, TABLES, tmp_path / str(i))
         tables += done["tables"]
         stale += [p for p in done["pages"] if (tmp_path / str(i) / Path(p).name).read_text() != Path(p).read_text()]
     assert tables >= 20  # the pages do carry generated tables
@@ -27,9 +28,6 @@ def test_committed_tables_equal_what_their_data_gives(tmp_path):
 
 
 def test_every_table_a_page_names_exists_and_every_defined_table_is_published():
-    from peakllm.eval.results import MARK
-    from peakllm.eval.results_tables import TABLES
-
     pages = list(RESULTS.glob("*.md")) + [ROOT / "README.md"]
     named = {m.group("name") for p in pages for m in MARK.finditer(p.read_text())}
     assert named == set(TABLES)
@@ -82,7 +80,7 @@ def test_a_bad_table_writes_no_page(tmp_path):
     bad.write_text("<!-- table: nope -->\n<!-- end table -->\n")
     tables = {"t": Table("r.jsonl", [("x", lambda r: r["x"])])}
     with pytest.raises(PeakError, match="no generated table named 'nope'"):
-        regenerate([tmp_path], tmp_path, tables=tables)
+        regenerate([tmp_path], tmp_path, tables)
     assert good.read_text() == "<!-- table: t -->\n<!-- end table -->\n"
     with pytest.raises(PeakError, match="no line of r.jsonl matches"):
         render("t", tmp_path, {"t": Table("r.jsonl", [("x", lambda r: r["x"])], where=lambda r: False)})

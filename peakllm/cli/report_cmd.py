@@ -28,9 +28,10 @@ def run(args) -> int:
     if args.docs:
         if args.results:
             raise PeakError("give either RESULTS.jsonl (a report) or --docs (the docs' tables), not both")
-        from peakllm.eval.results import regenerate
+        from peakllm.eval.results import regenerate  # lazy, as below: the CLI starts every command, this one rarely
+        from peakllm.eval.results_tables import TABLES
 
-        emit(regenerate(args.docs, args.data, args.output), args, "report")
+        emit(regenerate(args.docs, args.data, TABLES, args.output), args, "report")
         return 0
     if not args.results or not args.output:
         raise PeakError("peakllm report needs RESULTS.jsonl and --output DIR (or --docs PAGE...)")

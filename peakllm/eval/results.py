@@ -158,12 +158,10 @@ def regenerate_text(text: str, results_dir: Path, tables: dict[str, Table]) -> s
     return MARK.sub(lambda m: m.group(1) + render(m.group("name"), results_dir, tables) + m.group(4), text)
 
 
-def regenerate(paths: list[str | Path], results_dir: str | Path, output: str | Path | None = None,
-               tables: dict[str, Table] | None = None) -> dict:
+def regenerate(paths: list[str | Path], results_dir: str | Path, tables: dict[str, Table],
+               output: str | Path | None = None) -> dict:
     """Rewrite the generated tables of every page in `paths` (Markdown files, or folders of them) from the
-    results files in `results_dir`; into `output` (a folder, same file names) instead of in place if given."""
-    if tables is None:
-        from peakllm.eval.results_tables import TABLES as tables
+    results files in `results_dir`, by the definitions in `tables` (`results_tables.TABLES`); into `output` (a folder, same file names) instead of in place if given."""
     results_dir = Path(results_dir)
     pages = []
     for p in map(Path, paths):
