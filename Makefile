@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install dev demo demo-qmoe test test-fast
+.PHONY: install dev demo demo-qmoe test test-fast results
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
@@ -31,3 +31,12 @@ test: dev
 
 test-fast: dev
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# every published table from its data: docs/results/*.md and README.md (<!-- table: NAME --> blocks), then the
+# per-file reports with their plots. tests/test_results_docs.py fails when a committed table is stale.
+REPORTS := prune:prune quantize:quantize qmoe-curve:qmoe-curve scale:scale offload-moe:offload
+results:
+	$(PYTHON) -m peakllm report --docs docs/results README.md --data docs/results
+	for r in $(REPORTS); do \
+	  $(PYTHON) -m peakllm report docs/results/$${r%%:*}.jsonl --output docs/results/$${r##*:}-report || exit 1; \
+	done

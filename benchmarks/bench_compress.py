@@ -27,6 +27,8 @@ from peakllm.calibrate.recipes import PruneRecipe, QuantRecipe
 from peakllm.formats.writer import packed_module
 from peakllm.solvers import Grid
 
+from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
+
 # the rows that decide the headline claims first (50% and 2:4), then the rest
 PRUNE_ROWS = [(m, s, p) for s, p in ((0.5, None), (0.5, (2, 4)), (0.6, None), (0.5, (4, 8)), (0.7, None))
               for m in ("sparsegpt", "wanda", "magnitude")]
@@ -71,14 +73,12 @@ def main() -> int:
     dense = perplexity(model, windows, progress=False)
     print(f"dense: ppl {dense['ppl']:.3f} over {dense['tokens']} wiki tokens, eval {dense['tokens_per_second']:.0f} tok/s",
           file=sys.stderr, flush=True)
-    log = open(args.log, "a") if args.log else None
 
     def record(row: dict) -> None:
         row.update(model=args.model, dense_ppl=dense["ppl"], eval_tokens=dense["tokens"])
         print(json.dumps(row), file=sys.stderr, flush=True)
-        if log:
-            log.write(json.dumps({"command": f"bench-{args.suite}", **row}) + "\n")
-            log.flush()
+        if args.log:
+            append_result(args.log, {"command": f"bench-{args.suite}", **row}, threads=args.threads)
         rows.append(row)
 
     rows: list[dict] = []

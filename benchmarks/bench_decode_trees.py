@@ -13,13 +13,14 @@ see the same machine state. Prints each one's tok/s per round and median; --log 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
 from bench_decode_vs_llamacpp import llama_tok_s, peakllm_tok_s
+
+from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
 
 
 def main() -> int:
@@ -52,8 +53,8 @@ def main() -> int:
         print(f"round {r}: " + ", ".join(f"{name} {v[-1]:.3g}" for name, v in runs.items()) + " tok/s",
               file=sys.stderr, flush=True)
         if args.log:
-            with open(args.log, "a") as fh:
-                fh.writelines(json.dumps(row) + "\n" for row in rows)
+            for row in rows:
+                append_result(args.log, row, threads=args.threads)
     for name, v in runs.items():
         print(f"{name}: median {statistics.median(v):.2f} tok/s over {len(v)} runs ({', '.join(f'{x:.2f}' for x in v)})")
     return 0

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
+
 
 def peakllm_tok_s(folder: str, args, extra: list[str], tree: str | None = None) -> dict:
     """One `peakllm bench --json` in a fresh process; `tree`: run the peakllm of that checkout (PYTHONPATH, from
@@ -87,10 +89,12 @@ def main() -> int:
     for name, folder, gguf in pairs:
         mine = statistics.median(o["decode_tok_s"] for o in ours[name])
         other = statistics.median(theirs[name])
+        # the ratio metric of docs/results: the median of per-round ratios (same round, same machine state)
+        ratios = [o["decode_tok_s"] / t for o, t in zip(ours[name], theirs[name])]
         row = {"bench": "decode-vs-llamacpp", "pair": name, "peakllm": folder, "peakllm_args": extra.get(name, []),
                "gguf": gguf, "rounds": args.rounds,
                "threads": args.threads, "new_tokens": args.new_tokens, "peakllm_tok_s": [o["decode_tok_s"] for o in ours[name]],
-               "llamacpp_tok_s": theirs[name], "ratio_median": mine / other,
+               "llamacpp_tok_s": theirs[name], "ratio_rounds": ratios, "ratio_median": statistics.median(ratios),
                "peakllm_weight_bytes": ours[name][0]["weight_bytes"], "gguf_bytes": Path(gguf).stat().st_size,
                "roofline_fraction": statistics.median(o["roofline_fraction"] for o in ours[name]),
                "bandwidth_gb_s": statistics.median(o["bandwidth_gb_s"] for o in ours[name]),
@@ -98,9 +102,8 @@ def main() -> int:
                **{f"peakllm_{k}": [o.get(k) for o in ours[name]] for k in ("load_s", "peak_rss_bytes",
                                                                           "peak_rss_decode_bytes", "base_rss_bytes")}}
         if args.log:
-            with open(args.log, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-        lines.append(f"| {name} | {mine:.3g} | {other:.3g} | {mine / other:.2f} | {row['peakllm_weight_bytes'] / 1e6:.1f} | "
+            append_result(args.log, row, threads=args.threads)
+        lines.append(f"| {name} | {mine:.3g} | {other:.3g} | {row['ratio_median']:.2f} | {row['peakllm_weight_bytes'] / 1e6:.1f} | "
                      f"{row['gguf_bytes'] / 1e6:.1f} | {row['roofline_fraction']:.2f} |")
     print("\n".join(lines))
     print(f"load average during the runs: {min(loads):.2f}-{max(loads):.2f}")

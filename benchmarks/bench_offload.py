@@ -19,7 +19,8 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
+
+from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
 
 
 def bench(args, budget: int | None) -> dict:
@@ -89,8 +90,7 @@ def main() -> int:
             if summary["offload"] is None:  # the in-memory row: the same plan fields for the plot's x axis
                 summary["offload"] = {**plan, "budget_bytes": plan["resident_bytes"] + plan["layer_bytes"]
                                       + plan.get("experts", 0) * plan.get("expert_bytes", 0), "all_resident": True}
-            with Path(args.log).open("a") as fh:
-                fh.write(json.dumps(summary) + "\n")
+            append_result(args.log, summary, threads=args.threads)
     return 0
 
 

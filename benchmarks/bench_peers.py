@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
+
 N_PARAMS = 134_515_008  # SmolLM2-135M-Instruct, tied embedding counted once
 REPO = Path(__file__).resolve().parents[1]
 IMATRIX_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0")
@@ -121,11 +123,8 @@ class Bench:
     # --- bookkeeping ---------------------------------------------------------------------------------
     def emit(self, row: dict) -> None:
         row = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row}
-        line = json.dumps(row)
-        print(line, flush=True)
         self.results.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.results, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        print(json.dumps(append_result(self.results, row, threads=getattr(self.args, "threads", None))), flush=True)
 
     def peakllm_eval(self, model: Path, tag: str) -> tuple[dict, str]:
         cmd = self.peakllm + ["eval", "--model", str(model), "--max-tokens", str(self.args.eval_tokens), "--json"]

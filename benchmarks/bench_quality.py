@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
+
 # name -> quantize arguments (besides model, seed, calibration and evaluation budget)
 CONFIGS = {
     "w4g64-sym-static-e8": ["--bits", "4", "--group-size", "64", "--sym", "--act-order", "static", "--embed-bits", "8"],
@@ -127,8 +129,7 @@ def main() -> int:
             print(json.dumps({k: row[k] for k in ("config", "seed", "ppl", "bits_per_param_total", "wall_seconds")}),
                   file=sys.stderr, flush=True)
             if args.log:
-                with open(args.log, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                append_result(args.log, row, threads=getattr(args, "threads", None))
             rows.append(row)
     print(table(rows))
     return 0

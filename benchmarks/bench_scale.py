@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
+
 
 def load() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -77,8 +79,7 @@ def main() -> int:
         result.update(shape=shape, load_before=before, load_after=load(), command="scale")
         rows.append(result)
         if args.log:
-            with open(args.log, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            append_result(args.log, result, threads=int(args.threads) if args.threads else None)
         shutil.rmtree(out, ignore_errors=True)
         if made and not args.keep:
             shutil.rmtree(model, ignore_errors=True)

@@ -37,6 +37,8 @@ from peakllm.formats.sub1 import PackedSub1  # noqa: E402
 from peakllm.formats.sub1_code import Sub1Dictionary  # noqa: E402
 from peakllm.kernels import sub1 as K  # noqa: E402
 
+from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
+
 E = 8
 
 
@@ -218,7 +220,6 @@ def roofline(shapes: list, p_zero: float, sym_bits: list, rounds: int, jsonl: st
     (`operands(fused=False)`, the kernel before it) side by side, interleaved round by round, as packed
     bytes / time against the read-bandwidth probe measured between the matrices (median of the probes)."""
     import json
-    import platform
 
     from peakllm.kernels.dense import read_bandwidth_gb_s
 
@@ -271,12 +272,11 @@ def roofline(shapes: list, p_zero: float, sym_bits: list, rounds: int, jsonl: st
                    "speedup_wall": round(wall["gather"] / wall["fused"], 2),
                    "speedup_cpu_1thread": round(cpu["gather"] / cpu["fused"], 2),
                    "ns_per_symbol_1thread": {k: round(cpu[k] * 1e3 / packed.n_symbols, 2) for k in cpu},
-                   "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)], "machine": platform.processor()
-                   or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                   "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # machine: results_line
             rows_out.append(rec)
             if jsonl:
-                with open(jsonl, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+                rec = append_result(jsonl, rec, threads=threads)
             print(json.dumps(rec), flush=True)
     print(f"\n| matrix | sym bits | bits/param | 1-thread CPU us gather / fused | ns per symbol gather / fused | "
           f"speed-up CPU / wall | GB/s ({threads} x 1-thread CPU) gather / fused | roofline (same) gather / "
@@ -328,8 +328,7 @@ def e2e(models: list, rounds: int, prompt_tokens: int, new_tokens: int, jsonl: s
                                              for k, v in tok_s.items()}}
     print(json.dumps(rec))
     if jsonl:
-        with open(jsonl, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        append_result(jsonl, rec, threads=rec["threads"])
     print(f"\n| model | decode tok/s (median of {rounds}) | x {first} (median of per-round ratios) | weight MB/token |")
     print("|---|---|---|---|")
     for k, v in tok_s.items():
