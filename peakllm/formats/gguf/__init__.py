@@ -3,6 +3,9 @@ dequantizer that equals ``gguf.quants.dequantize`` bit for bit), and the file wr
 tensor names and tokenizer llama.cpp's own converter writes (``writer.py``). Solving onto these grids is
 ``peakllm/solvers/ggml.py``; this room knows only the bytes."""
 
-from peakllm.formats.gguf.blocks import BLOCK_TYPES, BlockType, GGMLWeight, block_type, check_width, unpack
+from peakllm.formats.gguf.blocks import (BLOCK_TYPES, BlockType, GGMLWeight, block_type, check_width, fallback_type,
+                                         unpack)
+from peakllm.formats.gguf.writer import WrittenTensor, write_gguf
 
-__all__ = ["BLOCK_TYPES", "BlockType", "GGMLWeight", "block_type", "check_width", "unpack"]
+__all__ = ["BLOCK_TYPES", "BlockType", "GGMLWeight", "WrittenTensor", "block_type", "check_width", "fallback_type",
+           "unpack", "write_gguf"]

@@ -173,12 +173,21 @@ def scale_bias(t: BlockType, params: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return scale, -(dmin * params["mins"].float())
 
 
+def per_column(t: BlockType, p: torch.Tensor | None) -> torch.Tensor | None:
+    """A per group ``[rows, cols / group]`` tensor repeated to every column ``[rows, cols]``."""
+    return None if p is None else p.repeat_interleave(t.group, dim=1)
+
+
+def grid_values(t: BlockType, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``scale * level + bias`` of each code, ``scale``/``bias`` broadcast against ``codes``."""
+    w = scale * t.levels().to(codes.device)[codes.long()]
+    return w if bias is None else w + bias
+
+
 def dequantize_codes(t: BlockType, codes: torch.Tensor, scale: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """``scale * level + bias`` per weight with the per group ``scale`` / ``bias`` broadcast over columns."""
-    levels = t.levels().to(codes.device)[codes.long()]
-    w = scale.repeat_interleave(t.group, dim=1) * levels
-    return w if bias is None else w + bias.repeat_interleave(t.group, dim=1)
+    """The weights of ``codes [rows, cols]`` under per group ``scale`` / ``bias`` ``[rows, cols / group]``."""
+    return grid_values(t, codes, per_column(t, scale), per_column(t, bias))
 
 
 # ---- bytes -------------------------------------------------------------------------------------
