@@ -116,6 +116,24 @@ def test_fit_handles_zero_and_constant_groups():
         assert np.isfinite(gguf_weight(q).numpy()).all()
 
 
+@pytest.mark.parametrize("name", TYPES)
+def test_a_given_grid_is_used_and_recovers_its_own_codes(name):
+    """Solving onto the grid a file already stores (the origin grid of a model distributed as a GGUF) finds
+    its codes again from the dequantized weight, with RTN and with GPTQ."""
+    t = BLOCK_TYPES[name]
+    W, H = problem(6, 2 * t.block, seed=4)
+    origin = rtn_ggml(W, name)
+    again = rtn_ggml(origin.dequantize(), name, params=origin.params)
+    assert torch.equal(again.codes, origin.codes)
+    solved, _ = gptq_ggml(origin.dequantize(), H, name, params=origin.params)
+    assert torch.equal(solved.codes, origin.codes)
+    other = rtn_ggml(W * 1.5, name)
+    moved = rtn_ggml(W, name, params=other.params)
+    assert all(torch.equal(moved.params[k], other.params[k]) for k in other.params)
+    with pytest.raises(PeakError, match="needs parameters|must be"):
+        rtn_ggml(W, name, params={"d": origin.params["d"][:, :1]})
+
+
 def test_bad_input_is_one_error():
     W, H = problem(4, 64)
     with pytest.raises(PeakError, match="blocks of 256"):

@@ -39,24 +39,37 @@ def check_importance(importance: torch.Tensor | None, cols: int) -> None:
                         f"{tuple(getattr(importance, 'shape', ()))}")
 
 
-def rtn_ggml(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = None) -> GGMLWeight:
-    """``W [out, in]`` in block type ``type_name``: fitted parameters, every weight rounded to the nearest point."""
+def grid_params(W: torch.Tensor, t: BlockType, importance: torch.Tensor | None,
+                params: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """``params`` checked against W's shape and the type's ranges, or fitted on W when None."""
+    if params is None:
+        return fit_params(W, t, importance)
+    GGMLWeight(t.name, torch.zeros(W.shape, dtype=torch.uint8), params)  # one error: wrong shape, dtype or range
+    return {k: v.to(W.device) for k, v in params.items()}
+
+
+def rtn_ggml(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = None, *,
+             params: dict[str, torch.Tensor] | None = None) -> GGMLWeight:
+    """``W [out, in]`` in block type ``type_name``: fitted parameters, every weight rounded to the nearest point.
+    ``params``: a grid given instead of fitted (e.g. the one a GGUF file already stores for this weight)."""
     check_weight(W)
     t = check_width(type_name, W.shape[1])
     check_importance(importance, W.shape[1])
     W = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
-    params = fit_params(W, t, importance)
+    params = grid_params(W, t, importance, params)
     scale, bias = scale_bias(t, params)
     return GGMLWeight(t.name, nearest_codes(t, W, per_column(t, scale), per_column(t, bias)), params)
 
 
 def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: int = 128, damp: float = 0.01,
-              act_order: bool = True, importance: torch.Tensor | None = None) -> tuple[GGMLWeight, SolveInfo]:
+              act_order: bool = True, importance: torch.Tensor | None = None,
+              params: dict[str, torch.Tensor] | None = None) -> tuple[GGMLWeight, SolveInfo]:
     """GPTQ of ``W [out, in]`` onto block type ``type_name`` minimising ||WX - QX||^2 given ``H [in, in]``.
 
     The grid is fitted on W up front with ``importance`` (default diag(H)) weighting each column's error;
     columns are then swept in order of decreasing diag(H) (``act_order``) or in their own order, each rounded
     onto its group's fixed grid with the error spread over the columns not yet rounded.
+    ``params``: a grid given instead of fitted (``GGMLWeight.params`` of this shape and type).
     If H + damping cannot be factored, falls back to RTN on the same grid (info.fallback_rtn).
     """
     check_weight(W)
@@ -66,7 +79,7 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: in
     check_importance(importance, W.shape[1])
     W, H = prepare(W, H)
     diag = torch.diagonal(H).clone()
-    params = fit_params(W, t, diag if importance is None else importance)
+    params = grid_params(W, t, diag if importance is None else importance, params)
     scale, bias = scale_bias(t, params)
     group = torch.arange(W.shape[1], device=W.device) // t.group
 
