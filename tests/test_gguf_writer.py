@@ -11,6 +11,7 @@ from conftest import TINY_TEXT, _randomize, tiny_family, tiny_llama_config
 
 from peakllm.errors import PeakError
 from peakllm.formats.gguf.blocks import BLOCK_TYPES
+from peakllm.formats.gguf.reader import hf_row_order, read_block_weights
 from peakllm.formats.gguf.writer import llamacpp_row_order, write_gguf
 from peakllm.solvers.ggml import rtn_ggml
 
@@ -85,9 +86,13 @@ def test_every_tensor_reads_back_bit_exactly(written):
         assert np.array_equal(theirs.view(np.int32), ours.view(np.int32))
 
 
-def hf_row_order(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """The inverse of llama.cpp's q/k row order (what transformers' loader applies)."""
-    return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+def test_reader_gives_back_what_was_written(written):
+    path, model, quantized = written
+    back = read_block_weights(path, model)
+    assert set(back) == set(quantized)
+    for name, q in quantized.items():
+        assert back[name].type == q.type and torch.equal(back[name].codes, q.codes)
+        assert all(torch.equal(back[name].params[k], q.params[k]) for k in q.params)
 
 
 def test_transformers_loader_reads_our_weights_and_logits(written, tokenizer):
@@ -165,3 +170,21 @@ def test_default_model_metadata_and_tokenizer_match_llamacpps_converter(tmp_path
     for key in sorted(ref_keys):
         assert ref.fields[key].contents() == ours.fields[key].contents(), key
     assert sorted(t.name for t in ref.tensors) == sorted(t.name for t in ours.tensors)
+
+
+@pytest.mark.slow
+def test_default_models_own_grid_is_read_and_recovered(default_model):
+    """The default model is SmolLM2's Q4_1 GGUF dequantized: its stored grids dequantize to the loaded weights
+    bit for bit, and rounding a loaded weight onto its stored grid gives the stored codes."""
+    from peakllm.models import default_gguf_path
+
+    model, _ = default_model
+    grids = read_block_weights(default_gguf_path(), model)
+    assert len(grids) == 7 * model.config.num_hidden_layers + 1  # and the token embedding, in Q8_0
+    assert grids["model.embed_tokens.weight"].type == "Q8_0" and {g.type for g in grids.values()} == {"Q4_1", "Q8_0"}
+    params = dict(model.named_parameters())
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        g = grids[name]
+        assert torch.equal(g.dequantize(), params[name].detach())
+        assert torch.equal(rtn_ggml(params[name].detach(), g.type, params=g.params).codes, g.codes)
