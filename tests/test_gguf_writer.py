@@ -12,7 +12,7 @@ from conftest import TINY_TEXT, _randomize, tiny_family, tiny_llama_config
 from peakllm.errors import PeakError
 from peakllm.formats.gguf.blocks import BLOCK_TYPES
 from peakllm.formats.gguf.reader import hf_row_order, read_block_weights
-from peakllm.formats.gguf.writer import llamacpp_row_order, write_gguf
+from peakllm.formats.gguf.writer import GGUFStreamWriter, llamacpp_row_order, write_gguf
 from peakllm.solvers.ggml import rtn_ggml
 
 # every block type on some tensor of a model with 256-wide rows (K-quants need multiples of 256)
@@ -149,6 +149,33 @@ def test_bad_input_is_one_error_before_writing(tmp_path, tokenizer, monkeypatch)
     with pytest.raises(PeakError, match="MB free"):
         write_gguf(model, tokenizer, tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_writing_equals_the_one_call_and_checks_its_order(tmp_path, tokenizer, written):
+    """A meta skeleton plans the file; tensors then arrive one at a time and give the same bytes."""
+    path, model, quantized = written
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    params = dict(model.named_parameters())
+    out = tmp_path / "streamed.gguf"
+    with GGUFStreamWriter(skeleton, tokenizer, out, {k: q.type for k, q in quantized.items()}, float_type="F32") as s:
+        assert not out.exists()
+        for t in s.plan:
+            s.write(t.hf_name, quantized.get(t.hf_name, params[t.hf_name]))
+    assert out.read_bytes() == path.read_bytes()
+
+    with pytest.raises(PeakError, match="written in order"):
+        with GGUFStreamWriter(skeleton, tokenizer, tmp_path / "bad.gguf", float_type="F32") as s:
+            s.write(s.plan[1].hf_name, params[s.plan[1].hf_name])
+    with pytest.raises(PeakError, match="expected Q6_K"):
+        with GGUFStreamWriter(skeleton, tokenizer, tmp_path / "bad.gguf", {"model.embed_tokens.weight": "Q6_K"}) as s:
+            s.write("model.embed_tokens.weight", params["model.embed_tokens.weight"])
+    with pytest.raises(PeakError, match="unfinished"):
+        with GGUFStreamWriter(skeleton, tokenizer, tmp_path / "bad.gguf") as s:
+            s.write(s.plan[0].hf_name, params[s.plan[0].hf_name])
+    with pytest.raises(PeakError, match="blocks of 256"):  # a 64-wide model cannot take K-quants
+        GGUFStreamWriter(tiny_family("llama"), tokenizer, tmp_path / "bad.gguf", {"model.embed_tokens.weight": "Q4_K"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.gguf"]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ tensor names and tokenizer llama.cpp's own converter writes (``writer.py``), and
 from peakllm.formats.gguf.blocks import (BLOCK_TYPES, BlockType, GGMLWeight, block_type, check_width, fallback_type,
                                          unpack)
 from peakllm.formats.gguf.reader import read_block_weights
-from peakllm.formats.gguf.writer import WrittenTensor, write_gguf
+from peakllm.formats.gguf.writer import GGUFStreamWriter, WrittenTensor, write_gguf
 
-__all__ = ["BLOCK_TYPES", "BlockType", "GGMLWeight", "WrittenTensor", "block_type", "check_width", "fallback_type",
-           "read_block_weights", "unpack", "write_gguf"]
+__all__ = ["BLOCK_TYPES", "BlockType", "GGMLWeight", "GGUFStreamWriter", "WrittenTensor", "block_type", "check_width",
+           "fallback_type", "read_block_weights", "unpack", "write_gguf"]

@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 
 from peakllm.errors import PeakError
-from peakllm.formats.gguf.blocks import GGMLWeight
+from peakllm.formats.gguf.blocks import GGMLWeight, check_width
 
 FLOAT_TYPES = {"F32": (np.float32, gguf.GGMLQuantizationType.F32), "F16": (np.float16, gguf.GGMLQuantizationType.F16)}
 # general.file_type llama-quantize records for a file mostly in a type (its presets' names; *_M for K-quants)
@@ -140,36 +140,154 @@ def llamacpp_row_order(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def gguf_tensors(model, quantized: dict[str, GGMLWeight], float_type: str) -> list[tuple[str, np.ndarray, str, int]]:
-    """(GGUF name, array, type, number of weights) of every tensor the file stores, in the model's parameter order."""
+@dataclass
+class PlannedTensor:
+    """A tensor the file will hold: where it comes from, its GGUF name, type, shape, bytes and row order."""
+
+    hf_name: str
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    nbytes: int
+    heads: int = 0  # > 0: q/k rows, stored in llama.cpp's order for this many heads
+
+
+def plan_tensors(model, types: dict[str, str], float_type: str) -> list[PlannedTensor]:
+    """Every tensor of ``model`` the file stores, in the model's parameter order: those named in ``types``
+    (HF name -> block type) in that type, other 2-D ones in ``float_type``, 1-D ones in F32. ``model`` may be a
+    meta skeleton: only shapes are read."""
     cfg = model.config
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     params = dict(model.named_parameters())
-    unknown = sorted(set(quantized) - set(params))
+    unknown = sorted(set(types) - set(params))
     if unknown:
-        raise PeakError(f"quantized weights for tensors the model does not have: {', '.join(unknown[:3])}")
-    out = []
+        raise PeakError(f"block types given for tensors the model does not have: {', '.join(unknown[:3])}")
+    plan = []
     for hf_name, p in params.items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp reads a missing output.weight as the token embedding
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise PeakError(f"no GGUF name for tensor {hf_name!r}")
-        q = quantized.get(hf_name)
-        if q is not None:
-            if tuple(q.codes.shape) != tuple(p.shape):
-                raise PeakError(f"{hf_name}: quantized shape {list(q.codes.shape)} is not the model's {list(p.shape)}")
-            data, type_name = q.pack(), q.type
-        elif p.dim() == 1:
-            data, type_name = p.detach().float().cpu().numpy(), "F32"
+        shape = tuple(p.shape)
+        if hf_name in types:
+            if len(shape) != 2:
+                raise PeakError(f"{hf_name}: only 2-D weights take a block type, it is {list(shape)}")
+            t = check_width(types[hf_name], shape[1])
+            type_name, nbytes = t.name, shape[0] * t.row_bytes(shape[1])
         else:
-            data, type_name = p.detach().float().cpu().numpy().astype(FLOAT_TYPES[float_type][0]), float_type
-        if name.endswith(("attn_q.weight", "attn_q.bias")):
-            data = llamacpp_row_order(data, cfg.num_attention_heads)
-        elif name.endswith(("attn_k.weight", "attn_k.bias")):
-            data = llamacpp_row_order(data, cfg.num_key_value_heads)
-        out.append((name, np.ascontiguousarray(data), type_name, p.numel()))
-    return out
+            type_name = "F32" if len(shape) == 1 else float_type
+            nbytes = p.numel() * np.dtype(FLOAT_TYPES[type_name][0]).itemsize
+        heads = cfg.num_attention_heads if name.startswith("blk.") and ".attn_q." in name else \
+            cfg.num_key_value_heads if name.startswith("blk.") and ".attn_k." in name else 0
+        plan.append(PlannedTensor(hf_name, name, type_name, shape, nbytes, heads))
+    return plan
+
+
+def stored_array(t: PlannedTensor, value) -> np.ndarray:
+    """The bytes (or floats) the file stores for ``value``: a GGMLWeight of ``t``'s type, or a float tensor."""
+    if t.type in FLOAT_TYPES:
+        if isinstance(value, GGMLWeight) or not hasattr(value, "detach") or tuple(value.shape) != t.shape:
+            raise PeakError(f"{t.hf_name}: expected a float tensor {list(t.shape)}, got {type(value).__name__}")
+        data = value.detach().float().cpu().numpy().astype(FLOAT_TYPES[t.type][0])
+    else:
+        if not isinstance(value, GGMLWeight) or value.type != t.type or tuple(value.codes.shape) != t.shape:
+            got = f"{value.type} {list(value.codes.shape)}" if isinstance(value, GGMLWeight) else type(value).__name__
+            raise PeakError(f"{t.hf_name}: expected {t.type} {list(t.shape)}, got {got}")
+        data = value.pack()
+    if t.heads:
+        data = llamacpp_row_order(data, t.heads)
+    return np.ascontiguousarray(data)
+
+
+class GGUFStreamWriter:
+    """A .gguf file written tensor by tensor, for runs that never hold the whole model.
+
+    The header (metadata, tokenizer, every tensor's name, type and offset) is written on opening, from the
+    plan; then ``write(hf_name, value)`` once per planned tensor, in the plan's order (the model's parameter
+    order); ``close()`` renames the temporary file to ``path``. Used as a context manager, an exception
+    removes the temporary file and leaves ``path`` as it was.
+    """
+
+    def __init__(self, model, tokenizer, path, types: dict[str, str] | None = None, *, float_type: str = "F16",
+                 name: str | None = None, file_type: str | None = None):
+        check_model(model)
+        if float_type not in FLOAT_TYPES:
+            raise PeakError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
+        self.path = Path(path)
+        if self.path.suffix != ".gguf":
+            raise PeakError(f"a GGUF output path must end in .gguf, got {self.path}")
+        self.plan = plan_tensors(model, types or {}, float_type)
+        if file_type is None:
+            weights: dict[str, int] = {}
+            for t in self.plan:
+                if len(t.shape) == 2:
+                    weights[t.type] = weights.get(t.type, 0) + t.shape[0] * t.shape[1]
+            file_type = max(weights, key=weights.get) if weights else float_type
+        if file_type not in FILE_TYPES:
+            raise PeakError(f"file_type must be one of {', '.join(FILE_TYPES)}, got {file_type!r}")
+        size = sum(t.nbytes for t in self.plan) + HEADER_BYTES
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.path.parent).free
+        if free < size:
+            raise PeakError(f"{self.path.parent} has {free / 1e6:.1f} MB free; the GGUF file needs about "
+                            f"{size / 1e6:.1f} MB")
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.written: list[WrittenTensor] = []
+        try:
+            self.w = gguf.GGUFWriter(self.tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+            add_llama_metadata(self.w, model.config, name, file_type)
+            add_bpe_tokenizer(self.w, tokenizer, model.config.vocab_size)
+            self.w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for t in self.plan:
+                raw = FLOAT_TYPES[t.type][1] if t.type in FLOAT_TYPES else gguf.GGMLQuantizationType[t.type]
+                dtype = np.dtype(FLOAT_TYPES[t.type][0]) if t.type in FLOAT_TYPES else np.dtype(np.uint8)
+                byte_shape = t.shape if t.type in FLOAT_TYPES else (t.shape[0], t.nbytes // t.shape[0])
+                self.w.add_tensor_info(t.name, byte_shape, dtype, t.nbytes, raw_dtype=raw)
+            self.w.write_header_to_file()
+            self.w.write_kv_data_to_file()
+            self.w.write_ti_data_to_file()
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, hf_name: str, value) -> WrittenTensor:
+        """Store the next planned tensor: a ``GGMLWeight`` (block types) or a float tensor, in HF row order."""
+        if len(self.written) == len(self.plan):
+            raise PeakError(f"{hf_name}: every planned tensor is already written")
+        t = self.plan[len(self.written)]
+        if hf_name != t.hf_name:
+            raise PeakError(f"GGUF tensors are written in order: expected {t.hf_name}, got {hf_name}")
+        self.w.write_tensor_data(stored_array(t, value))
+        self.written.append(WrittenTensor(t.name, t.type, t.shape, t.nbytes))
+        return self.written[-1]
+
+    def close(self) -> list[WrittenTensor]:
+        if len(self.written) != len(self.plan):
+            missing = self.plan[len(self.written)].hf_name
+            self.abort()
+            raise PeakError(f"GGUF file left unfinished: {missing} and {len(self.plan) - len(self.written) - 1} more "
+                            "tensors were never written")
+        self.w.close()
+        os.replace(self.tmp, self.path)
+        return self.written
+
+    def abort(self) -> None:
+        w = getattr(self, "w", None)
+        if w is not None:
+            w.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+    def __enter__(self) -> "GGUFStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_gguf(model, tokenizer, path, quantized: dict[str, GGMLWeight] | None = None, *, float_type: str = "F16",
@@ -182,48 +300,17 @@ def write_gguf(model, tokenizer, path, quantized: dict[str, GGMLWeight] | None =
     block type name, e.g. "Q4_K"; default: the type holding the most weights). Written to a temporary file
     beside ``path`` and renamed. Returns what was written, tensor by tensor.
     """
-    check_model(model)
-    if float_type not in FLOAT_TYPES:
-        raise PeakError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
-    path = Path(path)
-    if path.suffix != ".gguf":
-        raise PeakError(f"a GGUF output path must end in .gguf, got {path}")
     quantized = quantized or {}
-    tensors = gguf_tensors(model, quantized, float_type)
-    if file_type is None:
-        weights: dict[str, int] = {}
-        for _, data, t, numel in tensors:
-            if data.ndim == 2:
-                weights[t] = weights.get(t, 0) + numel
-        file_type = max(weights, key=weights.get) if weights else float_type
-    if file_type not in FILE_TYPES:
-        raise PeakError(f"file_type must be one of {', '.join(FILE_TYPES)}, got {file_type!r}")
-    size = sum(data.nbytes for _, data, _, _ in tensors) + HEADER_BYTES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(path.parent).free
-    if free < size:
-        raise PeakError(f"{path.parent} has {free / 1e6:.1f} MB free; the GGUF file needs about {size / 1e6:.1f} MB")
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        add_llama_metadata(w, model.config, name, file_type)
-        add_bpe_tokenizer(w, tokenizer, model.config.vocab_size)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        written = []
-        for tensor_name, data, t, _ in tensors:
-            raw = FLOAT_TYPES[t][1] if t in FLOAT_TYPES else gguf.GGMLQuantizationType[t]
-            w.add_tensor(tensor_name, data, raw_dtype=raw)
-            shape = tuple(int(s) for s in gguf.quants.quant_shape_from_byte_shape(data.shape, raw)) if t not in FLOAT_TYPES \
-                else tuple(data.shape)
-            written.append(WrittenTensor(tensor_name, t, shape, int(data.nbytes)))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return written
+    for hf_name, q in quantized.items():
+        if not isinstance(q, GGMLWeight):
+            raise PeakError(f"{hf_name}: quantized weights must be GGMLWeight, got {type(q).__name__}")
+    params = dict(model.named_parameters())
+    for hf_name, q in quantized.items():
+        if hf_name in params and tuple(q.codes.shape) != tuple(params[hf_name].shape):
+            raise PeakError(f"{hf_name}: quantized shape {list(q.codes.shape)} is not the model's "
+                            f"{list(params[hf_name].shape)}")
+    with GGUFStreamWriter(model, tokenizer, path, {k: q.type for k, q in quantized.items()},
+                          float_type=float_type, name=name, file_type=file_type) as out:
+        for t in out.plan:
+            out.write(t.hf_name, quantized.get(t.hf_name, params[t.hf_name]))
+    return out.written
