@@ -104,6 +104,28 @@ def test_importance_weighted_fit_lowers_the_layer_error():
         assert weighted < plain
 
 
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_kquant_refinement_never_raises_the_weighted_error(name, monkeypatch):
+    """The refinement after llama.cpp's K-quant fit (integer nudges, d/dmin least squares) keeps a block's
+    values only where its weighted error drops: block by block, never worse, and lower overall."""
+    import peakllm.solvers.ggml_fit as fit
+
+    t = BLOCK_TYPES[name]
+    W, H = problem(24, 512, seed=5)
+    imp = torch.diagonal(H)
+
+    def block_errors(params):
+        q = rtn_ggml(W, name, params=params).dequantize()
+        x = W.reshape(24, 2, 256)
+        w = fit.element_weights(x, imp.reshape(1, 2, 256), symmetric=name in fit.SYM_NMAX)
+        return (w * (x - q.reshape(24, 2, 256)) ** 2).sum(-1)
+
+    refined = block_errors(fit_params(W, t, imp))
+    monkeypatch.setattr(fit, "refine_superblock", lambda xs, ws, t, d, dmin, sc, mn: (d, dmin, sc, mn))
+    plain = block_errors(fit_params(W, t, imp))
+    assert bool((refined <= plain * (1 + 1e-6)).all()) and float(refined.sum()) < float(plain.sum())
+
+
 def test_fit_handles_zero_and_constant_groups():
     for name, t in BLOCK_TYPES.items():
         W = torch.zeros(3, t.block)

@@ -148,6 +148,79 @@ def superblock_signed(s: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, 
     return fp16(d.squeeze(-1)), ints.to(torch.int16)
 
 
+def group_error(xs: torch.Tensor, ws: torch.Tensor, t: BlockType, d: torch.Tensor, dmin: torch.Tensor | None,
+                sc: torch.Tensor, mn: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted squared error per group [rows, blocks, groups], levels) of ``xs [rows, blocks, groups, group]``
+    rounded onto the grid of fp16 ``d``/``dmin`` per block and integer ``sc``/``mn`` per group."""
+    scale = (d.float().unsqueeze(-1) * sc.float()).unsqueeze(-1)
+    bias = None if mn is None else (-(dmin.float().unsqueeze(-1) * mn.float())).unsqueeze(-1)
+    zero = scale == 0
+    target = xs if bias is None else xs - bias
+    level = torch.round(torch.where(zero, 0, target / torch.where(zero, 1, scale)))
+    level = level.clamp(t.level_min, t.level_min + 2**t.code_bits - 1)
+    q = scale * level if bias is None else scale * level + bias
+    return (ws * (xs - q) ** 2).sum(dim=-1), level
+
+
+def superblock_error(xs, ws, t, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
+    err, level = group_error(xs, ws, t, d, dmin, sc, mn)
+    return err.sum(dim=-1), level
+
+
+def nudge_ints(xs, ws, t: BlockType, d, dmin, sc, mn):
+    """Each group's integer scale (and min) moved by one step where that lowers the group's own error."""
+    lo, hi = t.params["scales"][1]
+    best, _ = group_error(xs, ws, t, d, dmin, sc, mn)
+    for key in ("scales", "mins") if mn is not None else ("scales",):
+        for step in (-1, 1):
+            cur = sc if key == "scales" else mn
+            cand = (cur + step).clamp(lo, hi)
+            err, _ = group_error(xs, ws, t, d, dmin, cand if key == "scales" else sc, cand if key == "mins" else mn)
+            better = err < best
+            best = torch.where(better, err, best)
+            if key == "scales":
+                sc = torch.where(better, cand, sc)
+            else:
+                mn = torch.where(better, cand, mn)
+    return sc, mn
+
+
+def refine_superblock(xs: torch.Tensor, ws: torch.Tensor, t: BlockType, d: torch.Tensor, dmin: torch.Tensor | None,
+                      sc: torch.Tensor, mn: torch.Tensor | None, rounds: int = 2, nudge: bool = True):
+    """Lower each block's weighted error below llama.cpp's fit, in ``rounds`` of two steps: move each group's
+    integer scale (and min) by one where that lowers the group's error; then, those fixed, refit the block's
+    fp16 d (and dmin) by weighted least squares on its weights (w = d*sc*level - dmin*mn is linear in them)
+    and re-round, kept only where the block's error drops. Never worse than the fit it starts from."""
+    best, level = superblock_error(xs, ws, t, d, dmin, sc, mn)
+    for _ in range(rounds):
+        if nudge:
+            sc, mn = nudge_ints(xs, ws, t, d, dmin, sc, mn)
+            best, level = superblock_error(xs, ws, t, d, dmin, sc, mn)
+        a = sc.float().unsqueeze(-1) * level  # the weight is d * a (- dmin * b)
+        waa, wax = (ws * a * a).sum(dim=(-1, -2)), (ws * a * xs).sum(dim=(-1, -2))
+        if mn is None:
+            ok = waa > 0
+            new_d, new_dmin = torch.where(ok, wax / torch.where(ok, waa, 1), d.float()), None
+        else:
+            b = -mn.float().unsqueeze(-1).expand_as(a)
+            wab, wbb, wbx = (ws * a * b).sum(dim=(-1, -2)), (ws * b * b).sum(dim=(-1, -2)), (ws * b * xs).sum(dim=(-1, -2))
+            det = waa * wbb - wab * wab
+            ok = det > 1e-30 * (waa * wbb).clamp_min(1e-30)
+            dets = torch.where(ok, det, 1)
+            new_d = torch.where(ok, (wax * wbb - wbx * wab) / dets, d.float())
+            new_dmin = torch.where(ok, (wbx * waa - wax * wab) / dets, dmin.float())
+        new_d = fp16(new_d)
+        new_dmin = None if new_dmin is None else fp16(new_dmin)
+        finite = torch.isfinite(new_d.float()) & (True if new_dmin is None else torch.isfinite(new_dmin.float()))
+        err, new_level = superblock_error(xs, ws, t, new_d, new_dmin, sc, mn)
+        better = finite & (err < best)
+        d = torch.where(better, new_d, d)
+        dmin = None if dmin is None else torch.where(better, new_dmin, dmin)
+        level = torch.where(better[..., None, None], new_level, level)
+        best = torch.where(better, err, best)
+    return d, dmin, sc, mn
+
+
 def fit_params(W: torch.Tensor, t: BlockType, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The parameters of type ``t`` for ``W [rows, cols]`` (cols a multiple of ``t.block``), as
     ``GGMLWeight.params`` names them. ``importance [cols]``: each input column's weight (diag(H))."""
@@ -168,9 +241,11 @@ def fit_params(W: torch.Tensor, t: BlockType, importance: torch.Tensor | None = 
     if t.name in SYM_NMAX:
         s = sym_scale(xs, ws, SYM_NMAX[t.name])
         d, ints = superblock_signed(s, *t.params["scales"][1])
+        d, _, ints, _ = refine_superblock(xs, ws, t, d, None, ints, None)
         return {"d": d, "scales": ints.reshape(rows, nb * G)}
     scale, the_min = asym_scale_min(xs, ws, *ASYM_SEARCH[t.name])
     qmax = t.params["scales"][1][1]
     d, sc = superblock_ints(scale.clamp_min(0), qmax)
     dmin, mn = superblock_ints(the_min, qmax)
+    d, dmin, sc, mn = refine_superblock(xs, ws, t, d, dmin, sc, mn)
     return {"d": d, "dmin": dmin, "scales": sc.reshape(rows, nb * G), "mins": mn.reshape(rows, nb * G)}
