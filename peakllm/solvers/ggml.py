@@ -28,7 +28,7 @@ def nearest_codes(t: BlockType, w: torch.Tensor, scale: torch.Tensor, bias: torc
     if t.values is not None:
         values = torch.tensor(t.values, dtype=w.dtype, device=w.device)
         return nearest_value(target, values).to(torch.uint8)
-    level = torch.round(target).clamp(t.level_min, t.level_min + 2**t.code_bits - 1)
+    level = torch.round(target).clamp(*t.solve_levels)
     return (level - t.level_min).to(torch.uint8)
 
 

@@ -20,8 +20,8 @@ EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS: a group this small is all zeros
 # (nmax, rmin, rdelta, nstep) of make_qkx2_quants as llama.cpp calls it per type
 ASYM_SEARCH = {"Q4_1": (15, -1.0, 0.1, 20), "Q5_1": (31, -0.5, 0.1, 15), "Q2_K": (3, -0.5, 0.1, 15),
                "Q4_K": (15, -1.0, 0.1, 20), "Q5_K": (31, -0.5, 0.1, 15)}
-# levels of the symmetric types: round(iscale * x) in [-nmax, nmax - 1]
-SYM_NMAX = {"Q8_0": 128, "Q4_0": 8, "Q5_0": 16, "Q3_K": 4, "Q6_K": 32}
+# levels of the symmetric types' scale search: round(iscale * x) in [-nmax, nmax - 1] (Q8_0: as llama.cpp, no -128)
+SYM_NMAX = {"Q8_0": 127, "Q4_0": 8, "Q5_0": 16, "Q3_K": 4, "Q6_K": 32}
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +157,7 @@ def group_error(xs: torch.Tensor, ws: torch.Tensor, t: BlockType, d: torch.Tenso
     zero = scale == 0
     target = xs if bias is None else xs - bias
     level = torch.round(torch.where(zero, 0, target / torch.where(zero, 1, scale)))
-    level = level.clamp(t.level_min, t.level_min + 2**t.code_bits - 1)
+    level = level.clamp(*t.solve_levels)
     q = scale * level if bias is None else scale * level + bias
     return (ws * (xs - q) ** 2).sum(dim=-1), level
 

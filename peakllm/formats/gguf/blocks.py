@@ -44,6 +44,12 @@ class BlockType:
     level_min: int
     params: dict
     values: tuple | None = None
+    solve_min: int = 0  # codes solvers leave unused at the bottom: llama.cpp's quantizer never writes Q8_0's -128
+
+    @property
+    def solve_levels(self) -> tuple[int, int]:
+        """The levels a solver rounds onto: [level_min + solve_min, level_min + 2^code_bits - 1]."""
+        return self.level_min + self.solve_min, self.level_min + 2**self.code_bits - 1
 
     @property
     def ggml(self) -> GGMLQuantizationType:
@@ -70,7 +76,7 @@ class BlockType:
 
 FP16 = ("block", None)
 BLOCK_TYPES = {t.name: t for t in (
-    BlockType("Q8_0", 32, 32, 8, -128, {"d": FP16}),
+    BlockType("Q8_0", 32, 32, 8, -128, {"d": FP16}, solve_min=1),
     BlockType("Q4_0", 32, 32, 4, -8, {"d": FP16}),
     BlockType("Q4_1", 32, 32, 4, 0, {"d": FP16, "m": FP16}),
     BlockType("Q5_0", 32, 32, 5, -16, {"d": FP16}),
