@@ -91,10 +91,43 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
             else fit(W, grid)["scale_pos"]
         lam = rate * float((levels.float() ** 2).mean()) * float((1.0 / torch.diagonal(Hinv) ** 2).mean())
 
+    group_params = []
+
+    def round_column(j, w, d, upcoming):
+        if sweep_group is not None:
+            params = static_params[sweep_group[j]]
+        elif j % gs == 0:
+            params = fit(upcoming(min(j + gs, cols)), grid, diag_sweep[j:j + gs])
+            group_params.append(params)
+        else:
+            params = group_params[-1]
+        c = quantize(w.unsqueeze(1), params, grid)
+        q = dequantize(c, params, grid).flatten().to(W.dtype)
+        if lam:  # the nonzero code must pay for itself: keep it only where it saves more than lam
+            keep = (w * w - (w - q) ** 2) > lam * d * d
+            c = torch.where(keep.unsqueeze(1), c, torch.ones_like(c))
+            q = torch.where(keep, q, torch.zeros_like(q))
+        return c.flatten(), q
+
+    Q, codes, Losses = sweep(W, Hinv, round_column, blocksize)
+    qw = assemble(Q, codes, static_params or group_params, grid, perm, static=static_params is not None)
+    return qw, SolveInfo(damp_used, retries, False, float(Losses.sum()))
+
+
+def sweep(W: torch.Tensor, Hinv: torch.Tensor, round_column, blocksize: int = 128
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's sweep over the columns of ``W`` (modified in place) in their order, with lazy block updates.
+
+    ``Hinv``: the upper Cholesky factor of the damped inverse Hessian, in the same column order.
+    ``round_column(j, w, d, upcoming)`` rounds column j (``w [rows]``, its weights as updated so far; ``d``:
+    Hinv[j, j]) and returns (uint8 codes [rows], values [rows]); ``upcoming(end)`` gives the up-to-date
+    columns [j, end), for a grid fitted when the sweep reaches a group. Returns (Q, codes, Losses) in the
+    sweep's column order; Losses[r] = sum over columns of (w - q)^2 / d^2.
+    """
+    rows, cols = W.shape
     Q = torch.zeros_like(W)
     codes = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)
     Losses = torch.zeros(rows, dtype=W.dtype, device=W.device)
-    group_params = []
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -104,21 +137,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
 
         for i in range(i2 - i1):
             j = i1 + i
-            if sweep_group is not None:
-                params = static_params[sweep_group[j]]
-            elif j % gs == 0:
-                params = fit(current_columns(W, W1, Err1, Hinv, i1, j, min(j + gs, cols)), grid,
-                             diag_sweep[j:j + gs])
-                group_params.append(params)
             w = W1[:, i]
             d = Hinv1[i, i]
-            c = quantize(w.unsqueeze(1), params, grid)
-            q = dequantize(c, params, grid).flatten().to(W.dtype)
-            if lam:  # the nonzero code must pay for itself: keep it only where it saves more than lam
-                keep = (w * w - (w - q) ** 2) > lam * d * d
-                c = torch.where(keep.unsqueeze(1), c, torch.ones_like(c))
-                q = torch.where(keep, q, torch.zeros_like(q))
-            codes[:, j] = c.flatten()
+            c, q = round_column(j, w, d, lambda end: current_columns(W, W1, Err1, Hinv, i1, j, end))
+            codes[:, j] = c
             Q[:, j] = q
             Losses += (w - q) ** 2 / d**2
 
@@ -127,6 +149,4 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, *, blocksize: int = 128, 
             Err1[:, i] = err1
 
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-    qw = assemble(Q, codes, static_params or group_params, grid, perm, static=static_params is not None)
-    return qw, SolveInfo(damp_used, retries, False, float(Losses.sum()))
+    return Q, codes, Losses
