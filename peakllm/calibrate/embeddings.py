@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from peakllm.calibrate.recipes import ModuleResult
+from peakllm.calibrate.recipes import ModuleResult, ggml_type_for
 from peakllm.errors import PeakError
 from peakllm.models.anatomy import outer_modules
 from peakllm.solvers import Grid, rtn
+from peakllm.solvers.ggml import rtn_ggml
 
 EMBED_BITS = ("keep", "8", "4")
 DEFAULT_EMBED_GROUP = 64
@@ -33,15 +34,24 @@ def embed_grid(bits: str | None, group_size: int = DEFAULT_EMBED_GROUP) -> Grid 
     return Grid(bits=int(bits), group_size=group_size, sym=True)
 
 
-def quantize_matrix(weight, grid: Grid) -> ModuleResult:
-    """Round-to-nearest of one [rows, cols] matrix onto ``grid`` (deterministic: a streamed run redoes it)."""
+def quantize_matrix(weight, grid: Grid | str) -> ModuleResult | None:
+    """Round-to-nearest of one [rows, cols] matrix onto ``grid`` (deterministic: a streamed run redoes it): an
+    int-k grid, or the name of a GGUF block type (llama.cpp's fallback when its blocks do not divide the rows;
+    None when that is F16: the matrix stays as it is)."""
+    if isinstance(grid, str):
+        t = ggml_type_for(grid, weight.shape[1])
+        if t == "F16":
+            return None
+        q = rtn_ggml(weight.detach().float(), t)
+        return ModuleResult(q.dequantize(), ggml=q)
     q = rtn(weight.detach().float(), grid)
     return ModuleResult(q.weight, None, q, None)
 
 
-def quantize_outer(model: nn.Module, grid: Grid | None, *, loaded_only: bool = False) -> dict[str, ModuleResult]:
+def quantize_outer(model: nn.Module, grid: Grid | str | None, *, loaded_only: bool = False) -> dict[str, ModuleResult]:
     """Quantize the embedding (and an untied lm_head) of ``model`` in place; their results by module name.
-    ``loaded_only``: skip those a streamed model has not read (meta tensors)."""
+    ``grid``: an int-k grid or a GGUF block type name. ``loaded_only``: skip those a streamed model has not
+    read (meta tensors)."""
     if grid is None:
         return {}
     results = {}
@@ -52,6 +62,8 @@ def quantize_outer(model: nn.Module, grid: Grid | None, *, loaded_only: bool = F
                 continue
             raise PeakError(f"{name} is not loaded")
         result = quantize_matrix(weight, grid)
+        if result is None:
+            continue
         weight.data.copy_(result.weight.to(weight.dtype))  # a tied lm_head shares this tensor
         results[name] = result
     return results

@@ -15,6 +15,7 @@ from peakllm import memory
 from peakllm.calibrate.loop import check_method
 from peakllm.calibrate.spec import RunSpec
 from peakllm.errors import PeakError
+from peakllm.formats.gguf.blocks import block_type
 from peakllm.models.anatomy import PARTS, compressible_linears, decoder_layers, fused_experts, is_moe
 from peakllm.solvers.rate import ZERO_SHARE_MAX
 
@@ -71,7 +72,7 @@ def check_act_order_format(act_order: str | None, fmt: str) -> None:
 
 def check_embed_group(hidden: int, grid) -> None:
     """The embedding's group size must divide its width (its rows are looked up whole groups at a time)."""
-    if grid is None or grid.group_size == -1 or hidden % grid.group_size == 0:
+    if grid is None or isinstance(grid, str) or grid.group_size == -1 or hidden % grid.group_size == 0:
         return
     raise PeakError(f"--embed-group-size {grid.group_size} does not divide the embedding width {hidden}; "
                     f"use {group_hint([hidden])}")
@@ -83,13 +84,21 @@ def output_estimate(model, compressed_params: int, grid, fmt: str, sparsity: flo
     total = sum(p.numel() for p in model.parameters())  # a tied lm_head is the embedding's parameter
     if fmt == "hf":
         return int(1.1 * 4 * total)
-    per_param = (grid.bits + 0.5) / 8 if grid is not None else 4.0
+    per_param = _bytes_per_param(grid) if grid is not None else 4.0
     if sparsity is not None:
         per_param = per_param * (1 - sparsity) + 1 / 8
     embed = model.get_input_embeddings().weight.numel() if embed_grid is not None else 0
-    embed_per_param = (embed_grid.bits + 0.5) / 8 if embed_grid is not None else 0.0
+    embed_per_param = _bytes_per_param(embed_grid) if embed_grid is not None else 0.0
     rest = total - compressed_params - embed
     return int(1.1 * (4 * rest + embed_per_param * embed + per_param * compressed_params))
+
+
+def _bytes_per_param(grid) -> float:
+    """An int-k grid's bits plus its scales (~0.5 bit), or a GGUF block type's exact size."""
+    if isinstance(grid, str):
+        t = block_type(grid)
+        return t.type_size / t.block
+    return (grid.bits + 0.5) / 8
 
 
 def check_disk(out: Path, need: int) -> None:
@@ -129,8 +138,8 @@ def check_run(model, spec: RunSpec, recipe, *, disk: bool = True) -> None:
     """Every check on a compression run that the loaded model (or its meta skeleton) allows."""
     fmt = spec.format
     shapes, compressed_params = matrix_shapes(model)
-    grid = getattr(recipe, "grid", None)
-    if grid is not None:
+    grid = getattr(recipe, "grid", None) or getattr(recipe, "type", None)
+    if grid is not None and not isinstance(grid, str):
         check_groups(shapes, grid.group_size, fmt)
     check_act_order_format(getattr(recipe, "act_order", None), fmt)
     embed_grid = spec.embed_grid

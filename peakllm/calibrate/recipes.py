@@ -14,6 +14,8 @@ import torch
 from peakllm import solvers
 from peakllm.errors import PeakError
 from peakllm.models.anatomy import is_expert
+from peakllm.formats.gguf.blocks import GGMLWeight, block_type, fallback_type
+from peakllm.solvers.ggml import gptq_ggml, rtn_ggml
 from peakllm.solvers.gptq import check_act_order
 from peakllm.solvers.rate import allocate_at_price, gptq_at_zero_share
 
@@ -29,6 +31,7 @@ class ModuleResult:
     info: solvers.SolveInfo | None = None
     sparsity: float | None = None        # the sparsity asked of this matrix
     pattern: tuple[int, int] | None = None  # (N, M) for N:M
+    ggml: GGMLWeight | None = None       # codes and parameters in one of llama.cpp's block types (GGUF out)
 
 
 def parse_pattern(text: str | None) -> tuple[int, int] | None:
@@ -181,3 +184,56 @@ class QuantRecipe:
             return ModuleResult(q.weight, None, q, info)
         q = solvers.rtn(W, grid)
         return ModuleResult(q.weight, None, q, None)
+
+
+def ggml_type_for(type_name: str, cols: int) -> str:
+    """The block type a ``cols``-wide matrix is stored in when ``type_name`` is asked for: the type itself, or
+    llama.cpp's fallback when its blocks do not divide the rows (K-quants need multiples of 256); "F16" when
+    no block type fits."""
+    block_type(type_name)  # an unknown name is one error
+    return fallback_type(type_name, cols)
+
+
+@dataclass
+class GGMLRecipe:
+    """Quantize every decoder matrix onto one of llama.cpp's block types (formats/gguf), solved on that type's
+    exact grid: GPTQ with the Hessian, or round-to-nearest with an importance-weighted grid fit (diag of the
+    inputs' x x^T, what llama.cpp's imatrix holds)."""
+    method: str = "gptq"
+    type: str = "Q4_K"
+    act_order: str = "static"              # static: columns by decreasing diag(H), groups fixed first; none
+    blocksize: int = 128
+    damp: float = 0.01
+    moe: bool = False                       # set by the caller; GGUF output is written for dense llama models
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise PeakError(f"unknown quantization method {self.method!r}; choose from {', '.join(QUANT_METHODS)}")
+        if self.act_order not in ("static", "none"):
+            raise PeakError("GGUF blocks keep columns in their order: --act-order static or none")
+        block_type(self.type)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.type}"
+
+    @property
+    def stats(self) -> set[str]:
+        return {"hessian", "tokens"} if self.method == "gptq" else {"sqnorm", "tokens"}
+
+    def type_for(self, name: str, shape: tuple[int, int]) -> str:
+        return ggml_type_for(self.type, shape[1])
+
+    def check(self, name: str, shape: tuple[int, int]) -> None:
+        if self.type_for(name, shape) == "F16":
+            raise PeakError(f"{name}: [{shape[0]}, {shape[1]}] fits no block type of the {self.type} family "
+                            "(rows must be a multiple of 32)")
+
+    def compress(self, name: str, layer_index: int, W: torch.Tensor, stats: dict) -> ModuleResult:
+        t = self.type_for(name, tuple(W.shape))
+        if self.method == "gptq":
+            q, info = gptq_ggml(W, stats.pop("hessian"), t, blocksize=self.blocksize, damp=self.damp,
+                                act_order=self.act_order == "static")
+        else:
+            q, info = rtn_ggml(W, t, importance=stats.get("sqnorm")), None
+        return ModuleResult(q.dequantize(), info=info, ggml=q)

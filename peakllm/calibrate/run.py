@@ -20,8 +20,7 @@ from peakllm.calibrate.target import hold_sub1_target
 from peakllm.data import calibration_segments, protocol_bos
 from peakllm.errors import PeakError
 from peakllm.eval import cached_evaluate, evaluate
-from peakllm.formats.folder import check_output
-from peakllm.formats.writer import check_writable, save_compressed
+from peakllm.formats.writer import check_destination, check_writable, save_compressed
 from peakllm.models import load_model, model_bytes
 from peakllm.models.anatomy import is_moe
 from peakllm.models.stream import should_stream
@@ -46,12 +45,14 @@ def run_compression(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None
     if wants_stream(spec):
         if before_calibrate is not None and before_stream is None:
             raise PeakError("this option needs the whole model in memory; use --stream off")
+        if spec.format == "gguf":
+            raise PeakError("--format gguf is written from a model held in memory for now: use --stream off")
         return run_streamed(spec, recipe, extra=extra, before_calibrate=before_stream)
     return run_in_memory(spec, recipe, extra=extra, before_calibrate=before_calibrate)
 
 
 def run_in_memory(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None) -> dict:
-    check_output(spec.output, spec.overwrite)
+    check_destination(spec.output, spec.format, spec.overwrite)
     start = time.perf_counter()
     model, tokenizer = load_model(spec.model)
     check_writable(model, tokenizer, spec.output, spec.format)  # fail now, not after the compression

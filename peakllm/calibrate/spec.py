@@ -35,7 +35,7 @@ class RunSpec:
     eval_tokens: int = 4096
     eval_dataset: str = "wiki"
     # what the run writes beside the decoder's linears
-    embed_grid: Grid | None = None     # the token embedding (and an untied lm_head) on an int-k grid
+    embed_grid: Grid | str | None = None  # the token embedding (and an untied lm_head): int-k grid or GGUF type
     target_bits: float | None = None   # a sub1 size held exactly (in-memory runs)
     # big models
     stream: str = "off"                # "auto" | "on" | "off"

@@ -35,6 +35,8 @@ FORMAT_HELP = {
     "sub1": "ternary codes (--bits ternary) under 1 bit per weight, run by peakllm's kernels",
     "compressed-tensors": "pack-quantized int 2/3/4/8 for transformers, which unpacks it to dense weights on load; "
                           "vLLM's kernels run only the 4- and 8-bit ones",
+    "gguf": "one .gguf file in llama.cpp's block types (--type), for llama.cpp, ollama, LM Studio, llama-cpp-python "
+            "and transformers; llama-family models, in memory",
 }
 
 

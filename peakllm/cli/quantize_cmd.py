@@ -58,12 +58,25 @@ def register(sub) -> None:
                    "peakllm and sub1 formats, keep for compressed-tensors, which stores them dense)")
     g.add_argument("--embed-group-size", type=int, default=64,
                    help="columns per scale of the embedding grid; -1 = one per row (default: %(default)s)")
+    g = p.add_argument_group("GGUF output (--format gguf: one .gguf file for llama.cpp, ollama, LM Studio)")
+    g.add_argument("--type", default=None, metavar="TYPE",
+                   help="llama.cpp block type of the decoder's matrices, solved on that type's exact grid (GPTQ, or "
+                   "RTN with an imatrix-style weighted grid): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, "
+                   "Q4_K, Q5_K, Q6_K; a matrix whose rows a type's blocks do not divide falls back as llama-quantize "
+                   "does (K-quants need multiples of 256; e.g. Q4_K -> Q5_0) (default: Q4_K)")
+    g.add_argument("--embed-type", default="Q6_K", metavar="TYPE",
+                   help="block type of the token embedding and lm_head (rounded to nearest, with the same fallbacks); "
+                   "--embed-bits keep stores them in F16 (default: %(default)s, as llama-quantize stores the output)")
     add_calibration_options(p)
-    add_run_options(p, ("peakllm", "sub1", "compressed-tensors"), "peakllm")
+    add_run_options(p, ("peakllm", "sub1", "compressed-tensors", "gguf"), "peakllm")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.format == "gguf":
+        return _run_gguf(args)
+    if args.type is not None:
+        raise PeakError("--type names a GGUF block type: add --format gguf (or use --bits for the other formats)")
     from peakllm.calibrate.embeddings import embed_grid
     from peakllm.calibrate.recipes import QuantRecipe
     from peakllm.calibrate.run import run_compression
@@ -116,4 +129,30 @@ def run(args) -> int:
     spec = run_spec(args, embed_grid=outer_grid, target_bits=args.target_bits)
     result = run_compression(spec, recipe, extra=extra)
     emit(result, args, f"quantized {args.model} with {args.method}")
+    return 0
+
+
+def _run_gguf(args) -> int:
+    """quantize --format gguf: the decoder's matrices onto one llama.cpp block type, written as one .gguf file."""
+    from peakllm.calibrate.recipes import GGMLRecipe
+    from peakllm.calibrate.run import run_compression
+
+    fixed = {"--bits": args.bits != "4", "--group-size": args.group_size != 128, "--sym": args.sym,
+             "--mse": args.mse, "--target-bits": args.target_bits is not None, "--dense-bits": args.dense_bits,
+             "--levels": args.levels, "--embed-group-size": args.embed_group_size != 64,
+             "--act-order group": args.act_order == "group"}
+    given = [flag for flag, set_ in fixed.items() if set_]
+    if given:
+        raise PeakError(f"{', '.join(given)} do not apply to --format gguf: its block type (--type) fixes the grid")
+    if args.embed_bits not in (None, "keep"):
+        raise PeakError("with --format gguf, choose the embedding's block type with --embed-type (or --embed-bits keep)")
+    if args.act_order is not None and args.method != "gptq":
+        raise PeakError("--act-order only applies to --method gptq")
+    act_order = args.act_order or ("static" if args.method == "gptq" else "none")
+    recipe = GGMLRecipe(args.method, args.type or "Q4_K", act_order=act_order, blocksize=args.blocksize,
+                        damp=args.damp)
+    embed_type = None if args.embed_bits == "keep" else args.embed_type
+    extra = {"method": args.method, "type": recipe.type, "embed_type": embed_type, "act_order": act_order}
+    result = run_compression(run_spec(args, embed_grid=embed_type), recipe, extra=extra)
+    emit(result, args, f"quantized {args.model} with {args.method} onto {recipe.type}")
     return 0

@@ -1,9 +1,11 @@
 """Writing a compressed model: a plain Hugging Face folder (dense, loads anywhere), a peakllm folder
-(packed: bitmask / N:M / int-k / ternary, run by peakllm's kernels), or a compressed-tensors folder."""
+(packed: bitmask / N:M / int-k / ternary, run by peakllm's kernels), a compressed-tensors folder, or one
+.gguf file in llama.cpp's block types (formats/gguf)."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,13 +16,29 @@ from peakllm.errors import PeakError
 from peakllm.formats import compressed_tensors as ct, sub1_size
 from peakllm.formats.container import bits_per_param, save_model_folder
 from peakllm.formats.folder import check_output, staged_dir
+from peakllm.formats.gguf.writer import check_model as check_gguf_model, write_gguf
 from peakllm.formats.intk import PackedIntK, PackedTernary
 from peakllm.formats.sparse import PackedBitmask, PackedNM
 from peakllm.formats.sub1 import PackedSub1
 from peakllm.models.anatomy import is_expert, outer_modules
 
-FORMATS = ("hf", "peakllm", "sub1", "compressed-tensors")
+FORMATS = ("hf", "peakllm", "sub1", "compressed-tensors", "gguf")
 RUN_FILE = "peakllm_run.json"  # what produced a folder (method, settings, measured numbers)
+
+
+def check_destination(out, fmt: str, overwrite: bool) -> Path:
+    """Refuse, before any work, an output that would clobber something: a folder for every format but gguf,
+    which writes one .gguf file."""
+    out = Path(out)
+    if fmt != "gguf":
+        return check_output(out, overwrite)
+    if out.suffix != ".gguf":
+        raise PeakError(f"--format gguf writes one file: give --output a name ending in .gguf, not {out}")
+    if out.is_dir():
+        raise PeakError(f"output {out} is a folder; --format gguf writes one .gguf file")
+    if out.exists() and not overwrite:
+        raise PeakError(f"output {out} already exists (use --overwrite to replace it)")
+    return out
 
 
 def check_writable(model, tokenizer, out_dir, fmt: str) -> None:
@@ -28,6 +46,8 @@ def check_writable(model, tokenizer, out_dir, fmt: str) -> None:
     refusal to save a model it holds as quantized (an `hf` folder), a config that does not serialize, a
     tokenizer that cannot be saved, an output folder that cannot be created. One PeakError saying which."""
     out = Path(out_dir)
+    if fmt == "gguf":
+        check_gguf_model(model)  # the families the GGUF writer knows
     quantizer = getattr(model, "hf_quantizer", None)
     if fmt == "hf" and quantizer is not None and not quantizer.is_serializable():
         method = getattr(quantizer.quantization_config, "quant_method", "?")
@@ -105,7 +125,9 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
     """Write `model` (already compressed in place) to `out_dir` in format `fmt`; return size facts."""
     if fmt not in FORMATS:
         raise PeakError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
-    out = check_output(out_dir, overwrite)
+    out = check_destination(out_dir, fmt, overwrite)
+    if fmt == "gguf":
+        return _save_gguf(model, tokenizer, modules, out)
     if fmt == "hf":
         if any(r.quant is not None for r in modules.values()):
             raise PeakError("quantized weights need --format peakllm or compressed-tensors (an hf folder would store "
@@ -143,6 +165,23 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
     ct.export_compressed_tensors(out, config, dense, packed, extra, overwrite=overwrite, actorder=ct_actorder(run_info))
     return {"size_bytes": folder_bytes(out), "bits_per_param": ct.bits_per_param(linears, ct.model_dtype(config, dense)),
             "bits_per_param_total": 8 * weight_file_bytes(out) / total_params}
+
+
+def _save_gguf(model, tokenizer, modules: dict, out: Path) -> dict:
+    """Every compressed matrix in its block type, the rest as llama.cpp's converter stores it (F16, norms F32)."""
+    missing = [n for n, r in modules.items() if r.ggml is None]
+    if missing:
+        raise PeakError(f"--format gguf stores matrices solved onto a GGUF block type; {missing[0]} is not")
+    written = write_gguf(model, tokenizer, out, {f"{n}.weight": r.ggml for n, r in modules.items()})
+    linears = [t for t in written if t.name.startswith("blk.") and len(t.shape) == 2]  # the decoder's matrices
+    linear_bytes = sum(t.nbytes for t in linears)
+    linear_params = sum(math.prod(t.shape) for t in linears)
+    total_params = sum(p.numel() for p in model.parameters())  # a tied lm_head is the embedding's parameter
+    types: dict[str, int] = {}
+    for t in written:
+        types[t.type] = types.get(t.type, 0) + 1
+    return {"size_bytes": out.stat().st_size, "bits_per_param": 8 * linear_bytes / linear_params if linear_params else None,
+            "bits_per_param_total": 8 * out.stat().st_size / total_params, "gguf_tensor_types": types}
 
 
 def ct_actorder(run_info: dict) -> str | None:
