@@ -1,0 +1,135 @@
+"""peakllm's GGUF against llama-quantize's at the same block types: whole-file size and perplexity by both evaluators.
+
+For each llama-quantize type (--types), llama.cpp's own pipeline (convert_hf_to_gguf to F32, llama-imatrix over
+peakllm's seed-0 calibration text, llama-quantize --imatrix) and `peakllm quantize --format gguf --type T`
+(GPTQ onto the same block type, calibration seeds --seeds) write one .gguf each of the default model. Every file
+is evaluated by `peakllm eval` (the first --eval-tokens tokens of the held-out wiki split, windows of 512) and by
+llama.cpp's `llama-perplexity` on the same tokens decoded to text (its own protocol: BOS per chunk, the second
+half of each 512 window scored). One results line per file, appended to --results.
+
+peakllm's --type is the block type of the decoder's matrices, llama-quantize's name is a preset: for the K-quant
+presets (Q3_K_S, Q4_K_S, ...) it is the preset's base type; the file sizes are measured, not assumed equal.
+Rows too narrow for a K-quant fall back in both tools (SmolLM2's 576-wide rows: Q4_K -> Q5_0, Q3_K -> IQ4_NL).
+
+  HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/bench_gguf_quality.py --types Q4_0,Q3_K_S --seeds 0
+
+Needs a built llama.cpp tree (--llama-cpp, with build/bin) and a venv with sentencepiece for its converter
+(--convert-venv); see benchmarks/bench_peers.py, whose helpers this script reuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from bench_peers import N_PARAMS, REPO, Bench, last_json, loadavg, run
+
+BASE_TYPE = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
+             "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
+
+
+class GGUFQuality(Bench):
+    def __init__(self, args):
+        args.llmc_venv = args.convert_venv  # bench_peers runs the converter with that venv's python
+        super().__init__(args)
+
+    def venv_python(self) -> Path:
+        py = Path(self.args.convert_venv) / "bin" / "python"
+        proc = run([py, "-c", "import sentencepiece, gguf, transformers"], env=self.env) if py.is_file() else None
+        if proc is None:
+            raise SystemExit(f"bench_gguf_quality: {py} is missing: a venv with sentencepiece, gguf and transformers "
+                             "runs llama.cpp's convert_hf_to_gguf.py (pass --convert-venv)")
+        return py
+
+    def imatrix(self) -> Path:
+        f32, _ = self.convert()
+        path = self.out / "gguf" / "imatrix-calib16x512-seed0.gguf"
+        if not path.is_file():
+            text, _ = self.calib_text(0)
+            n_llama = self.llama_token_count(f32, text)
+            ctx = min(512, n_llama // 16) if n_llama else 512
+            run([self.llama_bin("llama-imatrix"), "-m", f32, "-f", text, "-o", path, "-c", str(ctx), "-b", str(ctx),
+                 "--chunks", "16", "-t", "2"], log=self.out / "logs" / "imatrix.log", env=self.env)
+        return path
+
+    def wiki_text(self) -> Path:
+        from peakllm.data import tokenize_source
+        from peakllm.models import load_tokenizer
+
+        path = self.out / "calib" / f"wiki-eval-first{self.args.eval_tokens}.txt"
+        if not path.is_file():
+            tok = load_tokenizer("default")
+            ids = tokenize_source(tok, "wiki")[: self.args.eval_tokens]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(tok.decode(ids), encoding="utf-8")
+        return path
+
+    def llama_ppl(self, model: Path) -> tuple[float | None, str]:
+        cmd = [self.llama_bin("llama-perplexity"), "-m", model, "-f", self.wiki_text(), "-c", "512", "-b", "512",
+               "-t", "2"]
+        stdout, _ = run(cmd, log=self.out / "logs" / f"ppl-{model.stem}.log", env=self.env)
+        text = (self.out / "logs" / f"ppl-{model.stem}.log").read_text() + stdout
+        found = re.findall(r"Final estimate: PPL = ([0-9.]+)", text)
+        return (float(found[-1]) if found else None), shlex.join(map(str, cmd))
+
+    def row(self, tool: str, preset: str, seed, path: Path, command: str, seconds) -> dict:
+        ev, eval_cmd = self.peakllm_eval(path, path.stem)
+        llama, llama_cmd = self.llama_ppl(path)
+        return {"bench": "gguf-quality", "tool": tool, "preset": preset, "seed": seed, "file_bytes": path.stat().st_size,
+                "bits_per_param_total": 8 * path.stat().st_size / N_PARAMS, "ppl_peakllm_eval": ev["ppl"],
+                "eval_tokens": ev["tokens"], "ppl_llama_perplexity": llama, "tensor_types": self.tensor_types(path),
+                "seconds": seconds, "command": command, "eval_command": eval_cmd, "llama_perplexity_command": llama_cmd,
+                "loadavg": loadavg()}
+
+    def llama_file(self, preset: str) -> None:
+        f32, _ = self.convert()
+        dst = self.out / "gguf" / f"llamacpp-{preset}-imat.gguf"
+        cmd = [self.llama_bin("llama-quantize"), "--imatrix", self.imatrix(), f32, dst, preset, "2"]
+        _, seconds = run(cmd, log=self.out / "logs" / f"quantize-{dst.stem}.log", env=self.env)
+        self.emit(self.row("llama.cpp " + self.llama_version(), f"{preset} + imatrix", 0, dst, shlex.join(map(str, cmd)),
+                           seconds))
+
+    def peakllm_file(self, preset: str, seed: int) -> None:
+        qtype = BASE_TYPE.get(preset, preset)
+        dst = self.out / "gguf" / f"peakllm-{qtype}-seed{seed}.gguf"
+        cmd = self.peakllm + ["quantize", "--format", "gguf", "--type", qtype, "--method", "gptq", "--seed", str(seed),
+                              "--calib-samples", "16", "--calib-seqlen", "512", "--eval-tokens", "0",
+                              "--output", str(dst), "--overwrite", "--json"]
+        stdout, _ = run(cmd, log=self.out / "logs" / f"{dst.stem}.log", env=self.env)
+        res = last_json(stdout)
+        row = self.row("peakllm", f"GPTQ onto {qtype} (compared with {preset})", seed, dst,
+                       shlex.join(["peakllm"] + cmd[3:]), res["seconds"])
+        row["result"] = res
+        self.emit(row)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--types", default="Q4_0,Q3_K_S", help="llama-quantize types (default: %(default)s)")
+    p.add_argument("--seeds", default="0", help="peakllm calibration seeds (default: %(default)s)")
+    p.add_argument("--only", default="llama,peakllm", help="which tools' files to make (default: %(default)s)")
+    p.add_argument("--llama-cpp", default="/work/peers/llama.cpp", help="llama.cpp source tree with build/bin")
+    p.add_argument("--convert-venv", default="/work/peers/venv", help="venv whose python runs convert_hf_to_gguf.py")
+    p.add_argument("--out", default="/work/peers/out", help="folder for models and logs (outside the repo)")
+    p.add_argument("--results", default=str(REPO / "docs" / "results" / "gguf-quality.jsonl"))
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    args = p.parse_args(argv)
+    bench = GGUFQuality(args)
+    for name in ("llama-quantize", "llama-imatrix", "llama-perplexity"):
+        bench.llama_bin(name)  # every tool checked before any work
+    bench.venv_python()
+    tools = {s.strip() for s in args.only.split(",")}
+    for preset in [t.strip() for t in args.types.split(",") if t.strip()]:
+        if "llama" in tools:
+            bench.llama_file(preset)
+        if "peakllm" in tools:
+            for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+                bench.peakllm_file(preset, seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
