@@ -202,18 +202,24 @@ def test_expert_lru_gives_the_in_memory_tokens(moe_folder, monkeypatch, readahea
     assert rates[(3, True)] == rates[(3, False)]  # both paths see the same routes
 
 
-def test_report_plots_offload_runs(tmp_path):
+def test_report_plots_offload_runs(tmp_path, monkeypatch):
     import json
 
     from peakllm.report import write_report
+    from plot_util import capture_figures
 
     rows = [{"command": "bench", "decode_tok_s": t, "expert_hit_rate": h,
              "offload": {"experts": 8, "expert_capacity": c, "all_resident": c is None, "budget_bytes": 1}}
             for t, h, c in ((2.0, 0.0, 0), (5.0, 0.5, 4), (9.0, None, None))]
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = capture_figures(monkeypatch)
     written = write_report(log, tmp_path / "rep")
-    assert "offload.png" in written["files"] and (tmp_path / "rep" / "offload.png").stat().st_size > 1000
+    assert "offload.png" in written["files"] and (tmp_path / "rep" / "offload.png").is_file()
+    ax, twin = drawn["offload.png"]  # x: experts held (all 8 when all are resident); tok/s, and the hit rate
+    assert ax["lines"] == {"decode tok/s": ([0, 4, 8], [2.0, 5.0, 9.0])}
+    assert twin["lines"] == {"expert hit rate": ([0, 4, 8], [0.0, 0.5, 1.0])}
+    assert ax["xlabel"] == "expert cache (experts held in memory)" and twin["ylabel"] == "hit rate"
 
 
 @pytest.mark.parametrize("fused", [True, False])
