@@ -121,6 +121,7 @@ def test_fallback_without_kernels(monkeypatch):
     assert_close_to(y, ref.matmul_ref(x, W), magnitude(x, codes, scales, zeros, 32, g_idx))
 
 
+@pytest.mark.build
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_scalar_build_matches_reference(tmp_path, monkeypatch):
     """The same source compiled without AVX2 exercises the scalar code that other CPUs run."""

@@ -136,6 +136,7 @@ def test_sparse_fallback_without_kernels(monkeypatch):
     assert_close_to(ops.bitmask_matmul(x, mask, row_offsets, values=vals), ref.matmul_ref(x, W), x.abs() @ W.abs().T)
 
 
+@pytest.mark.build
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_scalar_build_matches_reference(tmp_path, monkeypatch):
     """sparse.cpp compiled without AVX2 exercises the scalar code (and fp16 conversion) other CPUs run."""

@@ -72,6 +72,7 @@ def int4_folder(tmp_path_factory, tiny_tokenizer):
     return out
 
 
+@pytest.mark.slow  # 13 s on 2 cores; test_generate_cli_under_a_budget_prints_the_in_memory_text stays fast
 def test_streamed_layers_give_the_in_memory_tokens(int4_folder):
     hf, tok = load_model(str(int4_folder))
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -176,6 +177,7 @@ def moe_folder(tmp_path_factory, tiny_tokenizer):
     return out
 
 
+@pytest.mark.slow  # with its MoE folder, 40-80 s on 2 cores
 @pytest.mark.parametrize("readahead", ["on", "off"])
 def test_expert_lru_gives_the_in_memory_tokens(moe_folder, monkeypatch, readahead):
     monkeypatch.setenv("PEAKLLM_EXPERT_READAHEAD", readahead)
@@ -265,6 +267,7 @@ def test_serve_runner_under_a_budget_gives_the_in_memory_logits(int4_folder, fus
         engine.runner.offload.close()
 
 
+@pytest.mark.slow  # about 10 s on 2 cores
 def test_load_gives_back_the_embedding_pages(tmp_path, tiny_tokenizer):
     """The load check multiplies once through every embedding row; the loader then unmaps those pages, so
     decoding holds only the rows of its tokens (bench's peak RSS at 7B: packed + 0.31-0.35 GB instead of + 0.55)."""

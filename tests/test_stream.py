@@ -161,6 +161,7 @@ def _cli(args, env_extra=None):
     return subprocess.run([sys.executable, "-m", "peakllm", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kill_after", [0, 1])
 def test_sigkill_then_resume_gives_identical_files(tmp_path, llama_dir, text_file, kill_after):
     common = ["quantize", "--model", str(llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
@@ -182,6 +183,7 @@ def test_sigkill_then_resume_gives_identical_files(tmp_path, llama_dir, text_fil
     assert not (tmp_path / ".run.partial").exists()
 
 
+@pytest.mark.subprocess
 def test_resume_refuses_changed_arguments_and_changed_input(tmp_path, llama_dir, text_file):
     common = ["quantize", "--model", str(llama_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
               "--eval-tokens", "0", "--stream", "on", "--threads", "1", "--output", str(tmp_path / "run")]
@@ -317,6 +319,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("stream", ["on", "off"])
 def test_two_torchrun_workers_give_the_one_process_tensors(tmp_path, tiny_tokenizer, text_file, stream):
     src = _synth(tmp_path, tiny_tokenizer, "tiny-olmoe")
