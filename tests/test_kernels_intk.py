@@ -78,7 +78,8 @@ SHAPES = [(1, 32, 32), (7, 100, 32), (33, 576, 64), (16, 130, -1), (20, 256, 128
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("out,inn,group_size", SHAPES)
+@pytest.mark.parametrize("out,inn,group_size", [s if s[0] * s[1] < 5000 else pytest.param(*s, marks=pytest.mark.slow)
+                                                for s in SHAPES])  # make test-fast: the small and odd shapes
 def test_intk_matmul_matches_reference(bits, out, inn, group_size):
     for act_order in (False, True):
         codes, qweight, scales, zeros, g_idx = random_intk(out, inn, bits, group_size, act_order, seed=out + inn)
