@@ -29,6 +29,6 @@ demo-qmoe: install
 test: dev
 	$(PYTHON) -m pytest -q
 
-# about 3 minutes on 2 cores: without the real model, other processes and kernel builds (pyproject's markers)
+# the unit tests without the real model, other processes or kernel builds (pyproject's markers)
 test-fast: dev
 	$(PYTHON) -m pytest -q -m "not slow and not subprocess and not build"
