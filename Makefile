@@ -29,8 +29,9 @@ demo-qmoe: install
 test: dev
 	$(PYTHON) -m pytest -q
 
+# the unit tests without the real model, other processes or kernel builds (pyproject's markers)
 test-fast: dev
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow and not subprocess and not build"
 
 # every published table from its data: docs/results/*.md and README.md (<!-- table: NAME --> blocks), then the
 # per-file reports with their plots. tests/test_results_docs.py fails when a committed table is stale.

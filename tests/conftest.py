@@ -118,6 +118,16 @@ def text_file(tmp_path):
     return path
 
 
+def pytest_sessionstart(session):
+    """Build the C++ kernels (or load them from ~/.cache/peakllm) before the tests isolate their caches: a
+    test that only uses a kernel should not compile it in every session; the tests marked `build` are
+    the ones about compiling."""
+    from peakllm.kernels.build import load_library
+
+    for name in ("dense", "decode", "intk", "sparse", "sub1"):
+        load_library(name)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(request, tmp_path_factory, monkeypatch):
     """Unit tests get a cache of their own; slow tests use the user's cache (the converted default model)."""

@@ -30,3 +30,15 @@ def trusted_len(margins: list[float]) -> int:
         if m < NEAR_TIE:
             return i
     return len(margins)
+
+
+def check_text(text: str, tok, ref: list[int], margins: list[float]) -> int:
+    """A served answer's text is the greedy reference's as far as no near tie could flip a token (EOS, id 0,
+    is not text); returns how many tokens that vouches for."""
+    n = trusted_len(margins)
+    expected = tok.decode([t for t in ref[:n] if t != 0], skip_special_tokens=True)
+    if n == len(ref):
+        assert text == expected
+    else:
+        assert text.startswith(expected.rstrip("\ufffd"))
+    return n

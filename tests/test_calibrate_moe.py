@@ -65,7 +65,7 @@ def test_expert_without_tokens_falls_back_without_nans():
         assert torch.isfinite(r.weight).all(), name
 
 
-@pytest.mark.parametrize("fmt", ["sub1", "peakllm"])
+@pytest.mark.parametrize("fmt", [pytest.param("sub1", marks=pytest.mark.slow), "peakllm"])  # sub1: 5-15 s
 def test_ternary_moe_folder_runs_from_compressed_form(capsys, tmp_path, tiny_tokenizer, text_file, fmt):
     model = tiny_moe(experts=4, top_k=2)
     src = tmp_path / "moe"
@@ -93,6 +93,7 @@ def test_ternary_moe_folder_runs_from_compressed_form(capsys, tmp_path, tiny_tok
     assert torch.allclose(routes["packed"][0], routes["reference"][0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # 20-75 s on 2 cores; test_a_size_target_is_held_exactly covers the target in make test-fast
 def test_target_bits_holds_ternary_experts_to_the_size_asked(capsys, tmp_path, tiny_tokenizer, text_file):
     """--target-bits prices nonzero codes inside GPTQ so each ternary matrix lands at the target as the sub1
     format stores it; what the folder then holds is measured, not estimated."""

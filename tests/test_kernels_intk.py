@@ -78,7 +78,8 @@ SHAPES = [(1, 32, 32), (7, 100, 32), (33, 576, 64), (16, 130, -1), (20, 256, 128
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("out,inn,group_size", SHAPES)
+@pytest.mark.parametrize("out,inn,group_size", [s if s[0] * s[1] < 5000 else pytest.param(*s, marks=pytest.mark.slow)
+                                                for s in SHAPES])  # make test-fast: the small and odd shapes
 def test_intk_matmul_matches_reference(bits, out, inn, group_size):
     for act_order in (False, True):
         codes, qweight, scales, zeros, g_idx = random_intk(out, inn, bits, group_size, act_order, seed=out + inn)
@@ -121,6 +122,7 @@ def test_fallback_without_kernels(monkeypatch):
     assert_close_to(y, ref.matmul_ref(x, W), magnitude(x, codes, scales, zeros, 32, g_idx))
 
 
+@pytest.mark.build
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_scalar_build_matches_reference(tmp_path, monkeypatch):
     """The same source compiled without AVX2 exercises the scalar code that other CPUs run."""

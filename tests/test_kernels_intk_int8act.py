@@ -143,6 +143,7 @@ VARIANTS = [("scalar", ["-march=x86-64"], 0, set()),
             ("avxvnni", ["-march=alderlake"], 3, {"avx_vnni", "avx2", "fma", "f16c"})]
 
 
+@pytest.mark.build
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 @pytest.mark.parametrize("name,flags,path,needs", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_every_instruction_set_path(tmp_path, monkeypatch, name, flags, path, needs):

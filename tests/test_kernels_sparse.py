@@ -54,7 +54,8 @@ def code_magnitude(kept_cols, codes_rows, scales, zeros, inn, group_size):
 NM_SHAPES = [(1, 16), (7, 100), (33, 576), (9, 1540), (64, 256)]
 
 
-@pytest.mark.parametrize("out,inn", NM_SHAPES)
+@pytest.mark.parametrize("out,inn", [s if s not in ((33, 576), (9, 1540)) else pytest.param(*s, marks=pytest.mark.slow)
+                                     for s in NM_SHAPES])  # make test-fast: all but the two widest
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (1, 3)])
 def test_nm_matmul_matches_reference(out, inn, n, m):
     if inn % m:
@@ -89,7 +90,8 @@ def bitmask_layout(out, inn, density, g):
     return keep, ref.pack_bitstream(keep.to(torch.uint8), 1), row_offsets
 
 
-@pytest.mark.parametrize("out,inn", [(1, 8), (5, 16), (17, 100), (33, 576), (9, 1541), (64, 256)])
+@pytest.mark.parametrize("out,inn", [(1, 8), (5, 16), (17, 100), pytest.param(33, 576, marks=pytest.mark.slow),
+                                     pytest.param(9, 1541, marks=pytest.mark.slow), (64, 256)])
 @pytest.mark.parametrize("density", [0.5, 0.15])
 def test_bitmask_matmul_matches_reference(out, inn, density):
     g = torch.Generator().manual_seed(out * inn)
@@ -136,6 +138,7 @@ def test_sparse_fallback_without_kernels(monkeypatch):
     assert_close_to(sparse_ops.bitmask_matmul(x, mask, row_offsets, values=vals), ref.matmul_ref(x, W), x.abs() @ W.abs().T)
 
 
+@pytest.mark.build
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_scalar_build_matches_reference(tmp_path, monkeypatch):
     """sparse.cpp compiled without AVX2 exercises the scalar code (and fp16 conversion) other CPUs run."""

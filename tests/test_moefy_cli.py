@@ -26,10 +26,12 @@ def test_cli_writes_loadable_folder(tmp_path, tiny_model_dir, text_file, capsys)
     result = json.loads(capsys.readouterr().out)
     assert result["experts"] == 4 and result["top_k"] == 2 and result["calib_tokens"] == 4 * 32
     assert result["output"] == str(out) and result["ppl"] is None and result["seconds"] > 0
-    assert 0 < result["active_params_fraction"] < 1
     assert json.loads(log.read_text())["command"] == "moefy"
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(model, PeakMoeForCausalLM) and model.config.num_experts_per_tok == 2
+    total = sum(p.numel() for p in model.parameters())
+    experts = 2 * (4 * 2 * 32 * 64 + 4 * 64 * 32)  # 2 layers of 4 experts (128 neurons / 4): gate_up + down
+    assert result["active_params_fraction"] == pytest.approx((total - experts * 2 / 4) / total)  # 2 of 4 run
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
     with torch.no_grad():

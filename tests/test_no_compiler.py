@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = [pytest.mark.build, pytest.mark.subprocess]  # a fresh interpreter whose compiler is missing
+
 SCRIPT = r"""
 import torch, transformers as tf
 from peakllm.runtime.generate import generate

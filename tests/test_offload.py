@@ -72,6 +72,7 @@ def int4_folder(tmp_path_factory, tiny_tokenizer):
     return out
 
 
+@pytest.mark.slow  # 13 s on 2 cores; test_generate_cli_under_a_budget_prints_the_in_memory_text stays fast
 def test_streamed_layers_give_the_in_memory_tokens(int4_folder):
     hf, tok = load_model(str(int4_folder))
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -176,6 +177,7 @@ def moe_folder(tmp_path_factory, tiny_tokenizer):
     return out
 
 
+@pytest.mark.slow  # with its MoE folder, 40-80 s on 2 cores
 @pytest.mark.parametrize("readahead", ["on", "off"])
 def test_expert_lru_gives_the_in_memory_tokens(moe_folder, monkeypatch, readahead):
     monkeypatch.setenv("PEAKLLM_EXPERT_READAHEAD", readahead)
@@ -202,18 +204,24 @@ def test_expert_lru_gives_the_in_memory_tokens(moe_folder, monkeypatch, readahea
     assert rates[(3, True)] == rates[(3, False)]  # both paths see the same routes
 
 
-def test_report_plots_offload_runs(tmp_path):
+def test_report_plots_offload_runs(tmp_path, monkeypatch):
     import json
 
     from peakllm.eval.report import write_report
+    from plot_util import capture_figures
 
     rows = [{"command": "bench", "decode_tok_s": t, "expert_hit_rate": h,
              "offload": {"experts": 8, "expert_capacity": c, "all_resident": c is None, "budget_bytes": 1}}
             for t, h, c in ((2.0, 0.0, 0), (5.0, 0.5, 4), (9.0, None, None))]
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = capture_figures(monkeypatch)
     written = write_report(log, tmp_path / "rep")
-    assert "offload.png" in written["files"] and (tmp_path / "rep" / "offload.png").stat().st_size > 1000
+    assert "offload.png" in written["files"] and (tmp_path / "rep" / "offload.png").is_file()
+    ax, twin = drawn["offload.png"]  # x: experts held (all 8 when all are resident); tok/s, and the hit rate
+    assert ax["lines"] == {"decode tok/s": ([0, 4, 8], [2.0, 5.0, 9.0])}
+    assert twin["lines"] == {"expert hit rate": ([0, 4, 8], [0.0, 0.5, 1.0])}
+    assert ax["xlabel"] == "expert cache (experts held in memory)" and twin["ylabel"] == "hit rate"
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -259,6 +267,7 @@ def test_serve_runner_under_a_budget_gives_the_in_memory_logits(int4_folder, fus
         engine.runner.offload.close()
 
 
+@pytest.mark.slow  # about 10 s on 2 cores
 def test_load_gives_back_the_embedding_pages(tmp_path, tiny_tokenizer):
     """The load check multiplies once through every embedding row; the loader then unmaps those pages, so
     decoding holds only the rows of its tokens (bench's peak RSS at 7B: packed + 0.31-0.35 GB instead of + 0.55)."""

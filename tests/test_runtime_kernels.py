@@ -123,6 +123,7 @@ def test_read_bandwidth_is_positive():
     assert dense.read_tensors_gb_s(tensors) > 0.1
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])  # scalar fallback; AVX2 + FMA
 def test_portable_builds_agree(tmp_path, march):
     """The non-native code paths of dense.cpp, built by hand, against F.linear and attention."""

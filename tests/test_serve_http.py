@@ -21,7 +21,7 @@ from peakllm.serve.api import build_app
 from peakllm.serve.engine import Engine
 from peakllm.serve.protocol import encode
 from peakllm.serve.server import ServerThread
-from serve_util import greedy_reference, trusted_len
+from serve_util import check_text, greedy_reference, trusted_len
 from test_runtime_model import _tiny
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -50,18 +50,6 @@ def _client(base_url):
     return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
 
 
-def _check_text(text, tok, ref, margins):
-    """The answer's text is the reference's as far as no near tie could flip a token; returns that count."""
-    n = trusted_len(margins)
-    kept = [t for t in ref[:n] if t != 0]
-    expected = tok.decode(kept, skip_special_tokens=True)
-    if n == len(ref):
-        assert text == expected
-    else:
-        assert text.startswith(expected.rstrip("\ufffd"))
-    return n
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_completion_is_the_greedy_continuation(served, stream):
     hf, tok, _, url = served
@@ -76,7 +64,7 @@ def test_completion_is_the_greedy_continuation(served, stream):
         resp = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
         text, reason = resp.choices[0].text, resp.choices[0].finish_reason
         assert resp.usage.prompt_tokens == len(encode(tok, prompt))
-    assert _check_text(text, tok, ref, margins) >= 4
+    assert check_text(text, tok, ref, margins) >= 4
     if trusted_len(margins) == len(ref):
         assert reason == ("stop" if ref[-1] == 0 else "length")
 
@@ -99,7 +87,7 @@ def test_chat_uses_the_template(served, stream):
         text, usage = resp.choices[0].message.content, resp.usage
         assert resp.choices[0].message.role == "assistant"
     assert usage.prompt_tokens == len(ids) and usage.completion_tokens == len(ref)
-    assert _check_text(text, tok, ref, margins) >= 4
+    assert check_text(text, tok, ref, margins) >= 4
 
 
 def test_concurrent_requests_each_get_their_own_greedy_answer(served, monkeypatch):
@@ -133,7 +121,7 @@ def test_concurrent_requests_each_get_their_own_greedy_answer(served, monkeypatc
     compared = 0
     for i, p in enumerate(prompts):
         ref, margins = greedy_reference(hf, encode(tok, p), 40, set())
-        compared += _check_text(answers[i], tok, ref, margins)
+        compared += check_text(answers[i], tok, ref, margins)
     assert compared >= 100
     assert engine.scheduler.preemptions > preempted  # 4 running × 6 blocks each > 16 blocks
     assert engine.blocks.num_used == 0
@@ -234,6 +222,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.subprocess
 def test_cli_serves_a_model_folder(tiny_model_dir):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "peakllm", "serve", "--model", str(tiny_model_dir), "--port",

@@ -71,5 +71,5 @@ def test_default_model_dense_matches_generate():
 def test_default_model_int4_matches_generate(tmp_path):
     out = tmp_path / "int4"
     assert peakllm(["quantize", "--model", "default", "--method", "rtn", "--bits", "4", "--group-size", "32",
-                    "--output", str(out), "--json"]) == 0
+                    "--eval-tokens", "0", "--output", str(out), "--json"]) == 0  # its perplexity is not the point here
     _serve_and_compare(str(out))

@@ -161,6 +161,7 @@ def _cli(args, env_extra=None):
     return subprocess.run([sys.executable, "-m", "peakllm", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kill_after", [0, 1])
 def test_sigkill_then_resume_gives_identical_files(tmp_path, llama_dir, text_file, kill_after):
     common = ["quantize", "--model", str(llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
@@ -182,6 +183,7 @@ def test_sigkill_then_resume_gives_identical_files(tmp_path, llama_dir, text_fil
     assert not (tmp_path / ".run.partial").exists()
 
 
+@pytest.mark.subprocess
 def test_resume_refuses_changed_arguments_and_changed_input(tmp_path, llama_dir, text_file):
     common = ["quantize", "--model", str(llama_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
               "--eval-tokens", "0", "--stream", "on", "--threads", "1", "--output", str(tmp_path / "run")]
@@ -244,12 +246,33 @@ def test_not_enough_disk_for_the_output_is_refused_up_front(capsys, monkeypatch,
     assert _snapshot(llama_dir) == before
 
 
-def test_prediction_and_peak_are_reported(capsys, tmp_path, llama_dir, text_file):
+def test_prediction_and_peak_are_reported(capsys, monkeypatch, tmp_path, llama_dir, text_file):
+    base = 1 << 30  # the process as it stands, fixed so the prediction is exact
+    monkeypatch.setattr(memory, "rss_bytes", lambda: base)
     code, result = _run("quantize", llama_dir, tmp_path / "out", text_file, "--bits", "4", "--group-size", "32",
                         "--stream", "on", "--max-memory", "8GB", capsys=capsys)
     assert code == 0
-    assert result["max_memory_bytes"] == 8 << 30
-    assert 0 < result["predicted_peak_rss_bytes"] < 8 << 30 and result["peak_rss_bytes"] > 0
+    assert result["max_memory_bytes"] == 8 << 30 and result["peak_rss_bytes"] <= 8 << 30
+    # The prediction by hand from the shapes: GPTQ on 3 x 32 calibration tokens in batches of 2, 512 eval tokens.
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    h, i, v, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], 2 * 16
+    assert (h, i, cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (
+        64, 128, 4, 2, False)
+    acts, eval_acts = 4 * 3 * 32 * h, 2 * 4 * 512 * h  # fp32 calibration and (dense + compressed) eval activations
+    common = 2 * acts + eval_acts  # calibration activations of the current and the next layer
+    params = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; gate, up, down; two norms
+    hessians = 4 * max(3 * h * h, i * i)  # q/k/v/gate/up share an input width (at most 3 held), down its own
+    forward = 4 * 64 * (3 * i + 4 * i) + 4 * 2 * 4 * 32 * 32  # 64 tokens a batch through the widest matmuls; scores
+    solve = 4 * max(4 * h * h + 3 * h * i, 4 * i * i + 3 * i * h)  # H, its copies and W for the biggest matrix
+    phases = {
+        "capture (embedding in fp32)": common + 4 * v * h,
+        "largest decoder layer": common + 4 * params + max(4 * params, hessians + forward, hessians + solve),
+        "the rest (embedding, norm, lm_head in fp32) written last": common + 4 * (2 * v * h + h),
+        "evaluation head (norm + lm_head fp32, logits)": eval_acts + 4 * v * h + 3 * 4 * 512 * v,
+    }
+    phase = max(phases, key=phases.get)
+    assert result["predicted_peak_phase"] == phase
+    assert result["predicted_peak_rss_bytes"] == base + phases[phase]
 
 
 def test_parse_size():
@@ -296,6 +319,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("stream", ["on", "off"])
 def test_two_torchrun_workers_give_the_one_process_tensors(tmp_path, tiny_tokenizer, text_file, stream):
     src = _synth(tmp_path, tiny_tokenizer, "tiny-olmoe")

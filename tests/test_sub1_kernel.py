@@ -201,6 +201,7 @@ def test_sub1_linear_forward():
         Sub1Linear(packed, torch.randn(31))
 
 
+@pytest.mark.build
 def test_portable_build_without_avx2_agrees(tmp_path):
     """The scalar fallback (machines without AVX2) computes the same products as the AVX2 path."""
     import ctypes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import traceback
 import uuid
 
 from fastapi import FastAPI, Request
@@ -198,6 +199,9 @@ def _sse_response(stream: _Stream, head: dict, choices, first, req) -> Streaming
                 yield _sse({**head, "choices": choices(piece, reason)})
         except ApiError as exc:  # the status line is sent already: the error goes in the stream
             yield _sse(exc.body())
+        except Exception as exc:  # noqa: BLE001 - a fault on this side: an error event, not a cut connection
+            traceback.print_exc()
+            yield _sse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body())
         if include_usage:
             yield _sse({**head, "choices": [], "usage": stream.usage()})
         yield "data: [DONE]\n\n"

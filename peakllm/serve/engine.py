@@ -143,10 +143,10 @@ class Engine:
             return
         try:
             logits = self.runner.forward(work)
-        except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
-            for w in work:
-                self._finish(w.seq, None, error=f"{type(exc).__name__}: {exc}")
-            return
+        except Exception as exc:  # noqa: BLE001 - fail the requests that fail, keep serving the others
+            work, logits = self._retry_alone(work, exc)
+            if not work:
+                return
         sampled = [w for w in work if w.sample]
         tokens = self._sample(sampled, logits)
         now = time.perf_counter()
@@ -166,6 +166,23 @@ class Engine:
                 self._finish(seq, "stop")
             elif seq.num_generated >= seq.params.max_tokens or len(seq.tokens) >= self.max_model_len:
                 self._finish(seq, "length")
+
+    def _retry_alone(self, work: list[Work], exc: Exception) -> tuple[list[Work], torch.Tensor | None]:
+        """The step's forward raised: run each of its sequences alone, so that only those whose own pass
+        fails get the error and the others of the batch go on. Safe to redo: a pass writes K/V only at
+        the slots of the tokens it computes, and the pass that computes them again rewrites them."""
+        if len(work) == 1:
+            self._finish(work[0].seq, None, error=f"{type(exc).__name__}: {exc}")
+            return [], None
+        kept, rows = [], []
+        for w in work:
+            try:
+                rows.append(self.runner.forward([w]))  # [1, vocab] if it samples, else [0, vocab]
+            except Exception as alone:  # noqa: BLE001 - this request's own failure
+                self._finish(w.seq, None, error=f"{type(alone).__name__}: {alone}")
+            else:
+                kept.append(w)
+        return kept, (torch.cat(rows) if rows else None)
 
     def _sample(self, sampled: list[Work], logits: torch.Tensor) -> list[int]:
         greedy = logits.argmax(dim=-1).tolist()
