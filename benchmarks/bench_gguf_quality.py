@@ -44,9 +44,21 @@ class GGUFQuality(Bench):
                              "runs llama.cpp's convert_hf_to_gguf.py (pass --convert-venv)")
         return py
 
+    def convert(self) -> tuple[Path, str]:
+        """The F32 GGUF llama.cpp's own pipeline starts from: --f32 when given (converted elsewhere), else
+        convert_hf_to_gguf.py run here (bench_peers)."""
+        if not self.args.f32:
+            return super().convert()
+        import hashlib
+
+        path = Path(self.args.f32)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return path, f"given --f32 {path} (sha256 {digest})"
+
     def imatrix(self) -> Path:
         f32, _ = self.convert()
         path = self.out / "gguf" / "imatrix-calib16x512-seed0.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file():
             text, _ = self.calib_text(0)
             n_llama = self.llama_token_count(f32, text)
@@ -85,12 +97,14 @@ class GGUFQuality(Bench):
                 "loadavg": loadavg()}
 
     def llama_file(self, preset: str) -> None:
-        f32, _ = self.convert()
+        f32, convert_note = self.convert()
         dst = self.out / "gguf" / f"llamacpp-{preset}-imat.gguf"
         cmd = [self.llama_bin("llama-quantize"), "--imatrix", self.imatrix(), f32, dst, preset, "2"]
         _, seconds = run(cmd, log=self.out / "logs" / f"quantize-{dst.stem}.log", env=self.env)
-        self.emit(self.row("llama.cpp " + self.llama_version(), f"{preset} + imatrix", 0, dst, shlex.join(map(str, cmd)),
-                           seconds))
+        row = self.row("llama.cpp " + self.llama_version(), f"{preset} + imatrix", 0, dst, shlex.join(map(str, cmd)),
+                       seconds)
+        row["f32_source"] = convert_note
+        self.emit(row)
 
     def peakllm_file(self, preset: str, seed: int) -> None:
         qtype = BASE_TYPE.get(preset, preset)
@@ -116,11 +130,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="/work/peers/out", help="folder for models and logs (outside the repo)")
     p.add_argument("--results", default=str(REPO / "docs" / "results" / "gguf-quality.jsonl"))
     p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--f32", default=None, help="an F32 GGUF of the default model made by convert_hf_to_gguf.py "
+                   "elsewhere (e.g. in a venv with another transformers); default: convert here")
     args = p.parse_args(argv)
     bench = GGUFQuality(args)
     for name in ("llama-quantize", "llama-imatrix", "llama-perplexity"):
         bench.llama_bin(name)  # every tool checked before any work
-    bench.venv_python()
+    if not args.f32:
+        bench.venv_python()
     tools = {s.strip() for s in args.only.split(",")}
     for preset in [t.strip() for t in args.types.split(",") if t.strip()]:
         if "llama" in tools:

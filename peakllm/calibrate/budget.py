@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from peakllm.memory import gb, rss_bytes
+from peakllm import memory
 from peakllm.models.anatomy import fused_experts
 
 
@@ -72,13 +72,13 @@ def predict(streamed, *, calib_tokens: int, calib_seqlen: int, batch_size: int, 
         phases["evaluation head (norm + lm_head fp32, logits)"] = {
             "evaluation activations (dense + compressed)": eval_acts, "lm_head fp32": 4 * vocab * hidden,
             "logits": 3 * 4 * 512 * vocab}
-    base = rss_bytes()
+    base = memory.rss_bytes()
     name, terms = max(phases.items(), key=lambda kv: sum(kv[1].values()))
     return {"predicted_peak_bytes": base + sum(terms.values()), "baseline_bytes": base, "peak_phase": name,
             "terms": terms, "activation_bytes": acts, "activations_in_ram_bytes": in_ram}
 
 
 def describe(prediction: dict) -> str:
-    lines = [f"  process so far: {gb(prediction['baseline_bytes'])}"]
-    lines += [f"  {k}: {gb(v)}" for k, v in sorted(prediction["terms"].items(), key=lambda kv: -kv[1]) if v]
+    lines = [f"  process so far: {memory.gb(prediction['baseline_bytes'])}"]
+    lines += [f"  {k}: {memory.gb(v)}" for k, v in sorted(prediction["terms"].items(), key=lambda kv: -kv[1]) if v]
     return "\n".join(lines)
