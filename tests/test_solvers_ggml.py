@@ -95,6 +95,29 @@ def test_gptq_beats_rtn_on_the_same_grid(name):
     assert layer_error(W, q.dequantize(), H) < 0.8 * layer_error(W, r.dequantize(), H)
 
 
+@pytest.mark.parametrize("name", TYPES)
+def test_grids_fitted_as_swept_are_exact_and_follow_the_updated_weights(name):
+    """fit_as_swept: each block's grid is fitted on the weights the sweep has left it. The result is still what
+    gguf reads; with a diagonal H no error moves between columns, so it is RTN on the importance-weighted grid;
+    with a correlated H the blocks after the first see updated weights and get other grids."""
+    t = BLOCK_TYPES[name]
+    W, H = problem(8, 2 * t.block, seed=4, dtype=torch.float64)
+    q, info = gptq_ggml(W, H, name, act_order=False, fit_as_swept=True, blocksize=48)
+    assert not info.fallback_rtn
+    assert torch.equal(gguf_weight(q).double(), q.dequantize().double())
+    diagonal = torch.diag(torch.diagonal(H))
+    d, _ = gptq_ggml(W, diagonal, name, act_order=False, fit_as_swept=True)
+    r = rtn_ggml(W, name, importance=torch.diagonal(diagonal))
+    assert torch.equal(d.codes, r.codes) and all(torch.equal(d.params[k], r.params[k]) for k in r.params)
+    upfront, _ = gptq_ggml(W, H, name, act_order=False)
+    first = {k: v.shape[1] // 2 for k, v in q.params.items()}  # the first of the two blocks
+    assert all(torch.equal(q.params[k][:, :n], upfront.params[k][:, :n]) for k, n in first.items())
+    assert any(not torch.equal(q.params[k][:, n:], upfront.params[k][:, n:]) for k, n in first.items())
+    assert layer_error(W, q.dequantize(), H) < layer_error(W, r.dequantize(), H)
+    with pytest.raises(PeakError, match="act_order=False"):
+        gptq_ggml(W, H, name, fit_as_swept=True)
+
+
 def test_importance_weighted_fit_lowers_the_layer_error():
     """Weighting the scale search by diag(H), as llama.cpp's imatrix does, lowers RTN's layer-wise error."""
     W, H = problem(32, 512, seed=3)

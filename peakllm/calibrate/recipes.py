@@ -201,7 +201,8 @@ class GGMLRecipe:
     inputs' x x^T, what llama.cpp's imatrix holds)."""
     method: str = "gptq"
     type: str = "Q4_K"
-    act_order: str = "static"              # static: columns by decreasing diag(H), groups fixed first; none
+    act_order: str = "static"              # static: columns by decreasing diag(H), grids fitted first; none:
+    #                                        own order, each block's grid fitted as the sweep reaches it
     blocksize: int = 128
     damp: float = 0.01
     moe: bool = False                       # set by the caller; GGUF output is written for dense llama models
@@ -232,8 +233,9 @@ class GGMLRecipe:
     def compress(self, name: str, layer_index: int, W: torch.Tensor, stats: dict) -> ModuleResult:
         t = self.type_for(name, tuple(W.shape))
         if self.method == "gptq":
+            static = self.act_order == "static"  # none: each block's grid fitted as the sweep reaches it
             q, info = gptq_ggml(W, stats.pop("hessian"), t, blocksize=self.blocksize, damp=self.damp,
-                                act_order=self.act_order == "static")
+                                act_order=static, fit_as_swept=not static)
         else:
             q, info = rtn_ggml(W, t, importance=stats.get("sqnorm")), None
         return ModuleResult(q.dequantize(), info=info, ggml=q)

@@ -63,15 +63,21 @@ def rtn_ggml(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = 
 
 def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: int = 128, damp: float = 0.01,
               act_order: bool = True, importance: torch.Tensor | None = None,
-              params: dict[str, torch.Tensor] | None = None) -> tuple[GGMLWeight, SolveInfo]:
+              params: dict[str, torch.Tensor] | None = None, fit_as_swept: bool = False) -> tuple[GGMLWeight, SolveInfo]:
     """GPTQ of ``W [out, in]`` onto block type ``type_name`` minimising ||WX - QX||^2 given ``H [in, in]``.
 
     The grid is fitted on W up front with ``importance`` (default diag(H)) weighting each column's error;
     columns are then swept in order of decreasing diag(H) (``act_order``) or in their own order, each rounded
     onto its group's fixed grid with the error spread over the columns not yet rounded.
+    ``fit_as_swept`` (own column order only): each block's grid is fitted when the sweep reaches the block, on
+    its weights as the errors of the columns before it left them (the GPTQ paper's groups), instead of on W.
     ``params``: a grid given instead of fitted (``GGMLWeight.params`` of this shape and type).
     If H + damping cannot be factored, falls back to RTN on the same grid (info.fallback_rtn).
     """
+    if fit_as_swept:
+        if act_order or params is not None:
+            raise PeakError("fit_as_swept fits each block's grid in the sweep: it needs act_order=False and no params")
+        return _gptq_fit_as_swept(W, H, type_name, blocksize=blocksize, damp=damp, importance=importance)
     check_weight(W)
     check_hessian(H, W.shape[1])
     check_blocksize(blocksize)
@@ -103,4 +109,34 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: in
     _, codes, Losses = sweep(W, Hinv, round_column, blocksize)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
+    return GGMLWeight(t.name, codes.contiguous(), params), SolveInfo(damp_used, retries, False, float(Losses.sum()))
+
+
+def _gptq_fit_as_swept(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: int, damp: float,
+                       importance: torch.Tensor | None) -> tuple[GGMLWeight, SolveInfo]:
+    check_weight(W)
+    check_hessian(H, W.shape[1])
+    check_blocksize(blocksize)
+    t = check_width(type_name, W.shape[1])
+    check_importance(importance, W.shape[1])
+    W, H = prepare(W, H)
+    imp = torch.diagonal(H).clone() if importance is None else importance.to(W)
+    Hinv, damp_used, retries = upper_inverse(H, damp)
+    if Hinv is None:
+        return rtn_ggml(W, t.name, imp), SolveInfo(damp_used, retries, True, float("nan"))
+    fitted: list[dict[str, torch.Tensor]] = []
+    grid: list = [None, None]  # the current block's (scale, bias) per group
+
+    def round_column(j, w, d, upcoming):
+        if j % t.block == 0:
+            block = fit_params(upcoming(j + t.block), t, imp[j:j + t.block])
+            fitted.append(block)
+            grid[:] = scale_bias(t, block)
+        g = (j % t.block) // t.group
+        s, b = grid[0][:, g:g + 1], None if grid[1] is None else grid[1][:, g:g + 1]
+        c = nearest_codes(t, w.unsqueeze(1), s, b)
+        return c.flatten(), grid_values(t, c, s, b).flatten().to(W.dtype)
+
+    _, codes, Losses = sweep(W, Hinv, round_column, blocksize)
+    params = {k: torch.cat([block[k] for block in fitted], dim=1) for k in fitted[0]}
     return GGMLWeight(t.name, codes.contiguous(), params), SolveInfo(damp_used, retries, False, float(Losses.sum()))
