@@ -108,13 +108,16 @@ class GGUFQuality(Bench):
 
     def peakllm_file(self, preset: str, seed: int) -> None:
         qtype = BASE_TYPE.get(preset, preset)
-        dst = self.out / "gguf" / f"peakllm-{qtype}-seed{seed}.gguf"
-        cmd = self.peakllm + ["quantize", "--format", "gguf", "--type", qtype, "--method", "gptq", "--seed", str(seed),
+        method = self.args.method
+        dst = self.out / "gguf" / f"peakllm-{qtype}-{method}-damp{self.args.damp}-seed{seed}.gguf"
+        cmd = self.peakllm + ["quantize", "--format", "gguf", "--type", qtype, "--method", method, "--seed", str(seed),
+                              *(["--damp", str(self.args.damp)] if method == "gptq" else []),
                               "--calib-samples", "16", "--calib-seqlen", "512", "--eval-tokens", "0",
                               "--output", str(dst), "--overwrite", "--json"]
         stdout, _ = run(cmd, log=self.out / "logs" / f"{dst.stem}.log", env=self.env)
         res = last_json(stdout)
-        row = self.row("peakllm", f"GPTQ onto {qtype} (compared with {preset})", seed, dst,
+        label = f"GPTQ damp {self.args.damp}" if method == "gptq" else "RTN, imatrix-weighted grid"
+        row = self.row("peakllm", f"{label} onto {qtype} (compared with {preset})", seed, dst,
                        shlex.join(["peakllm"] + cmd[3:]), res["seconds"])
         row["result"] = res
         self.emit(row)
@@ -124,6 +127,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--types", default="Q4_0,Q3_K_S", help="llama-quantize types (default: %(default)s)")
     p.add_argument("--seeds", default="0", help="peakllm calibration seeds (default: %(default)s)")
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="peakllm's solver (default: %(default)s)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ's Hessian damping (default: %(default)s)")
     p.add_argument("--only", default="llama,peakllm", help="which tools' files to make (default: %(default)s)")
     p.add_argument("--llama-cpp", default="/work/peers/llama.cpp", help="llama.cpp source tree with build/bin")
     p.add_argument("--convert-venv", default="/work/peers/venv", help="venv whose python runs convert_hf_to_gguf.py")
