@@ -1,4 +1,4 @@
-"""Quantizing the outer matrices: the token embedding and an untied lm_head (calibrate.py does the decoder's).
+"""Quantizing the outer matrices: the token embedding and an untied lm_head (loop.py does the decoder's).
 
 On small models they are a large share of the file and of what decoding reads per token: SmolLM2-135M's tied
 embedding is 28M of its 135M parameters, 113 MB in fp32. They are rounded to nearest on a per-row grid in

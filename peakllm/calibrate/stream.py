@@ -88,7 +88,7 @@ class StreamIO:
         prefix = f"{self.sm.prefix}.{li}."
         results = {n: report.modules.pop(n) for n in [n for n in report.modules if n.startswith(prefix)]}
         kept = {n: r for n, r in results.items() if isinstance(r, _Kept)}
-        for n, r in results.items():  # fused experts' results come straight from calibrate_moe
+        for n, r in results.items():  # fused experts' results come straight from experts.py
             if n not in kept:
                 kept[n] = self.keep(n, r)
         dense, packed = layer_tensors(layer, prefix, {n: r.packed for n, r in kept.items()}, self.fmt)

@@ -28,7 +28,7 @@ FIRST_FRACTION = 1e-4
 
 def sub1_bits(results: dict) -> float:
     """Bits/param the ternary matrices of `results` (ModuleResults) store in the sub1 format, everything counted:
-    packed by save.py exactly as `save_compressed` packs them, with one dictionary fitted to all of them."""
+    packed by formats/writer.py exactly as `save_compressed` packs them, with one dictionary fitted to all of them."""
     dictionary = shared_dictionary(results)
     return bits_per_param({n: packed_module(r, "sub1", dictionary) for n, r in results.items()})
 
