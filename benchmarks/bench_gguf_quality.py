@@ -9,7 +9,7 @@ half of each 512 window scored). One results line per file, appended to --result
 
 peakllm's --type is the block type of the decoder's matrices, llama-quantize's name is a preset: for the K-quant
 presets (Q3_K_S, Q4_K_S, ...) it is the preset's base type; the file sizes are measured, not assumed equal.
-Rows too narrow for a K-quant fall back in both tools (SmolLM2's 576-wide rows: Q4_K -> Q5_0, Q3_K -> IQ4_NL).
+Rows too narrow for a K-quant fall back in both tools (SmolLM2's 576-wide rows: Q4_K -> Q5_0, Q3_K -> Q4_0).
 
   HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/bench_gguf_quality.py --types Q4_0,Q3_K_S --seeds 0
 

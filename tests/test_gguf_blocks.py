@@ -84,7 +84,7 @@ def test_widths_and_fallbacks():
     assert check_width("Q4_K", 512).name == "Q4_K" and check_width("Q4_0", 96).name == "Q4_0"
     assert fallback_type("Q4_K", 576) == "Q5_0"   # 576 = 18 * 32
     assert fallback_type("Q6_K", 576) == "Q8_0"
-    assert fallback_type("Q3_K", 576) == "IQ4_NL"
+    assert fallback_type("Q3_K", 576) == "Q4_0"
     assert fallback_type("Q4_K", 512) == "Q4_K"
     assert fallback_type("Q4_K", 100) == "F16"
 

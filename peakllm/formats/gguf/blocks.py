@@ -92,9 +92,10 @@ BLOCK_TYPES = {t.name: t for t in (
     BlockType("Q6_K", 256, 16, 6, -32, {"d": FP16, "scales": ("group", (-128, 127))}),
 )}
 
-# What llama.cpp's llama-quantize uses for a tensor whose width the wanted type cannot take
-# (llama-quant.cpp, "fallback"), and F16 when the fallback cannot take it either.
-FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# What llama-quantize uses for a tensor whose width the wanted type cannot take (src/llama-quant.cpp, "fallback";
+# llama.cpp 0c1e570, the version benchmarks/ build: Q2_K and Q3_K fall back to Q4_0, older releases took
+# IQ4_NL), and F16 when the fallback cannot take it either.
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def block_type(name) -> BlockType:
