@@ -277,9 +277,17 @@ SERVE = Table("serve-int8-act.jsonl", [
     ("errors", lambda r: sum(x["errors"] for x in r["levels"])),
     ("mismatches", lambda r: sum(x["mismatches"] for x in r["levels"]))])
 
+GGUF_QUALITY = Table("gguf-quality.jsonl", [
+    ("tool", lambda r: r["tool"].split(" version")[0]), ("file", k("preset")), ("seed", k("seed")),
+    ("file MB", scaled("file_bytes", 1e6, ".2f")), ("bits/param (file)", k("bits_per_param_total", ".3f")),
+    ("wiki ppl (peakllm eval)", k("ppl_peakllm_eval", ".2f")),
+    ("wiki ppl (llama-perplexity)", k("ppl_llama_perplexity", ".2f")),
+    ("tensor types", lambda r: ", ".join(f"{n} {v['tensors']}" for n, v in r["tensor_types"].items() if n != "F32"))])
+
 TABLES = {
     "headline-sparsegpt": HEADLINE_SPARSEGPT, "prune": PRUNE, "prune-scaling": SCALING,
     "quantize": QUANTIZE, "quality": QUALITY, "quality-cli": QUALITY_CLI, "peers": PEERS,
+    "gguf-quality": GGUF_QUALITY,
     "speed-vs-llamacpp": SPEED_VS_LLAMACPP, "int8-act-decode": INT8_ACT_DECODE, "int8-act-quality": INT8_ACT_QUALITY,
     "speed-7b": SPEED_7B, "gemma-speed": GEMMA_SPEED,
     "headline-qmoe": HEADLINE_QMOE, "moefy": MOEFY, "qmoe-experts": QMOE_EXPERTS, "qmoe-target-bits": QMOE_TARGET_BITS,
