@@ -1,4 +1,4 @@
-"""nn.Modules that run packed weights through the compiled kernels (peakllm/kernels/ops.py, sparse_ops.py); also the dense linear.
+"""nn.Modules that run weights through the compiled kernels: packed ones (kernels/ops.py, sparse_ops.py) and dense.
 
 Each module holds the packed tensors of docs/DESIGN.md "Packed layouts" as buffers, under their
 on-disk names, and computes `F.linear(x, W, bias)` for any leading dims of x without a dense W:
