@@ -88,6 +88,7 @@ def test_generate_json(capsys, tiny_model_dir):
     (["report", "/no/results.jsonl", "--output", "OUT"], "not found"),
 ])
 def test_bad_input_one_line_error(capsys, tmp_path, tiny_model_dir, argv, message):
+    capsys.readouterr()  # what the fixture printed writing the tiny model is not the command's
     argv = [str(tiny_model_dir) if a == "TINY" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""

@@ -63,3 +63,15 @@ def test_group_hint():
     assert group_hint([576, 1536]) == "64, 32, 16, or -1"
     assert group_hint([4096, 11008]) == "256, 128, 64, 32, 16, or -1"
     assert group_hint([100]) == "-1 (one group per row)"
+
+
+def test_eval_budget_below_one_window_is_refused_before_loading(capsys, tmp_path, tiny_model_dir, text_file,
+                                                               monkeypatch):
+    from peakllm.calibrate import run as compression_run
+
+    monkeypatch.setattr(compression_run, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    code = main(["quantize", "--model", str(tiny_model_dir), "--eval-tokens", "256", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "smaller than one evaluation window of 512" in err and not (tmp_path / "o").exists()
+    code = main(["eval", "--model", str(tmp_path / "missing-but-not-read"), "--seqlen", "64", "--max-tokens", "32"])
+    assert code == 2 and "smaller than one window of --seqlen 64" in capsys.readouterr().err

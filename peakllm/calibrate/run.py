@@ -15,7 +15,7 @@ from peakllm.calibrate.embeddings import quantize_outer
 from peakllm.calibrate.loop import calibrate, CalibrationReport
 from peakllm.calibrate.preflight import check_run
 from peakllm.calibrate.run_streamed import run_streamed
-from peakllm.calibrate.spec import RunSpec
+from peakllm.calibrate.spec import EVAL_SEQLEN, RunSpec
 from peakllm.calibrate.target import hold_sub1_target
 from peakllm.data import calibration_segments, protocol_bos
 from peakllm.errors import PeakError
@@ -42,6 +42,9 @@ def run_compression(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None
     counterpart for a streamed run. `extra`: what the caller adds to the result and the folder's run record."""
     if spec.eval_tokens < 0:
         raise PeakError(f"--eval-tokens must be >= 0, got {spec.eval_tokens}")
+    if 0 < spec.eval_tokens < EVAL_SEQLEN:  # before the model is loaded, not after the dense evaluation
+        raise PeakError(f"--eval-tokens ({spec.eval_tokens}) is smaller than one evaluation window of {EVAL_SEQLEN} "
+                        "tokens; use 0 to skip evaluation")
     if wants_stream(spec):
         if before_calibrate is not None and before_stream is None:
             raise PeakError("this option needs the whole model in memory; use --stream off")
@@ -62,7 +65,7 @@ def run_in_memory(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None) 
     dense_size_bytes = model_bytes(model)
     dense_ppl = None
     if spec.eval_tokens:
-        dense_ppl = cached_evaluate(model, tokenizer, spec.model, spec.eval_dataset, seqlen=512,
+        dense_ppl = cached_evaluate(model, tokenizer, spec.model, spec.eval_dataset, seqlen=EVAL_SEQLEN,
                                     max_tokens=spec.eval_tokens, progress=spec.progress, bos=spec.bos)["ppl"]
     outer = quantize_outer(model, spec.embed_grid)  # before calibration: layers see them
     segments = calibration_segments(tokenizer, spec.calib_samples, spec.calib_seqlen, source=spec.calib_dataset,
@@ -85,7 +88,7 @@ def run_in_memory(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None) 
         result.update(save_compressed(model, tokenizer, report.modules, spec.output, fmt=spec.format,
                                       run_info=spec.run_info(extra, bos), overwrite=spec.overwrite))
     if spec.eval_tokens:
-        after = evaluate(model, tokenizer, spec.eval_dataset, seqlen=512, max_tokens=spec.eval_tokens,
+        after = evaluate(model, tokenizer, spec.eval_dataset, seqlen=EVAL_SEQLEN, max_tokens=spec.eval_tokens,
                          progress=spec.progress, bos=spec.bos)
         result["ppl"], result["dense_ppl"] = after["ppl"], dense_ppl
     result.update({"output": str(spec.output), "format": spec.format, "model": spec.model})

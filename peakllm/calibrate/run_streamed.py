@@ -29,7 +29,7 @@ from peakllm.calibrate.distributed import workers
 from peakllm.calibrate.embeddings import quantize_outer
 from peakllm.calibrate.loop import calibrate
 from peakllm.calibrate.preflight import check_disk, check_run
-from peakllm.calibrate.spec import RunSpec
+from peakllm.calibrate.spec import EVAL_SEQLEN, RunSpec
 from peakllm.calibrate.stats import capture_inputs
 from peakllm.calibrate.stream import partial_dir, StreamIO
 from peakllm.data import calibration_segments, eval_windows, protocol_bos, tokenize_source
@@ -157,7 +157,7 @@ def _compress(sm, spec: RunSpec, recipe, extra: dict, plan: MemoryPlan, ckpt: Ch
     sm.load_outer("input")
     windows, eval_kwargs, eval_dense, eval_comp = None, None, [], []
     if spec.eval_tokens:
-        windows = eval_windows(tokenize_source(tokenizer, spec.eval_dataset), 512, spec.eval_tokens, bos_id=bos_id)
+        windows = eval_windows(tokenize_source(tokenizer, spec.eval_dataset), EVAL_SEQLEN, spec.eval_tokens, bos_id=bos_id)
         eacts, eval_kwargs = capture_inputs(model, windows, 1, None)
         eval_dense = [eacts[w] for w in range(len(eacts))]
     # calibration, and the compressed model's evaluation windows, start from the quantized embedding

@@ -14,6 +14,9 @@ if TYPE_CHECKING:  # a type only: the CLI builds a RunSpec before it loads torch
     from peakllm.solvers import Grid
 
 
+EVAL_SEQLEN = 512  # the window of the before/after perplexity
+
+
 @dataclass(frozen=True)
 class RunSpec:
     command: str                       # "prune" | "quantize": recorded with the output

@@ -54,6 +54,10 @@ def run(args) -> int:
     set_threads(args.threads)
     if args.max_tokens < 0:
         raise PeakError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.seqlen < 2:  # checked here, before the model is loaded, not when the windows are cut
+        raise PeakError(f"--seqlen must be >= 2, got {args.seqlen}")
+    if 0 < args.max_tokens < args.seqlen:
+        raise PeakError(f"--max-tokens ({args.max_tokens}) is smaller than one window of --seqlen {args.seqlen}")
     if should_stream(args.model, args.stream, None):
         from peakllm.eval.stream import stream_evaluate
 
