@@ -74,10 +74,8 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: in
     ``params``: a grid given instead of fitted (``GGMLWeight.params`` of this shape and type).
     If H + damping cannot be factored, falls back to RTN on the same grid (info.fallback_rtn).
     """
-    if fit_as_swept:
-        if act_order or params is not None:
-            raise PeakError("fit_as_swept fits each block's grid in the sweep: it needs act_order=False and no params")
-        return _gptq_fit_as_swept(W, H, type_name, blocksize=blocksize, damp=damp, importance=importance)
+    if fit_as_swept and (act_order or params is not None):
+        raise PeakError("fit_as_swept fits each block's grid in the sweep: it needs act_order=False and no params")
     check_weight(W)
     check_hessian(H, W.shape[1])
     check_blocksize(blocksize)
@@ -85,6 +83,8 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: in
     check_importance(importance, W.shape[1])
     W, H = prepare(W, H)
     diag = torch.diagonal(H).clone()
+    if fit_as_swept:
+        return _gptq_fit_as_swept(W, H, t, blocksize, damp, diag if importance is None else importance.to(W))
     params = grid_params(W, t, diag if importance is None else importance, params)
     scale, bias = scale_bias(t, params)
     group = torch.arange(W.shape[1], device=W.device) // t.group
@@ -112,15 +112,9 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: in
     return GGMLWeight(t.name, codes.contiguous(), params), SolveInfo(damp_used, retries, False, float(Losses.sum()))
 
 
-def _gptq_fit_as_swept(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: int, damp: float,
-                       importance: torch.Tensor | None) -> tuple[GGMLWeight, SolveInfo]:
-    check_weight(W)
-    check_hessian(H, W.shape[1])
-    check_blocksize(blocksize)
-    t = check_width(type_name, W.shape[1])
-    check_importance(importance, W.shape[1])
-    W, H = prepare(W, H)
-    imp = torch.diagonal(H).clone() if importance is None else importance.to(W)
+def _gptq_fit_as_swept(W: torch.Tensor, H: torch.Tensor, t: BlockType, blocksize: int, damp: float,
+                       imp: torch.Tensor) -> tuple[GGMLWeight, SolveInfo]:
+    """gptq_ggml's sweep with each block's grid fitted on its columns as the sweep reaches them (checked input)."""
     Hinv, damp_used, retries = upper_inverse(H, damp)
     if Hinv is None:
         return rtn_ggml(W, t.name, imp), SolveInfo(damp_used, retries, True, float("nan"))
