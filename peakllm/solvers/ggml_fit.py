@@ -47,9 +47,17 @@ def sym_scale(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
     mx = signed_max(x)
     empty = mx.abs() < EPS
     mx = torch.where(empty, torch.ones_like(mx), mx)
+    levels = (torch.round(-(nmax + 0.1 * k) / mx * x).clamp(-nmax, nmax - 1)
+              for k in [0] + [k for k in range(-9, 10) if k])
+    return torch.where(empty, 0, best_ls_scale(x, w, levels)).squeeze(-1)
+
+
+def best_ls_scale(x: torch.Tensor, w: torch.Tensor, candidates) -> torch.Tensor:
+    """Of the candidate level assignments L (each shaped like x), the least-squares scale s = sum w x L / sum w L^2
+    of the one that lowers sum w (x - s L)^2 most (the largest s * sum w x L), per group ([..., 1]); the first
+    candidate stands until a valid one beats it, as in llama.cpp's searches."""
     best_scale = best_score = None
-    for k in [0] + [k for k in range(-9, 10) if k]:
-        L = torch.round(-(nmax + 0.1 * k) / mx * x).clamp(-nmax, nmax - 1)
+    for L in candidates:
         sumlx, suml2 = (w * x * L).sum(-1, keepdim=True), (w * L * L).sum(-1, keepdim=True)
         ok = suml2 > 0
         scale = torch.where(ok, sumlx / torch.where(ok, suml2, 1), 0)
@@ -59,7 +67,7 @@ def sym_scale(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
         else:
             better = ok & (score > best_score)
             best_scale, best_score = torch.where(better, scale, best_scale), torch.where(better, score, best_score)
-    return torch.where(empty, 0, best_scale).squeeze(-1)
+    return best_scale
 
 
 def asym_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
@@ -107,20 +115,9 @@ def iq4nl_scale(x: torch.Tensor, w: torch.Tensor, ntry: int = 7) -> torch.Tensor
     mx = signed_max(x)
     empty = mx.abs() < EPS
     mx = torch.where(empty, torch.ones_like(mx), mx)
-    best_d = best_score = None
-    for k in [None] + list(range(-ntry, ntry + 1)):
-        iscale = -values[0] / mx if k is None else (k + values[0]) / mx
-        v = values[nearest_value(iscale * x, values)]
-        sumqx, sumq2 = (w * v * x).sum(-1, keepdim=True), (w * v * v).sum(-1, keepdim=True)
-        ok = sumq2 > 0
-        d = torch.where(ok, sumqx / torch.where(ok, sumq2, 1), 0)
-        score = d * sumqx
-        if best_d is None:
-            best_d, best_score = d, score
-        else:
-            better = ok & (score > best_score)
-            best_d, best_score = torch.where(better, d, best_d), torch.where(better, score, best_score)
-    return torch.where(empty, 0, best_d).squeeze(-1)
+    iscales = [-values[0] / mx] + [(k + values[0]) / mx for k in range(-ntry, ntry + 1)]
+    levels = (values[nearest_value(iscale * x, values)] for iscale in iscales)
+    return torch.where(empty, 0, best_ls_scale(x, w, levels)).squeeze(-1)
 
 
 def nearest_value(t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
