@@ -20,19 +20,23 @@ TINY_TEXT = (
 ) * 40
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in a second on a pangram text (vocab 300)."""
+def train_tiny_tokenizer(*, bos: bool = False):
+    """A byte-level BPE tokenizer trained in a second on a pangram text (vocab 300): <eos>, and <bos> with `bos`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<bos>"] if bos else ["<eos>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([TINY_TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", **({"bos_token": "<bos>"} if bos else {}))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tiny_tokenizer()
 
 
 def tiny_llama_config(**overrides):

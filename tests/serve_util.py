@@ -1,8 +1,40 @@
-"""Helpers for the serve tests: a greedy reference with its margins, and the prefix it can vouch for."""
+"""Helpers for the serve tests: a served tiny model, a greedy reference with its margins, and the prefix it can
+vouch for."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import openai
 import torch
+
+from peakllm.runtime.model import RuntimeModel
+from peakllm.serve.api import build_app
+from peakllm.serve.engine import Engine
+from peakllm.serve.server import ServerThread
+
+NAME = "tiny"
+
+
+def openai_client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+@contextmanager
+def served_engine(hf, tokenizer, **engine_kw):
+    """(engine, base url) of `hf` behind the HTTP app on a free loopback port, warmed up (kernels built before any
+    test or timing); stopped on exit. `engine_kw`: the Engine's pool and batch sizes."""
+    model = RuntimeModel.from_hf(hf, torch.float32, max_seq=128)
+    engine = Engine(model, tokenizer, max_model_len=128, **engine_kw)
+    engine.start()
+    server = ServerThread(build_app(engine, tokenizer, NAME)).start()
+    url = f"http://127.0.0.1:{server.port}/v1"
+    try:
+        openai_client(url).completions.create(model=NAME, prompt="warm", max_tokens=2)
+        yield engine, url
+    finally:
+        server.stop()
+        engine.stop()
 
 NEAR_TIE = 1e-3  # top-1 minus top-2 logit below this: batched and single float sums may pick either
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEXT, tiny_llama_config
+from conftest import tiny_llama_config, train_tiny_tokenizer
 
 from peakllm import models
 from peakllm.cli import main
@@ -68,16 +68,9 @@ def write_llama_gguf(path, model, tokenizer, *, add_bos: bool) -> None:
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     """(path of a tiny Llama GGUF whose tokenizer adds BOS, the model it was written from)."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
 
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TINY_TEXT], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>", "<bos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+    tokenizer = train_tiny_tokenizer(bos=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False, bos_token_id=1)).eval()
     path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"

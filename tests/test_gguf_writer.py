@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEXT, _randomize, tiny_family, tiny_llama_config
+from conftest import TINY_TEXT, _randomize, tiny_family, tiny_llama_config, train_tiny_tokenizer
 
 from peakllm.errors import PeakError
 from peakllm.formats.gguf.blocks import BLOCK_TYPES
@@ -24,16 +24,7 @@ LAYER_TYPES = [{"q_proj": "Q4_K", "k_proj": "Q5_K", "v_proj": "Q6_K", "o_proj": 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TINY_TEXT], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>", "<bos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+    return train_tiny_tokenizer(bos=True)
 
 
 @pytest.fixture(scope="module")

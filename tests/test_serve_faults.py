@@ -15,15 +15,12 @@ import pytest
 import torch
 
 from peakllm.runtime.model import RuntimeModel
-from peakllm.serve.api import build_app
 from peakllm.serve.engine import Engine
 from peakllm.serve.protocol import TextOut, encode
 from peakllm.serve.sequence import SamplingParams
-from peakllm.serve.server import ServerThread
-from serve_util import check_text, greedy_reference, trusted_len
+from serve_util import NAME, check_text, greedy_reference, openai_client, served_engine, trusted_len
 from test_runtime_model import _tiny
 
-NAME = "tiny"
 FAULT = "injected fault"
 
 
@@ -32,19 +29,8 @@ def served(tiny_tokenizer):
     """(hf model, tokenizer, engine, base url): 32 KV blocks of 8 (no preemption here), batch 4."""
     hf = _tiny("llama")
     tok = copy.deepcopy(tiny_tokenizer)
-    model = RuntimeModel.from_hf(hf, torch.float32, max_seq=128)
-    engine = Engine(model, tok, num_blocks=32, block_size=8, max_batch=4, max_step_tokens=32, max_model_len=128)
-    engine.start()
-    server = ServerThread(build_app(engine, tok, NAME)).start()
-    url = f"http://127.0.0.1:{server.port}/v1"
-    _client(url).completions.create(model=NAME, prompt="warm", max_tokens=2)  # kernels built before the tests
-    yield hf, tok, engine, url
-    server.stop()
-    engine.stop()
-
-
-def _client(base_url):
-    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    with served_engine(hf, tok, num_blocks=32, block_size=8, max_batch=4, max_step_tokens=32) as (engine, url):
+        yield hf, tok, engine, url
 
 
 def _faulty_forward(engine, poison: list[int], after: int, batches: list[int]):
@@ -128,8 +114,9 @@ def test_runner_error_mid_batch_fails_only_that_request(served, monkeypatch):
 
     def ask(i):
         try:
-            answers[i] = _client(url).completions.create(model=NAME, prompt=prompts[i], max_tokens=12, temperature=0,
-                                                         extra_body={"ignore_eos": True}).choices[0].text
+            answers[i] = openai_client(url).completions.create(
+                model=NAME, prompt=prompts[i], max_tokens=12, temperature=0,
+                extra_body={"ignore_eos": True}).choices[0].text
         except Exception as exc:  # noqa: BLE001 - checked below
             failures[i] = exc
 
@@ -157,7 +144,7 @@ def test_runner_error_mid_batch_fails_only_that_request(served, monkeypatch):
     # the server goes on answering, the faulty prompt too once the fault is gone
     monkeypatch.setattr(engine.runner, "forward", forward)
     ref, margins = greedy_reference(hf, prompts[1], 6, set())
-    again = _client(url).completions.create(model=NAME, prompt=prompts[1], max_tokens=6, temperature=0,
+    again = openai_client(url).completions.create(model=NAME, prompt=prompts[1], max_tokens=6, temperature=0,
                                             extra_body={"ignore_eos": True})
     assert check_text(again.choices[0].text, tok, ref, margins) >= 3 and again.usage.completion_tokens == 6
 
@@ -191,13 +178,13 @@ def test_runner_error_after_the_stream_started_ends_it_with_an_error_event(serve
     # the openai client turns the error event into an exception after the chunks that came before it
     got = []
     with pytest.raises(openai.APIError, match=FAULT):
-        for chunk in _client(url).completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0,
+        for chunk in openai_client(url).completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0,
                                                      stream=True, extra_body={"ignore_eos": True}):
             got.append(chunk.choices[0].text)
     assert "".join(got) == "".join(c["choices"][0]["text"] for c in chunks)
     assert _errors(engine) == errors_before + 2
     _wait_idle(engine)
-    resp = _client(url).completions.create(model=NAME, prompt="Pack my box", max_tokens=5, temperature=0,
+    resp = openai_client(url).completions.create(model=NAME, prompt="Pack my box", max_tokens=5, temperature=0,
                                            extra_body={"ignore_eos": True})
     assert resp.usage.completion_tokens == 5
 
@@ -206,7 +193,7 @@ def test_http_side_error_after_the_stream_started_ends_it_and_frees_the_sequence
     """A fault in this request's own text decoding, after some text went out: the stream ends with an
     error event (not a cut connection, not a hang) and the engine cancels the sequence, freeing its blocks."""
     _, tok, engine, url = served
-    full = _client(url).completions.create(model=NAME, prompt="Sphinx of", max_tokens=30, temperature=0,
+    full = openai_client(url).completions.create(model=NAME, prompt="Sphinx of", max_tokens=30, temperature=0,
                                            extra_body={"ignore_eos": True}).choices[0].text
     push = TextOut.push
 
@@ -227,6 +214,6 @@ def test_http_side_error_after_the_stream_started_ends_it_and_frees_the_sequence
     _wait_idle(engine)
     assert engine.metrics.finished.get("cancelled", 0) == cancelled + 1  # it did not run its 100 tokens
     monkeypatch.setattr(TextOut, "push", push)
-    resp = _client(url).completions.create(model=NAME, prompt="Sphinx of", max_tokens=5, temperature=0,
+    resp = openai_client(url).completions.create(model=NAME, prompt="Sphinx of", max_tokens=5, temperature=0,
                                            extra_body={"ignore_eos": True})
     assert resp.usage.completion_tokens == 5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import socket
 import subprocess
 import sys
@@ -21,12 +20,11 @@ from peakllm.serve.api import build_app
 from peakllm.serve.engine import Engine
 from peakllm.serve.protocol import encode
 from peakllm.serve.server import ServerThread
-from serve_util import check_text, greedy_reference, trusted_len
+from serve_util import NAME, check_text, greedy_reference, openai_client, served_engine, trusted_len
 from test_runtime_model import _tiny
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
-NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +33,8 @@ def served(tiny_tokenizer):
     hf = _tiny("llama")
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = CHAT_TEMPLATE
-    model = RuntimeModel.from_hf(hf, torch.float32, max_seq=128)
-    engine = Engine(model, tok, num_blocks=16, block_size=8, max_batch=4, max_step_tokens=16, max_model_len=128)
-    engine.start()
-    server = ServerThread(build_app(engine, tok, NAME)).start()
-    url = f"http://127.0.0.1:{server.port}/v1"
-    _client(url).completions.create(model=NAME, prompt="warm", max_tokens=2)  # kernels built before any timing
-    yield hf, tok, engine, url
-    server.stop()
-    engine.stop()
-
-
-def _client(base_url):
-    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    with served_engine(hf, tok, num_blocks=16, block_size=8, max_batch=4, max_step_tokens=16) as (engine, url):
+        yield hf, tok, engine, url
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -55,7 +42,7 @@ def test_completion_is_the_greedy_continuation(served, stream):
     hf, tok, _, url = served
     prompt = "The quick brown fox"
     ref, margins = greedy_reference(hf, encode(tok, prompt), 12, {0})
-    client = _client(url)
+    client = openai_client(url)
     if stream:
         chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True))
         text = "".join(c.choices[0].text for c in chunks)
@@ -75,7 +62,7 @@ def test_chat_uses_the_template(served, stream):
     messages = [{"role": "system", "content": "Judge my vow."}, {"role": "user", "content": "Pack my box"}]
     ids = encode(tok, tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     ref, margins = greedy_reference(hf, ids, 10, {0})
-    client = _client(url)
+    client = openai_client(url)
     if stream:
         chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0,
                                                      stream=True, stream_options={"include_usage": True}))
@@ -102,8 +89,9 @@ def test_concurrent_requests_each_get_their_own_greedy_answer(served, monkeypatc
 
     def ask(i):
         try:
-            answers[i] = _client(url).completions.create(model=NAME, prompt=prompts[i], max_tokens=40, temperature=0,
-                                                         extra_body={"ignore_eos": True}).choices[0].text
+            answers[i] = openai_client(url).completions.create(
+                model=NAME, prompt=prompts[i], max_tokens=40, temperature=0,
+                extra_body={"ignore_eos": True}).choices[0].text
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -129,7 +117,7 @@ def test_concurrent_requests_each_get_their_own_greedy_answer(served, monkeypatc
 
 def test_bad_requests_get_openai_shaped_4xx(served):
     _, _, _, url = served
-    client = _client(url)
+    client = openai_client(url)
     r = httpx.post(f"{url}/completions", content=b'{"model": "tiny", "prompt": ', trust_env=False,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
@@ -184,14 +172,14 @@ def test_full_queue_gets_429(served):
     url = f"http://127.0.0.1:{server.port}/v1"
     first = {}
     waiter = threading.Thread(target=lambda: first.update(
-        r=_client(url).completions.create(model=NAME, prompt="hi", max_tokens=3, temperature=0)))
+        r=openai_client(url).completions.create(model=NAME, prompt="hi", max_tokens=3, temperature=0)))
     try:
         waiter.start()
         deadline = time.monotonic() + 10
         while engine._queued + len(engine.scheduler.waiting) < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         with pytest.raises(openai.RateLimitError):
-            _client(url).completions.create(model=NAME, prompt="hi", max_tokens=3)
+            openai_client(url).completions.create(model=NAME, prompt="hi", max_tokens=3)
         engine.start()
         waiter.join(60)
         assert first["r"].usage.completion_tokens >= 1
@@ -202,7 +190,7 @@ def test_full_queue_gets_429(served):
 
 def test_models_health_metrics(served):
     _, _, engine, url = served
-    client = _client(url)
+    client = openai_client(url)
     assert [m.id for m in client.models.list().data] == [NAME]
     base = url.removesuffix("/v1")
     assert httpx.get(f"{base}/health", trust_env=False).json() == {"status": "ok"}
@@ -237,7 +225,7 @@ def test_cli_serves_a_model_folder(tiny_model_dir):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        resp = _client(f"http://127.0.0.1:{port}/v1").completions.create(
+        resp = openai_client(f"http://127.0.0.1:{port}/v1").completions.create(
             model=str(tiny_model_dir), prompt="The quick", max_tokens=4, temperature=0)
         assert resp.usage.completion_tokens >= 1 and resp.model == str(tiny_model_dir)
     finally:
@@ -249,7 +237,7 @@ def test_cli_serves_a_model_folder(tiny_model_dir):
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_ends_the_answer_before_it(served, stream):
     _, _, engine, url = served
-    client = _client(url)
+    client = openai_client(url)
     full = client.completions.create(model=NAME, prompt="Sphinx of", max_tokens=30, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
     stop = full[12:15]
