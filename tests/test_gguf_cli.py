@@ -67,7 +67,7 @@ def test_gptq_beats_rtn_on_the_same_block_type(capsys, tmp_path, tiny_model_dir,
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--type", "Q4_Z"], "unknown GGUF block type"),
+    (["--type", "Q4_Z"], "unknown GGUF type or preset"),
     (["--bits", "3"], "do not apply to --format gguf"),
     (["--embed-bits", "8"], "--embed-type"),
     (["--act-order", "group"], "do not apply to --format gguf"),

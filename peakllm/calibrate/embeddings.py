@@ -13,6 +13,8 @@ compressed model will feed them and the perplexity after compression includes th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from peakllm.calibrate.recipes import ModuleResult, ggml_type_for
@@ -50,18 +52,21 @@ def quantize_matrix(weight, grid: Grid | str) -> ModuleResult | None:
 
 def quantize_outer(model: nn.Module, grid: Grid | str | None, *, loaded_only: bool = False) -> dict[str, ModuleResult]:
     """Quantize the embedding (and an untied lm_head) of ``model`` in place; their results by module name.
-    ``grid``: an int-k grid or a GGUF block type name. ``loaded_only``: skip those a streamed model has not
-    read (meta tensors)."""
+    ``grid``: an int-k grid, a GGUF block type name, or module name -> GGUF type (None or absent: left as it
+    is). ``loaded_only``: skip those a streamed model has not read (meta tensors)."""
     if grid is None:
         return {}
     results = {}
     for name, mod in outer_modules(model).items():
+        own = grid.get(name) if isinstance(grid, Mapping) else grid
+        if own is None:
+            continue
         weight = mod.weight
         if weight.is_meta:
             if loaded_only:
                 continue
             raise PeakError(f"{name} is not loaded")
-        result = quantize_matrix(weight, grid)
+        result = quantize_matrix(weight, own)
         if result is None:
             continue
         weight.data.copy_(result.weight.to(weight.dtype))  # a tied lm_head shares this tensor

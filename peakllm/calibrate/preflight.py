@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from peakllm import memory
@@ -72,7 +73,7 @@ def check_act_order_format(act_order: str | None, fmt: str) -> None:
 
 def check_embed_group(hidden: int, grid) -> None:
     """The embedding's group size must divide its width (its rows are looked up whole groups at a time)."""
-    if grid is None or isinstance(grid, str) or grid.group_size == -1 or hidden % grid.group_size == 0:
+    if grid is None or isinstance(grid, (str, Mapping)) or grid.group_size == -1 or hidden % grid.group_size == 0:
         return
     raise PeakError(f"--embed-group-size {grid.group_size} does not divide the embedding width {hidden}; "
                     f"use {group_hint([hidden])}")
@@ -95,6 +96,8 @@ def output_estimate(model, compressed_params: int, grid, fmt: str, sparsity: flo
 
 def _bytes_per_param(grid) -> float:
     """An int-k grid's bits plus its scales (~0.5 bit), or a GGUF block type's exact size."""
+    if isinstance(grid, Mapping):  # GGUF types per outer module
+        return max((_bytes_per_param(t) for t in grid.values() if t), default=0.0)
     if isinstance(grid, str):
         t = block_type(grid)
         return t.type_size / t.block
@@ -134,9 +137,11 @@ def check_size_target(model, recipe, shapes: dict) -> None:
             share_for(member, out_f, in_f)  # a PeakError names the shape and the smallest size it takes
 
 
-def check_run(model, spec: RunSpec, recipe, *, disk: bool = True) -> None:
+def check_run(model, spec: RunSpec, recipe, *, disk: bool = True, tokenizer=None) -> None:
     """Every check on a compression run that the loaded model (or its meta skeleton) allows."""
     fmt = spec.format
+    if hasattr(recipe, "prepare"):  # what the recipe resolves on the model (e.g. each GGUF tensor's type)
+        recipe.prepare(model, tokenizer)
     shapes, compressed_params = matrix_shapes(model)
     grid = getattr(recipe, "grid", None) or getattr(recipe, "type", None)
     if grid is not None and not isinstance(grid, str):

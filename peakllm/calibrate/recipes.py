@@ -14,7 +14,8 @@ import torch
 from peakllm import solvers
 from peakllm.errors import PeakError
 from peakllm.models.anatomy import is_expert
-from peakllm.formats.gguf.blocks import GGMLWeight, block_type, fallback_type
+from peakllm.calibrate.gguf_plan import TypePlan, resolve_types, size_target
+from peakllm.formats.gguf.blocks import BLOCK_TYPES, GGMLWeight, block_type, fallback_type
 from peakllm.solvers.ggml import gptq_ggml, rtn_ggml
 from peakllm.solvers.gptq import check_act_order
 from peakllm.solvers.rate import allocate_at_price, gptq_at_zero_share
@@ -198,14 +199,26 @@ def ggml_type_for(type_name: str, cols: int) -> str:
 class GGMLRecipe:
     """Quantize every decoder matrix onto one of llama.cpp's block types (formats/gguf), solved on that type's
     exact grid: GPTQ with the Hessian, or round-to-nearest with an importance-weighted grid fit (diag of the
-    inputs' x x^T, what llama.cpp's imatrix holds)."""
+    inputs' x x^T, what llama.cpp's imatrix holds).
+
+    Which type each matrix gets is resolved on the loaded model by ``prepare`` (calibrate/gguf_plan.py):
+    llama-quantize's rules for ``preset``, or ``type`` on every matrix (a block type that is no preset's
+    name), then ``overrides`` (--tensor-type); with ``target_bits``, the matrices not pinned by an override
+    are allocated among ``candidates`` after a measuring pass (gguf_plan.allocate_types)."""
     method: str = "gptq"
-    type: str = "Q4_K"
+    type: str = "Q4_K"                      # a single type; with a preset, its default type (for estimates)
     act_order: str = "static"              # static: columns by decreasing diag(H), grids fitted first; none:
     #                                        own order, each block's grid fitted as the sweep reaches it
     blocksize: int = 128
     damp: float = 0.01
-    moe: bool = False                       # set by the caller; GGUF output is written for dense llama models
+    moe: bool = False                       # set by the caller; GGUF output is written for dense models
+    preset: str | None = None               # llama-quantize's preset name (formats/gguf/presets.PRESETS)
+    overrides: tuple = ()                   # ((regex on the GGUF name, block type), ...): first match wins
+    embed_type: str | None = None           # token_embd and output: this type (None: the rules)
+    keep_outer: bool = False                # token_embd and output stay F16
+    target_bits: float | None = None        # bits/param over the whole file: types allocated per matrix
+    candidates: tuple[str, ...] | None = None  # the types an allocation chooses from (None: every type a width takes)
+    plan: TypePlan = field(default_factory=TypePlan)  # filled by prepare(); plan.outer is the run's embed grid
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -213,17 +226,38 @@ class GGMLRecipe:
         if self.act_order not in ("static", "none"):
             raise PeakError("GGUF blocks keep columns in their order: --act-order static or none")
         block_type(self.type)
+        for t in self.candidates or ():
+            block_type(t)
 
     @property
     def name(self) -> str:
-        return f"{self.method} {self.type}"
+        return f"{self.method} {self.preset or self.type}"
 
     @property
     def stats(self) -> set[str]:
         return {"hessian", "tokens"} if self.method == "gptq" else {"sqnorm", "tokens"}
 
+    def candidates_for(self, shape: tuple[int, int]) -> list[str]:
+        """The block types an allocation may give a matrix of ``shape``: those whose blocks divide its rows."""
+        found = [t for t in (self.candidates or BLOCK_TYPES) if shape[1] % BLOCK_TYPES[t].block == 0]
+        if not found:
+            raise PeakError(f"a [{shape[0]}, {shape[1]}] matrix fits none of the candidate types "
+                            f"{', '.join(self.candidates or BLOCK_TYPES)}")
+        return found
+
+    def prepare(self, model, tokenizer=None) -> None:
+        """Resolve every tensor's type on the loaded model (and, for a size target, the budget), before any work."""
+        resolved = resolve_types(model, self)
+        self.plan.decoder.clear()
+        self.plan.decoder.update(resolved.decoder)
+        self.plan.outer.clear()  # the same dict the run quantizes the embedding (and output) with
+        self.plan.outer.update(resolved.outer)
+        self.plan.params = resolved.params
+        if self.target_bits is not None:
+            size_target(model, tokenizer, self, self.plan)
+
     def type_for(self, name: str, shape: tuple[int, int]) -> str:
-        return ggml_type_for(self.type, shape[1])
+        return self.plan.decoder.get(name) or ggml_type_for(self.type, shape[1])
 
     def check(self, name: str, shape: tuple[int, int]) -> None:
         if self.type_for(name, shape) == "F16":

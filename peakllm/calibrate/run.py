@@ -61,7 +61,7 @@ def run_in_memory(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None) 
     check_writable(model, tokenizer, spec.output, spec.format)  # fail now, not after the compression
     if hasattr(recipe, "moe"):
         recipe.moe = is_moe(model)
-    check_run(model, spec, recipe)  # every check the shapes allow, before evaluation and calibration
+    check_run(model, spec, recipe, tokenizer=tokenizer)  # every check the shapes allow, before evaluation and calibration
     dense_size_bytes = model_bytes(model)
     dense_ppl = None
     if spec.eval_tokens:

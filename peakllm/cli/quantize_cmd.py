@@ -36,7 +36,9 @@ def register(sub) -> None:
                    "its error feedback; each matrix gets the share of zero codes its shape needs at B. In memory "
                    "the matrices' total is then held at or below B exactly: if the shared dictionary leaves it over, an "
                    "evenly spaced few of the nonzero codes are zeroed (reported as thinned_codes); streamed runs aim "
-                   "1%% below B (e.g. 0.8; default: plain GPTQ, whatever size its codes come to)")
+                   "1%% below B (e.g. 0.8; default: plain GPTQ, whatever size its codes come to). With --format gguf: "
+                   "B bits/param over the whole file (its bytes * 8 / parameters), each decoder matrix's block type "
+                   "chosen to minimise the summed layer loss within that size (see --target-types)")
     p.add_argument("--levels", choices=("minmax", "matched"), default=None,
                    help="with --target-bits, the level s of each ternary row {-s, 0, +s}. minmax: QMoE's s = (max - min) / 2; "
                    "matched: the mean |w| of the weights the target keeps nonzero, i.e. the row's largest (1 - z) "
@@ -60,13 +62,24 @@ def register(sub) -> None:
                    help="columns per scale of the embedding grid; -1 = one per row (default: %(default)s)")
     g = p.add_argument_group("GGUF output (--format gguf: one .gguf file for llama.cpp, ollama, LM Studio)")
     g.add_argument("--type", default=None, metavar="TYPE",
-                   help="llama.cpp block type of the decoder's matrices, solved on that type's exact grid (GPTQ, or "
-                   "RTN with an imatrix-style weighted grid): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, "
-                   "Q4_K, Q5_K, Q6_K; a matrix whose rows a type's blocks do not divide falls back as llama-quantize "
-                   "does (K-quants need multiples of 256; e.g. Q4_K -> Q5_0) (default: Q4_K)")
-    g.add_argument("--embed-type", default="Q6_K", metavar="TYPE",
+                   help="llama-quantize's preset, with its per-tensor rules (attn_v and ffn_down in more bits in some "
+                   "layers, token_embd/output in Q6_K or Q8_0): Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, "
+                   "Q5_K_M, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL; or Q3_K, Q4_K, Q5_K: that block type on every "
+                   "decoder matrix (llama-quantize reads these as the _M presets). Every matrix is solved on its "
+                   "type's exact grid (GPTQ, or RTN with an imatrix-style weighted grid); a matrix whose rows a type's "
+                   "blocks do not divide falls back as llama-quantize does (K-quants need multiples of 256; e.g. "
+                   "Q4_K -> Q5_0) (default: Q4_K)")
+    g.add_argument("--tensor-type", action="append", default=None, metavar="PATTERN=TYPE",
+                   help="repeatable: the block type of every tensor whose GGUF name the regular expression PATTERN "
+                   "matches (searched, as llama-quantize's --tensor-type; the first matching pattern wins), "
+                   "instead of the preset's rule, e.g. 'attn_v=Q8_0' or 'blk\\.[0-3]\\.ffn_down=Q6_K'")
+    g.add_argument("--target-types", default=None, metavar="T,T,...",
+                   help="with --target-bits: the block types the allocation chooses from (default: every type whose "
+                   "blocks divide the matrix's rows)")
+    g.add_argument("--embed-type", default=None, metavar="TYPE",
                    help="block type of the token embedding and lm_head (rounded to nearest, with the same fallbacks); "
-                   "--embed-bits keep stores them in F16 (default: %(default)s, as llama-quantize stores the output)")
+                   "--embed-bits keep stores them in F16 (default: llama-quantize's rule for the output: Q6_K, or "
+                   "Q8_0 where the type's blocks do not divide the width; an untied embedding in the preset's type)")
     add_calibration_options(p)
     add_run_options(p, ("peakllm", "sub1", "compressed-tensors", "gguf"), "peakllm")
     p.set_defaults(func=run)
@@ -77,6 +90,8 @@ def run(args) -> int:
         return _run_gguf(args)
     if args.type is not None:
         raise PeakError("--type names a GGUF block type: add --format gguf (or use --bits for the other formats)")
+    if args.tensor_type or args.target_types or args.embed_type:
+        raise PeakError("--tensor-type, --target-types and --embed-type choose GGUF block types: add --format gguf")
     from peakllm.calibrate.embeddings import embed_grid
     from peakllm.calibrate.recipes import QuantRecipe
     from peakllm.calibrate.run import run_compression
@@ -133,26 +148,54 @@ def run(args) -> int:
 
 
 def _run_gguf(args) -> int:
-    """quantize --format gguf: the decoder's matrices onto one llama.cpp block type, written as one .gguf file."""
+    """quantize --format gguf: the decoder's matrices onto llama.cpp block types (a preset's per-tensor rules, one
+    type, overrides, or a size target allocated per matrix), written as one .gguf file."""
+    from peakllm.calibrate.gguf_plan import allocate_types
     from peakllm.calibrate.recipes import GGMLRecipe
     from peakllm.calibrate.run import run_compression
+    from peakllm.formats.gguf.presets import PRESETS, canonical_type, parse_overrides
 
     fixed = {"--bits": args.bits != "4", "--group-size": args.group_size != 128, "--sym": args.sym,
-             "--mse": args.mse, "--target-bits": args.target_bits is not None, "--dense-bits": args.dense_bits,
-             "--levels": args.levels, "--embed-group-size": args.embed_group_size != 64,
-             "--act-order group": args.act_order == "group"}
+             "--mse": args.mse, "--dense-bits": args.dense_bits, "--levels": args.levels,
+             "--embed-group-size": args.embed_group_size != 64, "--act-order group": args.act_order == "group",
+             "--bit-allocation": args.bit_allocation != "matrix"}
     given = [flag for flag, set_ in fixed.items() if set_]
     if given:
         raise PeakError(f"{', '.join(given)} do not apply to --format gguf: its block type (--type) fixes the grid")
     if args.embed_bits not in (None, "keep"):
         raise PeakError("with --format gguf, choose the embedding's block type with --embed-type (or --embed-bits keep)")
+    if args.embed_bits == "keep" and args.embed_type is not None:
+        raise PeakError("--embed-bits keep stores the embedding in F16: drop --embed-type")
     if args.act_order is not None and args.method != "gptq":
         raise PeakError("--act-order only applies to --method gptq")
+    if args.target_bits is not None and args.type is not None:
+        raise PeakError("--target-bits chooses each matrix's type: drop --type (--target-types limits the choice)")
+    if args.target_types is not None and args.target_bits is None:
+        raise PeakError("--target-types is the choice of a --target-bits allocation: add --target-bits B")
+    if args.target_bits is not None and not 1.0 <= args.target_bits <= 32.0:
+        raise PeakError(f"--target-bits for a GGUF file is bits/param over the whole file, got {args.target_bits}")
+    name = canonical_type(args.type or "Q4_K", presets=True)
+    preset = name if name in PRESETS else None
+    candidates = None
+    if args.target_types is not None:
+        candidates = tuple(dict.fromkeys(canonical_type(t) for t in args.target_types.split(",") if t.strip()))
+        if not candidates:
+            raise PeakError("--target-types needs at least one block type")
     act_order = args.act_order or ("static" if args.method == "gptq" else "none")
-    recipe = GGMLRecipe(args.method, args.type or "Q4_K", act_order=act_order, blocksize=args.blocksize,
-                        damp=args.damp)
-    embed_type = None if args.embed_bits == "keep" else args.embed_type
-    extra = {"method": args.method, "type": recipe.type, "embed_type": embed_type, "act_order": act_order}
-    result = run_compression(run_spec(args, embed_grid=embed_type), recipe, extra=extra)
-    emit(result, args, f"quantized {args.model} with {args.method} onto {recipe.type}")
+    recipe = GGMLRecipe(args.method, PRESETS[preset][0] if preset else name, act_order=act_order,
+                        blocksize=args.blocksize, damp=args.damp, preset=preset,
+                        overrides=parse_overrides(args.tensor_type),
+                        embed_type=canonical_type(args.embed_type) if args.embed_type else None,
+                        keep_outer=args.embed_bits == "keep", target_bits=args.target_bits, candidates=candidates)
+    described = "target" if args.target_bits is not None else name
+    extra = {"method": args.method, "type": described, "embed_type": args.embed_type, "act_order": act_order,
+             "tensor_type": list(args.tensor_type or []), "target_bits": args.target_bits,
+             "file_type": preset}
+    spec = run_spec(args, embed_grid=None if recipe.keep_outer else recipe.plan.outer)
+    hook = None
+    if args.target_bits is not None:
+        def hook(model, segments):
+            extra.update(allocate_types(model, segments, recipe, spec))
+    result = run_compression(spec, recipe, extra=extra, before_calibrate=hook)
+    emit(result, args, f"quantized {args.model} with {args.method} onto {described}")
     return 0

@@ -16,6 +16,7 @@ from peakllm.errors import PeakError
 from peakllm.formats import compressed_tensors as ct, sub1_size
 from peakllm.formats.container import bits_per_param, save_model_folder
 from peakllm.formats.folder import check_output, staged_dir
+from peakllm.formats.gguf.presets import gguf_allocation
 from peakllm.formats.gguf.writer import check_model as check_gguf_model, write_gguf
 from peakllm.formats.intk import PackedIntK, PackedTernary
 from peakllm.formats.sparse import PackedBitmask, PackedNM
@@ -127,7 +128,7 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
         raise PeakError(f"unknown output format {fmt!r}; choose from {', '.join(FORMATS)}")
     out = check_destination(out_dir, fmt, overwrite)
     if fmt == "gguf":
-        return _save_gguf(model, tokenizer, modules, out)
+        return _save_gguf(model, tokenizer, modules, out, file_type=run_info.get("file_type"))
     if fmt == "hf":
         if any(r.quant is not None for r in modules.values()):
             raise PeakError("quantized weights need --format peakllm or compressed-tensors (an hf folder would store "
@@ -167,12 +168,13 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
             "bits_per_param_total": 8 * weight_file_bytes(out) / total_params}
 
 
-def _save_gguf(model, tokenizer, modules: dict, out: Path) -> dict:
+def _save_gguf(model, tokenizer, modules: dict, out: Path, file_type: str | None = None) -> dict:
     """Every compressed matrix in its block type, the rest as llama.cpp's converter stores it (F16, norms F32)."""
     missing = [n for n, r in modules.items() if r.ggml is None]
     if missing:
         raise PeakError(f"--format gguf stores matrices solved onto a GGUF block type; {missing[0]} is not")
-    written = write_gguf(model, tokenizer, out, {f"{n}.weight": r.ggml for n, r in modules.items()})
+    written = write_gguf(model, tokenizer, out, {f"{n}.weight": r.ggml for n, r in modules.items()},
+                         file_type=file_type)
     linears = [t for t in written if t.name.startswith("blk.") and len(t.shape) == 2]  # the decoder's matrices
     linear_bytes = sum(t.nbytes for t in linears)
     linear_params = sum(math.prod(t.shape) for t in linears)
@@ -181,7 +183,8 @@ def _save_gguf(model, tokenizer, modules: dict, out: Path) -> dict:
     for t in written:
         types[t.type] = types.get(t.type, 0) + 1
     return {"size_bytes": out.stat().st_size, "bits_per_param": 8 * linear_bytes / linear_params if linear_params else None,
-            "bits_per_param_total": 8 * out.stat().st_size / total_params, "gguf_tensor_types": types}
+            "bits_per_param_total": 8 * out.stat().st_size / total_params, "gguf_tensor_types": types,
+            **gguf_allocation(written)}
 
 
 def ct_actorder(run_info: dict) -> str | None:

@@ -30,6 +30,7 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_
               "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "IQ4_NL": "MOSTLY_IQ4_NL",
               "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M",
               "Q6_K": "MOSTLY_Q6_K"}
+FILE_TYPES.update({p: f"MOSTLY_{p}" for p in ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")})
 HEADER_BYTES = 1 << 20  # room for the header beside the vocabulary, for the disk check
 
 # llama.cpp's get_vocab_base_pre: the sha256 of str(tokenizer.encode(CHKTXT)) names the pre-tokenizer.
