@@ -133,11 +133,19 @@ def run(args) -> int:
         }
         if hasattr(model, "peakllm_manifest"):
             result.update(_packed_bits(args.model, model, result["parameters"]))
+        if str(args.model).endswith(".gguf"):  # the block type of each tensor as the file stores it
+            from peakllm.formats.gguf.presets import file_allocation
+
+            result.update(file_allocation(args.model))
     shown = rows if args.layers else [r for r in rows if ".layers." not in r["name"] or ".layers.0." in r["name"]]
     if args.json:
         emit({**result, "modules": shown}, args, "")
         return 0
     table = {**result, "schemes": "; ".join(map(scheme_text, result["schemes"]))} if "schemes" in result else result
+    if "gguf_types" in table:  # per type in one line each; the map of every tensor only in --json
+        table = {k: v for k, v in table.items() if k not in ("gguf_types", "gguf_tensor_map")}
+        table.update({f"gguf {t}": f"{s['tensors']} tensors, {s['params']:,} params, {s['bits_per_param']:.3f} bits/param"
+                      for t, s in result["gguf_types"].items()})
     emit(table, args, f"model {args.model}")
     width = max(len(r["name"]) for r in shown) if shown else 0
     kinds = max([14] + [len(r["kind"]) for r in shown])

@@ -228,3 +228,20 @@ def gguf_allocation(tensors) -> dict:
     matrices = [t for t in tensors if len(t.shape) == 2]
     return {"gguf_types": type_summary((t.name, t.type, t.shape[0] * t.shape[1], t.nbytes) for t in matrices),
             "gguf_tensor_map": {t.name: t.type for t in matrices}}
+
+
+def file_allocation(path) -> dict:
+    """The types a .gguf file holds: general.file_type, whole-file bits/param, and gguf_allocation's summary."""
+    import os
+    from types import SimpleNamespace
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.file_type")
+    file_type = gguf.LlamaFileType(int(field.parts[-1][0])).name if field is not None else None
+    tensors = [SimpleNamespace(name=t.name, type=t.tensor_type.name, shape=tuple(int(d) for d in reversed(t.shape)),
+                               nbytes=int(t.n_bytes)) for t in reader.tensors]
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    return {"gguf_file_type": file_type, "bits_per_param_total": 8 * os.path.getsize(path) / params,
+            **gguf_allocation(tensors)}
