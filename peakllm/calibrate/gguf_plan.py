@@ -125,16 +125,16 @@ class LossProbe:
     """A recipe that changes nothing: it scores each matrix at each candidate type (the measuring pass)."""
 
     name = "measuring types"
-    stats = {"hessian", "tokens"}
+    stats = frozenset({"hessian", "tokens"})
 
     def __init__(self, candidates: dict[str, list[str]], max_rows: int | None = LOSS_ROWS):
         self.candidates, self.max_rows = candidates, max_rows
         self.losses: dict[str, dict[str, float]] = {}
 
     def compress(self, name: str, layer_index: int, W, stats: dict):
+        # returns None: the weights stay as they are, the next layer sees the original model's outputs
         if name in self.candidates:
             self.losses[name] = type_losses(W, stats.pop("hessian"), self.candidates[name], max_rows=self.max_rows)
-        return None  # the weights stay as they are: the next layer sees the original model's outputs
 
 
 def allocate_types(model, segments, recipe, spec) -> dict:

@@ -17,7 +17,7 @@ import math
 import torch
 
 from peakllm.errors import PeakError
-from peakllm.solvers.ggml import rtn_ggml
+from peakllm.solvers.ggml import gptq_ggml, rtn_ggml
 
 
 def layer_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -34,17 +34,27 @@ def sample_rows(rows: int, max_rows: int | None) -> torch.Tensor | None:
     return torch.linspace(0, rows - 1, max_rows).round().long().unique()
 
 
-def type_losses(W: torch.Tensor, H: torch.Tensor, types, *, max_rows: int | None = None) -> dict[str, float]:
-    """The layer-wise loss of ``W [out, in]`` rounded onto each of ``types`` (block type names that take its
-    width), with the grid fitted as rtn_ggml fits it, importance diag(H); ``max_rows``: score an evenly spaced
-    sample of rows, scaled to all rows."""
+def type_losses(W: torch.Tensor, H: torch.Tensor, types, *, max_rows: int | None = None,
+                solver: str = "rtn") -> dict[str, float]:
+    """The layer-wise loss of ``W [out, in]`` on each of ``types`` (block type names that take its width):
+    ``solver`` "rtn" rounds onto the grid rtn_ggml fits with importance diag(H) (the cheap proxy), "gptq"
+    solves it as the run will (gptq_ggml). ``max_rows``: score an evenly spaced sample of rows (both solvers
+    treat rows independently given H), scaled to all rows."""
     W = W.detach().float()
     H = H.detach().float()
     idx = sample_rows(W.shape[0], max_rows)
     Ws = W if idx is None else W[idx]
     scale = W.shape[0] / Ws.shape[0]
     importance = torch.diagonal(H).clamp_min(0)
-    return {t: scale * layer_loss(Ws, rtn_ggml(Ws, t, importance).dequantize(), H) for t in types}
+
+    def solve(t: str) -> torch.Tensor:
+        if solver == "gptq":
+            return gptq_ggml(Ws, H, t)[0].dequantize()
+        return rtn_ggml(Ws, t, importance).dequantize()
+
+    if solver not in ("rtn", "gptq"):
+        raise PeakError(f"type_losses solves with rtn or gptq, not {solver!r}")
+    return {t: scale * layer_loss(Ws, solve(t), H) for t in types}
 
 
 def hull(options: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
