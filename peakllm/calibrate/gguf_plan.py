@@ -5,7 +5,8 @@ names come from the writer's own plan, the rules from ``formats/gguf/presets.py`
 what it does not allocate (the header with the tokenizer, norms in F32, token_embd/output in their type,
 tensors pinned by --tensor-type), and checks that the candidates can reach it. Then ``allocate_types`` runs a
 first, measuring pass over the layers (the original model's Hessians, one group at a time, dropped after use;
-no weight changes), scores every decoder matrix at every candidate type (solvers/allocate.type_losses) and
+no weight changes), scores every decoder matrix at every candidate type with the run's solver on a sample of
+rows (solvers/allocate.type_losses) and
 chooses the types (solvers/allocate.allocate); the normal GPTQ run follows with them.
 """
 
@@ -127,14 +128,15 @@ class LossProbe:
     name = "measuring types"
     stats = frozenset({"hessian", "tokens"})
 
-    def __init__(self, candidates: dict[str, list[str]], max_rows: int | None = LOSS_ROWS):
-        self.candidates, self.max_rows = candidates, max_rows
+    def __init__(self, candidates: dict[str, list[str]], solver: str = "rtn", max_rows: int | None = LOSS_ROWS):
+        self.candidates, self.solver, self.max_rows = candidates, solver, max_rows
         self.losses: dict[str, dict[str, float]] = {}
 
     def compress(self, name: str, layer_index: int, W, stats: dict):
         # returns None: the weights stay as they are, the next layer sees the original model's outputs
         if name in self.candidates:
-            self.losses[name] = type_losses(W, stats.pop("hessian"), self.candidates[name], max_rows=self.max_rows)
+            self.losses[name] = type_losses(W, stats.pop("hessian"), self.candidates[name], max_rows=self.max_rows,
+                                            solver=self.solver)
 
 
 def allocate_types(model, segments, recipe, spec) -> dict:
@@ -142,7 +144,9 @@ def allocate_types(model, segments, recipe, spec) -> dict:
     the JSON result records of it."""
     plan = recipe.plan
     candidates = {n: recipe.candidates_for(s) for n, s in plan.free.items()}
-    probe = LossProbe(candidates)
+    # the run's own solver on a sample of rows: GPTQ's losses order the types as the whole matrix's GPTQ does,
+    # RTN's (the cheaper proxy) less well (benchmarks/bench_gguf_allocation.py)
+    probe = LossProbe(candidates, "gptq" if recipe.method == "gptq" else "rtn")
     report = calibrate(model, segments, probe, batch_size=spec.batch_size, sequential=spec.sequential,
                        progress=spec.progress)
     options = {n: [(t, tensor_bytes(t, plan.free[n]), probe.losses[n][t]) for t in candidates[n]] for n in candidates}
