@@ -226,3 +226,10 @@ def test_bad_allocation_options_are_one_error_before_any_work(capsys, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("error:") == 1, err
     assert not out.exists() and list(tmp_path.glob("*.gguf*")) == []
+
+
+def test_one_type_everywhere_without_a_preset():
+    types = preset_types(None, llama_tensors(N, 256, 512, tied=False), SHAPE, base="Q4_0")
+    outer = {"token_embd.weight", "output.weight"}
+    assert {t for n, t in types.items() if n not in outer} == {"Q4_0"}
+    assert types["token_embd.weight"] == types["output.weight"] == "Q6_K"

@@ -173,15 +173,15 @@ def preset_types(preset: str | None, tensors: dict[str, tuple[int, ...]], shape:
     """GGUF name -> block type (or "F16" where no block type takes the width) of every tensor of ``tensors``
     (GGUF name -> shape, ggml order reversed: ``(rows, cols)``) that llama-quantize quantizes.
 
-    ``preset``: a PRESETS name; None puts ``base`` on every tensor but token_embd/output (a single type, no
-    mixture). ``overrides``: (pattern, type) pairs, regexes searched in the name, the first match wins.
+    ``preset``: a PRESETS name; None puts the block type ``base`` on every tensor but token_embd/output (one
+    type, no mixture; token_embd/output as the _M presets: Q6_K, or Q8_0 where 256 does not divide the width). ``overrides``: (pattern, type) pairs, regexes searched in the name, the first match wins.
     ``embed_type``: the type of token_embd and output (llama-quantize's --token-embedding-type and
     --output-tensor-type together; None: the preset's rule). ``imatrix``: the rules as llama-quantize applies
     them with an importance matrix (peakllm always calibrates)."""
     if preset is not None and preset not in PRESETS:
         raise PeakError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    if preset is None and base not in SINGLE_TYPES:
-        raise PeakError(f"a single block type for every matrix is one of {', '.join(SINGLE_TYPES)}, got {base!r}")
+    if preset is None:
+        canonical_type(base)  # one type on every matrix: any block type (the CLI names Q3_K, Q4_K, Q5_K so)
     compiled = [(re.compile(p), t) for p, t in overrides]
     names = [n for n in llamacpp_order(tensors) if quantizable(n, tensors[n])]
     tied = "output.weight" not in tensors
