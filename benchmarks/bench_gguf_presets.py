@@ -41,13 +41,29 @@ def file_types(path: Path) -> tuple[dict[str, str], int, str]:
     return types, data, ft
 
 
+def ones_imatrix(path: Path, shapes: dict) -> Path:
+    """A legacy-format imatrix (llama.cpp's imatrix-loader) of ones for every matrix: it switches on the rules
+    llama-quantize applies with an importance matrix; its values change the codes, never the types."""
+    import struct
+
+    import numpy as np
+
+    names = [n for n, s in shapes.items() if len(s) == 2 and n not in ("token_embd.weight", "output.weight")]
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<i", len(names)))
+        for n in names:
+            fh.write(struct.pack("<i", len(n)) + n.encode() + struct.pack("<ii", 1, shapes[n][1]))
+            fh.write(np.ones(shapes[n][1], dtype=np.float32).tobytes())
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-cpp", required=True)
     ap.add_argument("--f32", required=True)
     ap.add_argument("--model", default="default")
     ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--imatrix", default=None)
+    ap.add_argument("--imatrix", default=None, help="an imatrix file, or 'ones' (types only: see ones_imatrix)")
     ap.add_argument("--write", default="", help="presets to write with peakllm too")
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
@@ -57,6 +73,8 @@ def main() -> None:
     gguf_name = {t.hf_name.removesuffix(".weight"): t.name for t in plan}
     shapes = {t.name: t.shape for t in plan}
     with tempfile.TemporaryDirectory(prefix="bench-gguf-presets-") as tmp:
+        if args.imatrix == "ones":
+            args.imatrix = str(ones_imatrix(Path(tmp) / "ones.dat", shapes))
         for preset in args.presets.split(","):
             out = Path(tmp) / f"{preset}.gguf"
             cmd = [str(quantize), *(["--imatrix", args.imatrix] if args.imatrix else []), args.f32, str(out), preset]
@@ -75,7 +93,7 @@ def main() -> None:
             counts = {}
             for t in theirs.values():
                 counts[t] = counts.get(t, 0) + 1
-            row = {"bench": "gguf-presets", "model": args.model, "preset": preset, "imatrix": bool(args.imatrix),
+            row = {"bench": "gguf-presets", "model": args.model, "preset": preset, "imatrix": Path(args.imatrix).name if args.imatrix else None,
                    "tensors": len(theirs), "same_types": not differ, "differences": differ,
                    "llama_quantize_types": counts, "llama_quantize_file_type": their_ft,
                    "peakllm_file_type": f"MOSTLY_{preset}",

@@ -202,13 +202,17 @@ def test_preset_file_holds_llamacpps_types_and_file_type(capsys, tmp_path, tiny_
 
 
 def test_target_bits_file_is_at_or_under_the_target(capsys, tmp_path, tiny_model_dir, text_file):
-    out, code = quantize(tmp_path, tiny_model_dir, text_file, "--target-bits", "6.2", "--method", "rtn")
+    out, code = quantize(tmp_path, tiny_model_dir, text_file, "--target-bits", "6.2", "--method", "rtn",
+                         "--tensor-type", r"blk\.0\.attn_v=Q8_0")
     assert code == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out)
     assert 5.9 < result["bits_per_param_total"] <= 6.2
+    params = sum(int(t.n_elements) for t in gguf.GGUFReader(str(out)).tensors)  # the whole file, as the target
+    assert result["bits_per_param_total"] == pytest.approx(8 * out.stat().st_size / params)
     assert result["allocation_bytes"] <= result["allocation_budget_bytes"]
     types, _ = file_types(out)
     assert result["gguf_tensor_map"] == types and len(set(types.values())) > 1
+    assert types["blk.0.attn_v.weight"] == "Q8_0"  # pinned by the pattern, counted as fixed
 
 
 @pytest.mark.parametrize("extra,message", [

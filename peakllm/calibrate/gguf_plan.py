@@ -13,6 +13,7 @@ chooses the types (solvers/allocate.allocate); the normal GPTQ run follows with 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,10 +91,12 @@ def size_target(model, tokenizer, recipe, plan: TypePlan) -> None:
     cannot reach it."""
     if tokenizer is None:
         raise PeakError("--target-bits with --format gguf needs the model and tokenizer in memory: use --stream off")
-    pinned = {n for n in plan.decoder if any(_matches(p, n, model) for p, _ in recipe.overrides)}
+    tensors = plan_tensors(model, {}, "F16")
+    names = {t.hf_name.removesuffix(".weight"): t.name for t in tensors}
+    pinned = {n for n in plan.decoder if any(re.search(p, names[n]) for p, _ in recipe.overrides)}
     params = dict(model.named_parameters())
     fixed = header_bytes(model, tokenizer)
-    for t in plan_tensors(model, {}, "F16"):
+    for t in tensors:
         module = t.hf_name.removesuffix(".weight")
         if module in plan.decoder and module not in pinned:
             plan.free[module] = tuple(params[t.hf_name].shape)
@@ -109,17 +112,6 @@ def size_target(model, tokenizer, recipe, plan: TypePlan) -> None:
                         f"model: {low:.3f} to {high:.3f} bits/param over the whole file (token_embd/output and "
                         "--tensor-type tensors fixed)")
     plan.budget_bytes = budget - fixed
-
-
-def _matches(pattern: str, module: str, model) -> bool:
-    import re
-
-    name = _gguf_names(model).get(module)
-    return name is not None and re.search(pattern, name) is not None
-
-
-def _gguf_names(model) -> dict[str, str]:
-    return {t.hf_name.removesuffix(".weight"): t.name for t in plan_tensors(model, {}, "F16")}
 
 
 class LossProbe:
