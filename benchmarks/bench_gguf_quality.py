@@ -7,9 +7,9 @@ is evaluated by `peakllm eval` (the first --eval-tokens tokens of the held-out w
 llama.cpp's `llama-perplexity` on the same tokens decoded to text (its own protocol: BOS per chunk, the second
 half of each 512 window scored). One results line per file, appended to --results.
 
-peakllm's --type is the block type of the decoder's matrices, llama-quantize's name is a preset: for the K-quant
-presets (Q3_K_S, Q4_K_S, ...) it is the preset's base type; the file sizes are measured, not assumed equal.
-Rows too narrow for a K-quant fall back in both tools (SmolLM2's 576-wide rows: Q4_K -> Q5_0, Q3_K -> Q4_0).
+peakllm's --type takes llama-quantize's preset names with the same per-tensor rules (formats/gguf/presets.py),
+so both files hold the same type in every tensor; the file sizes are measured, not assumed equal. Rows too
+narrow for a K-quant fall back in both tools (SmolLM2's 576-wide rows: Q4_K -> Q5_0, Q3_K -> Q4_0).
 
   HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/bench_gguf_quality.py --types Q4_0,Q3_K_S --seeds 0
 
@@ -27,8 +27,6 @@ from pathlib import Path
 
 from bench_peers import N_PARAMS, REPO, Bench, last_json, loadavg, run
 
-BASE_TYPE = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
-             "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
 
 
 class GGUFQuality(Bench):
@@ -107,7 +105,7 @@ class GGUFQuality(Bench):
         self.emit(row)
 
     def peakllm_file(self, preset: str, seed: int) -> None:
-        qtype = BASE_TYPE.get(preset, preset)
+        qtype = preset  # peakllm's presets are llama-quantize's (before them: the preset's base type)
         method = self.args.method
         dst = self.out / "gguf" / f"peakllm-{qtype}-{method}-damp{self.args.damp}-seed{seed}.gguf"
         cmd = self.peakllm + ["quantize", "--format", "gguf", "--type", qtype, "--method", method, "--seed", str(seed),
@@ -117,7 +115,7 @@ class GGUFQuality(Bench):
         stdout, _ = run(cmd, log=self.out / "logs" / f"{dst.stem}.log", env=self.env)
         res = last_json(stdout)
         label = f"GPTQ damp {self.args.damp}" if method == "gptq" else "RTN, imatrix-weighted grid"
-        row = self.row("peakllm", f"{label} onto {qtype} (compared with {preset})", seed, dst,
+        row = self.row("peakllm", f"{label}, preset {preset}", seed, dst,
                        shlex.join(["peakllm"] + cmd[3:]), res["seconds"])
         row["result"] = res
         self.emit(row)
