@@ -63,7 +63,7 @@ def register(sub) -> None:
     g = p.add_argument_group("GGUF output (--format gguf: one .gguf file for llama.cpp, ollama, LM Studio)")
     g.add_argument("--type", default=None, metavar="TYPE",
                    help="llama-quantize's preset, with its per-tensor rules (attn_v and ffn_down in more bits in some "
-                   "layers, token_embd/output in Q6_K or Q8_0): Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, "
+                   "layers, token_embd/output in Q6_K or Q8_0; as llama-quantize applies them with --imatrix): Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, "
                    "Q5_K_M, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL; or Q3_K, Q4_K, Q5_K: that block type on every "
                    "decoder matrix (llama-quantize reads these as the _M presets). Every matrix is solved on its "
                    "type's exact grid (GPTQ, or RTN with an imatrix-style weighted grid); a matrix whose rows a type's "
