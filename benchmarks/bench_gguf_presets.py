@@ -27,7 +27,7 @@ from results_line import append
 
 from peakllm.calibrate.gguf_plan import tensor_bytes
 from peakllm.calibrate.recipes import GGMLRecipe
-from peakllm.formats.gguf.presets import PRESETS
+from peakllm.formats.gguf.presets import PRESETS, ModelShape, preset_types
 from peakllm.formats.gguf.writer import plan_tensors
 from peakllm.models import load_model
 
@@ -39,6 +39,20 @@ def file_types(path: Path) -> tuple[dict[str, str], int, str]:
     types = {t.name: t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
     data = sum(-(-int(t.n_bytes) // 32) * 32 for t in reader.tensors)
     return types, data, ft
+
+
+def f32_tensors(path: str) -> tuple[dict, ModelShape]:
+    """GGUF name -> (rows, cols) of every tensor of a file, and the hyperparameters the rules read."""
+    reader = gguf.GGUFReader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+
+    def value(key, default=0):
+        f = reader.fields.get(f"{arch}.{key}")
+        return int(f.parts[-1][0]) if f is not None else default
+
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    return shapes, ModelShape(value("block_count"), value("attention.head_count"),
+                              value("attention.head_count_kv"), value("expert_count"), arch)
 
 
 def ones_imatrix(path: Path, shapes: dict) -> Path:
@@ -66,12 +80,18 @@ def main() -> None:
     ap.add_argument("--imatrix", default=None, help="an imatrix file, or 'ones' (types only: see ones_imatrix)")
     ap.add_argument("--write", default="", help="presets to write with peakllm too")
     ap.add_argument("--results", default=None)
+    ap.add_argument("--names-from-f32", action="store_true",
+                    help="take the tensors (names, shapes) and hyperparameters from the F32 file itself and compare "
+                         "the rule table alone (presets.preset_types), for families peakllm does not write yet")
     args = ap.parse_args()
     quantize = Path(args.llama_cpp) / "build" / "bin" / "llama-quantize"
-    model, _tok = load_model(args.model)
-    plan = plan_tensors(model, {}, "F16")
-    gguf_name = {t.hf_name.removesuffix(".weight"): t.name for t in plan}
-    shapes = {t.name: t.shape for t in plan}
+    if args.names_from_f32:
+        model, gguf_name, shapes, shape = None, {}, *f32_tensors(args.f32)
+    else:
+        model, _tok = load_model(args.model)
+        plan = plan_tensors(model, {}, "F16")
+        gguf_name = {t.hf_name.removesuffix(".weight"): t.name for t in plan}
+        shapes = {t.name: t.shape for t in plan}
     with tempfile.TemporaryDirectory(prefix="bench-gguf-presets-") as tmp:
         if args.imatrix == "ones":
             args.imatrix = str(ones_imatrix(Path(tmp) / "ones.dat", shapes))
@@ -83,9 +103,12 @@ def main() -> None:
                 print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"llama-quantize {preset} failed")
             theirs, their_data, their_ft = file_types(out)
-            recipe = GGMLRecipe("rtn", PRESETS[preset][0], act_order="none", preset=preset)
-            recipe.prepare(model)
-            ours = {gguf_name[m]: t for m, t in {**recipe.plan.decoder, **recipe.plan.outer}.items()}
+            if model is None:
+                ours = preset_types(preset, shapes, shape)
+            else:
+                recipe = GGMLRecipe("rtn", PRESETS[preset][0], act_order="none", preset=preset)
+                recipe.prepare(model)
+                ours = {gguf_name[m]: t for m, t in {**recipe.plan.decoder, **recipe.plan.outer}.items()}
             ours.update({n: "F16" for n, s in shapes.items() if len(s) == 2 and n not in ours})
             differ = {n: (ours.get(n), theirs.get(n)) for n in sorted(set(ours) | set(theirs))
                       if ours.get(n) != theirs.get(n)}
@@ -93,7 +116,7 @@ def main() -> None:
             counts = {}
             for t in theirs.values():
                 counts[t] = counts.get(t, 0) + 1
-            row = {"bench": "gguf-presets", "model": args.model, "preset": preset, "imatrix": Path(args.imatrix).name if args.imatrix else None,
+            row = {"bench": "gguf-presets", "model": Path(args.f32).name if model is None else args.model, "preset": preset, "imatrix": Path(args.imatrix).name if args.imatrix else None,
                    "tensors": len(theirs), "same_types": not differ, "differences": differ,
                    "llama_quantize_types": counts, "llama_quantize_file_type": their_ft,
                    "peakllm_file_type": f"MOSTLY_{preset}",
