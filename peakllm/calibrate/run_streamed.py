@@ -61,8 +61,12 @@ def plan_memory(sm, spec: RunSpec, recipe) -> MemoryPlan:
     calib_tokens = spec.calib_samples * spec.calib_seqlen if needs_data else 0
     limit = spec.max_memory_bytes if spec.max_memory_bytes is not None else memory.available_bytes()
     offload = 2 << 30
+    gguf_outer = None
+    if spec.format == "gguf":
+        types = gguf_types(sm, spec, recipe)
+        gguf_outer = [mod.weight.numel() for name, mod in outer_modules(sm.model).items() if f"{name}.weight" in types]
     kw = dict(calib_tokens=calib_tokens, calib_seqlen=spec.calib_seqlen, batch_size=spec.batch_size,
-              hessian=hessian, eval_tokens=spec.eval_tokens)
+              hessian=hessian, eval_tokens=spec.eval_tokens, gguf_outer=gguf_outer)
     pred = budget.predict(sm, offload_bytes=offload, **kw)
     if limit is not None and pred["predicted_peak_bytes"] > limit:
         spill = budget.predict(sm, offload_bytes=0, **kw)

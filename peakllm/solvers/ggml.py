@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from peakllm.errors import PeakError
-from peakllm.formats.gguf.blocks import BlockType, GGMLWeight, check_width, grid_values, per_column, scale_bias
+from peakllm.formats.gguf.blocks import (ROW_CHUNK_WEIGHTS, BlockType, GGMLWeight, check_width, grid_values,
+                                         per_column, scale_bias)
 from peakllm.solvers.common import SolveInfo, check_blocksize, check_hessian, check_weight, prepare, upper_inverse
 from peakllm.solvers.ggml_fit import fit_params, nearest_value
 from peakllm.solvers.gptq import sweep
@@ -58,7 +59,12 @@ def rtn_ggml(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = 
     W = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
     params = grid_params(W, t, importance, params)
     scale, bias = scale_bias(t, params)
-    return GGMLWeight(t.name, nearest_codes(t, W, per_column(t, scale), per_column(t, bias)), params)
+    codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
+    step = max(1, ROW_CHUNK_WEIGHTS // W.shape[1])  # rows at a time: ~20 bytes a weight of temporaries
+    for i in range(0, W.shape[0], step):
+        b = None if bias is None else per_column(t, bias[i:i + step])
+        codes[i:i + step] = nearest_codes(t, W[i:i + step], per_column(t, scale[i:i + step]), b)
+    return GGMLWeight(t.name, codes, params)
 
 
 def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: int = 128, damp: float = 0.01,
