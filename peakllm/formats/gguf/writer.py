@@ -317,6 +317,9 @@ class GGUFStreamWriter:
                             "never written")
         os.close(self.fd)
         self.fd = None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # as a file opened for writing gets, not mkstemp's 0600
         os.replace(self.tmp, self.path)
         return self.written
 
