@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 from peakllm.cli.common import emit, show_progress
-from peakllm.cli.compress_common import (
-    add_calibration_options,
-    add_run_options,
-    run_spec,
-)
+from peakllm.cli.compress_common import add_calibration_options, add_run_options, run_spec
 from peakllm.errors import PeakError
 
 
@@ -91,12 +87,7 @@ def run(args) -> int:
 
 def _run_gguf(args, sparsity: float, pattern) -> int:
     """prune --format gguf: each matrix pruned, then rounded onto a block type with its mask kept."""
-    from peakllm.calibrate.recipes import (
-        GGMLRecipe,
-        PruneGGMLRecipe,
-        PruneRecipe,
-        keeps_zeros,
-    )
+    from peakllm.calibrate.recipes import GGMLRecipe, PruneGGMLRecipe, PruneRecipe, keeps_zeros
     from peakllm.calibrate.run import run_compression
     from peakllm.formats.gguf import block_type
 
