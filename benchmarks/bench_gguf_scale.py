@@ -85,10 +85,26 @@ def run_peakllm(args, model: Path, out: Path) -> dict:
 def llama_quantize(args, peers: Path, model: Path, out: Path) -> str:
     """convert_hf_to_gguf.py --outtype f16, then llama-quantize --pure to --type; the f16 file deleted."""
     f16 = out.with_name(out.stem + ".f16.gguf")
-    conv = [str(peers / "venv/bin/python"), str(peers / "llama.cpp/convert_hf_to_gguf.py"), str(model), "--outtype",
+    # the converter's transformers predates the class name transformers 5 saves ("TokenizersBackend"): a linked
+    # copy of the folder names the fast tokenizer class instead; weights and vocabulary are the same files
+    src = out.parent / f"{model.name}-for-converter"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    for f in model.iterdir():
+        if f.name == "tokenizer_config.json":
+            cfg = json.loads(f.read_text())
+            if cfg.get("tokenizer_class") == "TokenizersBackend":
+                cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            (src / f.name).write_text(json.dumps(cfg))
+        elif f.is_file():
+            os.link(f, src / f.name)
+    conv = [str(peers / "venv/bin/python"), str(peers / "llama.cpp/convert_hf_to_gguf.py"), str(src), "--outtype",
             "f16", "--outfile", str(f16)]
     print("$", " ".join(conv), flush=True)
-    subprocess.run(conv, check=True, capture_output=True)
+    p = subprocess.run(conv, capture_output=True, text=True)
+    shutil.rmtree(src)
+    if p.returncode != 0:
+        raise SystemExit(f"convert_hf_to_gguf.py failed: {p.stderr[-1500:]}")
     outer = "f16" if args.embed_bits == "keep" else args.embed_type.lower()
     q = [str(peers / "build/bin/llama-quantize"), "--pure", "--output-tensor-type", outer, "--token-embedding-type",
          outer, str(f16), str(out), args.type, "2"]
@@ -143,7 +159,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pp", type=int, default=64)
     ap.add_argument("--tg", type=int, default=16)
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the GGUF files")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a results file whose last line is this benchmark's peakllm part, its GGUF kept (--keep): "
+                    "only the llama.cpp part runs; that line's stamp goes under peakllm_run")
     ap.add_argument("--log", default=str(REPO / "docs/results/gguf-scale.jsonl"))
     args = ap.parse_args()
     synth = json.loads((args.synth / "PEAKLLM_SYNTH.json").read_text())
@@ -151,6 +170,11 @@ def main() -> int:
     layers = args.layers or total_layers
     model = shallow_copy(args.synth, layers, args.workdir / f"{args.synth.name}-{layers}L")
     ours = args.workdir / f"peakllm-{args.type}-{layers}L.gguf"
+    if args.reuse is not None:
+        row = json.loads(args.reuse.read_text().strip().splitlines()[-1])
+        row["peakllm_run"] = {k: row.pop(k) for k in ("command_line", "commit", "dirty", "machine", "date") if k in row}
+        row.pop("llama_bench", None)
+        return finish(args, row, model, ours)
     load_before = os.getloadavg()
     result = run_peakllm(args, model, ours)
     row = {"shape": synth.get("shape"), "random_weights": True, "layers": layers, "layers_of_shape": total_layers,
@@ -160,6 +184,12 @@ def main() -> int:
                                      "time_v_max_rss_bytes", "time_v_wall", "seconds", "seconds_per_layer",
                                      "size_bytes", "bits_per_param_total", "gguf_tensor_types", "time_breakdown")},
            "loadavg_before": [round(x, 2) for x in load_before]}
+    return finish(args, row, model, ours)
+
+
+def finish(args, row: dict, model: Path, ours: Path) -> int:
+    """The llama.cpp part (when its build is READY), then the results line; the big files deleted."""
+    layers = row["layers"]
     if (args.peers / "READY").exists():
         theirs = args.workdir / f"llamacpp-{args.type}-{layers}L.gguf"
         row["llama_quantize"] = llama_quantize(args, args.peers, model, theirs)
