@@ -27,9 +27,9 @@ from peakllm.calibrate import budget
 from peakllm.calibrate.checkpoint import STATE_VERSION, Checkpoint, restore_report
 from peakllm.calibrate.distributed import workers
 from peakllm.calibrate.embeddings import quantize_outer
-from peakllm.calibrate.recipes import ggml_type_for
 from peakllm.calibrate.loop import calibrate
 from peakllm.calibrate.preflight import check_disk, check_run
+from peakllm.calibrate.recipes import ggml_type_for
 from peakllm.calibrate.spec import EVAL_SEQLEN, RunSpec
 from peakllm.calibrate.stats import capture_inputs
 from peakllm.calibrate.stream import GGUFLayers, partial_dir, StreamIO
