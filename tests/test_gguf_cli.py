@@ -71,7 +71,6 @@ def test_gptq_beats_rtn_on_the_same_block_type(capsys, tmp_path, tiny_model_dir,
     (["--bits", "3"], "do not apply to --format gguf"),
     (["--embed-bits", "8"], "--embed-type"),
     (["--act-order", "group"], "do not apply to --format gguf"),
-    (["--stream", "on"], "--stream off"),
 ])
 def test_bad_options_are_one_error_before_any_work(capsys, tmp_path, tiny_model_dir, text_file, extra, message):
     out, code = quantize_gguf(tmp_path, tiny_model_dir, text_file, *extra)
@@ -94,3 +93,34 @@ def test_output_must_be_a_gguf_file_and_is_not_clobbered(capsys, tmp_path, tiny_
 def test_type_without_gguf_format_is_refused(capsys, tmp_path, tiny_model_dir, text_file):
     assert main(["quantize", "--model", str(tiny_model_dir), "--type", "Q4_0", "--output", str(tmp_path / "o")]) == 2
     assert "add --format gguf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,qtype", [("sparsegpt", "Q4_0"), ("wanda", "Q4_1")])
+def test_prune_then_round_onto_a_block_type_keeps_zeros_where_the_type_can(capsys, tmp_path, tiny_model_dir, text_file,
+                                                                          method, qtype):
+    """prune --format gguf: every decoder matrix is half zeros on Q4_0 (a zero level), as --help says; on Q4_1
+    (w = d*q - m) the pruned weights become their blocks' grid points nearest 0, few of them 0."""
+    out = tmp_path / "pruned.gguf"
+    code = main(["prune", "--model", str(tiny_model_dir), "--method", method, "--sparsity", "0.5", "--format", "gguf",
+                 "--type", qtype, "--calib-dataset", str(text_file), "--calib-samples", "3", "--calib-seqlen", "32",
+                 "--eval-tokens", "0", "--output", str(out), "--json"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["sparsity"] == pytest.approx(0.5) and result["zeros_exact"] is (qtype == "Q4_0")
+    matrices = [t for t in gguf.GGUFReader(str(out)).tensors if t.name.startswith("blk.") and "norm" not in t.name]
+    assert len(matrices) == 14 and all(t.tensor_type.name == qtype for t in matrices)
+    for t in matrices:
+        zeros = float((gguf.quants.dequantize(t.data, t.tensor_type) == 0).mean())
+        assert zeros >= 0.5 if qtype == "Q4_0" else zeros < 0.25, (t.name, zeros)
+
+
+@pytest.mark.parametrize("extra,message", [(["--bits", "4"], "do not apply to --format gguf"),
+                                           (["--type", "Q4_0"], "add --format gguf"),
+                                           (["--embed-type", "Q9"], "unknown GGUF block type")])
+def test_bad_prune_gguf_options_are_one_error_before_any_work(capsys, tmp_path, tiny_model_dir, text_file, extra, message):
+    fmt = [] if "--type" in extra else ["--format", "gguf"]
+    code = main(["prune", "--model", str(tiny_model_dir), *fmt, *extra, "--calib-dataset", str(text_file),
+                 "--output", str(tmp_path / "x.gguf")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("error:") == 1
+    assert list(tmp_path.glob("*.gguf*")) == []

@@ -142,21 +142,42 @@ def test_bad_input_is_one_error_before_writing(tmp_path, tokenizer, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_streamed_writing_equals_the_one_call_and_checks_its_order(tmp_path, tokenizer, written):
-    """A meta skeleton plans the file; tensors then arrive one at a time and give the same bytes."""
+def test_streamed_writing_equals_the_one_call_in_any_order_and_resumes(tmp_path, tokenizer, written):
+    """A meta skeleton plans the file; tensors then arrive one at a time, in any order (a streamed run writes
+    the embedding last), and give the same bytes; a killed writer's file is taken back and finished."""
     path, model, quantized = written
     with torch.device("meta"):
         skeleton = type(model)(model.config)
     params = dict(model.named_parameters())
+    types = {k: q.type for k, q in quantized.items()}
     out = tmp_path / "streamed.gguf"
-    with GGUFStreamWriter(skeleton, tokenizer, out, {k: q.type for k, q in quantized.items()}, float_type="F32") as s:
+    with GGUFStreamWriter(skeleton, tokenizer, out, types, float_type="F32") as s:
         assert not out.exists()
-        for t in s.plan:
+        for t in reversed(s.plan):
             s.write(t.hf_name, quantized.get(t.hf_name, params[t.hf_name]))
     assert out.read_bytes() == path.read_bytes()
 
-    with pytest.raises(PeakError, match="written in order"):
+    tmp = tmp_path / "part" / "x.gguf.tmp"
+    first = GGUFStreamWriter(skeleton, tokenizer, tmp_path / "resumed.gguf", types, float_type="F32", tmp=tmp)
+    half = [t.hf_name for t in first.plan[::2]]
+    for name in half:
+        first.write(name, quantized.get(name, params[name]))
+    first.abort(remove=False)  # as a killed run leaves it
+    with pytest.raises(PeakError, match="not the unfinished GGUF file"):  # another plan: refused, file kept
+        GGUFStreamWriter(skeleton, tokenizer, tmp_path / "resumed.gguf", float_type="F32", tmp=tmp, written=half)
+    with GGUFStreamWriter(skeleton, tokenizer, tmp_path / "resumed.gguf", types, float_type="F32", tmp=tmp,
+                          written=half) as s:
+        for t in s.plan:
+            if t.hf_name not in half:
+                s.write(t.hf_name, quantized.get(t.hf_name, params[t.hf_name]))
+    assert (tmp_path / "resumed.gguf").read_bytes() == path.read_bytes()
+    assert list((tmp_path / "part").iterdir()) == []
+    (tmp_path / "part").rmdir()
+    (tmp_path / "resumed.gguf").unlink()
+
+    with pytest.raises(PeakError, match="already written"):
         with GGUFStreamWriter(skeleton, tokenizer, tmp_path / "bad.gguf", float_type="F32") as s:
+            s.write(s.plan[1].hf_name, params[s.plan[1].hf_name])
             s.write(s.plan[1].hf_name, params[s.plan[1].hf_name])
     with pytest.raises(PeakError, match="expected Q6_K"):
         with GGUFStreamWriter(skeleton, tokenizer, tmp_path / "bad.gguf", {"model.embed_tokens.weight": "Q6_K"}) as s:

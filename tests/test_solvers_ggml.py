@@ -199,3 +199,39 @@ def test_bad_input_is_one_error():
         rtn_ggml(W, "Q4_0", importance=torch.ones(63))
     with pytest.raises(PeakError, match="H must be"):
         gptq_ggml(W, H[:32, :32], "Q4_0")
+
+
+def test_pruned_weights_stay_zero_exactly_on_the_symmetric_types_only():
+    """GPTQ with SparseGPT's mask kept: the symmetric types (a zero level) read back 0 at every pruned weight,
+    as `keeps_zeros` and prune --help claim; the types with a min and IQ4_NL keep few of them 0."""
+    from peakllm.calibrate.recipes import keeps_zeros
+
+    W, H = problem(2, 256, seed=3)
+    mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    for name in TYPES:
+        q, _ = gptq_ggml(W * mask, H, name, mask=mask)
+        zero = gguf_weight(q)[~mask] == 0
+        assert bool(zero.all()) is keeps_zeros(name), name
+        if not keeps_zeros(name):
+            assert zero.float().mean() < 0.5, name
+    assert {n for n in TYPES if keeps_zeros(n)} == {"Q8_0", "Q4_0", "Q5_0", "Q3_K", "Q6_K"}
+
+
+def test_big_matrices_in_row_chunks_are_bit_identical(monkeypatch):
+    """The fit, RTN's rounding, dequantizing and packing go through big matrices in row chunks (bounded memory):
+    the same codes, parameters, weights and bytes as all rows at once."""
+    from peakllm.formats.gguf import blocks
+    from peakllm.solvers import ggml, ggml_fit
+
+    W, _ = problem(7, 256, seed=4)
+    W[3] = 0
+    imp = torch.rand(256, generator=torch.Generator().manual_seed(2))
+    types = ("Q4_0", "Q5_1", "IQ4_NL", "Q3_K", "Q4_K")  # each fit: symmetric, with a min, IQ4_NL, K-quants' two
+    whole = {n: rtn_ggml(W, n, imp) for n in types}
+    for mod in (blocks, ggml, ggml_fit):
+        monkeypatch.setattr(mod, "ROW_CHUNK_WEIGHTS" if mod is not ggml_fit else "FIT_CHUNK_WEIGHTS", 256 * 3)
+    for n in types:
+        a, b = whole[n], rtn_ggml(W, n, imp)
+        assert torch.equal(a.codes, b.codes) and all(torch.equal(a.params[k], b.params[k]) for k in a.params), n
+        assert len(b.row_chunks()) == 3 and torch.equal(a.dequantize(), b.dequantize()), n
+        assert np.array_equal(a.pack(), b.pack()), n

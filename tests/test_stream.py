@@ -89,6 +89,21 @@ def test_streamed_output_equals_in_memory_bit_for_bit(capsys, tmp_path, llama_di
     assert not list(tmp_path.glob(".*partial*"))
 
 
+@pytest.mark.parametrize("command,extra", [("quantize", ("--method", "gptq", "--type", "Q4_0"))])
+def test_streamed_gguf_is_the_in_memory_file_byte_for_byte(capsys, tmp_path, llama_dir, text_file, command, extra):
+    """The layers go to their offsets in the one .gguf file as they are solved, the embedding last."""
+    runs = {}
+    for mode in ("off", "on"):
+        code, runs[mode] = _run(command, llama_dir, tmp_path / f"{mode}.gguf", text_file, *extra, "--format", "gguf",
+                                "--stream", mode, capsys=capsys)
+        assert code == 0
+    assert runs["on"]["streamed"] is True
+    assert (tmp_path / "on.gguf").read_bytes() == (tmp_path / "off.gguf").read_bytes()
+    for key in ("ppl", "dense_ppl", "bits_per_param", "bits_per_param_total", "size_bytes", "gguf_tensor_types"):
+        assert runs["on"][key] == runs["off"][key], key
+    assert sorted(p.name for p in tmp_path.iterdir() if "gguf" in p.name) == ["off.gguf", "on.gguf"]
+
+
 def test_streamed_experts_are_held_packed_until_their_layer_is_written(monkeypatch, capsys, tmp_path, tiny_tokenizer,
                                                                        text_file):
     """A streamed run keeps each expert's packed form only, as it keeps every other matrix's: the full results
@@ -181,6 +196,23 @@ def test_sigkill_then_resume_gives_identical_files(tmp_path, llama_dir, text_fil
     assert result["ppl"] == json.loads(whole.stdout)["ppl"]
     assert _digest(tmp_path / "run") == _digest(tmp_path / "whole")
     assert not (tmp_path / ".run.partial").exists()
+
+
+@pytest.mark.subprocess
+def test_sigkill_then_resume_gives_the_in_memory_gguf_file(capsys, tmp_path, llama_dir, text_file):
+    common = ["quantize", "--model", str(llama_dir), "--method", "gptq", "--format", "gguf", "--type", "Q4_0",
+              "--calib-dataset", str(text_file), "--calib-samples", "3", "--calib-seqlen", "32", "--eval-tokens", "0",
+              "--threads", "1", "--json"]
+    assert main(common + ["--stream", "off", "--output", str(tmp_path / "whole.gguf")]) == 0
+    killed = _cli(common + ["--stream", "on", "--output", str(tmp_path / "run.gguf")],
+                  {"PEAKLLM_KILL_AFTER_LAYER": "1"})
+    assert killed.returncode == -9
+    assert not (tmp_path / "run.gguf").exists() and (tmp_path / ".run.gguf.partial" / "run.gguf.tmp").is_file()
+    capsys.readouterr()
+    assert main(common + ["--stream", "on", "--output", str(tmp_path / "run.gguf"), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_at_layer"] == 2
+    assert (tmp_path / "run.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if "gguf" in p.name) == ["run.gguf", "whole.gguf"]
 
 
 @pytest.mark.subprocess

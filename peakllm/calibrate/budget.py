@@ -44,9 +44,23 @@ def layer_terms(layer, *, batch_tokens: int, seqlen: int, batch: int, hessian: b
     return {"layer weights fp32": 4 * params, **worst}
 
 
+# What rounding one matrix onto a GGUF block type holds besides its fp32 weight, in bytes a weight: the uint8
+# codes until the file has them, the fp32 dequantized copy the model gets and the packed bytes (one matrix at a
+# time); plus the grid fit's and dequantizer's workspace, row chunks of a fixed size (formats/gguf/blocks.py).
+GGUF_CODES_BYTES, GGUF_ONE_MATRIX_BYTES, GGUF_WORKSPACE_BYTES = 1, 4 + 2, 400 << 20
+
+
+def gguf_terms(layer_params: int, largest: int) -> dict:
+    return {"GGUF codes (uint8) until written": GGUF_CODES_BYTES * layer_params,
+            "GGUF: one matrix dequantized and packed, fit workspace": GGUF_ONE_MATRIX_BYTES * largest
+            + GGUF_WORKSPACE_BYTES}
+
+
 def predict(streamed, *, calib_tokens: int, calib_seqlen: int, batch_size: int, hessian: bool, eval_tokens: int,
-            offload_bytes: int | None) -> dict:
-    """The peak of a streamed compression, phase by phase; acts held in RAM are capped at offload_bytes."""
+            offload_bytes: int | None, gguf_outer: list[int] | None = None) -> dict:
+    """The peak of a streamed compression, phase by phase; acts held in RAM are capped at offload_bytes.
+    ``gguf_outer``: a GGUF run, with the sizes of the outer matrices (embedding, lm_head) it rounds onto a
+    block type."""
     cfg = streamed.model.config
     hidden = cfg.hidden_size
     vocab = cfg.vocab_size
@@ -64,10 +78,17 @@ def predict(streamed, *, calib_tokens: int, calib_seqlen: int, batch_size: int, 
         if sum(terms.values()) > worst:
             worst_layer, worst = terms, sum(terms.values())
     phases["largest decoder layer"] = {**common, **worst_layer}
+    if gguf_outer is not None:
+        largest = max((m.weight.numel() for layer in streamed.layers for m in layer.modules()
+                       if isinstance(m, nn.Linear)), default=0)
+        phases["largest decoder layer"].update(gguf_terms(worst_layer["layer weights fp32"] // 4, largest))
     tied = getattr(cfg, "tie_word_embeddings", False)
     outer = sum(p.numel() for _, mod in streamed.outer_modules() for p in mod.parameters(recurse=False)
                 if not (tied and mod is streamed.model.get_output_embeddings()))
     phases["the rest (embedding, norm, lm_head in fp32) written last"] = {**common, "embedding and head fp32": 4 * outer}
+    if gguf_outer:
+        phases["the rest (embedding, norm, lm_head in fp32) written last"].update(
+            gguf_terms(sum(gguf_outer), max(gguf_outer)))
     if eval_tokens:
         phases["evaluation head (norm + lm_head fp32, logits)"] = {
             "evaluation activations (dense + compressed)": eval_acts, "lm_head fp32": 4 * vocab * hidden,

@@ -273,3 +273,57 @@ class GGMLRecipe:
         else:
             q, info = rtn_ggml(W, t, importance=stats.get("sqnorm")), None
         return ModuleResult(q.dequantize(), info=info, ggml=q)
+
+
+def keeps_zeros(type_name: str) -> bool:
+    """Whether a block type stores 0 exactly whatever its scale: the symmetric types (level 0 is a code: Q8_0,
+    Q4_0, Q5_0, Q3_K, Q6_K); not those with a min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K: w = d*q - m) nor IQ4_NL (no
+    zero level), where a pruned weight becomes the grid point nearest 0."""
+    t = block_type(type_name)
+    return t.values is None and not t.has_bias and t.level_min <= 0
+
+
+@dataclass
+class PruneGGMLRecipe:
+    """Prune (``prune``: SparseGPT, Wanda or magnitude), then round onto a llama.cpp block type with the mask
+    kept (``quant``'s type and column order): after SparseGPT, GPTQ on the type's grid with the same Hessian,
+    pruned weights rounded as 0 and their error spread over the columns not yet rounded; after Wanda or
+    magnitude, RTN with the type's importance-weighted fit (Wanda's ||x||^2 per column)."""
+    prune: PruneRecipe
+    quant: GGMLRecipe
+    moe: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.prune.method} + {self.quant.type}"
+
+    @property
+    def type(self) -> str:
+        return self.quant.type
+
+    @property
+    def sparsity(self) -> float:
+        return self.prune.sparsity
+
+    @property
+    def stats(self) -> set[str]:
+        return self.prune.stats
+
+    def type_for(self, name: str, shape: tuple[int, int]) -> str:
+        return self.quant.type_for(name, shape)
+
+    def check(self, name: str, shape: tuple[int, int]) -> None:
+        self.prune.check(name, shape)
+        self.quant.check(name, shape)
+
+    def compress(self, name: str, layer_index: int, W: torch.Tensor, stats: dict) -> ModuleResult:
+        H = stats.get("hessian")
+        pruned = self.prune.compress(name, layer_index, W, stats)  # pops the Hessian; H still holds it
+        t = self.type_for(name, tuple(W.shape))
+        if H is not None:
+            q, info = gptq_ggml(pruned.weight, H, t, blocksize=self.quant.blocksize, damp=self.quant.damp,
+                                act_order=self.quant.act_order == "static", mask=pruned.mask)
+        else:
+            q, info = rtn_ggml(pruned.weight * pruned.mask, t, importance=stats.get("sqnorm")), pruned.info
+        return ModuleResult(q.dequantize(), pruned.mask, info=info, sparsity=pruned.sparsity, pattern=pruned.pattern,
+                            ggml=q)

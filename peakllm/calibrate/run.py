@@ -48,8 +48,6 @@ def run_compression(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None
     if wants_stream(spec):
         if before_calibrate is not None and before_stream is None:
             raise PeakError("this option needs the whole model in memory; use --stream off")
-        if spec.format == "gguf":
-            raise PeakError("--format gguf is written from a model held in memory for now: use --stream off")
         return run_streamed(spec, recipe, extra=extra, before_calibrate=before_stream)
     return run_in_memory(spec, recipe, extra=extra, before_calibrate=before_calibrate)
 

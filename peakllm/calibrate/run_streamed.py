@@ -29,18 +29,21 @@ from peakllm.calibrate.distributed import workers
 from peakllm.calibrate.embeddings import quantize_outer
 from peakllm.calibrate.loop import calibrate
 from peakllm.calibrate.preflight import check_disk, check_run
+from peakllm.calibrate.recipes import ggml_type_for
 from peakllm.calibrate.spec import EVAL_SEQLEN, RunSpec
 from peakllm.calibrate.stats import capture_inputs
-from peakllm.calibrate.stream import partial_dir, StreamIO
+from peakllm.calibrate.stream import GGUFLayers, partial_dir, StreamIO
 from peakllm.data import calibration_segments, eval_windows, protocol_bos, tokenize_source
 from peakllm.errors import PeakError
 from peakllm.eval.stream import head_nll, ppl_of
-from peakllm.formats.folder import check_output, rename_into_place
+from peakllm.formats.folder import rename_into_place
+from peakllm.formats.gguf.writer import HEADER_BYTES, GGUFStreamWriter, plan_tensors
 from peakllm.formats.shards import ShardWriter, ternary_to_sub1
 from peakllm.formats.sub1_code import Sub1Dictionary
 from peakllm.formats.sub1_size import SYM_BITS
-from peakllm.formats.writer import RUN_FILE, check_writable, ct_actorder, folder_bytes, packed_module, weight_file_bytes
-from peakllm.models.anatomy import is_moe
+from peakllm.formats.writer import (RUN_FILE, check_destination, check_writable, ct_actorder, folder_bytes, gguf_sizes,
+                                    packed_module, weight_file_bytes)
+from peakllm.models.anatomy import compressible_linears, is_moe, outer_modules
 from peakllm.models.stream import StreamedModel
 
 
@@ -58,8 +61,12 @@ def plan_memory(sm, spec: RunSpec, recipe) -> MemoryPlan:
     calib_tokens = spec.calib_samples * spec.calib_seqlen if needs_data else 0
     limit = spec.max_memory_bytes if spec.max_memory_bytes is not None else memory.available_bytes()
     offload = 2 << 30
+    gguf_outer = None
+    if spec.format == "gguf":
+        types = gguf_types(sm, spec, recipe)
+        gguf_outer = [mod.weight.numel() for name, mod in outer_modules(sm.model).items() if f"{name}.weight" in types]
     kw = dict(calib_tokens=calib_tokens, calib_seqlen=spec.calib_seqlen, batch_size=spec.batch_size,
-              hessian=hessian, eval_tokens=spec.eval_tokens)
+              hessian=hessian, eval_tokens=spec.eval_tokens, gguf_outer=gguf_outer)
     pred = budget.predict(sm, offload_bytes=offload, **kw)
     if limit is not None and pred["predicted_peak_bytes"] > limit:
         spill = budget.predict(sm, offload_bytes=0, **kw)
@@ -88,13 +95,30 @@ def output_estimate(sm, recipe, fmt: str) -> int:
     return int(1.1 * (4 * (total - in_layers) + per_param * in_layers))
 
 
-def start_partial(out: Path, partial: Path, resume: bool, overwrite: bool) -> bool:
+def gguf_types(sm, spec: RunSpec, recipe) -> dict[str, str]:
+    """HF name -> block type of every tensor a streamed GGUF run stores quantized, from the meta skeleton: the
+    file's header, written first, lists them all. As calibrate() names the matrices and quantize_outer types
+    the embedding (and an untied lm_head); a solved matrix of another type is refused when it is written."""
+    moe = is_moe(sm.model)
+    types = {}
+    for li, layer in enumerate(sm.layers):
+        for n, m in compressible_linears(layer, moe).items():
+            types[f"{sm.prefix}.{li}.{n}.weight"] = recipe.type_for(f"{sm.prefix}.{li}.{n}", tuple(m.weight.shape))
+    if spec.embed_grid is not None:
+        for name, mod in outer_modules(sm.model).items():
+            t = ggml_type_for(spec.embed_grid, mod.weight.shape[1])
+            if t != "F16":
+                types[f"{name}.weight"] = t
+    return types
+
+
+def start_partial(out: Path, partial: Path, resume: bool, overwrite: bool, fmt: str) -> bool:
     """Check the output and the unfinished-run folder; True when a fresh partial folder is to be made."""
     if resume:
         if not (partial / ".resume" / "state.json").is_file():
             raise PeakError(f"nothing to resume: {partial} holds no checkpoint of an unfinished run")
         return False
-    check_output(out, overwrite)
+    check_destination(out, fmt, overwrite)
     if partial.exists():
         if not overwrite:
             raise PeakError(f"an unfinished run of {out} is in {partial}: pass --resume to continue it, or "
@@ -111,7 +135,7 @@ def run_streamed(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None) -
     memory.release_free_heap(setup=True, budget=spec.max_memory_bytes is not None)
     out = Path(spec.output)
     partial = partial_dir(out)
-    fresh = start_partial(out, partial, spec.resume, spec.overwrite)
+    fresh = start_partial(out, partial, spec.resume, spec.overwrite, spec.format)
     sm = StreamedModel.open(spec.model)  # every shard's header checked here, before any work
     if hasattr(recipe, "moe"):
         recipe.moe = is_moe(sm.model)
@@ -119,8 +143,13 @@ def run_streamed(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None) -
         raise PeakError("quantized weights need --format peakllm or compressed-tensors")
     check_run(sm.model, spec, recipe, disk=False)  # before the partial folder exists; disk is checked below
     check_writable(sm.model, sm.tokenizer, out, spec.format)
+    if spec.format == "gguf" and workers().world > 1:
+        raise PeakError("--format gguf is written by one process: run it without torchrun")
     plan = plan_memory(sm, spec, recipe)
-    check_disk(out, output_estimate(sm, recipe, spec.format))
+    if spec.format == "gguf":
+        check_disk(out, HEADER_BYTES + sum(t.nbytes for t in plan_tensors(sm.model, gguf_types(sm, spec, recipe), "F16")))
+    else:
+        check_disk(out, output_estimate(sm, recipe, spec.format))
     run_state = {"version": STATE_VERSION, "args": spec.resume_key(extra, torch.get_num_threads()),
                  "input": sm.source.fingerprint()}
     ckpt = Checkpoint(partial)
@@ -150,8 +179,13 @@ def _compress(sm, spec: RunSpec, recipe, extra: dict, plan: MemoryPlan, ckpt: Ch
     segments = calibration_segments(tokenizer, spec.calib_samples, spec.calib_seqlen, source=spec.calib_dataset,
                                     seed=spec.seed, bos=spec.bos)
     total = len(sm.layers) + 1
-    writer = (ShardWriter.from_state(partial, state["writer"], sm.source_dtype) if state
-              else ShardWriter(partial, spec.format, total, sm.source_dtype))
+    if spec.format == "gguf":  # one file, its header written first: every tensor's type is known up front
+        writer = GGUFLayers(GGUFStreamWriter(model, tokenizer, spec.output, gguf_types(sm, spec, recipe),
+                                             tmp=partial / f"{Path(spec.output).name}.tmp",
+                                             written=state["writer"]["written"] if state else None))
+    else:
+        writer = (ShardWriter.from_state(partial, state["writer"], sm.source_dtype) if state
+                  else ShardWriter(partial, spec.format, total, sm.source_dtype))
     if before_calibrate is not None:
         before_calibrate(sm, segments, plan.offload_bytes)
     sm.load_outer("input")
@@ -190,7 +224,8 @@ def _write_outer(sm, spec: RunSpec, writer, io: StreamIO, windows, total: int) -
         t0 = time.perf_counter()
         ppls["dense_ppl"] = ppl_of(head_nll(model, io.eval_dense, windows), windows)
         io.seconds["evaluation"] += time.perf_counter() - t0
-    outer_packed = {name: packed_module(r) for name, r in quantize_outer(model, spec.embed_grid).items()}
+    outer_packed = {name: r.ggml if spec.format == "gguf" else packed_module(r)
+                    for name, r in quantize_outer(model, spec.embed_grid).items()}
     if spec.eval_tokens:
         t0 = time.perf_counter()
         ppls["ppl"] = ppl_of(head_nll(model, io.eval_comp, windows), windows)
@@ -212,7 +247,13 @@ def _write_outer(sm, spec: RunSpec, writer, io: StreamIO, windows, total: int) -
 def _finish_folder(sm, spec: RunSpec, extra: dict, writer: ShardWriter, io: StreamIO, bos: bool, partial: Path,
                    out: Path) -> ShardWriter:
     """Re-encode ternary shards as sub1 once the model-wide dictionary is known, write the index, config,
-    tokenizer and run file, and rename the partial folder into place; the writer that wrote the last shards."""
+    tokenizer and run file, and rename the partial folder into place; the writer that wrote the last shards.
+    GGUF: the finished file is renamed into place and the partial folder removed."""
+    if spec.format == "gguf":
+        sm.release_outer()
+        writer.out.close()
+        shutil.rmtree(partial)
+        return writer
     if spec.format == "sub1" and io.ternary_counts[0] and workers().is_writer:
         writer = ternary_to_sub1(writer, Sub1Dictionary.from_counts(*io.ternary_counts, SYM_BITS))
     sm.release_outer()
@@ -244,13 +285,16 @@ def _streamed_facts(sm, spec: RunSpec, report, io: StreamIO, writer, plan: Memor
              "max_memory_bytes": plan.budget_bytes, "predicted_peak_rss_bytes": plan.prediction["predicted_peak_bytes"],
              "predicted_peak_phase": plan.prediction["peak_phase"], "peak_rss_bytes": memory.peak_rss_bytes(),
              "rss_after_layer_bytes": [io.rss_after_layer[0], io.rss_after_layer[-1]] if io.rss_after_layer else None,
-             "size_bytes": folder_bytes(out), "bits_per_param": writer.bits_per_param(),
              "output": str(out), "format": spec.format, "model": spec.model}
+    if io.mask_total:
+        facts["sparsity"] = io.mask_zeros / io.mask_total
+    facts.update(report.expert_facts())
+    if spec.format == "gguf":
+        facts.update(gguf_sizes(writer.out.written, sm.num_params(), out))
+        return facts
+    facts.update(size_bytes=folder_bytes(out), bits_per_param=writer.bits_per_param())
     if workers().is_writer:  # other torchrun workers wrote nothing to count
         facts["bits_per_param_total"] = 8 * weight_file_bytes(out) / (writer.dense_params + writer.all_packed_params)
     if writer.expert_params:  # as save_compressed reports them for MoE models
         facts["bits_per_param_experts"] = writer.expert_bits / writer.expert_params
-    if io.mask_total:
-        facts["sparsity"] = io.mask_zeros / io.mask_total
-    facts.update(report.expert_facts())
     return facts

@@ -17,6 +17,7 @@ from peakllm import memory
 from peakllm.calibrate.checkpoint import Checkpoint, report_state
 from peakllm.calibrate.distributed import workers
 from peakllm.calibrate.stats import Activations, capture_inputs, Stats
+from peakllm.errors import PeakError
 from peakllm.formats.sub1_code import code_counts
 from peakllm.formats.writer import layer_tensors, packed_module
 from peakllm.models.anatomy import compressible_linears, is_moe, layer_output
@@ -76,6 +77,10 @@ class StreamIO:
             self.mask_zeros += int((~result.mask).sum())
             self.mask_total += result.mask.numel()
         quant = getattr(result, "quant", None)
+        if self.fmt == "gguf":  # its codes in the block type, written at their offsets in the .gguf file
+            if getattr(result, "ggml", None) is None:
+                raise PeakError(f"--format gguf stores matrices solved onto a GGUF block type; {name} is not")
+            return _Kept(result.ggml)
         if self.fmt == "sub1" and quant is not None and quant.grid["kind"] == "ternary":
             # stored as 2-bit ternary for now; re-encoded once the model-wide dictionary is known
             self.ternary_counts = [a + b for a, b in zip(self.ternary_counts, code_counts(quant.codes))]
@@ -110,6 +115,24 @@ class StreamIO:
             self.ckpt.save(li, tensors, state)
         if os.environ.get(KILL_ENV) == str(li):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class GGUFLayers:
+    """A streamed run's .gguf output behind the shard writer's calls (formats/shards.py): each layer's tensors
+    go to their offsets in the one file (formats/gguf's GGUFStreamWriter, its temporary file in the partial
+    folder); the names written are all a resume needs, the file itself holding the tensors."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def write(self, k: int, dense: dict, packed: dict, outer: bool = False) -> None:
+        for name, t in dense.items():
+            self.out.write(name, t)
+        for name, q in packed.items():  # module name -> GGMLWeight
+            self.out.write(f"{name}.weight", q)
+
+    def state(self) -> dict:
+        return {"written": sorted(self.out.done)}
 
 
 class _Kept:

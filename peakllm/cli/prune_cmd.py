@@ -26,8 +26,23 @@ def register(sub) -> None:
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=None,
                    help="also quantize the kept weights (sparsegpt only; needs --format peakllm)")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size with --bits; -1 = per row (default: %(default)s)")
+    g = p.add_argument_group(
+        "GGUF output (--format gguf: pruned, then rounded onto a llama.cpp block type, one .gguf file)",
+        "Each matrix is pruned, then its kept weights are rounded onto --type's exact grid with the mask kept: "
+        "after sparsegpt by GPTQ with the same Hessian (pruned weights rounded as 0, their error spread over the "
+        "columns not yet rounded), after wanda or magnitude by RTN with the type's importance-weighted fit. "
+        "Only the symmetric types keep pruned weights exactly 0: Q8_0, Q4_0, Q5_0, Q3_K, Q6_K (level 0 is one of "
+        "their codes). Types with a min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K: w = d*q - m) and IQ4_NL (no zero level) "
+        "store a pruned weight as its block's grid point nearest 0, which is rarely 0. GGUF stores every block "
+        "dense either way: pruning lowers the error budget at a size, not the file size.")
+    g.add_argument("--type", default=None, metavar="TYPE",
+                   help="block type of the decoder's matrices, with llama.cpp's fallbacks for widths it cannot take "
+                   "(default: Q4_0, which keeps zeros)")
+    g.add_argument("--embed-type", default="Q6_K", metavar="TYPE",
+                   help="block type of the token embedding and lm_head, rounded to nearest (not pruned); keep: "
+                   "F16 (default: %(default)s)")
     add_calibration_options(p)
-    add_run_options(p, ("hf", "peakllm"), "hf")
+    add_run_options(p, ("hf", "peakllm", "gguf"), "hf")
     p.set_defaults(func=run)
 
 
@@ -41,6 +56,10 @@ def run(args) -> int:
     if args.owl and pattern:
         raise PeakError("--owl allocates unstructured sparsity per layer; it does not combine with --pattern")
     grid = Grid(bits=args.bits, group_size=args.group_size) if args.bits else None
+    if args.format == "gguf":
+        return _run_gguf(args, sparsity, pattern)
+    if args.type is not None:
+        raise PeakError("--type names a GGUF block type: add --format gguf")
     if grid is not None and args.format != "peakllm":
         raise PeakError("--bits stores codes and masks together: add --format peakllm")
     recipe = PruneRecipe(args.method, sparsity, pattern, grid, blocksize=args.blocksize, damp=args.damp)
@@ -63,6 +82,28 @@ def run(args) -> int:
     result = run_compression(run_spec(args), recipe, extra=extra, before_calibrate=owl if args.owl else None,
                              before_stream=owl_streamed if args.owl else None)
     emit(result, args, f"pruned {args.model} with {args.method}")
+    return 0
+
+
+def _run_gguf(args, sparsity: float, pattern) -> int:
+    """prune --format gguf: each matrix pruned, then rounded onto a block type with its mask kept."""
+    from peakllm.calibrate.recipes import GGMLRecipe, PruneGGMLRecipe, PruneRecipe, keeps_zeros
+    from peakllm.calibrate.run import run_compression
+    from peakllm.formats.gguf import block_type
+
+    if args.bits is not None or args.group_size != 128:
+        raise PeakError("--bits and --group-size do not apply to --format gguf: its block type (--type) fixes the grid")
+    if args.owl:
+        raise PeakError("--owl with --format gguf is not done yet")
+    qtype = args.type or "Q4_0"
+    quant = GGMLRecipe("gptq" if args.method == "sparsegpt" else "rtn", qtype, blocksize=args.blocksize, damp=args.damp)
+    recipe = PruneGGMLRecipe(PruneRecipe(args.method, sparsity, pattern, blocksize=args.blocksize, damp=args.damp),
+                             quant)
+    embed_type = None if args.embed_type == "keep" else block_type(args.embed_type).name  # a bad name: now
+    extra = {"method": args.method, "sparsity_target": sparsity, "pattern": args.pattern, "type": quant.type,
+             "embed_type": embed_type, "then": quant.method, "zeros_exact": keeps_zeros(quant.type)}
+    result = run_compression(run_spec(args, embed_grid=embed_type), recipe, extra=extra)
+    emit(result, args, f"pruned {args.model} with {args.method}, then {quant.method} onto {quant.type}")
     return 0
 
 

@@ -242,6 +242,26 @@ SCALE = Table("scale.jsonl", [
     ("s per layer", k("seconds_per_layer", ".1f")), ("seconds", k("seconds", ".0f")),
     ("resumed at layer", k("resumed_at_layer"))])
 
+
+
+def bench_ratio(kind: str):
+    """peakllm's file against llama-quantize's in llama-bench: median of per-round tok/s ratios (spread)."""
+    def get(r):
+        b = (r.get("llama_bench") or {}).get(kind)
+        return ratio(b["peakllm_tok_s"], b["llamacpp_tok_s"]) if b else "not run"
+    return get
+
+
+GGUF_SCALE = Table("gguf-scale.jsonl", [
+    ("shape", k("shape")), ("decoder layers", lambda r: f"{r['layers']} of {r['layers_of_shape']}"),
+    ("weights", lambda r: "random" if r.get("random_weights") else "real"),
+    ("GGUF", lambda r: f"{r['method'].upper()} onto {r['type']}, embedding/output {r['embed']}"),
+    ("params (B)", scaled("params", 1e9, ".3f")), ("--max-memory", k("max_memory")),
+    ("peak RSS predicted / measured GiB", lambda r: f"{r['predicted_peak_rss_bytes'] / GIB:.2f} / {r['peak_rss_bytes'] / GIB:.2f}"),
+    ("s per layer", k("seconds_per_layer", ".0f")), ("file GB", scaled("size_bytes", GB)),
+    ("llama-bench pp tok/s, × llama-quantize's file", bench_ratio("pp")),
+    ("tg tok/s, × llama-quantize's file", bench_ratio("tg"))])
+
 OFFLOAD_7B = Table("offload-7b.jsonl", [
     ("decode tok/s", k("decode_tok_s", ".2f")), ("planned GB read / token", scaled("offload_bytes_read_per_step", GB)),
     ("read from disk GB / token", scaled("disk_read_bytes_per_token", GB)),
@@ -293,6 +313,6 @@ TABLES = {
     "headline-qmoe": HEADLINE_QMOE, "moefy": MOEFY, "qmoe-experts": QMOE_EXPERTS, "qmoe-target-bits": QMOE_TARGET_BITS,
     "qmoe-curve": QMOE_CURVE, "qmoe-seeds": QMOE_SEEDS, "sub1-roofline": SUB1_ROOFLINE, "sub1-e2e": SUB1_E2E,
     "qmoe-scale": QMOE_SCALE, "qmoe-scale-decode": QMOE_SCALE_DECODE,
-    "scale": SCALE, "offload-7b": OFFLOAD_7B, "offload-moe": OFFLOAD_MOE,
+    "scale": SCALE, "gguf-scale": GGUF_SCALE, "offload-7b": OFFLOAD_7B, "offload-moe": OFFLOAD_MOE,
     "offload-moe-no-readahead": OFFLOAD_MOE_NO_READAHEAD, "serve": SERVE,
 }

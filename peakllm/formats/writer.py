@@ -175,10 +175,14 @@ def _save_gguf(model, tokenizer, modules: dict, out: Path, file_type: str | None
         raise PeakError(f"--format gguf stores matrices solved onto a GGUF block type; {missing[0]} is not")
     written = write_gguf(model, tokenizer, out, {f"{n}.weight": r.ggml for n, r in modules.items()},
                          file_type=file_type)
+    return gguf_sizes(written, sum(p.numel() for p in model.parameters()), out)  # a tied lm_head counts once
+
+
+def gguf_sizes(written: list, total_params: int, out: Path) -> dict:
+    """Size facts of a written .gguf file: bits/param of the decoder's matrices and of the whole file."""
     linears = [t for t in written if t.name.startswith("blk.") and len(t.shape) == 2]  # the decoder's matrices
     linear_bytes = sum(t.nbytes for t in linears)
     linear_params = sum(math.prod(t.shape) for t in linears)
-    total_params = sum(p.numel() for p in model.parameters())  # a tied lm_head is the embedding's parameter
     types: dict[str, int] = {}
     for t in written:
         types[t.type] = types.get(t.type, 0) + 1

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from peakllm.errors import PeakError
-from peakllm.formats.gguf.blocks import BlockType, GGMLWeight, check_width, grid_values, per_column, scale_bias
+from peakllm.formats.gguf.blocks import (ROW_CHUNK_WEIGHTS, BlockType, GGMLWeight, check_width, grid_values,
+                                         per_column, scale_bias)
 from peakllm.solvers.common import SolveInfo, check_blocksize, check_hessian, check_weight, prepare, upper_inverse
 from peakllm.solvers.ggml_fit import fit_params, nearest_value
 from peakllm.solvers.gptq import sweep
@@ -58,12 +59,18 @@ def rtn_ggml(W: torch.Tensor, type_name: str, importance: torch.Tensor | None = 
     W = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
     params = grid_params(W, t, importance, params)
     scale, bias = scale_bias(t, params)
-    return GGMLWeight(t.name, nearest_codes(t, W, per_column(t, scale), per_column(t, bias)), params)
+    codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
+    step = max(1, ROW_CHUNK_WEIGHTS // W.shape[1])  # rows at a time: ~20 bytes a weight of temporaries
+    for i in range(0, W.shape[0], step):
+        b = None if bias is None else per_column(t, bias[i:i + step])
+        codes[i:i + step] = nearest_codes(t, W[i:i + step], per_column(t, scale[i:i + step]), b)
+    return GGMLWeight(t.name, codes, params)
 
 
 def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: int = 128, damp: float = 0.01,
               act_order: bool = True, importance: torch.Tensor | None = None,
-              params: dict[str, torch.Tensor] | None = None, fit_as_swept: bool = False) -> tuple[GGMLWeight, SolveInfo]:
+              params: dict[str, torch.Tensor] | None = None, fit_as_swept: bool = False,
+              mask: torch.Tensor | None = None) -> tuple[GGMLWeight, SolveInfo]:
     """GPTQ of ``W [out, in]`` onto block type ``type_name`` minimising ||WX - QX||^2 given ``H [in, in]``.
 
     The grid is fitted on W up front with ``importance`` (default diag(H)) weighting each column's error;
@@ -72,8 +79,12 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: in
     ``fit_as_swept`` (own column order only): each block's grid is fitted when the sweep reaches the block, on
     its weights as the errors of the columns before it left them (the GPTQ paper's groups), instead of on W.
     ``params``: a grid given instead of fitted (``GGMLWeight.params`` of this shape and type).
+    ``mask`` (bool ``[out, in]``, False = pruned, e.g. SparseGPT's): pruned weights are rounded as 0 (the
+    code nearest 0: exactly 0 on the symmetric types, whose levels hold 0) and their error spread like any other.
     If H + damping cannot be factored, falls back to RTN on the same grid (info.fallback_rtn).
     """
+    if mask is not None and (fit_as_swept or mask.dtype != torch.bool or tuple(mask.shape) != tuple(W.shape)):
+        raise PeakError(f"mask must be bool {list(W.shape)} (and no fit_as_swept)")
     if fit_as_swept and (act_order or params is not None):
         raise PeakError("fit_as_swept fits each block's grid in the sweep: it needs act_order=False and no params")
     check_weight(W)
@@ -90,10 +101,13 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: in
     group = torch.arange(W.shape[1], device=W.device) // t.group
 
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
+    keep = None if mask is None else mask.to(W.device)
     if perm is not None:
         W, H, group = W[:, perm], H[perm][:, perm], group[perm]
+        keep = None if keep is None else keep[:, perm]
     Hinv, damp_used, retries = upper_inverse(H, damp)
     if Hinv is None:
+        W = W if keep is None else W * keep
         W = W if perm is None else W[:, torch.argsort(perm)]
         codes = nearest_codes(t, W, per_column(t, scale), per_column(t, bias))
         return GGMLWeight(t.name, codes, params), SolveInfo(damp_used, retries, True, float("nan"))
@@ -103,6 +117,8 @@ def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, *, blocksize: in
     def round_column(j, w, d, upcoming):
         g = group_of[j]
         s, b = scale[:, g:g + 1], None if bias is None else bias[:, g:g + 1]
+        if keep is not None:
+            w = torch.where(keep[:, j], w, 0)
         c = nearest_codes(t, w.unsqueeze(1), s, b)
         return c.flatten(), grid_values(t, c, s, b).flatten().to(W.dtype)
 

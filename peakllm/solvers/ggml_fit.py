@@ -22,6 +22,7 @@ ASYM_SEARCH = {"Q4_1": (15, -1.0, 0.1, 20), "Q5_1": (31, -0.5, 0.1, 15), "Q2_K":
                "Q4_K": (15, -1.0, 0.1, 20), "Q5_K": (31, -0.5, 0.1, 15)}
 # levels of the symmetric types' scale search: round(iscale * x) in [-nmax, nmax - 1] (Q8_0: as llama.cpp, no -128)
 SYM_NMAX = {"Q8_0": 127, "Q4_0": 8, "Q5_0": 16, "Q3_K": 4, "Q6_K": 32}
+FIT_CHUNK_WEIGHTS = 1 << 21  # weights fitted at once by fit_params (~90 MB of workspace)
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
@@ -220,8 +221,14 @@ def refine_superblock(xs: torch.Tensor, ws: torch.Tensor, t: BlockType, d: torch
 
 def fit_params(W: torch.Tensor, t: BlockType, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The parameters of type ``t`` for ``W [rows, cols]`` (cols a multiple of ``t.block``), as
-    ``GGMLWeight.params`` names them. ``importance [cols]``: each input column's weight (diag(H))."""
+    ``GGMLWeight.params`` names them. ``importance [cols]``: each input column's weight (diag(H)).
+    Rows are fitted independently; a big matrix in chunks of rows, as the search's workspace is ~45 bytes a
+    weight (a 7B model's embedding would take 6 GB at once)."""
     rows, cols = W.shape
+    step = max(1, FIT_CHUNK_WEIGHTS // max(cols, 1))
+    if rows > step:
+        parts = [fit_params(W[i:i + step], t, importance) for i in range(0, rows, step)]
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
     nb = cols // t.block
     x = W.reshape(rows, nb, t.block)
     imp = None if importance is None else importance.to(x).reshape(1, nb, t.block).clamp_min(0)

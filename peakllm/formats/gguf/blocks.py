@@ -30,6 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from peakllm.errors import PeakError
 
+ROW_CHUNK_WEIGHTS = 1 << 21  # a big matrix is dequantized and packed this many weights at a time
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -157,13 +158,36 @@ class GGMLWeight:
         """Per group fp32 ``scale [rows, cols / group]`` and ``bias`` (None for the types without a min)."""
         return scale_bias(self.block_type, self.params)
 
+    def rows(self, start: int, stop: int) -> "GGMLWeight":
+        """Rows ``[start, stop)``: a view of the codes and parameters (rows are independent in every type)."""
+        return GGMLWeight(self.type, self.codes[start:stop], {k: v[start:stop] for k, v in self.params.items()})
+
+    def row_chunks(self):
+        """(start, stop) row ranges of about ROW_CHUNK_WEIGHTS weights: dequantizing takes ~24 bytes a weight
+        of workspace, a 7B model's embedding 5 GB at once."""
+        rows, cols = self.codes.shape
+        step = max(1, ROW_CHUNK_WEIGHTS // cols)
+        return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
     def dequantize(self) -> torch.Tensor:
         """fp32 ``[rows, cols]``, bit for bit what ``gguf.quants.dequantize`` gives for ``pack()``."""
+        chunks = self.row_chunks()
+        if len(chunks) > 1:
+            out = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
+            for i, j in chunks:
+                out[i:j] = self.rows(i, j).dequantize()
+            return out
         scale, bias = self.scale_bias()
         return dequantize_codes(self.block_type, self.codes, scale, bias)
 
     def pack(self) -> np.ndarray:
         """ggml's bytes: uint8 ``[rows, row_bytes]``, blocks in row order, each laid out as ggml's struct."""
+        chunks = self.row_chunks()
+        if len(chunks) > 1:
+            out = np.empty((self.codes.shape[0], self.block_type.row_bytes(self.codes.shape[1])), dtype=np.uint8)
+            for i, j in chunks:
+                out[i:j] = pack(self.rows(i, j))
+            return out
         return pack(self)
 
 

@@ -202,16 +202,22 @@ def stored_array(t: PlannedTensor, value) -> np.ndarray:
 
 
 class GGUFStreamWriter:
-    """A .gguf file written tensor by tensor, for runs that never hold the whole model.
+    """A .gguf file written tensor by tensor, in any order, for runs that never hold the whole model.
 
     The header (metadata, tokenizer, every tensor's name, type and offset) is written on opening, from the
-    plan; then ``write(hf_name, value)`` once per planned tensor, in the plan's order (the model's parameter
-    order); ``close()`` renames the temporary file to ``path``. Used as a context manager, an exception
-    removes the temporary file and leaves ``path`` as it was.
+    plan, and the temporary file is sized to the whole file; ``write(hf_name, value)`` then stores each planned
+    tensor at its offset, once, in any order (a streamed run has the decoder's layers before the embedding,
+    which the file, as llama.cpp's converter writes it, holds first); alignment padding stays zero. ``close()``
+    renames the temporary file to ``path``. Used as a context manager, an exception removes the temporary file
+    and leaves ``path`` as it was.
+
+    ``tmp``: where the temporary file lives (default: a new name beside ``path``). ``written``: the names a
+    killed run already stored in ``tmp``; the file is reopened after checking that its header is the one this
+    plan writes, and the run goes on with the tensors left.
     """
 
     def __init__(self, model, tokenizer, path, types: dict[str, str] | None = None, *, float_type: str = "F16",
-                 name: str | None = None, file_type: str | None = None):
+                 name: str | None = None, file_type: str | None = None, tmp=None, written=None):
         check_model(model)
         if float_type not in FLOAT_TYPES:
             raise PeakError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
@@ -219,6 +225,7 @@ class GGUFStreamWriter:
         if self.path.suffix != ".gguf":
             raise PeakError(f"a GGUF output path must end in .gguf, got {self.path}")
         self.plan = plan_tensors(model, types or {}, float_type)
+        self.by_name = {t.hf_name: t for t in self.plan}
         if file_type is None:
             weights: dict[str, int] = {}
             for t in self.plan:
@@ -228,14 +235,15 @@ class GGUFStreamWriter:
         if file_type not in FILE_TYPES:
             raise PeakError(f"file_type must be one of {', '.join(FILE_TYPES)}, got {file_type!r}")
         size = sum(t.nbytes for t in self.plan) + HEADER_BYTES
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.path.parent).free
-        if free < size:
-            raise PeakError(f"{self.path.parent} has {free / 1e6:.1f} MB free; the GGUF file needs about "
+        where = Path(tmp).parent if tmp is not None else self.path.parent
+        where.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(where).free
+        if free < size and written is None:
+            raise PeakError(f"{where} has {free / 1e6:.1f} MB free; the GGUF file needs about "
                             f"{size / 1e6:.1f} MB")
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=where)
         os.close(fd)
-        self.written: list[WrittenTensor] = []
+        self.fd, self.done = None, set()
         try:
             self.w = gguf.GGUFWriter(self.tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
             add_llama_metadata(self.w, model.config, name, file_type)
@@ -249,36 +257,82 @@ class GGUFStreamWriter:
             self.w.write_header_to_file()
             self.w.write_kv_data_to_file()
             self.w.write_ti_data_to_file()
+            self.w.close()
+            self._open_data(tmp, written)
         except BaseException:
             self.abort()
             raise
 
+    def _open_data(self, tmp, written) -> None:
+        """Each tensor's offset (as gguf's writer lays them out: data aligned after the header, each tensor
+        padded to the alignment), then the file sized to hold them all, or a killed run's file taken back."""
+        align = self.w.data_alignment
+        header_bytes = os.path.getsize(self.tmp)
+        self.offsets, offset = {}, gguf.GGUFWriter.ggml_pad(header_bytes, align)
+        for t in self.plan:
+            self.offsets[t.hf_name] = offset
+            offset += gguf.GGUFWriter.ggml_pad(t.nbytes, align)
+        self.size = offset
+        if written is not None:
+            kept = Path(tmp)
+            with open(self.tmp, "rb") as a, open(kept, "rb") as b:
+                same = a.read() == b.read(header_bytes) and kept.stat().st_size == self.size
+            if not same:
+                raise PeakError(f"{kept} is not the unfinished GGUF file this run would write (its header or "
+                                "size differs); start again with --overwrite")
+            unknown = sorted(set(written) - set(self.by_name))
+            if unknown:
+                raise PeakError(f"{kept}: the checkpoint names tensors this file does not plan: {unknown[0]}")
+            os.unlink(self.tmp)
+            self.tmp, self.done = str(kept), set(written)
+        elif tmp is not None:
+            os.replace(self.tmp, tmp)
+            self.tmp = str(tmp)
+        self.fd = os.open(self.tmp, os.O_RDWR)
+        os.ftruncate(self.fd, self.size)
+
     def write(self, hf_name: str, value) -> WrittenTensor:
-        """Store the next planned tensor: a ``GGMLWeight`` (block types) or a float tensor, in HF row order."""
-        if len(self.written) == len(self.plan):
-            raise PeakError(f"{hf_name}: every planned tensor is already written")
-        t = self.plan[len(self.written)]
-        if hf_name != t.hf_name:
-            raise PeakError(f"GGUF tensors are written in order: expected {t.hf_name}, got {hf_name}")
-        self.w.write_tensor_data(stored_array(t, value))
-        self.written.append(WrittenTensor(t.name, t.type, t.shape, t.nbytes))
-        return self.written[-1]
+        """Store a planned tensor: a ``GGMLWeight`` (block types) or a float tensor, in HF row order."""
+        t = self.by_name.get(hf_name)
+        if t is None:
+            raise PeakError(f"{hf_name}: not a tensor this GGUF file plans")
+        if hf_name in self.done:
+            raise PeakError(f"{hf_name}: already written")
+        buf, pos = memoryview(stored_array(t, value)).cast("B"), self.offsets[hf_name]
+        while buf:  # pwrite may store less than asked (2 GiB at most on Linux)
+            n = os.pwrite(self.fd, buf, pos)
+            buf, pos = buf[n:], pos + n
+        self.done.add(hf_name)
+        return WrittenTensor(t.name, t.type, t.shape, t.nbytes)
+
+    @property
+    def written(self) -> list[WrittenTensor]:
+        """The tensors stored so far, in the file's order."""
+        return [WrittenTensor(t.name, t.type, t.shape, t.nbytes) for t in self.plan if t.hf_name in self.done]
 
     def close(self) -> list[WrittenTensor]:
-        if len(self.written) != len(self.plan):
-            missing = self.plan[len(self.written)].hf_name
+        missing = [t.hf_name for t in self.plan if t.hf_name not in self.done]
+        if missing:
             self.abort()
-            raise PeakError(f"GGUF file left unfinished: {missing} and {len(self.plan) - len(self.written) - 1} more "
-                            "tensors were never written")
-        self.w.close()
+            raise PeakError(f"GGUF file left unfinished: {missing[0]} and {len(missing) - 1} more tensors were "
+                            "never written")
+        os.close(self.fd)
+        self.fd = None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # as a file opened for writing gets, not mkstemp's 0600
         os.replace(self.tmp, self.path)
         return self.written
 
-    def abort(self) -> None:
+    def abort(self, remove: bool = True) -> None:
+        """Close the file; ``remove``: and delete it (a streamed run keeps it for --resume)."""
         w = getattr(self, "w", None)
         if w is not None:
             w.close()
-        if os.path.exists(self.tmp):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+        if remove and os.path.exists(self.tmp):
             os.unlink(self.tmp)
 
     def __enter__(self) -> "GGUFStreamWriter":
