@@ -89,7 +89,8 @@ def test_streamed_output_equals_in_memory_bit_for_bit(capsys, tmp_path, llama_di
     assert not list(tmp_path.glob(".*partial*"))
 
 
-@pytest.mark.parametrize("command,extra", [("quantize", ("--method", "gptq", "--type", "Q4_0"))])
+@pytest.mark.parametrize("command,extra", [("quantize", ("--method", "gptq", "--type", "Q4_0")),
+                                           ("quantize", ("--method", "rtn", "--type", "Q4_K_M"))])
 def test_streamed_gguf_is_the_in_memory_file_byte_for_byte(capsys, tmp_path, llama_dir, text_file, command, extra):
     """The layers go to their offsets in the one .gguf file as they are solved, the embedding last."""
     runs = {}

@@ -17,6 +17,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -106,7 +107,8 @@ def gguf_types(sm, spec: RunSpec, recipe) -> dict[str, str]:
             types[f"{sm.prefix}.{li}.{n}.weight"] = recipe.type_for(f"{sm.prefix}.{li}.{n}", tuple(m.weight.shape))
     if spec.embed_grid is not None:
         for name, mod in outer_modules(sm.model).items():
-            t = ggml_type_for(spec.embed_grid, mod.weight.shape[1])
+            own = spec.embed_grid.get(name) if isinstance(spec.embed_grid, Mapping) else spec.embed_grid
+            t = "F16" if own is None else ggml_type_for(own, mod.weight.shape[1])  # a preset names each one
             if t != "F16":
                 types[f"{name}.weight"] = t
     return types
@@ -182,6 +184,7 @@ def _compress(sm, spec: RunSpec, recipe, extra: dict, plan: MemoryPlan, ckpt: Ch
     if spec.format == "gguf":  # one file, its header written first: every tensor's type is known up front
         writer = GGUFLayers(GGUFStreamWriter(model, tokenizer, spec.output, gguf_types(sm, spec, recipe),
                                              tmp=partial / f"{Path(spec.output).name}.tmp",
+                                             file_type=extra.get("file_type"),  # a preset's name, as in memory
                                              written=state["writer"]["written"] if state else None))
     else:
         writer = (ShardWriter.from_state(partial, state["writer"], sm.source_dtype) if state
