@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from peakllm.cli import main
 from peakllm.errors import PeakError
 from peakllm.recover import RecoverSpec, recover
-from peakllm.recover.objective import batch_indices, distill_loss
+from peakllm.recover.objective import batch_indices, chunked_distill_loss, distill_loss
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,15 @@ def test_objective_parts_and_data_order():
     assert abs(parts["kl"]) < 1e-5 and abs(same.item()) < 1e-5
     _, parts = distill_loss(s, t, ids, alpha=0.5, temperature=2.0)
     assert parts["kl"] > 0.01
+    # the chunked loss (heads applied to a few positions at a time, under checkpointing) is the same loss
+    head_s, head_t = torch.nn.Linear(6, 11, bias=False), torch.nn.Linear(6, 11, bias=False)
+    hs, ht = torch.randn(2, 5, 6, requires_grad=True), torch.randn(2, 5, 6)
+    whole, parts = distill_loss(head_s(hs), head_t(ht), ids, alpha=0.3, temperature=1.5)
+    chunked, chunk_parts = chunked_distill_loss(hs, ht, head_s, head_t, ids, alpha=0.3, temperature=1.5, chunk_tokens=3)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-5) and chunk_parts == pytest.approx(parts, rel=1e-5)
+    g_whole = torch.autograd.grad(whole, [hs, head_s.weight])
+    g_chunked = torch.autograd.grad(chunked, [hs, head_s.weight])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_whole, g_chunked))
     order = [i for step in range(6) for i in batch_indices(4, 2, step, seed=3)]
     assert sorted(order[:4]) == sorted(order[4:8]) == [0, 1, 2, 3] and order[:4] != order[4:8] or order[:4] != order[8:]
     assert order == [i for step in range(6) for i in batch_indices(4, 2, step, seed=3)]

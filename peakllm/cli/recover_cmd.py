@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (with --minutes: whichever ends first)")
     p.add_argument("--minutes", type=float, default=None, help="training time budget in minutes")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: 5e-4 lora, 2e-3 lomo, 2e-5 adamw), after --warmup-steps")
+                   help="learning rate (default: 5e-4 lora, 1e-2 lomo, 2e-5 adamw), after --warmup-steps")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="segments per step (default: %(default)s)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per training segment (default: %(default)s)")

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from peakllm.errors import PeakError
+from peakllm.models.anatomy import base_model
 from peakllm.progress import tqdm
-from peakllm.recover.objective import batch_indices, distill_loss
+from peakllm.recover.objective import batch_indices, chunked_distill_loss, distill_loss
 
 STATE_FILE = "state.pt"
 
@@ -37,6 +38,33 @@ def update(optimizer, loss: torch.Tensor, lr: float) -> None:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def plain_head(model) -> bool:
+    """Whether the logits are lm_head(last hidden state) and nothing more (no soft-capping, no scaling)."""
+    cfg = model.config
+    return getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
+
+
+def step_loss(student, teacher, ids, spec) -> tuple[torch.Tensor, dict]:
+    """The objective of one batch: from hidden states in chunks where both heads are plain, else from logits."""
+    use_teacher = teacher is not None and spec.alpha > 0
+    student = student.get_base_model() if hasattr(student, "get_base_model") else student  # PEFT: its wrapped model
+    if plain_head(student) and (not use_teacher or plain_head(teacher)):
+        s_hidden = base_model(student)(input_ids=ids, use_cache=False).last_hidden_state
+        t_hidden = None
+        if use_teacher:
+            with torch.no_grad():
+                t_hidden = base_model(teacher)(input_ids=ids, use_cache=False).last_hidden_state
+        return chunked_distill_loss(s_hidden, t_hidden, student.get_output_embeddings(),
+                                    teacher.get_output_embeddings() if use_teacher else None, ids, alpha=spec.alpha,
+                                    temperature=spec.temperature)
+    t_logits = None
+    if use_teacher:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, use_cache=False).logits
+    s_logits = student(input_ids=ids, use_cache=False).logits
+    return distill_loss(s_logits, t_logits, ids, alpha=spec.alpha, temperature=spec.temperature)
 
 
 def save_checkpoint(path: Path, step: int, trainable: dict, optimizer, key: dict, seconds: float) -> None:
@@ -84,13 +112,7 @@ def train(student, teacher, segments: torch.Tensor, spec, optimizer, trainable: 
     step = start
     while (spec.steps is None or step < spec.steps) and (budget is None or seconds_before + time.perf_counter() - t0 < budget):
         ids = segments[batch_indices(n, spec.batch_size, step, spec.seed)]
-        t_logits = None
-        if teacher is not None and spec.alpha > 0:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids, use_cache=False).logits
-        s_logits = student(input_ids=ids, use_cache=False).logits
-        loss, parts = distill_loss(s_logits, t_logits, ids, alpha=spec.alpha, temperature=spec.temperature)
-        del t_logits, s_logits
+        loss, parts = step_loss(student, teacher, ids, spec)
         update(optimizer, loss, learning_rate(spec.learning_rate, step, spec.warmup_steps))
         step += 1
         losses.append({"step": step, "loss": float(loss.detach()), **parts})

@@ -4,6 +4,12 @@ loss = (1 - alpha) * CE(student, next token) + alpha * T^2 * KL(softmax(teacher 
 averaged over the predicted positions of a batch (Hinton et al.'s distillation; the T^2 keeps the KL term's
 gradient on the CE term's scale as T changes). Computed in fp32 whatever the models' dtype.
 
+`chunked_distill_loss` is the same loss from the two models' last hidden states, the LM heads applied to
+`chunk_tokens` positions at a time under activation checkpointing: the [B, T, vocab] logits (and the softmaxes
+and gradients of that size) never exist whole, only one chunk's; the heads are recomputed in the backward.
+At the default model's 49152-token vocabulary, batch 4 x 256 tokens, one logits tensor is 0.2 GB and the
+unchunked loss held about ten of them.
+
 The data: `train_samples` calibration segments drawn once with the run's seed; step k takes batch k of an
 endless sequence of permutations of them (epoch e's permutation seeded with (seed, e)), a pure function of
 (seed, k): a resumed run sees exactly the batches an uninterrupted one would.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, ids: torch.Tensor, *,
@@ -27,6 +34,42 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     log_p_student = F.log_softmax(s / temperature, dim=-1)
     log_p_teacher = F.log_softmax(t / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature ** 2
+    parts["kl"] = float(kl.detach())
+    return (1.0 - alpha) * ce + alpha * kl, parts
+
+
+def _chunk_sums(s_head, t_head, temperature: float, h, targets, t_h):
+    """(summed CE, summed T^2 KL) over one chunk of positions [n, hidden]."""
+    s = s_head(h).float()
+    ce = F.cross_entropy(s, targets, reduction="sum")
+    if t_h is None:
+        return ce, ce.new_zeros(())
+    with torch.no_grad():
+        t = t_head(t_h).float()
+    log_p_student = F.log_softmax(s / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(t / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum") * temperature ** 2
+    return ce, kl
+
+
+def chunked_distill_loss(s_hidden, t_hidden, s_head, t_head, ids, *, alpha: float, temperature: float,
+                         chunk_tokens: int = 256) -> tuple[torch.Tensor, dict]:
+    """`distill_loss` from hidden states [B, T, H] and the LM heads, `chunk_tokens` positions at a time."""
+    hs = s_hidden[:, :-1].reshape(-1, s_hidden.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    use_teacher = alpha > 0.0 and t_hidden is not None
+    ht = t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1]) if use_teacher else None
+    n = hs.shape[0]
+    ce = kl = hs.new_zeros((), dtype=torch.float32)
+    for lo in range(0, n, chunk_tokens):
+        hi = min(n, lo + chunk_tokens)
+        c, k = checkpoint(_chunk_sums, s_head, t_head, temperature, hs[lo:hi], targets[lo:hi],
+                          None if ht is None else ht[lo:hi], use_reentrant=False)
+        ce, kl = ce + c, kl + k
+    ce, kl = ce / n, kl / n
+    parts = {"ce": float(ce.detach())}
+    if not use_teacher:
+        return ce, parts
     parts["kl"] = float(kl.detach())
     return (1.0 - alpha) * ce + alpha * kl, parts
 

@@ -75,7 +75,7 @@ class RecoverSpec:
         return {"command": "recover", **d, "lr": self.learning_rate, **self.extra}
 
 
-DEFAULT_LR = {"lora": 5e-4, "lomo": 2e-3, "adamw": 2e-5}
+DEFAULT_LR = {"lora": 5e-4, "lomo": 1e-2, "adamw": 2e-5}
 
 
 def check_spec(s: RecoverSpec) -> None:
