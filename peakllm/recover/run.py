@@ -56,11 +56,12 @@ def weight_bytes(model_spec: str) -> int:
 
 
 def activation_bytes(spec: RecoverSpec, config) -> int:
-    """A generous bound on one step's activations, logits and their gradients (fp32)."""
+    """A generous bound on one step's activations and their gradients, and the logits of the plain path (fp32;
+    the chunked loss holds a chunk of them only)."""
     tokens = spec.batch_size * spec.seqlen
     hidden, layers = config.hidden_size, config.num_hidden_layers
     inter = getattr(config, "intermediate_size", 4 * hidden)
-    return 4 * tokens * (layers * (12 * hidden + 4 * inter) + 8 * config.vocab_size)
+    return 4 * tokens * (layers * (12 * hidden + 4 * inter) + 10 * config.vocab_size)
 
 
 def check_resources(spec: RecoverSpec, teacher: str, config) -> None:
