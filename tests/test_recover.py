@@ -70,7 +70,7 @@ def test_objective_parts_and_data_order():
     assert order == [i for step in range(6) for i in batch_indices(4, 2, step, seed=3)]
 
 
-def test_lora_on_packed_int4_equals_lora_on_its_dequantized_copy(folders):
+def test_lora_on_packed_int4_equals_lora_on_its_dequantized_copy(folders, capsys):
     from peft import PeftModel
 
     from peakllm.models import load_model
@@ -105,6 +105,17 @@ def test_lora_on_packed_int4_equals_lora_on_its_dequantized_copy(folders):
     base_only = load_model(str(folders / "int4"), packed="dequantize")[0](input_ids=ids).logits
     assert not torch.allclose(plain, base_only, atol=1e-4)  # the adapter does something
     torch.testing.assert_close(mine, plain, rtol=1e-4, atol=1e-4)
+    # generate --adapter runs it unmerged beside the packed weights: PEFT's greedy tokens on the dequantized model
+    from peakllm.runtime.hf_loop import hf_generate_text
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folders / "int4"), "--adapter", str(out), "--prompt", "The quick brown",
+                 "--max-new-tokens", "12", "--json"]) == 0
+    generated = json.loads(capsys.readouterr().out)
+    prompt = tok("The quick brown", return_tensors="pt")["input_ids"]
+    expected, _ = hf_generate_text(PeftModel.from_pretrained(load_model(str(folders / "int4"), packed="dequantize")[0],
+                                                             out).eval(), tok, prompt, 12)
+    assert generated["adapter"] == str(out) and generated["text"] == expected and generated["new_tokens"] > 0
 
 
 @pytest.mark.parametrize("method", ["lomo", "adamw"])
