@@ -29,12 +29,13 @@ RESULTS = REPO / "docs" / "results" / "recover.jsonl"
 def recover(args: list[str]) -> tuple[dict, float, list[str]]:
     cmd = [sys.executable, "-m", "peakllm", "recover", *args, "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    load = [round(x, 2) for x in os.getloadavg()]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout), seconds, ["peakllm", *cmd[3:]]
+    return {**json.loads(done.stdout), "loadavg_start": load}, seconds, ["peakllm", *cmd[3:]]
 
 
 def main() -> int:

@@ -208,3 +208,29 @@ def test_cli_json(folders, capsys):
     assert main(["recover", "--model", str(folders / "sparse"), "--output", str(folders / "cli-out2"),
                  "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.subprocess
+def test_two_gloo_processes_give_the_one_process_adapter(folders):
+    """torchrun, 2 processes on gloo, each half of the batch, gradients averaged: the one-process adapter."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    recover(spec(folders, "sparse", "ddp-one", batch_size=4, steps=2, threads=1))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["recover", "--model", str(folders / "sparse"), "--output", str(folders / "ddp-two"), "--steps", "2",
+            "--batch-size", "4", "--train-samples", "6", "--seqlen", "24", "--train-dataset", str(folders / "text.txt"),
+            "--eval-tokens", "0", "--warmup-steps", "1", "--checkpoint-every", "2", "--threads", "1", "--json"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(port), "-m", "peakllm", *args], check=False, capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1  # worker 0 reports
+    a = load_file(folders / "ddp-one" / "adapter_model.safetensors")
+    b = load_file(folders / "ddp-two" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

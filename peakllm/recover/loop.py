@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from peakllm.errors import PeakError
 from peakllm.models.anatomy import base_model
@@ -28,14 +29,33 @@ def learning_rate(base: float, step: int, warmup: int) -> float:
     return base * min(1.0, (step + 1) / (warmup + 1))
 
 
-def update(optimizer, loss: torch.Tensor, lr: float) -> None:
-    """One update at `lr`: LOMO's fused backward (update inside the backward), or backward + optimizer step."""
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size): under torchrun the process group is started (gloo on the CPU) and each process takes
+    its share of every batch; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def update(optimizer, loss: torch.Tensor, lr: float, world: int = 1) -> None:
+    """One update at `lr`: LOMO's fused backward (update inside the backward), or backward + optimizer step; with
+    several processes the gradients are averaged first (each process's loss is the mean over its equal share
+    of the batch, so the average is the one-process gradient of the whole batch)."""
     if hasattr(optimizer, "fused_backward"):
         optimizer.fused_backward(loss, lr)
         return
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss.backward()
+    if world > 1:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(world)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -102,20 +122,26 @@ def train(student, teacher, segments: torch.Tensor, spec, optimizer, trainable: 
     `on_step(step)` is called after each completed step (and its checkpoint)."""
     ckpt = spec.checkpoint_dir
     key = spec.resume_key()
+    rank, world = data_parallel()
+    share = spec.batch_size // world
     start, seconds_before = (load_checkpoint(ckpt, trainable, optimizer, key) if spec.resume else (0, 0.0))
     budget = None if spec.minutes is None else spec.minutes * 60.0
     n, tokens_per_step = segments.shape[0], spec.batch_size * spec.seqlen
     student.train()
     bar = tqdm(total=spec.steps, initial=start, desc=f"recover ({spec.method})", unit="step",
-               disable=not spec.progress)
+               disable=not spec.progress or rank != 0)
     losses, t0 = [], time.perf_counter()
     step = start
     while (spec.steps is None or step < spec.steps) and (budget is None or seconds_before + time.perf_counter() - t0 < budget):
-        ids = segments[batch_indices(n, spec.batch_size, step, spec.seed)]
+        ids = segments[batch_indices(n, spec.batch_size, step, spec.seed)][rank * share:(rank + 1) * share]
         loss, parts = step_loss(student, teacher, ids, spec)
-        update(optimizer, loss, learning_rate(spec.learning_rate, step, spec.warmup_steps))
+        update(optimizer, loss, learning_rate(spec.learning_rate, step, spec.warmup_steps), world)
         step += 1
-        losses.append({"step": step, "loss": float(loss.detach()), **parts})
+        value = loss.detach().clone()
+        if world > 1:  # the whole batch's loss, as one process reports it
+            dist.all_reduce(value)
+            value /= world
+        losses.append({"step": step, "loss": float(value), **parts})
         elapsed = time.perf_counter() - t0
         done = step - start
         postfix = {"loss": f"{losses[-1]['loss']:.3f}", "tok/s": f"{done * tokens_per_step / elapsed:.0f}"}
@@ -123,7 +149,7 @@ def train(student, teacher, segments: torch.Tensor, spec, optimizer, trainable: 
             postfix["left"] = f"{max(0.0, budget - seconds_before - elapsed) / 60:.1f}min"
         bar.set_postfix(postfix)
         bar.update(1)
-        if step % spec.checkpoint_every == 0:
+        if step % spec.checkpoint_every == 0 and rank == 0:
             save_checkpoint(ckpt, step, trainable, optimizer, key, seconds_before + elapsed)
         if on_step is not None:
             on_step(step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from peakllm.formats.folder import check_output, staged_dir
 from peakllm.formats.writer import RUN_FILE
 from peakllm.models import load_model, resolve
 from peakllm.recover import lomo, lora
-from peakllm.recover.loop import STATE_FILE, train
+from peakllm.recover.loop import STATE_FILE, data_parallel, train
 from peakllm.recover.spec import RecoverSpec
 
 RECOVER_FILE = "peakllm_recover.json"  # beside an adapter: how it was made and what it measured
@@ -129,6 +130,12 @@ def recover(spec: RecoverSpec, *, on_step=None) -> dict:
         raise PeakError(f"a checkpoint of an earlier run is at {spec.checkpoint_dir}: add --resume to continue it, or "
                         "delete it to start over")
     teacher_spec = teacher_of(spec)
+    rank, world = data_parallel()
+    if world > 1 and (spec.method == "lomo" or spec.batch_size % world):
+        raise PeakError(f"with {world} processes: --batch-size must be a multiple of {world}, and --method lomo "
+                        "(lomo-optim's data-parallel path is DeepSpeed ZeRO-3) is not supported; use lora or adamw")
+    if rank != 0:  # worker 0 alone evaluates and writes
+        spec = replace(spec, eval_tokens=0, progress=False)
     student, tok = load_model(spec.model)
     check_resources(spec, teacher_spec, student.config)
     teacher, ttok = load_model(teacher_spec)
@@ -148,6 +155,8 @@ def recover(spec: RecoverSpec, *, on_step=None) -> dict:
     result.update({k: v for k, v in done.items() if k != "losses"})
     result["trainable_params"] = sum(p.numel() for p in trainable.values())
     result["losses"] = [row["loss"] for row in done["losses"]]  # this process's steps (after a resume: the rest)
+    if rank != 0:
+        return result
     written = write_output(spec, out, model, tok, masks, result)
     result.update(evaluate_sets(written, tok, spec, "after"))
     if masks and (spec.method != "lora" or spec.merge):  # an unmerged adapter leaves the base untouched
