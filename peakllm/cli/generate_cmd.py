@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a PEFT LoRA adapter folder (`peakllm recover --method lora`), run unmerged beside the "
+                   "model's (packed) weights; generation then goes through transformers' loop, not the lean runtime")
     add_bos_option(p)
     add_max_memory_run_option(p)
     add_act_option(p)
@@ -70,10 +73,20 @@ def run(args) -> int:
     if stream:
         sys.stdout.write(args.prompt if not args.chat else "")
     start = time.perf_counter()
-    text, n_new = generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed, stream=stream, max_memory=budget)
+    if args.adapter:
+        from peakllm.recover.lora import load_adapter
+        from peakllm.runtime.hf_loop import hf_generate_text
+
+        if budget is not None:
+            raise PeakError("--max-memory needs peakllm's lean runtime, which does not run adapters")
+        model = load_adapter(model, args.adapter)
+        text, n_new = hf_generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
+                                       top_p=args.top_p, seed=args.seed, stream=stream)
+    else:
+        text, n_new = generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, seed=args.seed, stream=stream, max_memory=budget)
     seconds = time.perf_counter() - start
-    result = {"model": args.model, "prompt": args.prompt, "text": text, "new_tokens": n_new, "seconds": seconds,
+    result = {"model": args.model, **({"adapter": args.adapter} if args.adapter else {}), "prompt": args.prompt, "text": text, "new_tokens": n_new, "seconds": seconds,
               "bos": int(ids[0, 0]) == protocol_bos(tokenizer, not args.no_bos),
               "tokens_per_second": n_new / seconds}
     if stream:

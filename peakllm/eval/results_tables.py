@@ -304,6 +304,25 @@ GGUF_QUALITY = Table("gguf-quality.jsonl", [
     ("wiki ppl (llama-perplexity)", k("ppl_llama_perplexity", ".2f")),
     ("tensor types", lambda r: ", ".join(f"{n} {v['tensors']}" for n, v in r["tensor_types"].items() if n != "F32"))])
 
+# -- recover ------------------------------------------------------------------------------------------------------
+
+def before_after(name):
+    return lambda r: ("" if r.get(f"ppl_before_{name}") is None else
+                      f"{r[f'ppl_before_{name}']:.2f} → {r[f'ppl_after_{name}']:.2f} ({r[f'ppl_teacher_{name}']:.2f})")
+
+
+RECOVER = Table("recover.jsonl", [
+    ("compression", k("compression")), ("method", k("method")), ("steps", k("steps")),
+    ("tokens", k("train_tokens")), ("train min", scaled("train_seconds", 60, ".1f")),
+    ("wiki before → after (teacher)", before_after("wiki")), ("shakespeare", before_after("shakespeare")),
+    ("bible", before_after("bible")), ("peak RSS GB", scaled("peak_rss_bytes", GB)),
+    ("load (1 min)", lambda r: r.get("loadavg_start", (r.get("machine") or {}).get("loadavg", [""]))[0])],
+    where=lambda r: r.get("kind") == "recovery")
+RECOVER_MEMORY = Table("recover.jsonl", [
+    ("method", k("method")), ("steps", k("steps")), ("trainable params", k("trainable_params")),
+    ("peak RSS GB", scaled("peak_rss_bytes", GB)), ("LOMO / AdamW peak RSS", k("lomo_over_adamw_peak_rss", ".2f"))],
+    where=lambda r: r.get("kind") == "memory")
+
 TABLES = {
     "headline-sparsegpt": HEADLINE_SPARSEGPT, "prune": PRUNE, "prune-scaling": SCALING,
     "quantize": QUANTIZE, "quality": QUALITY, "quality-cli": QUALITY_CLI, "peers": PEERS,
@@ -315,4 +334,5 @@ TABLES = {
     "qmoe-scale": QMOE_SCALE, "qmoe-scale-decode": QMOE_SCALE_DECODE,
     "scale": SCALE, "gguf-scale": GGUF_SCALE, "offload-7b": OFFLOAD_7B, "offload-moe": OFFLOAD_MOE,
     "offload-moe-no-readahead": OFFLOAD_MOE_NO_READAHEAD, "serve": SERVE,
+    "recover": RECOVER, "recover-memory": RECOVER_MEMORY,
 }

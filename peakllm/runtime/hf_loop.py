@@ -23,7 +23,8 @@ def hf_generate_text(model, tokenizer, ids: torch.Tensor, max_new_tokens: int, *
     new_ids: list[int] = []
     # transformers 5.x names the KV cache `cache` (argument and output); `past_key_values`, what 4.x calls it,
     # is deprecated there and goes in 5.40
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model passes it on
+    key = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     result = model(input_ids=ids, use_cache=True)
     past = getattr(result, key)
     for _ in range(max_new_tokens):
