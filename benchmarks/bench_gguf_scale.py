@@ -118,7 +118,7 @@ def llama_quantize(args, peers: Path, model: Path, out: Path) -> str:
 
 def bench_once(peers: Path, path: Path, args) -> dict:
     cmd = [str(peers / "build/bin/llama-bench"), "-m", str(path), "-t", "2", "-p", str(args.pp), "-n", str(args.tg),
-           "-r", "1", "-o", "json"]
+           "-r", "1", "--repack", str(args.repack), "-o", "json"]
     p = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rows = json.loads(p.stdout)
     return {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in rows}
@@ -133,7 +133,7 @@ def llama_bench(args, peers: Path, ours: Path, theirs: Path) -> dict:
             runs[name].append(bench_once(peers, path, args))
         loads.append(round(os.getloadavg()[0], 2))
         print(f"round {r}: {runs['peakllm'][-1]} vs {runs['llama.cpp'][-1]} load {loads[-1]}", flush=True)
-    out = {"rounds": args.rounds, "threads": 2, "pp_tokens": args.pp, "tg_tokens": args.tg, "loadavg_per_round": loads}
+    out = {"rounds": args.rounds, "threads": 2, "repack": args.repack, "pp_tokens": args.pp, "tg_tokens": args.tg, "loadavg_per_round": loads}
     for kind in [k for k in ("pp", "tg") if k in runs["peakllm"][0]]:  # --pp 0: generation only
         a = [x[kind] for x in runs["peakllm"]]
         b = [x[kind] for x in runs["llama.cpp"]]
@@ -160,6 +160,9 @@ def main() -> int:
     ap.add_argument("--pp", type=int, default=64, help="prompt tokens; 0: no prompt test (see the docs: llama-bench "
                     "at 0c1e570 crashed in prompt processing on both files of the 1-layer 7B-width model)")
     ap.add_argument("--tg", type=int, default=16)
+    ap.add_argument("--repack", type=int, choices=(0, 1), default=1,
+                    help="llama-bench --repack: 1 (its default) repacks block types for the CPU's kernels; at 0c1e570 "
+                    "its prompt processing crashed on this machine's AVX-512 path for both files; 0 runs it")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="a results file whose last line is this benchmark's peakllm part, its GGUF kept (--keep): "

@@ -259,6 +259,7 @@ GGUF_SCALE = Table("gguf-scale.jsonl", [
     ("params (B)", scaled("params", 1e9, ".3f")), ("--max-memory", k("max_memory")),
     ("peak RSS predicted / measured GiB", lambda r: f"{r['predicted_peak_rss_bytes'] / GIB:.2f} / {r['peak_rss_bytes'] / GIB:.2f}"),
     ("s per layer", k("seconds_per_layer", ".0f")), ("file GB", scaled("size_bytes", GB)),
+    ("llama-bench --repack", lambda r: (r.get("llama_bench") or {}).get("repack", "")),
     ("llama-bench pp tok/s, × llama-quantize's file", bench_ratio("pp")),
     ("tg tok/s, × llama-quantize's file", bench_ratio("tg"))])
 
