@@ -112,7 +112,7 @@ def read_model(path, dtype=None):
         heads = families.qk_heads(cfg, name)
         if heads:
             value = hf_row_order(value, heads)
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        value = torch.from_numpy(np.array(value, dtype=np.float32))  # a writable copy, off the memory map
         shift = families.norm_shift(cfg, hf_name)
         state[hf_name] = value - shift if shift else value
     model.load_state_dict(state, strict=False)
