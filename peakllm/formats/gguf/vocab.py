@@ -26,6 +26,8 @@ PRE_TOKENIZERS = {  # the families peakllm runs; a tokenizer not listed gets lla
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
     "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
     "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    # Gemma-3's tokenizer.json (the converter's table names it after a Granite model with the same tokenizer)
+    "789696f5946cc0fc59371f39f6097cafed196b3acded6140432f26bbb1ae1669": "granite-embed-multi-311m",
 }
 
 
