@@ -83,8 +83,9 @@ def add_bpe_tokenizer(w: gguf.GGUFWriter, tokenizer, saved: Path, vocab_size: in
         tokens.append(token)
     config = saved / "tokenizer_config.json"
     prefix = json.loads(config.read_text(encoding="utf-8")).get("add_prefix_space") if config.is_file() else None
-    if llama and prefix is not None:  # LlamaModel.set_vocab, from the saved tokenizer_config.json
-        w.add_add_space_prefix(prefix)
+    prefix = getattr(tokenizer, "add_prefix_space", None) if prefix is None else prefix
+    if llama and isinstance(prefix, bool):  # LlamaModel.set_vocab, from tokenizer_config.json (transformers 5 saves
+        w.add_add_space_prefix(prefix)      # it only as the tokenizer's attribute; SmolLM2's own GGUF has it: False)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre_tokenizer(tokenizer))
     w.add_token_list(tokens)
