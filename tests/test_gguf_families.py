@@ -151,3 +151,17 @@ def test_a_file_transformers_misreads_loads_through_the_gguf_library(tmp_path):
     ids = torch.tensor([tokenizer(TINY_TEXT[:100])["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_truncated_or_foreign_file_is_one_error(written, tmp_path):
+    from peakllm.errors import PeakError
+    from peakllm.formats.gguf.file import GGUFFile
+
+    data = written["qwen2"][0].read_bytes()
+    cases = {"cut.gguf": data[: len(data) // 2], "header.gguf": data[:300], "magic.gguf": b"GGML" + data[4:]}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(PeakError, match="cannot read GGUF"):
+            GGUFFile(tmp_path / name)
+    whole = GGUFFile(written["qwen2"][0])
+    assert set(whole.tensors) == {t.name for t in gguf.GGUFReader(str(written["qwen2"][0])).tensors}
