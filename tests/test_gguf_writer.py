@@ -3,6 +3,8 @@ llama.cpp's order), transformers' GGUF loader gives back our dequantized weights
 tokens, the real default model's metadata and tokenizer equal what llama.cpp's converter wrote for it, and
 bad input is one error before anything is written."""
 
+from types import SimpleNamespace
+
 import gguf
 import numpy as np
 import pytest
@@ -124,8 +126,8 @@ def test_bad_input_is_one_error_before_writing(tmp_path, tokenizer, monkeypatch)
     import shutil
 
     model = tiny_family("llama")
-    with pytest.raises(PeakError, match="llama-family"):
-        write_gguf(tiny_family("qwen2"), tokenizer, tmp_path / "q.gguf")
+    with pytest.raises(PeakError, match="families"):
+        write_gguf(SimpleNamespace(config=SimpleNamespace(model_type="opt")), tokenizer, tmp_path / "q.gguf")
     with pytest.raises(PeakError, match="end in .gguf"):
         write_gguf(model, tokenizer, tmp_path / "x.bin")
     with pytest.raises(PeakError, match="float_type"):

@@ -79,15 +79,40 @@ def default_model_dir() -> Path:
 
 
 def _load_gguf(path: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """transformers' GGUF loader, and where it fails, the file read with the gguf library (formats/gguf/loader.py):
+    e.g. a Gemma-3 file from llama.cpp's converter, whose vocabulary transformers misreads as byte-level."""
+    return plain_model(_gguf_model(path)), _gguf_tokenizer(path)
+
+
+def _gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    from peakllm.formats.gguf.loader import read_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        raise PeakError(f"cannot load GGUF file {path}: {_first_line(exc)}") from None
-    return plain_model(model), tokenizer
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as first:  # noqa: BLE001 - the tokenizers library raises bare Exception ("out of vocabulary")
+        try:
+            return read_tokenizer(path)
+        except (PeakError, ValueError, KeyError, TypeError) as exc:
+            raise PeakError(f"cannot load the tokenizer of GGUF file {path}: {_first_line(first)}; "
+                            f"nor with the gguf library: {_first_line(exc)}") from None
+
+
+def _gguf_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peakllm.formats.gguf.loader import read_model
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as first:  # noqa: BLE001 - any failure of transformers' loader: try the gguf library
+        try:
+            return read_model(path)
+        except (PeakError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise PeakError(f"cannot load GGUF file {path}: {_first_line(first)}; nor with the gguf library: "
+                            f"{_first_line(exc)}") from None
 
 
 def plain_model(model):
@@ -169,7 +194,7 @@ def load_tokenizer(spec: str = "default"):
 
     kind, path = resolve(spec)
     if kind == "gguf":
-        return _load_gguf(path)[1]
+        return _gguf_tokenizer(path)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (ValueError, OSError, KeyError) as exc:

@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 
 from peakllm.errors import PeakError
+from peakllm.formats.gguf import families
 from peakllm.formats.gguf.blocks import BLOCK_TYPES, GGMLWeight, unpack
 
 
@@ -21,15 +22,15 @@ def hf_row_order(rows: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def read_block_weights(path, model) -> dict[str, GGMLWeight]:
-    """HF parameter name -> ``GGMLWeight`` for every weight of ``model`` (a transformers Llama of the file's
-    shapes) that ``path`` stores in one of ``BLOCK_TYPES``; float tensors are left out."""
+    """HF parameter name -> ``GGMLWeight`` for every weight of ``model`` (a transformers model of the file's
+    family and shapes) that ``path`` stores in one of ``BLOCK_TYPES``; float tensors are left out."""
     path = Path(path)
     if not path.is_file():
         raise PeakError(f"no GGUF file at {path}")
     cfg = model.config
     reader = gguf.GGUFReader(str(path))
     stored = {t.name: t for t in reader.tensors}
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = families.tensor_names(cfg)
     out = {}
     for hf_name, p in model.named_parameters():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -37,10 +38,11 @@ def read_block_weights(path, model) -> dict[str, GGMLWeight]:
         if t is None or t.tensor_type.name not in BLOCK_TYPES:
             continue
         rows, cols = p.shape
+        if t.shape[-1] != rows:  # ggml's shape is (cols, rows); Gemma-3's embedding may be cut short
+            continue
         data = np.asarray(t.data).reshape(rows, -1)
-        if name.endswith("attn_q.weight"):
-            data = hf_row_order(data, cfg.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
-            data = hf_row_order(data, cfg.num_key_value_heads)
+        heads = families.qk_heads(cfg, name)
+        if heads:
+            data = hf_row_order(data, heads)
         out[hf_name] = unpack(t.tensor_type.name, data, (rows, cols))
     return out

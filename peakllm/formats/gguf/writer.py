@@ -1,11 +1,11 @@
-"""Write a llama-family model as one .gguf file, as llama.cpp's ``convert_hf_to_gguf.py`` writes it.
+"""Write a model of a family the runtime runs as one .gguf file, as llama.cpp's ``convert_hf_to_gguf.py`` writes it.
 
-Metadata keys (``general.*``, ``llama.*``), tensor names (``token_embd.weight``, ``blk.N.attn_q.weight``,
-... from gguf's own ``TensorNameMap``) and the tokenizer (``tokenizer.ggml.*``: the BPE vocabulary with
-llama.cpp's token types, the pre-tokenizer named by llama.cpp's hash of a fixed text, merges and special
-tokens through gguf's ``SpecialVocab``) follow the converter. Weights given as ``GGMLWeight`` are stored in
-their block type; every other 2-D weight in ``float_type``, 1-D tensors (norms) in F32. llama.cpp keeps
-q/k rows in its own order for RoPE (the converter's ``LlamaModel.permute``); quantized rows are permuted
+Metadata keys (``general.*``, ``<arch>.*``, per family in ``families.py``), tensor names (``token_embd.weight``,
+``blk.N.attn_q.weight``, ... from gguf's own ``TensorNameMap``) and the tokenizer (``tokenizer.ggml.*``: the BPE
+vocabulary with llama.cpp's token types, the pre-tokenizer named by llama.cpp's hash of a fixed text, merges and
+special tokens through gguf's ``SpecialVocab``) follow the converter. Weights given as ``GGMLWeight`` are stored
+in their block type; every other 2-D weight in ``float_type``, 1-D tensors (norms) in F32. llama.cpp keeps
+llama's q/k rows in its own order for RoPE (the converter's ``LlamaModel.permute``); quantized rows are permuted
 as packed bytes, which is exact because ggml blocks never straddle rows.
 """
 
@@ -15,14 +15,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from peakllm.errors import PeakError
+from peakllm.formats.gguf import families
 from peakllm.formats.gguf.blocks import GGMLWeight, check_width
+from peakllm.formats.gguf.vocab import add_bpe_tokenizer, tokenizer_json_rows
 
 FLOAT_TYPES = {"F32": (np.float32, gguf.GGMLQuantizationType.F32), "F16": (np.float16, gguf.GGMLQuantizationType.F16)}
 # general.file_type llama-quantize records for a file mostly in a type (its presets' names; *_M for K-quants)
@@ -32,20 +33,6 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_
               "Q6_K": "MOSTLY_Q6_K"}
 FILE_TYPES.update({p: f"MOSTLY_{p}" for p in ("Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")})
 HEADER_BYTES = 1 << 20  # room for the header beside the vocabulary, for the disk check
-
-# llama.cpp's get_vocab_base_pre: the sha256 of str(tokenizer.encode(CHKTXT)) names the pre-tokenizer.
-CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
-          '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
-          '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
-          '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
-PRE_TOKENIZERS = {  # the families peakllm runs; a tokenizer not listed gets llama.cpp's "default"
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
-}
-
 
 @dataclass
 class WrittenTensor:
@@ -57,83 +44,8 @@ class WrittenTensor:
     nbytes: int
 
 
-def pre_tokenizer(tokenizer) -> str:
-    return PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest(), "default")
-
-
 def check_model(model) -> None:
-    cfg = getattr(model, "config", None)
-    if getattr(cfg, "model_type", None) != "llama":
-        raise PeakError(f"GGUF output is written for llama-family models so far, not {getattr(cfg, 'model_type', cfg)!r}")
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise PeakError(f"GGUF output does not write RoPE scaling {rope.get('rope_type')!r} yet")
-
-
-def rope_theta(cfg) -> float:
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-
-
-def add_llama_metadata(w: gguf.GGUFWriter, cfg, name: str | None, file_type: str) -> None:
-    """The keys LlamaModel.set_gguf_parameters writes (TextModel's, then vocab size and RoPE dimensions)."""
-    w.add_type(gguf.GGUFType.MODEL)
-    if name:
-        w.add_name(name)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(rope_theta(cfg))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_file_type(gguf.LlamaFileType[FILE_TYPES[file_type]])
-    w.add_vocab_size(cfg.vocab_size)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if head_dim != cfg.hidden_size // cfg.num_attention_heads:  # llama.cpp's default is hidden / heads
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-
-
-def add_bpe_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
-    """The converter's _set_vocab_gpt2: tokens with their types, the pre-tokenizer, then SpecialVocab
-    (merges, special token ids, add_bos/add_eos, chat template) read from the tokenizer's saved files."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or type(backend.model).__name__ != "BPE":
-        raise PeakError("GGUF output writes byte-level BPE tokenizers so far (SentencePiece ones are not done)")
-    vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise PeakError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's {vocab_size} rows")
-    reverse = {i: t for t, i in vocab.items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        token = reverse[i]
-        if i in added:
-            if not added[i].normalized:
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            looks_special = token.startswith("<|") and token.endswith("|>")
-            types.append(gguf.TokenType.CONTROL if added[i].special or looks_special else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        tokens.append(token)
-    if isinstance(getattr(tokenizer, "add_prefix_space", None), bool):  # LlamaModel.set_vocab, from its config
-        w.add_add_space_prefix(tokenizer.add_prefix_space)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre_tokenizer(tokenizer))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    with tempfile.TemporaryDirectory(prefix="peakllm-gguf-tok-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
-    if vocab_size == 49152:  # the converter turns BOS off for this vocabulary (granite small, SmolLM)
-        w.add_add_bos_token(False)
+    families.check_family(getattr(model, "config", None))
 
 
 def llamacpp_row_order(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -151,14 +63,17 @@ class PlannedTensor:
     shape: tuple[int, ...]
     nbytes: int
     heads: int = 0  # > 0: q/k rows, stored in llama.cpp's order for this many heads
+    shift: float = 0.0  # added to a float tensor before storing (Gemma-3's norms)
+    rows: int = 0  # > 0: only the first rows are stored (Gemma-3's embedding, cut to the tokenizer's vocabulary)
 
 
-def plan_tensors(model, types: dict[str, str], float_type: str) -> list[PlannedTensor]:
+def plan_tensors(model, types: dict[str, str], float_type: str, tokenizer_rows: int | None = None) -> list[PlannedTensor]:
     """Every tensor of ``model`` the file stores, in the model's parameter order: those named in ``types``
     (HF name -> block type) in that type, other 2-D ones in ``float_type``, 1-D ones in F32. ``model`` may be a
-    meta skeleton: only shapes are read."""
+    meta skeleton: only shapes are read. ``tokenizer_rows``: the tokenizer's real vocabulary (Gemma-3 stores
+    no more embedding rows)."""
     cfg = model.config
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = families.tensor_names(cfg)
     params = dict(model.named_parameters())
     unknown = sorted(set(types) - set(params))
     if unknown:
@@ -171,17 +86,18 @@ def plan_tensors(model, types: dict[str, str], float_type: str) -> list[PlannedT
         if name is None:
             raise PeakError(f"no GGUF name for tensor {hf_name!r}")
         shape = tuple(p.shape)
+        rows = families.stored_rows(cfg, hf_name, shape[0], tokenizer_rows)
+        stored = (rows, *shape[1:])
         if hf_name in types:
             if len(shape) != 2:
                 raise PeakError(f"{hf_name}: only 2-D weights take a block type, it is {list(shape)}")
             t = check_width(types[hf_name], shape[1])
-            type_name, nbytes = t.name, shape[0] * t.row_bytes(shape[1])
+            type_name, nbytes = t.name, rows * t.row_bytes(shape[1])
         else:
             type_name = "F32" if len(shape) == 1 else float_type
-            nbytes = p.numel() * np.dtype(FLOAT_TYPES[type_name][0]).itemsize
-        heads = cfg.num_attention_heads if name.startswith("blk.") and ".attn_q." in name else \
-            cfg.num_key_value_heads if name.startswith("blk.") and ".attn_k." in name else 0
-        plan.append(PlannedTensor(hf_name, name, type_name, shape, nbytes, heads))
+            nbytes = int(np.prod(stored)) * np.dtype(FLOAT_TYPES[type_name][0]).itemsize
+        plan.append(PlannedTensor(hf_name, name, type_name, shape, nbytes, families.qk_heads(cfg, name),
+                                  families.norm_shift(cfg, hf_name), rows if rows != shape[0] else 0))
     return plan
 
 
@@ -190,7 +106,8 @@ def stored_array(t: PlannedTensor, value) -> np.ndarray:
     if t.type in FLOAT_TYPES:
         if isinstance(value, GGMLWeight) or not hasattr(value, "detach") or tuple(value.shape) != t.shape:
             raise PeakError(f"{t.hf_name}: expected a float tensor {list(t.shape)}, got {type(value).__name__}")
-        data = value.detach().float().cpu().numpy().astype(FLOAT_TYPES[t.type][0])
+        data = value.detach().float().cpu()
+        data = (data + t.shift if t.shift else data).numpy().astype(FLOAT_TYPES[t.type][0])
     else:
         if not isinstance(value, GGMLWeight) or value.type != t.type or tuple(value.codes.shape) != t.shape:
             got = f"{value.type} {list(value.codes.shape)}" if isinstance(value, GGMLWeight) else type(value).__name__
@@ -198,6 +115,8 @@ def stored_array(t: PlannedTensor, value) -> np.ndarray:
         data = value.pack()
     if t.heads:
         data = llamacpp_row_order(data, t.heads)
+    if t.rows:
+        data = data[:t.rows]
     return np.ascontiguousarray(data)
 
 
@@ -224,7 +143,12 @@ class GGUFStreamWriter:
         self.path = Path(path)
         if self.path.suffix != ".gguf":
             raise PeakError(f"a GGUF output path must end in .gguf, got {self.path}")
-        self.plan = plan_tensors(model, types or {}, float_type)
+        # the tokenizer's files, as the converter reads them from a model folder (SpecialVocab, Gemma-3's rows)
+        self.tokenizer_dir = tempfile.TemporaryDirectory(prefix="peakllm-gguf-tok-")
+        saved = Path(self.tokenizer_dir.name)
+        tokenizer.save_pretrained(saved)
+        model.config.to_json_file(saved / "config.json")
+        self.plan = plan_tensors(model, types or {}, float_type, tokenizer_json_rows(saved))
         self.by_name = {t.hf_name: t for t in self.plan}
         if file_type is None:
             weights: dict[str, int] = {}
@@ -245,14 +169,16 @@ class GGUFStreamWriter:
         os.close(fd)
         self.fd, self.done = None, set()
         try:
-            self.w = gguf.GGUFWriter(self.tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-            add_llama_metadata(self.w, model.config, name, file_type)
-            add_bpe_tokenizer(self.w, tokenizer, model.config.vocab_size)
+            arch = families.check_family(model.config)
+            self.w = gguf.GGUFWriter(self.tmp, gguf.MODEL_ARCH_NAMES[arch])
+            families.add_metadata(self.w, model.config, name, gguf.LlamaFileType[FILE_TYPES[file_type]])
+            add_bpe_tokenizer(self.w, tokenizer, saved, model.config.vocab_size, llama=arch == gguf.MODEL_ARCH.LLAMA)
             self.w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for t in self.plan:
                 raw = FLOAT_TYPES[t.type][1] if t.type in FLOAT_TYPES else gguf.GGMLQuantizationType[t.type]
                 dtype = np.dtype(FLOAT_TYPES[t.type][0]) if t.type in FLOAT_TYPES else np.dtype(np.uint8)
-                byte_shape = t.shape if t.type in FLOAT_TYPES else (t.shape[0], t.nbytes // t.shape[0])
+                rows = t.rows or t.shape[0]
+                byte_shape = (rows, *t.shape[1:]) if t.type in FLOAT_TYPES else (rows, t.nbytes // rows)
                 self.w.add_tensor_info(t.name, byte_shape, dtype, t.nbytes, raw_dtype=raw)
             self.w.write_header_to_file()
             self.w.write_kv_data_to_file()
@@ -262,6 +188,8 @@ class GGUFStreamWriter:
         except BaseException:
             self.abort()
             raise
+        finally:
+            self.tokenizer_dir.cleanup()
 
     def _open_data(self, tmp, written) -> None:
         """Each tensor's offset (as gguf's writer lays them out: data aligned after the header, each tensor
@@ -347,7 +275,8 @@ class GGUFStreamWriter:
 
 def write_gguf(model, tokenizer, path, quantized: dict[str, GGMLWeight] | None = None, *, float_type: str = "F16",
                name: str | None = None, file_type: str | None = None) -> list[WrittenTensor]:
-    """Write ``model`` (a transformers LlamaForCausalLM) and its ``tokenizer`` to the .gguf file ``path``.
+    """Write ``model`` (a transformers model of a family in ``families.ARCHES``) and its ``tokenizer`` to the
+    .gguf file ``path``.
 
     ``quantized``: HF parameter name (``model.layers.0.self_attn.q_proj.weight``) -> its ``GGMLWeight`` in the
     model's own row order; those tensors are stored in their block types, all other 2-D weights in
@@ -355,6 +284,7 @@ def write_gguf(model, tokenizer, path, quantized: dict[str, GGMLWeight] | None =
     block type name, e.g. "Q4_K"; default: the type holding the most weights). Written to a temporary file
     beside ``path`` and renamed. Returns what was written, tensor by tensor.
     """
+    check_model(model)
     quantized = quantized or {}
     for hf_name, q in quantized.items():
         if not isinstance(q, GGMLWeight):

@@ -1,0 +1,95 @@
+"""The tokenizer of a GGUF file, written as llama.cpp's converter writes a tokenizer.json-only model folder
+(``TextModel._set_vocab_gpt2`` / ``get_vocab_base``): every id's token with llama.cpp's token type, the
+pre-tokenizer named by llama.cpp's hash of a fixed text, then gguf's ``SpecialVocab`` (merges, special token ids,
+add_bos/add_eos, chat template) read from the tokenizer's saved files. The converter takes this path for every
+family whose folder has no SentencePiece ``tokenizer.model``, which is how transformers saves a fast tokenizer
+(Gemma-3's included: its ``▁``-spelled vocabulary is then stored under the "gpt2" model, as llama.cpp does)."""
+
+from __future__ import annotations
+
+import json
+from hashlib import sha256
+from pathlib import Path
+
+import gguf
+
+from peakllm.errors import PeakError
+
+# llama.cpp's get_vocab_base_pre: the sha256 of str(tokenizer.encode(CHKTXT)) names the pre-tokenizer.
+CHKTXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
+          '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
+          '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
+          '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+PRE_TOKENIZERS = {  # the families peakllm runs; a tokenizer not listed gets llama.cpp's "default"
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    # Gemma-3's tokenizer.json (the converter's table names it after a Granite model with the same tokenizer)
+    "789696f5946cc0fc59371f39f6097cafed196b3acded6140432f26bbb1ae1669": "granite-embed-multi-311m",
+}
+
+
+def pre_tokenizer(tokenizer) -> str:
+    return PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest(), "default")
+
+
+def looks_special(token: str) -> bool:
+    """TextModel.does_token_look_special: added tokens that are control tokens though not marked special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def tokenizer_json_rows(saved: Path) -> int | None:
+    """What Gemma3Model counts as the real vocabulary: tokenizer.json's model vocabulary plus its added tokens."""
+    path = saved / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return len(data["model"]["vocab"]) + len(data.get("added_tokens", []))
+
+
+def add_bpe_tokenizer(w: gguf.GGUFWriter, tokenizer, saved: Path, vocab_size: int, *, llama: bool) -> None:
+    """The converter's _set_vocab_gpt2 for ``tokenizer``, whose files ``save_pretrained`` wrote to ``saved``
+    (beside the model's config.json, where SpecialVocab also looks for special token ids).
+    ``llama``: LlamaModel.set_vocab's additions (add_space_prefix from the config; no BOS for a 49152 vocabulary)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        raise PeakError("GGUF output writes BPE tokenizers so far (SentencePiece Unigram ones are not done)")
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise PeakError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's {vocab_size} rows")
+    reverse = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if i in added:
+            if not added[i].normalized:  # llama.cpp takes added tokens as pre-normalized
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if added[i].special or looks_special(token):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                token = token.replace("\u2581", " ")  # user-defined spaces, pre-normalized (Gemma)
+                types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    config = saved / "tokenizer_config.json"
+    prefix = json.loads(config.read_text(encoding="utf-8")).get("add_prefix_space") if config.is_file() else None
+    prefix = getattr(tokenizer, "add_prefix_space", None) if prefix is None else prefix
+    if llama and isinstance(prefix, bool):  # LlamaModel.set_vocab, from tokenizer_config.json (transformers 5 saves
+        w.add_add_space_prefix(prefix)      # it only as the tokenizer's attribute; SmolLM2's own GGUF has it: False)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre_tokenizer(tokenizer))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.SpecialVocab(saved, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+    if llama and vocab_size == 49152:  # the converter turns BOS off for this vocabulary (granite small, SmolLM)
+        w.add_add_bos_token(False)
