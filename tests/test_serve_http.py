@@ -133,8 +133,9 @@ def test_bad_requests_get_openai_shaped_4xx(served):
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model=NAME, prompt=[5] * 120, max_tokens=16)  # 136 > context of 128
     assert exc.value.code == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.completions.create(model=NAME, prompt="hi", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="--max-n") as exc:
+        client.completions.create(model=NAME, prompt="hi", max_tokens=2, n=9)
+    assert exc.value.param == "n"
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], temperature=-1)
 
