@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import socket
 import subprocess
 import sys
@@ -216,7 +217,8 @@ def test_cli_serves_a_model_folder(tiny_model_dir):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "peakllm", "serve", "--model", str(tiny_model_dir), "--port",
                              str(port), "--kv-blocks", "8", "--max-model-len", "64", "--threads", "1"],
-                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PEAKLLM_API_KEY": "k1"})
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -226,9 +228,10 @@ def test_cli_serves_a_model_folder(tiny_model_dir):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        resp = openai_client(f"http://127.0.0.1:{port}/v1").completions.create(
+        resp = openai_client(f"http://127.0.0.1:{port}/v1", "k1").completions.create(
             model=str(tiny_model_dir), prompt="The quick", max_tokens=4, temperature=0)
         assert resp.usage.completion_tokens >= 1 and resp.model == str(tiny_model_dir)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", trust_env=False).status_code == 401  # the env's key
     finally:
         proc.terminate()
         proc.wait(30)
