@@ -92,7 +92,7 @@ def check_common(req: _Request, max_n: int) -> list[str]:
 def top_logprobs(req) -> int | None:
     """How many alternatives per token the request asks for (None: no logprobs at all)."""
     if isinstance(req, ChatRequest):
-        if req.top_logprobs is not None and not req.logprobs:
+        if req.top_logprobs and not req.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         k, param = (req.top_logprobs or 0) if req.logprobs else None, "top_logprobs"
     else:
