@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from peakllm.cli.serve_cmd import is_loopback
+from peakllm.serve.logprobs import token_bytes
 from peakllm.serve.protocol import encode
 from serve_util import NAME, check_text, greedy_reference, openai_client, served_engine, trusted_len
 from test_runtime_model import _tiny
@@ -208,3 +209,11 @@ def test_limits_give_clear_4xx(served):
 def test_loopback_hosts():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("myhost")
+
+
+def test_logprob_bytes_of_a_partial_character(tiny_tokenizer):
+    tok = tiny_tokenizer
+    for text in ("é", "€"):  # byte-level BPE: the pieces of one character each decode to U+FFFD alone
+        ids = tok.encode(text, add_special_tokens=False)
+        pieces = [token_bytes(tok, t, tok.decode([t])) for t in ids]
+        assert len(ids) > 1 and sum(pieces, []) == list(text.encode())
