@@ -16,21 +16,23 @@ from peakllm.serve.server import ServerThread
 NAME = "tiny"
 
 
-def openai_client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+def openai_client(base_url: str, api_key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0, timeout=60)
 
 
 @contextmanager
-def served_engine(hf, tokenizer, **engine_kw):
+def served_engine(hf, tokenizer, app_kw=None, **engine_kw):
     """(engine, base url) of `hf` behind the HTTP app on a free loopback port, warmed up (kernels built before any
-    test or timing); stopped on exit. `engine_kw`: the Engine's pool and batch sizes."""
+    test or timing); stopped on exit. `engine_kw`: the Engine's pool and batch sizes; `app_kw`: build_app's
+    limits and API key."""
     model = RuntimeModel.from_hf(hf, torch.float32, max_seq=128)
     engine = Engine(model, tokenizer, max_model_len=128, **engine_kw)
     engine.start()
-    server = ServerThread(build_app(engine, tokenizer, NAME)).start()
+    app_kw = app_kw or {}
+    server = ServerThread(build_app(engine, tokenizer, NAME, **app_kw)).start()
     url = f"http://127.0.0.1:{server.port}/v1"
     try:
-        openai_client(url).completions.create(model=NAME, prompt="warm", max_tokens=2)
+        openai_client(url, app_kw.get("api_key")).completions.create(model=NAME, prompt="warm", max_tokens=2)
         yield engine, url
     finally:
         server.stop()

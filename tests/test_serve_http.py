@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import socket
 import subprocess
 import sys
@@ -133,8 +134,9 @@ def test_bad_requests_get_openai_shaped_4xx(served):
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model=NAME, prompt=[5] * 120, max_tokens=16)  # 136 > context of 128
     assert exc.value.code == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.completions.create(model=NAME, prompt="hi", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="--max-n") as exc:
+        client.completions.create(model=NAME, prompt="hi", max_tokens=2, n=9)
+    assert exc.value.param == "n"
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], temperature=-1)
 
@@ -215,7 +217,8 @@ def test_cli_serves_a_model_folder(tiny_model_dir):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "peakllm", "serve", "--model", str(tiny_model_dir), "--port",
                              str(port), "--kv-blocks", "8", "--max-model-len", "64", "--threads", "1"],
-                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PEAKLLM_API_KEY": "k1"})
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -225,9 +228,10 @@ def test_cli_serves_a_model_folder(tiny_model_dir):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        resp = openai_client(f"http://127.0.0.1:{port}/v1").completions.create(
+        resp = openai_client(f"http://127.0.0.1:{port}/v1", "k1").completions.create(
             model=str(tiny_model_dir), prompt="The quick", max_tokens=4, temperature=0)
         assert resp.usage.completion_tokens >= 1 and resp.model == str(tiny_model_dir)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", trust_env=False).status_code == 401  # the env's key
     finally:
         proc.terminate()
         proc.wait(30)

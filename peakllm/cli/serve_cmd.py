@@ -12,6 +12,13 @@ EPILOG = """\
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's chat template), both with
 "stream": true for server-sent events; GET /v1/models, /health, /metrics (Prometheus text).
 Any OpenAI client works, e.g. OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").
+Request fields: temperature, top_p, top_k, seed, stop, max_tokens, n, presence_penalty, frequency_penalty,
+logprobs (+ top_logprobs on chat), stream_options.include_usage; any other field that would change the
+output gets HTTP 400 naming it.
+
+Security: without --api-key (or PEAKLLM_API_KEY) anyone who can reach the port can use the server; binding
+beyond loopback (--host 0.0.0.0) without a key opens it to the whole network. With a key every path but
+/health needs "Authorization: Bearer KEY" (HTTP 401 otherwise).
 
 How it runs: requests join and leave the running batch at token boundaries; each engine step sends every
 running stream's next token plus a chunk of waiting prompts (at most --max-step-tokens tokens in all)
@@ -27,8 +34,16 @@ def register(sub) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 "
-                   "exposes the server to the network, and it has no authentication)")
+                   "exposes the server to the network: without --api-key it is open to anyone who reaches it)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every path but /health (default: the PEAKLLM_API_KEY "
+                   "environment variable, else no key)")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                   help="largest request body; larger ones get HTTP 413 (default: %(default)s)")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="most tokens one completion may ask for (max_tokens); more get HTTP 400 (default: the context)")
+    p.add_argument("--max-n", type=int, default=8, help="most choices (n) per request (default: %(default)s)")
     p.add_argument("--served-name", default=None, help="the model id clients send (default: the --model value)")
     p.add_argument("--max-batch", type=int, default=8, help="most sequences running at once (default: %(default)s)")
     p.add_argument("--kv-blocks", type=int, default=256, help="KV cache blocks (default: %(default)s)")
@@ -52,6 +67,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import os
+
     import torch
     import uvicorn
 
@@ -64,6 +81,9 @@ def run(args) -> int:
         raise PeakError(f"--port must be in 1..65535, got {args.port}")
     if args.max_model_len < 2:
         raise PeakError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if min(args.max_request_bytes, args.max_n, args.max_tokens_limit or 1) < 1:
+        raise PeakError("--max-request-bytes, --max-n and --max-tokens-limit must be >= 1")
+    api_key = args.api_key or os.environ.get("PEAKLLM_API_KEY") or None
     from peakllm import memory
 
     budget = memory.parse_size(args.max_memory) if args.max_memory else None
@@ -82,10 +102,26 @@ def run(args) -> int:
                  f"{plan['expert_capacity']} of {plan['experts']} experts cached" if "experts" in plan else
                  f"{plan['pinned_layers']} layers pinned, {plan['streamed_layers']} streamed from disk")
         stderr(f"peakllm serve: --max-memory {args.max_memory}: {shown}")
+    if api_key is None and not is_loopback(args.host):
+        stderr(f"peakllm serve: WARNING: listening on {args.host} without --api-key: anyone who can reach this port "
+               "can use the server")
     engine.warmup()
     engine.start()
+    app = build_app(engine, tokenizer, name, api_key=api_key, max_request_bytes=args.max_request_bytes,
+                    max_tokens_limit=args.max_tokens_limit, max_n=args.max_n)
     try:
-        uvicorn.run(build_app(engine, tokenizer, name), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False

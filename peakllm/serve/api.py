@@ -19,8 +19,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from peakllm.errors import PeakError
 from peakllm.serve.engine import Engine, QueueFull
+from peakllm.serve.guard import Guard
+from peakllm.serve.logprobs import CompletionLogprobs, chat_logprobs
 from peakllm.serve.protocol import (ApiError, ChatRequest, CompletionRequest, TextOut, chat_prompt, check_common,
-                                    check_max_tokens, completion_prompt)
+                                    check_max_tokens, completion_prompt, top_logprobs)
 from peakllm.serve.sequence import SamplingParams
 
 DISCONNECT_POLL_S = 0.25
@@ -33,6 +35,8 @@ class _Stream:
         self.engine, self.queue = engine, asyncio.Queue()
         self.text = TextOut(tokenizer, engine.eos, stops)
         self.num_prompt, self.num_generated, self.done = len(ids), 0, False
+        self.logprobs: list[tuple[int, float, list]] = []  # (token, logprob, top) not yet handed out
+        self._pending = None
         loop = asyncio.get_running_loop()
 
         def emit(kind, value):  # called from the engine thread
@@ -54,8 +58,14 @@ class _Stream:
         try:
             while True:
                 kind, value = await self.queue.get()
+                if kind == "logprobs":  # comes just before its token
+                    self._pending = value
+                    continue
                 if kind == "token":
                     self.num_generated += 1
+                    if self._pending is not None and value not in self.text.eos:
+                        self.logprobs.append((value, *self._pending))
+                    self._pending = None
                     piece, stopped = self.text.push(value)
                     if stopped:
                         self.close()  # the engine would go on generating
@@ -80,18 +90,76 @@ class _Stream:
             self.done = True
             self.engine.cancel(self.seq_id)
 
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.num_prompt, "completion_tokens": self.num_generated,
-                "total_tokens": self.num_prompt + self.num_generated}
+    def take_logprobs(self) -> list[tuple[int, float, list]]:
+        out, self.logprobs = self.logprobs, []
+        return out
 
 
-async def _collect(stream: _Stream, request: Request) -> tuple[str, str]:
-    """All the text of a non-streamed answer; gives up (and cancels) if the client disconnects."""
+def _usage(streams: list[_Stream]) -> dict:
+    done = sum(s.num_generated for s in streams)
+    prompt = streams[0].num_prompt
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def _open(engine, tokenizer, ids, params: SamplingParams, stops, n: int) -> list[_Stream]:
+    """n sequences for one request (choice i seeded with seed + i when the request has a seed)."""
+    streams = []
+    try:
+        for i in range(n):
+            seed = None if params.seed is None else params.seed + i
+            streams.append(_Stream(engine, tokenizer, ids, SamplingParams(**{**vars(params), "seed": seed}), stops))
+    except ApiError:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
+
+
+async def _merged(streams: list[_Stream]):
+    """(choice index, text piece, finish reason or None, its tokens' logprobs) from all the streams as they come."""
+    if len(streams) == 1:
+        async for piece, reason in streams[0]:
+            yield 0, piece, reason, streams[0].take_logprobs()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for piece, reason in stream:
+                await queue.put((i, piece, reason, stream.take_logprobs()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put(exc)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.close()
+
+
+async def _collect(streams: list[_Stream], request: Request) -> list[tuple[str, str, list]]:
+    """All the text of a non-streamed answer (per choice: text, finish reason, logprobs); gives up (and cancels)
+    if the client disconnects."""
     async def run():
-        pieces, reason = [], None
-        async for piece, reason in stream:
-            pieces.append(piece)
-        return "".join(pieces), reason
+        out = [([], None, []) for _ in streams]
+        async for i, piece, reason, lps in _merged(streams):
+            out[i][0].append(piece)
+            out[i][2].extend(lps)
+            out[i] = (out[i][0], reason, out[i][2])
+        return [("".join(pieces), reason, lps) for pieces, reason, lps in out]
 
     task = asyncio.ensure_future(run())
     while not task.done():
@@ -105,10 +173,15 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def build_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
+def build_app(engine: Engine, tokenizer, model_name: str, *, api_key: str | None = None,
+              max_request_bytes: int | None = 1 << 20, max_tokens_limit: int | None = None, max_n: int = 8):
+    """The ASGI app: the OpenAI routes behind the guard (API key, body size). `max_tokens_limit`: the most
+    tokens one completion may ask for (default: the context)."""
     app = FastAPI(title="peakllm serve")
     created = int(time.time())
     vocab = engine.runner.model.lm_head.out_features
+    context = engine.max_model_len
+    token_limit = min(max_tokens_limit or context, context)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
@@ -129,9 +202,17 @@ def build_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
             raise ApiError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
-    def params_for(req, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              stop_at_eos=not req.ignore_eos)
+    def open_streams(req, ids: list[int], requested: int | None, default: int, param: str, prompt_param: str):
+        stops = check_common(req, max_n)
+        k = top_logprobs(req)
+        if len(ids) >= context:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server's context is {context} tokens, "
+                           "with room for at least one more", param=prompt_param, code="context_length_exceeded")
+        max_tokens = check_max_tokens(requested, default, token_limit, param)
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                stop_at_eos=not req.ignore_eos, top_k=max(req.top_k, 0), logprobs=k,
+                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+        return _open(engine, tokenizer, ids, params, stops, req.n)
 
     @app.get("/health")
     async def health():
@@ -140,7 +221,7 @@ def build_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "peakllm", "max_model_len": engine.max_model_len}]}
+                                            "owned_by": "peakllm", "max_model_len": context}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -149,76 +230,79 @@ def build_app(engine: Engine, tokenizer, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        stops = check_common(req)
         ids = completion_prompt(tokenizer, req, vocab)
-        stream = _Stream(engine, tokenizer, ids, params_for(req, check_max_tokens(req.max_tokens, 16)), stops)
+        streams = open_streams(req, ids, req.max_tokens, 16, "max_tokens", "prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
+        logs = [CompletionLogprobs(tokenizer) for _ in streams] if req.logprobs is not None else None
 
-        def choice(text, reason):
-            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        def choice(i, text, reason, lps):
+            return {"index": i, "text": text, "finish_reason": reason, "logprobs": logs[i].add(lps) if logs else None}
 
         if not req.stream:
-            text, reason = await _collect(stream, request)
-            return {**head, "choices": [choice(text, reason)], "usage": stream.usage()}
-        return _sse_response(stream, head, lambda piece, reason: [choice(piece, reason)], None, req)
+            done = await _collect(streams, request)
+            return {**head, "choices": [choice(i, *c) for i, c in enumerate(done)], "usage": _usage(streams)}
+        return _sse_response(streams, head, lambda i, piece, reason, lps: [choice(i, piece, reason, lps)], None, req)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
-        stops = check_common(req)
         ids = chat_prompt(tokenizer, req)
-        default = max(1, engine.max_model_len - len(ids))
-        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        stream = _Stream(engine, tokenizer, ids, params_for(req, check_max_tokens(limit, default)), stops)
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        streams = open_streams(req, ids, requested, max(1, context - len(ids)), param, "messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        logs = (lambda lps: chat_logprobs(tokenizer, lps)) if req.logprobs else (lambda lps: None)
         if not req.stream:
-            text, reason = await _collect(stream, request)
-            message = {"role": "assistant", "content": text}
-            return {**head, "object": "chat.completion", "usage": stream.usage(),
-                    "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}]}
+            done = await _collect(streams, request)
+            return {**head, "object": "chat.completion", "usage": _usage(streams),
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": reason, "logprobs": logs(lps)}
+                                for i, (text, reason, lps) in enumerate(done)]}
 
-        def choices(piece, reason):
+        def choices(i, piece, reason, lps):
             delta = {"content": piece} if piece or reason is None else {}
-            return [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]
+            return [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": logs(lps)}]
 
-        first = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-        return _sse_response(stream, {**head, "object": "chat.completion.chunk"}, choices, first, req)
+        first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                 for i in range(len(streams))]
+        return _sse_response(streams, {**head, "object": "chat.completion.chunk"}, choices, first, req)
 
-    return app
+    return Guard(app, api_key=api_key, max_request_bytes=max_request_bytes)
 
 
-def _sse_response(stream: _Stream, head: dict, choices, first, req) -> StreamingResponse:
+def _sse_response(streams: list[_Stream], head: dict, choices, first, req) -> StreamingResponse:
     include_usage = bool((req.stream_options or {}).get("include_usage"))
 
     async def events():
         if first is not None:
             yield _sse({**head, "choices": first})
         try:
-            async for piece, reason in stream:
-                yield _sse({**head, "choices": choices(piece, reason)})
+            async for i, piece, reason, lps in _merged(streams):
+                yield _sse({**head, "choices": choices(i, piece, reason, lps)})
         except ApiError as exc:  # the status line is sent already: the error goes in the stream
             yield _sse(exc.body())
         except Exception as exc:  # noqa: BLE001 - a fault on this side: an error event, not a cut connection
             traceback.print_exc()
             yield _sse(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body())
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": stream.usage()})
+            yield _sse({**head, "choices": [], "usage": _usage(streams)})
         yield "data: [DONE]\n\n"
 
-    return _EventStream(stream, events())
+    return _EventStream(streams, events())
 
 
 class _EventStream(StreamingResponse):
-    """Server-sent events that cancel their sequence however the response ends, also when the client is
+    """Server-sent events that cancel their sequences however the response ends, also when the client is
     gone before the first event (then the event generator never starts, so its own cleanup never runs)."""
 
-    def __init__(self, stream: _Stream, events):
+    def __init__(self, streams: list[_Stream], events):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.stream = stream
+        self.streams = streams
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.stream.close()
+            for stream in self.streams:
+                stream.close()

@@ -18,6 +18,7 @@ import torch
 from peakllm.errors import PeakError
 from peakllm.runtime.sampling import eos_ids, sample
 from peakllm.serve.block_manager import BlockManager
+from peakllm.serve.logits import choose, needs_processing
 from peakllm.serve.metrics import Metrics
 from peakllm.serve.runner import PagedRunner
 from peakllm.serve.scheduler import Scheduler, Work
@@ -189,7 +190,12 @@ class Engine:
         out = []
         for i, w in enumerate(sampled):
             p = w.seq.params
-            if p.temperature > 0:
+            if needs_processing(p):  # penalties, top-k, logprobs: one row at a time
+                token, logprobs = choose(logits[i], p, w.seq.tokens[len(w.seq.prompt):], w.seq.generator)
+                out.append(token)
+                if logprobs is not None:
+                    w.seq.emit("logprobs", logprobs)  # before its ("token", id)
+            elif p.temperature > 0:
                 out.append(int(sample(logits[i:i + 1], p.temperature, p.top_p, w.seq.generator)[0]))
             else:
                 out.append(greedy[i])

@@ -21,23 +21,32 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# Fields accepted and ignored because they do not change the output; any other field this server does not act
+# on gets a 400 naming it unless it is null or empty (a client sending "tools": [] asks for nothing).
+HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
+MAX_TOP_LOGPROBS = 20
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # fields we do not act on (user, logit_bias, ...) are accepted
+    model_config = ConfigDict(extra="allow")  # checked by `check_common`: unknown fields are refused
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # not OpenAI's (vLLM and llama-server have it); 0 or -1: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = 1
-    logprobs: Any = None
     ignore_eos: bool = False  # not OpenAI's (vLLM has it): generate max_tokens tokens, for load tests
 
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str]
+    logprobs: int | None = None  # the top k alternatives per token (0: only the chosen token's)
     echo: bool = False
     best_of: int | None = None
 
@@ -51,29 +60,57 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
-def check_common(req: _Request) -> list[str]:
+def check_common(req: _Request, max_n: int) -> list[str]:
     """Refuse what this server does not do; returns the stop strings."""
-    if req.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    if req.logprobs not in (None, False, 0):
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    for name, value in (req.model_extra or {}).items():
+        if name not in HARMLESS and value not in (None, [], {}, False, ""):
+            raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    if not 1 <= req.n <= max_n:
+        raise ApiError(400, f"n must be in 1..{max_n} (this server's --max-n), got {req.n}", param="n")
     if req.temperature < 0 or req.temperature > 2:
         raise ApiError(400, f"temperature must be in [0, 2], got {req.temperature}", param="temperature")
     if not 0 < req.top_p <= 1:
         raise ApiError(400, f"top_p must be in (0, 1], got {req.top_p}", param="top_p")
+    if req.top_k < -1:
+        raise ApiError(400, f"top_k must be >= 1, or 0 or -1 for off; got {req.top_k}", param="top_k")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(req, name) <= 2:
+            raise ApiError(400, f"{name} must be in [-2, 2], got {getattr(req, name)}", param=name)
+    for name, value in (req.stream_options or {}).items():
+        if name != "include_usage" and value:
+            raise ApiError(400, f"stream_options.{name} is not supported", param=f"stream_options.{name}")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
     return stops
 
 
-def check_max_tokens(value: int | None, default: int, param: str = "max_tokens") -> int:
+def top_logprobs(req) -> int | None:
+    """How many alternatives per token the request asks for (None: no logprobs at all)."""
+    if isinstance(req, ChatRequest):
+        if req.top_logprobs and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        k, param = (req.top_logprobs or 0) if req.logprobs else None, "top_logprobs"
+    else:
+        k, param = req.logprobs, "logprobs"
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"{param} must be in 0..{MAX_TOP_LOGPROBS}, got {k}", param=param)
+    return k
+
+
+def check_max_tokens(value: int | None, default: int, limit: int, param: str = "max_tokens") -> int:
+    """The request's completion length: at least 1, at most `limit` (--max-tokens-limit or the context)."""
     if value is None:
-        return default
+        return min(default, limit)
     if value < 1:
         raise ApiError(400, f"{param} must be at least 1, got {value}", param=param)
+    if value > limit:
+        raise ApiError(400, f"{param} must be at most {limit} on this server, got {value}", param=param,
+                       code="max_tokens_exceeded")
     return value
 
 

@@ -19,6 +19,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_at_eos: bool = True
+    top_k: int = 0  # 0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
 
 
 @dataclass(eq=False)  # identity: two requests with the same prompt are two sequences
