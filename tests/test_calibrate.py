@@ -173,3 +173,48 @@ def test_prune_cli_bad_input_leaves_nothing(capsys, tmp_path, tiny_model_dir, te
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".pruned*"))
+
+
+def test_sink_weight_counts_each_segments_first_position_w_times():
+    """Stats with sink_weight w equal the obvious sums: w x0 x0^T + sum of the other positions' x x^T."""
+    from peakllm.calibrate.stats import Stats
+
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 7, 5), torch.randn(2, 7, 5)]
+    w = 10.0
+    s = Stats(5, {"hessian", "sqnorm"}, "cpu", sink_weight=w)
+    for x in batches:
+        s.add(x)
+    got = s.finish()
+    H = torch.zeros(5, 5, dtype=torch.float64)
+    sq = torch.zeros(5, dtype=torch.float64)
+    for x in batches:
+        for row in x.double():
+            for pos, v in enumerate(row):
+                k = w if pos == 0 else 1.0
+                H += k * torch.outer(v, v)
+                sq += k * v * v
+    assert got["tokens"] == 35
+    assert torch.allclose(got["hessian"].double(), H * 2 / 35, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got["sqnorm"].double(), sq, rtol=1e-5, atol=1e-6)
+
+
+def test_pipeline_hands_solvers_the_sink_weighted_hessian(tiny_llama):
+    """calibrate(sink_weight=w): each matrix's H counts every segment's first position w times."""
+    torch.manual_seed(0)
+    segments = torch.randint(0, 300, (4, 16))
+    recipe = Recording("sparsegpt", 0.5)
+    recipe.seen = {}
+    calibrate(tiny_llama, segments, recipe, batch_size=2, progress=False, sink_weight=10.0)
+    name = "model.layers.1.self_attn.q_proj"
+    xs = []
+    handle = tiny_llama.get_submodule(name).register_forward_pre_hook(lambda m, a: xs.append(a[0].clone()))
+    with torch.no_grad():
+        tiny_llama(input_ids=segments)
+    handle.remove()
+    x = torch.cat(xs).double()
+    x[:, 0] *= 10 ** 0.5
+    x = x.reshape(-1, x.shape[-1])
+    ref = 2 * x.t() @ x / x.shape[0]
+    assert torch.allclose(recipe.seen[name]["hessian"].double(), ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ref, hessian_of_inputs(tiny_llama, name, segments), rtol=1e-2)

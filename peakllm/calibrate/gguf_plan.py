@@ -140,7 +140,7 @@ def allocate_types(model, segments, recipe, spec) -> dict:
     # RTN's (the cheaper proxy) less well (benchmarks/bench_gguf_allocation.py)
     probe = LossProbe(candidates, "gptq" if recipe.method == "gptq" else "rtn")
     report = calibrate(model, segments, probe, batch_size=spec.batch_size, sequential=spec.sequential,
-                       progress=spec.progress)
+                       sink_weight=spec.sink_weight, progress=spec.progress)
     options = {n: [(t, tensor_bytes(t, plan.free[n]), probe.losses[n][t]) for t in candidates[n]] for n in candidates}
     chosen = allocate(options, plan.budget_bytes)
     plan.decoder.update(chosen)

@@ -130,12 +130,15 @@ class InMemory:
 
 @torch.inference_mode()
 def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, sequential: bool = True,
-              offload_bytes: int | None = 2 << 30, progress: bool = True, io=None) -> CalibrationReport:
+              offload_bytes: int | None = 2 << 30, progress: bool = True, io=None,
+              sink_weight: float = 1.0) -> CalibrationReport:
     """Compress every linear matrix in the decoder layers of `model` in place with `method`.
 
     `segments` [n, seqlen] are calibration token ids. `method.stats` names the statistics it needs
     ({"hessian"}, {"sqnorm"} or both); `method.compress(name, layer_index, W, stats)` returns an object with
     a `.weight` (the new dense weight) and whatever it wants kept (masks, codes, solve info).
+    `sink_weight`: what each segment's first position (the attention sink) counts in the dense matrices'
+    statistics (routed expert tokens have no positions and count once).
 
     `io` brings layers in and out (default: `InMemory`; streaming: stream.StreamIO): `io.start_layer` and,
     when it is above 0, `io.resume_acts(acts)` (the checkpointed inputs of that layer); `io.load(li)` before
@@ -169,7 +172,8 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
     try:
         for li in range(io.start_layer, len(layers)):
             layer = io.load(li)
-            _compress_layer(layer, f"{prefix}.{li}", li, moe, method, acts, layer_kwargs, sequential, report, io)
+            _compress_layer(layer, f"{prefix}.{li}", li, moe, method, acts, layer_kwargs, sequential, report, io,
+                            sink_weight)
             t0 = time.perf_counter()
             nxt = Activations(acts.offload_bytes)
             for b in range(len(acts)):
@@ -187,7 +191,7 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
 
 
 def _compress_layer(layer, prefix: str, li: int, moe: bool, method, acts: Activations, layer_kwargs,
-                    sequential: bool, report: CalibrationReport, io) -> None:
+                    sequential: bool, report: CalibrationReport, io, sink_weight: float = 1.0) -> None:
     """Every group of one layer, each calibrated on the layer's inputs with the earlier groups compressed."""
     linears = compressible_linears(layer, moe)
     experts = fused_experts(layer)
@@ -210,7 +214,7 @@ def _compress_layer(layer, prefix: str, li: int, moe: bool, method, acts: Activa
                 del stats
             continue
         stats = collect_group(layer, {n: linears[n] for n in group.linears}, acts, layer_kwargs, li, kinds,
-                              report.seconds, stop_early=sequential)
+                              report.seconds, stop_early=sequential, sink_weight=sink_weight)
         t0 = time.perf_counter()
         solves = workers().solve(list(group.linears), lambda n: method.compress(f"{prefix}.{n}", li,
                                                                                 linears[n].weight.data, stats.pop(n)))

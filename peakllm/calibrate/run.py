@@ -71,7 +71,7 @@ def run_in_memory(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None) 
     if before_calibrate is not None:
         before_calibrate(model, segments)
     report = calibrate(model, segments, recipe, batch_size=spec.batch_size, sequential=spec.sequential,
-                       progress=spec.progress)
+                       sink_weight=spec.sink_weight, progress=spec.progress)
     report.modules.update(outer)
     held = {}
     if spec.target_bits is not None and spec.format == "sub1":

@@ -209,7 +209,7 @@ def _compress(sm, spec: RunSpec, recipe, extra: dict, plan: MemoryPlan, ckpt: Ch
     io = StreamIO(sm, writer, ckpt, spec.format, state, run_state, eval_kwargs, eval_dense, eval_comp,
                   plan.offload_bytes)
     report = calibrate(model, segments, recipe, batch_size=spec.batch_size, sequential=spec.sequential,
-                       offload_bytes=plan.offload_bytes, progress=spec.progress, io=io)
+                       sink_weight=spec.sink_weight, offload_bytes=plan.offload_bytes, progress=spec.progress, io=io)
     if state:
         restore_report(report, state["report"])
     result = {**extra, "bos": bos_id is not None}

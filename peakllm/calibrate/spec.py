@@ -31,6 +31,7 @@ class RunSpec:
     seed: int = 0
     batch_size: int = 8
     sequential: bool = True
+    sink_weight: float = 1.0           # weight of each segment's first position in the input statistics
     blocksize: int = 128
     damp: float = 0.01
     bos: bool = True
@@ -52,6 +53,7 @@ class RunSpec:
                 "calib_samples": self.calib_samples, "calib_seqlen": self.calib_seqlen,
                 "calib_dataset": self.calib_dataset, "seed": self.seed, "batch_size": self.batch_size,
                 "no_sequential": not self.sequential, "blocksize": self.blocksize, "damp": self.damp,
+                "sink_weight": self.sink_weight,
                 "eval_tokens": self.eval_tokens, "eval_dataset": self.eval_dataset, "no_bos": not self.bos,
                 **extra, "threads": threads}
 
@@ -59,6 +61,8 @@ class RunSpec:
         """What the output folder records of how it was made (peakllm_run.json)."""
         info = {"command": self.command, "model": self.model, **extra, "calib_samples": self.calib_samples,
                 "calib_seqlen": self.calib_seqlen, "calib_dataset": self.calib_dataset, "seed": self.seed}
+        if self.sink_weight != 1.0:
+            info["sink_weight"] = self.sink_weight
         if streamed:
             info["streamed"] = True
         info["bos"] = bos

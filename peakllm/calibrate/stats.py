@@ -24,13 +24,17 @@ class StopLayer(Exception):
 class Stats:
     """Running statistics of one matrix's inputs: H = 2/n sum x x^T (fp32) and/or sum_t x_j^2."""
 
-    def __init__(self, in_features: int, kinds: set[str], device):
+    def __init__(self, in_features: int, kinds: set[str], device, sink_weight: float = 1.0):
         self.n = 0
+        self.sink_scale = sink_weight ** 0.5  # on x at each segment's first position: its x x^T counts sink_weight
         self.xtx = torch.zeros(in_features, in_features, device=device) if "hessian" in kinds else None
         self.sqnorm = torch.zeros(in_features, device=device) if "sqnorm" in kinds else None
         # fp32 sums of x x^T over ~1e5 tokens lose little precision next to the damping added later
 
     def add(self, x: torch.Tensor) -> None:
+        if self.sink_scale != 1.0 and x.dim() == 3:  # [batch, positions, features]: position 0 is the sink
+            x = x.float().clone()
+            x[:, 0] *= self.sink_scale
         x = x.reshape(-1, x.shape[-1]).float()
         self.n += x.shape[0]
         if self.xtx is not None:
@@ -129,9 +133,10 @@ def capture_inputs(model, segments: torch.Tensor, batch_size: int, offload_bytes
 
 
 def collect_group(layer, group: dict[str, nn.Linear], acts: Activations, layer_kwargs, li: int, kinds: set[str],
-                  seconds: dict, stop_early: bool) -> dict[str, dict]:
-    """Run the layer over all calibration batches with hooks on `group`; return each module's finished stats."""
-    stats = {n: Stats(m.in_features, kinds, m.weight.device) for n, m in group.items()}
+                  seconds: dict, stop_early: bool, sink_weight: float = 1.0) -> dict[str, dict]:
+    """Run the layer over all calibration batches with hooks on `group`; return each module's finished stats
+    (`sink_weight`: what each segment's first position counts in them)."""
+    stats = {n: Stats(m.in_features, kinds, m.weight.device, sink_weight) for n, m in group.items()}
     pending = set()
     stat_seconds = [0.0]
 

@@ -26,6 +26,11 @@ def add_calibration_options(p) -> None:
                    "instead of re-running the layer after each group of matrices is compressed")
     g.add_argument("--blocksize", type=int, default=128, help="solver column block size (default: %(default)s)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diag(H) (default: %(default)s)")
+    g.add_argument("--sink-weight", type=float, default=None, metavar="W",
+                   help="weight of each calibration segment's first position (the attention sink, whose activations "
+                   "are tens of times the others') in the matrices' input statistics: the layer-wise objective "
+                   "counts one token there, but the model's output depends on it far more; 1 = plain GPTQ "
+                   "(default: 10 for --format gguf, where it was measured, 1 otherwise)")
     add_bos_option(g)
 
 
@@ -67,6 +72,14 @@ def add_run_options(p, formats: tuple[str, ...], default_format: str) -> None:
     add_output_options(p, progress=True)
 
 
+def sink_weight(args) -> float:
+    """--sink-weight, or its default for the format (benchmarks/bench_gguf_quality.py measured it on GGUF grids)."""
+    w = args.sink_weight if args.sink_weight is not None else (10.0 if args.format == "gguf" else 1.0)
+    if not 0 < w <= 1e4:
+        raise PeakError(f"--sink-weight must be above 0 and at most 10000, got {w}")
+    return w
+
+
 def run_spec(args, *, embed_grid=None, target_bits: float | None = None) -> RunSpec:
     """The typed description of the run, built from the parsed arguments at the door: nothing past this point
     reads argparse's namespace. Malformed sizes fail here, before any work."""
@@ -76,6 +89,7 @@ def run_spec(args, *, embed_grid=None, target_bits: float | None = None) -> RunS
         overwrite=args.overwrite, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
         calib_dataset=args.calib_dataset, seed=args.seed, batch_size=args.batch_size,
         sequential=not args.no_sequential, blocksize=args.blocksize, damp=args.damp, bos=not args.no_bos,
+        sink_weight=sink_weight(args),
         eval_tokens=args.eval_tokens, eval_dataset=args.eval_dataset, embed_grid=embed_grid,
         target_bits=target_bits, stream=args.stream,
         max_memory_bytes=memory.parse_size(args.max_memory) if args.max_memory else None,
