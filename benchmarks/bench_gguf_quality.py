@@ -107,14 +107,17 @@ class GGUFQuality(Bench):
     def peakllm_file(self, preset: str, seed: int) -> None:
         qtype = preset  # peakllm's presets are llama-quantize's (before them: the preset's base type)
         method = self.args.method
-        dst = self.out / "gguf" / f"peakllm-{qtype}-{method}-damp{self.args.damp}-seed{seed}.gguf"
+        sink = self.args.sink_weight
+        dst = self.out / "gguf" / f"peakllm-{qtype}-{method}-damp{self.args.damp}-sink{sink}-seed{seed}.gguf"
         cmd = self.peakllm + ["quantize", "--format", "gguf", "--type", qtype, "--method", method, "--seed", str(seed),
                               *(["--damp", str(self.args.damp)] if method == "gptq" else []),
+                              *(["--sink-weight", str(sink)] if sink is not None else []),
                               "--calib-samples", "16", "--calib-seqlen", "512", "--eval-tokens", "0",
                               "--output", str(dst), "--overwrite", "--json"]
         stdout, _ = run(cmd, log=self.out / "logs" / f"{dst.stem}.log", env=self.env)
         res = last_json(stdout)
         label = f"GPTQ damp {self.args.damp}" if method == "gptq" else "RTN, imatrix-weighted grid"
+        label += f", sink weight {res.get('sink_weight', 1.0)}"
         row = self.row("peakllm", f"{label}, preset {preset}", seed, dst,
                        shlex.join(["peakllm"] + cmd[3:]), res["seconds"])
         row["result"] = res
@@ -127,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0", help="peakllm calibration seeds (default: %(default)s)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="peakllm's solver (default: %(default)s)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ's Hessian damping (default: %(default)s)")
+    p.add_argument("--sink-weight", type=float, default=None,
+                   help="peakllm's --sink-weight (default: peakllm's own default for --format gguf)")
     p.add_argument("--only", default="llama,peakllm", help="which tools' files to make (default: %(default)s)")
     p.add_argument("--llama-cpp", default="/work/peers/llama.cpp", help="llama.cpp source tree with build/bin")
     p.add_argument("--convert-venv", default="/work/peers/venv", help="venv whose python runs convert_hf_to_gguf.py")

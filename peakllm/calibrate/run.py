@@ -78,7 +78,8 @@ def run_in_memory(spec: RunSpec, recipe, *, extra: dict, before_calibrate=None) 
         held = hold_sub1_target(model, report.modules, spec.target_bits)  # before it is written or evaluated
     bos = protocol_bos(tokenizer, spec.bos) is not None
     result = {**extra, **held, "seconds": time.perf_counter() - start, "dense_size_bytes": dense_size_bytes,
-              **_report_facts(report), "bos": bos, **report.expert_facts()}
+              **_report_facts(report), "bos": bos, "sink_weight": spec.sink_weight,
+              **report.expert_facts()}
     sparsity = measured_sparsity(report.modules)
     if sparsity is not None:
         result["sparsity"] = sparsity

@@ -212,7 +212,7 @@ def _compress(sm, spec: RunSpec, recipe, extra: dict, plan: MemoryPlan, ckpt: Ch
                        sink_weight=spec.sink_weight, offload_bytes=plan.offload_bytes, progress=spec.progress, io=io)
     if state:
         restore_report(report, state["report"])
-    result = {**extra, "bos": bos_id is not None}
+    result = {**extra, "bos": bos_id is not None, "sink_weight": spec.sink_weight}
     result.update(_write_outer(sm, spec, writer, io, windows, total))
     return result, report, io, writer
 
