@@ -78,8 +78,10 @@ class GGUFQuality(Bench):
         return path
 
     def llama_ppl(self, model: Path) -> tuple[float | None, str]:
+        # --no-repack: this llama.cpp (0c1e570) dies on its repacked Q4_0 path on AMX Xeons (SIGILL/SIGSEGV, its
+        # own files included); the plain layout computes the same model
         cmd = [self.llama_bin("llama-perplexity"), "-m", model, "-f", self.wiki_text(), "-c", "512", "-b", "512",
-               "-t", "2"]
+               "-t", "2", "--no-repack"]
         stdout, _ = run(cmd, log=self.out / "logs" / f"ppl-{model.stem}.log", env=self.env)
         text = (self.out / "logs" / f"ppl-{model.stem}.log").read_text() + stdout
         found = re.findall(r"Final estimate: PPL = ([0-9.]+)", text)
