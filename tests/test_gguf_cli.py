@@ -71,6 +71,7 @@ def test_gptq_beats_rtn_on_the_same_block_type(capsys, tmp_path, tiny_model_dir,
     (["--bits", "3"], "do not apply to --format gguf"),
     (["--embed-bits", "8"], "--embed-type"),
     (["--act-order", "group"], "do not apply to --format gguf"),
+    (["--sink-weight", "0"], "--sink-weight must be above 0"),
 ])
 def test_bad_options_are_one_error_before_any_work(capsys, tmp_path, tiny_model_dir, text_file, extra, message):
     out, code = quantize_gguf(tmp_path, tiny_model_dir, text_file, *extra)

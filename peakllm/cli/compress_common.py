@@ -9,6 +9,7 @@ from peakllm import memory
 from peakllm.calibrate.spec import RunSpec
 from peakllm.cli.common import (add_bos_option, add_model_option, add_output_options, add_threads_option, set_threads,
                                 show_progress)
+from peakllm.errors import PeakError
 
 
 def add_calibration_options(p) -> None:
