@@ -50,6 +50,12 @@ def quantize_matrix(weight, grid: Grid | str) -> ModuleResult | None:
     return ModuleResult(q.weight, None, q, None)
 
 
+def grid_of(grid, name: str):
+    """One outer module's grid: ``grid`` itself, or its entry when ``grid`` maps module names to GGUF types (a
+    preset names each one; None: left as it is)."""
+    return grid.get(name) if isinstance(grid, Mapping) else grid
+
+
 def quantize_outer(model: nn.Module, grid: Grid | str | None, *, loaded_only: bool = False) -> dict[str, ModuleResult]:
     """Quantize the embedding (and an untied lm_head) of ``model`` in place; their results by module name.
     ``grid``: an int-k grid, a GGUF block type name, or module name -> GGUF type (None or absent: left as it
@@ -58,7 +64,7 @@ def quantize_outer(model: nn.Module, grid: Grid | str | None, *, loaded_only: bo
         return {}
     results = {}
     for name, mod in outer_modules(model).items():
-        own = grid.get(name) if isinstance(grid, Mapping) else grid
+        own = grid_of(grid, name)
         if own is None:
             continue
         weight = mod.weight

@@ -17,7 +17,6 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from peakllm import memory
 from peakllm.calibrate import budget
 from peakllm.calibrate.checkpoint import STATE_VERSION, Checkpoint, restore_report
 from peakllm.calibrate.distributed import workers
-from peakllm.calibrate.embeddings import quantize_outer
+from peakllm.calibrate.embeddings import grid_of, quantize_outer
 from peakllm.calibrate.loop import calibrate
 from peakllm.calibrate.preflight import check_disk, check_run
 from peakllm.calibrate.recipes import ggml_type_for
@@ -107,7 +106,7 @@ def gguf_types(sm, spec: RunSpec, recipe) -> dict[str, str]:
             types[f"{sm.prefix}.{li}.{n}.weight"] = recipe.type_for(f"{sm.prefix}.{li}.{n}", tuple(m.weight.shape))
     if spec.embed_grid is not None:
         for name, mod in outer_modules(sm.model).items():
-            own = spec.embed_grid.get(name) if isinstance(spec.embed_grid, Mapping) else spec.embed_grid
+            own = grid_of(spec.embed_grid, name)
             t = "F16" if own is None else ggml_type_for(own, mod.weight.shape[1])  # a preset names each one
             if t != "F16":
                 types[f"{name}.weight"] = t
