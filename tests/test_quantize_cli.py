@@ -18,7 +18,10 @@ def quantize(tmp_path, model_dir, text_file, *extra):
 @pytest.mark.parametrize("extra", [("--bits", "3", "--group-size", "32"),
                                    ("--bits", "4", "--act-order", "--group-size", "16"),
                                    ("--bits", "2", "--method", "rtn", "--group-size", "-1"),
-                                   ("--bits", "ternary", "--group-size", "64")])
+                                   ("--bits", "ternary", "--group-size", "64"),
+                                   ("--bits", "3", "--group-size", "32", "--sym", "--rotate"),
+                                   ("--target-bits", "3.0", "--target-grids", "2g32s,3g32,4g64s", "--rotate"),
+                                   ("--target-bits", "2.6", "--method", "rtn")])
 def test_quantize_writes_packed_folder_that_runs(capsys, tmp_path, tiny_model_dir, text_file, extra):
     code, out = quantize(tmp_path, tiny_model_dir, text_file, *extra)
     result = json.loads(capsys.readouterr().out)

@@ -15,10 +15,13 @@ from peakllm import solvers
 from peakllm.errors import PeakError
 from peakllm.models.anatomy import is_expert
 from peakllm.calibrate.gguf_plan import TypePlan, resolve_types, size_target
+from peakllm.calibrate.intk_plan import GridPlan
 from peakllm.formats.gguf.blocks import BLOCK_TYPES, GGMLWeight, block_type, fallback_type
 from peakllm.solvers.ggml import gptq_ggml, rtn_ggml
 from peakllm.solvers.gptq import check_act_order
+from peakllm.formats.rotation import rotation_for
 from peakllm.solvers.rate import allocate_at_price, gptq_at_zero_share
+from peakllm.solvers.rotated import gptq_rotated, rtn_rotated
 
 PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
 QUANT_METHODS = ("gptq", "rtn")
@@ -119,6 +122,12 @@ class QuantRecipe:
     # each matrix held to its own share.
     expert_budget: tuple[float, Callable[..., float]] | None = None
     _rates: dict = field(default_factory=dict, repr=False, compare=False)  # last rate per matrix kind
+    # int-k incoherence processing: each matrix solved in a randomly rotated input basis (formats/rotation.py),
+    # its signs drawn from the matrix's name and `seed`
+    rotate: bool = False
+    seed: int = 0
+    target: GridPlan | None = None          # --target-bits over int-k grids: checked by prepare()
+    grids: dict = field(default_factory=dict)  # matrix name -> Grid chosen for it (intk_plan.allocate_grids)
 
     moe: bool = False                       # set by the caller for MoE models
 
@@ -136,7 +145,14 @@ class QuantRecipe:
     def stats(self) -> set[str]:
         return {"hessian", "tokens"} if self.method == "gptq" else {"tokens"}
 
+    def prepare(self, model, tokenizer=None) -> None:
+        """Before any work: a size target's candidates must reach it on this model's matrices."""
+        if self.target is not None:
+            self.target.check(model)
+
     def grid_for(self, name: str, moe: bool) -> solvers.Grid | None:
+        if name in self.grids:
+            return self.grids[name]
         if not moe or is_expert(name):
             return self.grid
         return None if self.keep_dense else (self.dense_grid or self.grid)
@@ -181,9 +197,11 @@ class QuantRecipe:
                                                    rate_hint=self._rates.get(kind), **kw)
                 self._rates[kind] = rate  # the next matrix of this kind starts its search there
                 return ModuleResult(q.weight, None, q, info)
-            q, info = solvers.gptq(W, stats.pop("hessian"), grid, **kw)
+            rot = rotation_for(name, W.shape[1], self.seed) if self.rotate and grid.kind == "affine" else None
+            q, info = gptq_rotated(W, stats.pop("hessian"), grid, rot, **kw)
             return ModuleResult(q.weight, None, q, info)
-        q = solvers.rtn(W, grid)
+        rot = rotation_for(name, W.shape[1], self.seed) if self.rotate and grid.kind == "affine" else None
+        q = rtn_rotated(W, grid, rot)
         return ModuleResult(q.weight, None, q, None)
 
 

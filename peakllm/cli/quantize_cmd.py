@@ -38,7 +38,18 @@ def register(sub) -> None:
                    "evenly spaced few of the nonzero codes are zeroed (reported as thinned_codes); streamed runs aim "
                    "1%% below B (e.g. 0.8; default: plain GPTQ, whatever size its codes come to). With --format gguf: "
                    "B bits/param over the whole file (its bytes * 8 / parameters), each decoder matrix's block type "
-                   "chosen to minimise the summed layer loss within that size (see --target-types)")
+                   "chosen to minimise the summed layer loss within that size (see --target-types). With int-k "
+                   "--bits and --format peakllm: B bits/param over the decoder's matrices as stored (codes, scales, "
+                   "zeros, rotation signs), each matrix's grid chosen from --target-grids the same way")
+    p.add_argument("--target-grids", default=None, metavar="G,G,...",
+                   help="with --target-bits and int-k --format peakllm: the grids the allocation chooses from, each "
+                   "BITSgGROUP[s] (s: symmetric, stored without zeros), e.g. 2g64s,3g128s,4g128 (default: "
+                   "2g64s,2g64,2g128s,3g64s,3g128s,3g128,4g64s,4g128s,4g128)")
+    p.add_argument("--rotate", action="store_true",
+                   help="int-k, --format peakllm: solve every matrix in a randomly rotated input basis (block "
+                   "Hadamard with random signs: QuIP#'s incoherence processing), which spreads outlier columns "
+                   "over their block before rounding; the kernels rotate the activations instead (O(n log b) "
+                   "adds per token, no extra weight bytes but the signs). Matters most at 2-3 bits")
     p.add_argument("--levels", choices=("minmax", "matched"), default=None,
                    help="with --target-bits, the level s of each ternary row {-s, 0, +s}. minmax: QMoE's s = (max - min) / 2; "
                    "matched: the mean |w| of the weights the target keeps nonzero, i.e. the row's largest (1 - z) "
@@ -110,7 +121,23 @@ def run(args) -> int:
     zero_share_for = expert_budget = None
     if (args.levels is not None or args.bit_allocation != "matrix") and args.target_bits is None:
         raise PeakError("--levels and --bit-allocation shape a --target-bits run; add --target-bits B")
-    if args.target_bits is not None:
+    intk_target = args.target_bits is not None and not ternary and args.format == "peakllm"
+    if args.rotate and (ternary or args.format != "peakllm" or act_order == "group"):
+        raise PeakError("--rotate applies to int-k --bits in --format peakllm, with --act-order static or none "
+                        "(the kernels rotate x before any column gather)")
+    if args.target_grids is not None and not intk_target:
+        raise PeakError("--target-grids is the choice of an int-k --target-bits allocation (--format peakllm)")
+    target = None
+    if intk_target:
+        from peakllm.calibrate.intk_plan import DEFAULT_GRIDS, GridPlan, parse_grids
+
+        if args.bits != "4" or args.group_size != 128 or args.sym or args.mse or args.dense_bits is not None:
+            raise PeakError("with --target-bits each matrix's grid comes from --target-grids: drop --bits, "
+                            "--group-size, --sym, --mse and --dense-bits")
+        if not 1.0 <= args.target_bits <= 16.0:
+            raise PeakError(f"--target-bits for int-k grids must be between 1 and 16 bits/param, got {args.target_bits}")
+        target = GridPlan(args.target_bits, parse_grids(args.target_grids or DEFAULT_GRIDS), rotate=args.rotate)
+    elif args.target_bits is not None:
         if not (ternary and args.method == "gptq" and args.format == "sub1" and not args.mse):
             raise PeakError("--target-bits needs --method gptq --bits ternary --format sub1 (and no --mse: its "
                             "least-squares levels leave too few zeros for the sub-1-bit code)")
@@ -135,14 +162,24 @@ def run(args) -> int:
                           sym=args.sym, mse=args.mse)
     recipe = QuantRecipe(args.method, grid, act_order=act_order, blocksize=args.blocksize, damp=args.damp,
                          dense_grid=dense_grid, keep_dense=args.dense_bits == "keep", zero_share_for=zero_share_for,
-                         matched_levels=args.levels == "matched", expert_budget=expert_budget)
+                         matched_levels=args.levels == "matched", expert_budget=expert_budget, rotate=args.rotate,
+                         seed=args.seed, target=target)
     extra = {"method": args.method, "bits": args.bits if ternary else int(args.bits), "group_size": args.group_size,
              "sym": args.sym, "act_order": act_order, "dense_bits": args.dense_bits,
              "embed_bits": embed_bits, "embed_group_size": args.embed_group_size if outer_grid else None,
              "target_bits": args.target_bits, "levels": args.levels,
-             "bit_allocation": args.bit_allocation if args.target_bits is not None else None}
-    spec = run_spec(args, embed_grid=outer_grid, target_bits=args.target_bits)
-    result = run_compression(spec, recipe, extra=extra)
+             "bit_allocation": args.bit_allocation if args.target_bits is not None else None,
+             "rotate": args.rotate, "target_grids": args.target_grids if intk_target else None}
+    spec = run_spec(args, embed_grid=outer_grid, target_bits=None if intk_target else args.target_bits)
+    hook = None
+    if intk_target:
+        from peakllm.calibrate.intk_plan import allocate_grids
+
+        def hook(model, segments):
+            if recipe.moe:
+                raise PeakError("an int-k --target-bits allocation is for dense models; MoE models take --bits")
+            extra.update(allocate_grids(model, segments, recipe, spec))
+    result = run_compression(spec, recipe, extra=extra, before_calibrate=hook)
     emit(result, args, f"quantized {args.model} with {args.method}")
     return 0
 

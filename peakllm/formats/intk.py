@@ -1,7 +1,9 @@
 """Dense int-k (affine) and ternary packed weights (docs/DESIGN.md "Packed layouts").
 
 int-k:   qweight uint8 [out, ceil(in*k/8)] bitstream, scales fp16 [out, n_groups], zeros uint8
-         [out, n_groups], optional g_idx int32 [in];  w = scale * (q - zero).
+         [out, n_groups] (not stored for symmetric grids: every zero is 2^(k-1)), optional g_idx int32 [in];
+         w = scale * (q - zero). Optionally rotated (formats/rotation.py): rot_signs uint8 [ceil(in/8)] and
+         metadata rotate_block b; the codes then quantize W R^T and the layer computes (W R^T)(R x).
 ternary: qweight 2-bit bitstream of codes {0,1,2} = {-scale_neg, 0, +scale_pos}, scale_neg/scale_pos fp16.
 
 Every packed module speaks the same small protocol the container relies on: a class attribute `kind`,
@@ -17,6 +19,7 @@ import torch
 
 from peakllm.errors import PeakError
 from peakllm.formats.bitpack import pack_bits, packed_row_bytes, padding_is_zero, unpack_bits
+from peakllm.formats.rotation import Rotation, pack_signs, unpack_signs, unrotate_rows
 
 FORMAT_VERSION = 1
 INTK_BITS = (2, 3, 4, 8)
@@ -145,10 +148,14 @@ class PackedIntK(PackedSize):
     in_features: int
     out_features: int
     sym: bool
+    rot_signs: torch.Tensor | None = None  # packed signs of the input rotation (formats/rotation.py)
+    rot_block: int = 0                     # its Hadamard block; 0: not rotated
 
     @classmethod
-    def from_codes(cls, codes, scale, zero, *, bits, group_size, g_idx=None, sym=False) -> "PackedIntK":
-        """Pack uint8 codes [out, in] with per-group scale/zero [out, n_groups] (any float dtype)."""
+    def from_codes(cls, codes, scale, zero, *, bits, group_size, g_idx=None, sym=False,
+                   rotation: Rotation | None = None) -> "PackedIntK":
+        """Pack uint8 codes [out, in] with per-group scale/zero [out, n_groups] (any float dtype); ``rotation``:
+        the codes quantize W R^T."""
         if bits not in INTK_BITS:
             raise PeakError(f"int-k packing supports {INTK_BITS} bits, got {bits}")
         out_features, in_features = codes.shape
@@ -167,6 +174,8 @@ class PackedIntK(PackedSize):
             zeros=zero.to(torch.uint8).contiguous(),
             g_idx=canonical_g_idx(g_idx, in_features, group_size, n_groups),
             bits=bits, group_size=group_size, in_features=in_features, out_features=out_features, sym=sym,
+            rot_signs=None if rotation is None else pack_signs(rotation.signs),
+            rot_block=0 if rotation is None else rotation.block,
         )
         packed.validate()
         return packed
@@ -176,11 +185,18 @@ class PackedIntK(PackedSize):
         """Pack a solver's QuantizedWeight on an affine grid (docs/DESIGN.md "Quantization grids")."""
         grid, _, _, group_size = _grid_shape(qw, "affine")
         return cls.from_codes(qw.codes, qw.params["scale"], qw.params["zero"], bits=grid.get("bits"),
-                              group_size=group_size, g_idx=qw.g_idx, sym=bool(grid.get("sym", False)))
+                              group_size=group_size, g_idx=qw.g_idx, sym=bool(grid.get("sym", False)),
+                              rotation=getattr(qw, "rotation", None))
 
     @property
     def n_groups(self) -> int:
         return n_groups_of(self.in_features, self.group_size)
+
+    @property
+    def rotation(self) -> Rotation | None:
+        if not self.rot_block:
+            return None
+        return Rotation(self.rot_block, unpack_signs(self.rot_signs, self.in_features))
 
     def codes(self) -> torch.Tensor:
         return unpack_bits(self.qweight, self.bits, self.in_features)
@@ -189,16 +205,24 @@ class PackedIntK(PackedSize):
         gi = group_index(self.in_features, self.group_size, self.g_idx)
         scale = self.scales.float()[:, gi]
         zero = self.zeros.float()[:, gi]
-        return scale * (self.codes().float() - zero)
+        W = scale * (self.codes().float() - zero)
+        return W if not self.rot_block else unrotate_rows(W, self.rotation)
 
     def metadata(self) -> dict:
-        return {"version": FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,
+        meta = {"version": FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,
                 "in_features": self.in_features, "out_features": self.out_features, "sym": self.sym}
+        if self.rot_block:
+            meta["rotate_block"] = self.rot_block
+        return meta
 
     def to_tensors(self, prefix: str = "") -> dict:
-        out = {prefix + "qweight": self.qweight, prefix + "scales": self.scales, prefix + "zeros": self.zeros}
+        out = {prefix + "qweight": self.qweight, prefix + "scales": self.scales}
+        if not self.sym:  # a symmetric grid's zeros are all 2^(bits-1): nothing to store
+            out[prefix + "zeros"] = self.zeros
         if self.g_idx is not None:
             out[prefix + "g_idx"] = self.g_idx
+        if self.rot_block:
+            out[prefix + "rot_signs"] = self.rot_signs
         return out
 
     def validate(self) -> None:
@@ -218,6 +242,10 @@ class PackedIntK(PackedSize):
             check_tensor(self.g_idx, "g_idx", torch.int32, (cols,))
             if int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= g:
                 raise PeakError(f"int-k g_idx values must lie in [0, {g})")
+        if self.rot_block:
+            if self.g_idx is not None:
+                raise PeakError("a rotated int-k matrix cannot also have act-order groups (g_idx)")
+            self.rotation  # checks the block and the signs
 
     @classmethod
     def from_tensors(cls, tensors: dict, metadata: dict, prefix: str = "") -> "PackedIntK":
@@ -233,12 +261,19 @@ class PackedIntK(PackedSize):
         g_name = prefix + "g_idx"
         g_idx = take(tensors, g_name, torch.int32, (in_features,)) if g_name in tensors else None
         rows, g = out_features, n_groups_of(in_features, group_size)
+        sym = meta_bool(metadata, "sym")
+        z_name = prefix + "zeros"
+        if sym and z_name not in tensors:  # files since symmetric zeros stopped being stored
+            zeros = torch.full((rows, g), 1 << (bits - 1), dtype=torch.uint8)
+        else:
+            zeros = take(tensors, z_name, torch.uint8, (rows, g))
+        rot_block = meta_int(metadata, "rotate_block", 2, MAX_DIM) if "rotate_block" in metadata else 0
+        rot_signs = take(tensors, prefix + "rot_signs", torch.uint8, ((in_features + 7) // 8,)) if rot_block else None
         packed = cls(
             qweight=take(tensors, prefix + "qweight", torch.uint8, (rows, packed_row_bytes(in_features, bits))),
             scales=take(tensors, prefix + "scales", torch.float16, (rows, g)),
-            zeros=take(tensors, prefix + "zeros", torch.uint8, (rows, g)),
-            g_idx=g_idx, bits=bits, group_size=group_size, in_features=in_features,
-            out_features=out_features, sym=meta_bool(metadata, "sym"),
+            zeros=zeros, g_idx=g_idx, bits=bits, group_size=group_size, in_features=in_features,
+            out_features=out_features, sym=sym, rot_signs=rot_signs, rot_block=rot_block,
         )
         packed.validate()
         return packed

@@ -1,6 +1,8 @@
 // Helpers shared by the packed-weight kernels (intk.cpp, sparse.cpp): fp16/bf16 conversion, bitstream
 // reads, activation loading, thread choice and row shares, horizontal sums. build.py hashes this header with each source.
 #pragma once
+#include <cmath>
+#include <cstdint>
 
 enum { MAX_TILE = 4 };  // rows of x a packed-weight tile serves at once
 #if defined(__AVX2__) || defined(__F16C__)
@@ -68,6 +70,30 @@ static inline void load_x_row(const void* x, int x_bf16, const int32_t* perm, in
     } else {
         const float* xf = (const float*)x + b * in;
         for (int64_t c = 0; c < in; c++) dst[c] = xf[perm ? perm[c] : c];
+    }
+}
+
+// Rows of x ([B, in], fp32 or bf16) times R = blockdiag(H_block) diag(signs) / sqrt(block), into dst [B, in]
+// fp32: the input rotation of a rotated int-k layer (formats/rotation.py; `rotate_rows` there is the
+// reference, computed in the same order: signs, the butterfly passes h = 1, 2, 4, ..., then the division).
+static inline void rotate_x_rows(const void* x, int x_bf16, int64_t B, int64_t in, const int8_t* signs, int block,
+                                 float* dst) {
+    const float norm = (float)std::sqrt((double)block);
+    for (int64_t b = 0; b < B; b++) {
+        float* r = dst + b * in;
+        load_x_row(x, x_bf16, nullptr, in, b, r);
+        for (int64_t c = 0; c < in; c++) r[c] *= (float)signs[c];
+        for (int64_t c0 = 0; c0 < in; c0 += block) {
+            float* v = r + c0;
+            for (int h = 1; h < block; h *= 2)
+                for (int i = 0; i < block; i += 2 * h)
+                    for (int j = i; j < i + h; j++) {
+                        const float a = v[j], e = v[j + h];
+                        v[j] = a + e;
+                        v[j + h] = a - e;
+                    }
+        }
+        for (int64_t c = 0; c < in; c++) r[c] = r[c] / norm;
     }
 }
 

@@ -72,7 +72,7 @@ static void sparse_tile(const Lin& L, const Values& V, const float* xf, int64_t 
 
 // One thread's reusable buffers (thread_local: OpenMP keeps its worker threads between calls).
 struct Work {
-    std::vector<float> wide, split, yf, attn;
+    std::vector<float> wide, split, yf, attn, rot;
     std::vector<uint32_t> sub1buf;
     PreparedX px;
     PreparedQ pq;
@@ -90,9 +90,22 @@ static inline bool lin_stealable(const Lin& L) {
 
 // The int8-activation int-k path in two parts: this thread's quantized copy of x (once per linear), then
 // any rows [lo, hi) of y.
+// What an int-k layer's codes multiply: x itself, or (a rotated layer) this thread's copy of x times R.
+template <typename TX>
+static const void* intk_input(const Lin& L, const TX* x, int B, Work& w, int& x_bf16) {
+    x_bf16 = sizeof(TX) == 2;
+    if (!L.rot_signs) return x;
+    w.rot.resize((size_t)B * L.in);
+    rotate_x_rows(x, x_bf16, B, L.in, L.rot_signs, L.rot_block, w.rot.data());
+    x_bf16 = 0;
+    return w.rot.data();
+}
+
 template <typename TX>
 static void a8_prepare(const Lin& L, const TX* x, int B, Work& w) {
-    intk_prepare_a8(x, sizeof(TX) == 2, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.pq);
+    int xb;
+    const void* xin = intk_input<TX>(L, x, B, w, xb);
+    intk_prepare_a8(xin, xb, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.pq);
     if constexpr (sizeof(TX) != sizeof(float)) w.yf.resize((size_t)B * L.out);
 }
 
@@ -160,7 +173,9 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
             yf = w.yf.data();
         }
         const int64_t row_bytes = intk_row_bytes(L);
-        intk_prepare(x, sizeof(TX) == 2, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.px);
+        int xb;
+        const void* xin = intk_input<TX>(L, x, B, w, xb);
+        intk_prepare(xin, xb, L.perm, B, L.in, L.bits, L.gstart, L.n_groups, w.px);
         const Problem P{(const uint8_t*)L.w, L.scales, L.zeros, L.gstart, L.in, L.out, row_bytes,
                         L.bits, L.n_groups, B, w.px.xp.data(), w.px.xblk.data(), w.px.xsum.data(), yf};
         intk_rows_any(P, lo, hi);

@@ -29,7 +29,8 @@ class Lin(ctypes.Structure):
                                               "value_kind", "group_size")]
                 + [(n, ctypes.c_void_p) for n in ("w", "bias", "scales", "zeros", "gstart", "perm", "index",
                                                   "row_offsets", "qrow_offsets")]
-                + [("total", ctypes.c_int64), ("act_bits", ctypes.c_int)])
+                + [("total", ctypes.c_int64), ("act_bits", ctypes.c_int), ("rot_signs", ctypes.c_void_p),
+                   ("rot_block", ctypes.c_int)])
 
 
 class Moe(ctypes.Structure):
@@ -129,10 +130,14 @@ def dense_lin(weight: torch.Tensor, bias: torch.Tensor | None, keep: list) -> Li
 
 def intk_lin(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_starts: torch.Tensor,
              perm: torch.Tensor | None, bias: torch.Tensor | None, in_features: int, out_features: int,
-             keep: list, int8_act: bool = False) -> Lin | None:
+             keep: list, int8_act: bool = False, rotation=None) -> Lin | None:
     """A group-wise int-k layer whose tensors were already checked (IntKLinear), or None if unusual;
-    int8_act: x quantized to int8 per 32 columns where the layer allows it (intk_a8_impl.h)."""
-    tensors = (codes, scales, zeros, group_starts) + (() if perm is None else (perm,))
+    int8_act: x quantized to int8 per 32 columns where the layer allows it (intk_a8_impl.h); rotation: a
+    formats.rotation.Rotation applied to x first (a rotated layer, never with perm)."""
+    if rotation is not None and perm is not None:
+        return None
+    signs = None if rotation is None else rotation.signs.contiguous()
+    tensors = (codes, scales, zeros, group_starts) + (() if perm is None else (perm,)) + (() if signs is None else (signs,))
     if not all(t.is_contiguous() for t in tensors) or scales.dtype != torch.float16 or zeros.dtype != torch.uint8:
         return None
     if group_starts.dtype != torch.int32 or (perm is not None and perm.dtype != torch.int32):
@@ -140,7 +145,8 @@ def intk_lin(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bit
     keep.extend(tensors)
     return Lin(LIN_INTK, in_features, out_features, bits, group_starts.numel() - 1, w=codes.data_ptr(),
                bias=_bias(bias, keep), scales=scales.data_ptr(), zeros=zeros.data_ptr(), gstart=group_starts.data_ptr(),
-               perm=_p(perm), act_bits=8 if int8_act else 0)
+               perm=_p(perm), act_bits=8 if int8_act else 0, rot_signs=_p(signs),
+               rot_block=0 if rotation is None else rotation.block)
 
 
 def _sparse_values(values, qweight, scales, zeros, bits, group_size, keep: list) -> dict | None:

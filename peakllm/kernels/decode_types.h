@@ -28,6 +28,8 @@ struct Lin {
     const int64_t* qrow_offsets;  // bitmask with codes: first code byte of each row [out + 1]
     int64_t total;          // bitmask: elements (floats) or bytes (codes) of the kept values
     int act_bits;           // int-k: 8 = x quantized to int8 per 32 columns where a8_applies (intk_a8_impl.h), 0 = fp32
+    const int8_t* rot_signs;  // rotated int-k: x times R (common.h rotate_x_rows) before the codes; null: none
+    int rot_block;
 };
 
 // A mixture-of-experts MLP (batch 1, fp32): a linear router scores the E experts, the top k run

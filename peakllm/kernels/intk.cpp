@@ -64,6 +64,14 @@ int intk_gemm_a8(const void* x, int x_bf16, const int32_t* perm, int B, int64_t 
     return 0;
 }
 
+// dst [B, in] fp32 = rows of x (fp32 or bf16) rotated by a rotated int-k layer's R (common.h: rotate_x_rows);
+// block a power of two dividing in.
+int intk_rotate(const void* x, int x_bf16, int B, int64_t in, const int8_t* signs, int block, float* dst) {
+    if (block < 2 || (block & (block - 1)) || in % block) return 1;
+    rotate_x_rows(x, x_bf16, B, in, signs, block, dst);
+    return 0;
+}
+
 // Which int8-activation path this build runs (for tests): 0 scalar, 1 AVX2, 2 AVX-512 VNNI, 3 AVX-VNNI.
 int intk_a8_path() {
 #if defined(PEAK_VNNI)

@@ -18,6 +18,7 @@ import math
 import torch
 
 from peakllm.errors import PeakError
+from peakllm.formats.rotation import Rotation, rotate_rows
 from peakllm.kernels import reference as ref
 from peakllm.kernels.build import load_library, ptr
 
@@ -31,6 +32,7 @@ _SIGNATURES = {
         "intk_gemm_a8": [_P, _I, _P, _I, _L, _P, _P, _P, _P, _I, _L, _I, _P, _I],
         "intk_dequant": [_P, _P, _P, _P, _I, _L, _L, _I, _P, _I, _I],
         "intk_a8_path": [],
+        "intk_rotate": [_P, _I, _I, _L, _P, _I, _P],
     },
     "sparse": {
         "nm_gemm": [_P, _I, _I, _L, _L, _I, _I, _P, _I, _P, _I, _P, _P, _I, _P, _P, _I],
@@ -175,6 +177,33 @@ def intk_matmul(x, qweight, scales, zeros, bits: int, group_starts, perm=None, i
     check(rc == 0, f"intk_gemm rejected its input (code {rc}): group_starts must rise from 0 to in_features, "
                     "perm must hold column indices")
     return y
+
+
+def intk_rotate(x: torch.Tensor, rot: Rotation) -> torch.Tensor:
+    """fp32 [B, in]: every row of x (fp32 or bf16 [B, in]) times a rotated int-k layer's R (its input in the
+    basis the codes were solved in); formats/rotation.rotate_rows is the reference."""
+    check_x(x, rot.in_features)
+    fns = library_fns("intk")
+    if fns is None:
+        return rotate_rows(x, rot)
+    return bind_rotate(rot, fns)(x)
+
+
+def bind_rotate(rot: Rotation, fns: dict | None = None):
+    """x -> intk_rotate(x, rot) for x already checked (a contiguous fp32 / bf16 [B, in])."""
+    fns = fns or library_fns("intk")
+    if fns is None:
+        return lambda x: rotate_rows(x, rot)
+    signs = rot.signs.contiguous()
+    in_features, block = rot.in_features, rot.block
+
+    def call(x, _keep=signs):
+        y = torch.empty(x.shape[0], in_features, dtype=torch.float32)
+        raise_on(fns["intk_rotate"](x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], in_features,
+                                    signs.data_ptr(), block, y.data_ptr()), "intk_rotate")
+        return y
+
+    return call
 
 
 def intk_dequantize(qweight, scales, zeros, bits: int, group_starts, in_features: int,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peakllm.errors import PeakError
+from peakllm.formats.rotation import Rotation, unpack_signs, unrotate_rows
 from peakllm.kernels import decode, ops, sparse_ops
 from peakllm.kernels.dense import dense_linear
 
@@ -138,15 +139,19 @@ class IntKLinear(_PackedLinear):
     size as qweight), so every group is a contiguous range for the kernel; x is gathered per call.
     `int8_act` (set with `set_int8_act`): the kernel rows quantize x to int8 per 32 columns where
     `ops.int8_act_applies` (bits 2, 4, 8; groups of whole 32-column blocks), fp32 activations elsewhere.
+    A rotated layer (`rot_signs`, `rot_block`: formats/rotation.py) multiplies its codes by R x instead of x.
     """
 
     int8_act = False  # instances set it from $PEAKLLM_INTK_ACT; the class value serves older pickles
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, qweight: torch.Tensor,
                  scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, rot_signs: torch.Tensor | None = None, rot_block: int = 0):
         super().__init__(in_features, out_features, bias)
-        self.bits, self.group_size = int(bits), int(group_size)
+        self.bits, self.group_size, self.rot_block = int(bits), int(group_size), int(rot_block)
+        if self.rot_block and (rot_signs is None or g_idx is not None):
+            raise PeakError("a rotated int-k layer needs its rot_signs and cannot have a g_idx")
+        self.register_buffer("rot_signs", rot_signs if self.rot_block else None)
         self.int8_act = int8_act_default()
         if scales.shape[0] != self.out_features:
             raise PeakError(f"scales have {scales.shape[0]} rows, the layer has {self.out_features} outputs")
@@ -159,6 +164,8 @@ class IntKLinear(_PackedLinear):
         self._prepare()
 
     def _derive(self):
+        self.rotation = None if not self.rot_block else Rotation(self.rot_block,
+                                                                 unpack_signs(self.rot_signs, self.in_features))
         self.group_starts, self.perm = ops.intk_groups(self.in_features, self.group_size, self.g_idx)
         self.qweight_sorted = None if self.perm is None else ops.permute_columns(
             self.qweight, self.bits, self.in_features, self.perm)
@@ -182,7 +189,14 @@ class IntKLinear(_PackedLinear):
     def decode_lin(self, keep: list):
         """This layer as a descriptor of the whole-step decode engine (kernels/decode.py)."""
         return decode.intk_lin(self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm,
-                               self.bias, self.in_features, self.out_features, keep, self.int8_act)
+                               self.bias, self.in_features, self.out_features, keep, self.int8_act, self.rotation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is None:
+            return super().forward(x)
+        xr = ops.intk_rotate(_as_compute(x, self.in_features), self.rotation)  # the codes' basis, fp32
+        y = super().forward(xr)
+        return (y if x.dtype in (torch.float32, y.dtype) else y.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
 
     def _dense_for_prefill(self, dtype):
         W = ops.intk_dequantize(self._codes(), self.scales, self.zeros, self.bits, self.group_starts,
@@ -191,6 +205,8 @@ class IntKLinear(_PackedLinear):
 
     def dequantize(self, dtype=torch.float32):
         W, perm = self._dense_for_prefill(dtype)
+        if self.rotation is not None:  # back to the original basis (W R), where x lives
+            return unrotate_rows(W, self.rotation).to(dtype)
         if perm is None:
             return W
         out = torch.empty_like(W)
@@ -200,7 +216,7 @@ class IntKLinear(_PackedLinear):
     def extra_repr(self) -> str:
         act_order = self.perm is not None
         return (f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}, act_order={act_order}, "
-                f"int8_act={self.int8_act}")
+                f"int8_act={self.int8_act}" + (f", rotate_block={self.rot_block}" if self.rot_block else ""))
 
 
 class _SparseValues(_PackedLinear):
@@ -309,9 +325,13 @@ def packed_linear(kind: str, tensors: dict, meta: dict, bias=None) -> nn.Module:
     try:
         sizes = dict(in_features=int(meta["in_features"]), out_features=int(meta["out_features"]))
         if kind == "intk":
-            return IntKLinear(**sizes, bits=int(meta["bits"]), group_size=int(meta["group_size"]),
-                              qweight=tensors["qweight"], scales=tensors["scales"], zeros=tensors["zeros"],
-                              g_idx=tensors.get("g_idx"), bias=bias)
+            bits, zeros = int(meta["bits"]), tensors.get("zeros")
+            if zeros is None and meta.get("sym"):  # symmetric grids store no zeros: all 2^(bits-1)
+                zeros = torch.full(tuple(tensors["scales"].shape), 1 << (bits - 1), dtype=torch.uint8)
+            return IntKLinear(**sizes, bits=bits, group_size=int(meta["group_size"]), qweight=tensors["qweight"],
+                              scales=tensors["scales"], zeros=tensors["zeros"] if zeros is None else zeros,
+                              g_idx=tensors.get("g_idx"), bias=bias, rot_signs=tensors.get("rot_signs"),
+                              rot_block=int(meta.get("rotate_block", 0)))
         values = {k: tensors.get(k) for k in ("values", "qweight", "scales", "zeros")}
         codes = dict(bits=meta.get("bits"), group_size=meta.get("group_size")) if values["qweight"] is not None else {}
         if kind == "nm":

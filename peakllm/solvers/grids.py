@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from peakllm.errors import PeakError
+from peakllm.formats.rotation import Rotation, unrotate_rows
 
 AFFINE_BITS = (2, 3, 4, 8)
 _FP16 = torch.finfo(torch.float16)
@@ -196,6 +197,8 @@ class QuantizedWeight:
     weight: dequantized fp32, original column order. codes: uint8 ``[out, in]``, original column order.
     params: fp32 ``[out, n_groups]`` (scale, zero / scale_neg, scale_pos). g_idx: int32 ``[in]`` group of
     each column, or None when groups are contiguous (column // group_size). grid: ``Grid.spec()``.
+    rotation: the codes and params quantize W R^T (formats/rotation.py, solvers/rotated.py); ``weight`` is
+    then their dequantization turned back to the original basis, Q R.
     """
 
     weight: torch.Tensor
@@ -203,6 +206,7 @@ class QuantizedWeight:
     params: dict[str, torch.Tensor]
     g_idx: torch.Tensor | None
     grid: dict
+    rotation: Rotation | None = None
 
     def groups(self) -> torch.Tensor:
         """Group of every input column (int64 ``[in]``), whether or not g_idx is stored."""
@@ -214,7 +218,8 @@ class QuantizedWeight:
         """The weight rebuilt from codes and params alone (equals ``weight`` exactly)."""
         g = self.groups()
         cols = {k: v[:, g] for k, v in self.params.items()}
-        return dequantize(self.codes, cols, Grid.from_spec(self.grid))
+        Q = dequantize(self.codes, cols, Grid.from_spec(self.grid))
+        return Q if self.rotation is None else unrotate_rows(Q, self.rotation)
 
 
 def contiguous_groups(in_features: int, group_size: int, device=None) -> torch.Tensor:
