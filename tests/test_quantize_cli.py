@@ -59,6 +59,12 @@ def test_packed_size_on_disk_matches_bits_per_param(capsys, tmp_path, tiny_model
     (("--bits", "ternary", "--format", "compressed-tensors"), "compressed-tensors"),
     (("--method", "rtn", "--act-order"), "act-order"),
     (("--group-size", "0"), "group_size"),
+    (("--rotate", "--format", "compressed-tensors", "--embed-bits", "keep"), "--rotate applies"),
+    (("--rotate", "--act-order", "group"), "--rotate applies"),
+    (("--target-grids", "2g32s"), "target-grids is the choice"),
+    (("--target-bits", "3", "--bits", "3"), "comes from --target-grids"),
+    (("--target-bits", "3", "--target-grids", "9g32"), "BITSgGROUP"),
+    (("--target-bits", "1.2"), "below what the candidate grids reach"),
 ])
 def test_quantize_bad_input(capsys, tmp_path, tiny_model_dir, text_file, extra, message):
     try:
@@ -96,3 +102,23 @@ def test_compressed_tensors_export_loads_in_plain_transformers(capsys, tmp_path,
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_target_bits_allocation_is_what_the_folder_stores(capsys, tmp_path, tiny_model_dir, text_file):
+    from peakllm.calibrate.intk_plan import intk_bytes, parse_grids
+
+    code, out = quantize(tmp_path, tiny_model_dir, text_file, "--target-bits", "2.9", "--rotate",
+                         "--target-grids", "2g32s,3g32,4g64s")
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert result["allocation_bytes"] <= result["allocation_budget_bytes"]
+    assert len(result["allocation_counts"]) >= 2  # a mix, not one grid everywhere
+    modules = json.loads((out / "peakllm.json").read_text())["modules"]
+    stored = 0
+    for name, grid in result["allocation"].items():
+        meta = modules[name]["metadata"]
+        (want,) = parse_grids(grid)
+        assert (meta["bits"], meta["group_size"], meta["sym"]) == (want.bits, want.group_size, want.sym)
+        assert meta["rotate_block"] == meta["in_features"]  # the tiny model's widths are powers of two
+        stored += intk_bytes(want, (meta["out_features"], meta["in_features"]), True)
+    assert stored == result["allocation_bytes"]
