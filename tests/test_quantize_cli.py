@@ -122,3 +122,8 @@ def test_target_bits_allocation_is_what_the_folder_stores(capsys, tmp_path, tiny
         assert meta["rotate_block"] == meta["in_features"]  # the tiny model's widths are powers of two
         stored += intk_bytes(want, (meta["out_features"], meta["in_features"]), True)
     assert stored == result["allocation_bytes"]
+    # `info` shows the mix: matrices and parameters per grid, each grid's bits as stored
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    grids = json.loads(capsys.readouterr().out)["intk_grids"]
+    want_counts = {f"{g} rotated": n for g, n in result["allocation_counts"].items()}
+    assert {g: s["matrices"] for g, s in grids.items()} == want_counts

@@ -106,8 +106,17 @@ def _packed_bits(spec: str, model, parameters: int) -> dict:
     _kind, path = resolve(spec)
     outer = set(outer_modules(model))
     linears = {n: e for n, e in model.peakllm_manifest["modules"].items() if n not in outer}
+    by_grid: dict[str, dict] = {}  # int-k matrices by grid (a --target-bits allocation mixes them)
+    for name, entry in linears.items():
+        m = entry["metadata"]
+        if entry.get("kind") == "intk":
+            key = f"{m['bits']}g{m['group_size']}{'s' if m['sym'] else ''}{' rotated' if 'rotate_block' in m else ''}"
+            by_grid.setdefault(key, {})[name] = entry
+    grids = {key: {"matrices": len(entries),
+                   "params": sum(e["metadata"]["out_features"] * e["metadata"]["in_features"] for e in entries.values()),
+                   "bits_per_param": manifest_bits_per_param(entries)} for key, entries in sorted(by_grid.items())}
     return {"bits_per_param": manifest_bits_per_param(linears) if linears else None,
-            "bits_per_param_total": 8 * weight_file_bytes(path) / parameters}
+            "bits_per_param_total": 8 * weight_file_bytes(path) / parameters, "intk_grids": grids}
 
 
 def run(args) -> int:
@@ -142,6 +151,10 @@ def run(args) -> int:
         emit({**result, "modules": shown}, args, "")
         return 0
     table = {**result, "schemes": "; ".join(map(scheme_text, result["schemes"]))} if "schemes" in result else result
+    if table.get("intk_grids"):  # per int-k grid in one line each
+        table = {k: v for k, v in table.items() if k != "intk_grids"}
+        table.update({f"int-k {g}": f"{s['matrices']} matrices, {s['params']:,} params, {s['bits_per_param']:.3f} bits/param"
+                      for g, s in result["intk_grids"].items()})
     if "gguf_types" in table:  # per type in one line each; the map of every tensor only in --json
         table = {k: v for k, v in table.items() if k not in ("gguf_types", "gguf_tensor_map")}
         table.update({f"gguf {t}": f"{s['tensors']} tensors, {s['params']:,} params, {s['bits_per_param']:.3f} bits/param"
