@@ -305,6 +305,14 @@ GGUF_QUALITY = Table("gguf-quality.jsonl", [
     ("wiki ppl (llama-perplexity)", k("ppl_llama_perplexity", ".2f")),
     ("tensor types", lambda r: ", ".join(f"{n} {v['tensors']}" for n, v in r["tensor_types"].items() if n != "F32"))])
 
+LOWBIT = Table("lowbit.jsonl", [
+    ("model", k("model")), ("config", k("config")), ("seed", k("seed")),
+    ("bits/param (decoder matrices)", k("linear_bits", ".3f")), ("wiki ppl", k("ppl", ".2f")),
+    ("dense ppl", k("dense_ppl", ".2f")),
+    ("grids chosen (matrices)", lambda r: ", ".join(f"{g} {n}" for g, n in (r.get("allocation_counts") or {}).items())),
+    ("minutes", scaled("seconds", 60, ".1f")),
+    ("load (1 min)", lambda r: (r.get("machine") or {}).get("loadavg", [""])[0])])
+
 # -- recover ------------------------------------------------------------------------------------------------------
 
 def before_after(name):
@@ -327,7 +335,7 @@ RECOVER_MEMORY = Table("recover.jsonl", [
 TABLES = {
     "headline-sparsegpt": HEADLINE_SPARSEGPT, "prune": PRUNE, "prune-scaling": SCALING,
     "quantize": QUANTIZE, "quality": QUALITY, "quality-cli": QUALITY_CLI, "peers": PEERS,
-    "gguf-quality": GGUF_QUALITY,
+    "gguf-quality": GGUF_QUALITY, "lowbit": LOWBIT,
     "speed-vs-llamacpp": SPEED_VS_LLAMACPP, "int8-act-decode": INT8_ACT_DECODE, "int8-act-quality": INT8_ACT_QUALITY,
     "speed-7b": SPEED_7B, "gemma-speed": GEMMA_SPEED,
     "headline-qmoe": HEADLINE_QMOE, "moefy": MOEFY, "qmoe-experts": QMOE_EXPERTS, "qmoe-target-bits": QMOE_TARGET_BITS,

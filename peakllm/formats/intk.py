@@ -121,6 +121,14 @@ def _check_dims(out_features: int, in_features: int, group_size: int) -> None:
         raise PeakError(f"group_size {group_size} is out of range")
 
 
+def stored_zeros(tensors: dict, name: str, sym: bool, bits: int, shape: tuple) -> torch.Tensor:
+    """An int-k matrix's zero points as a file holds them: the uint8 tensor ``name``, or, for a symmetric grid
+    written without it (since zeros stopped being stored for those), 2^(bits-1) everywhere."""
+    if sym and name not in tensors:
+        return torch.full(shape, 1 << (bits - 1), dtype=torch.uint8)
+    return take(tensors, name, torch.uint8, shape)
+
+
 # ---- int-k ------------------------------------------------------------------------------------
 
 class PackedSize:
@@ -262,11 +270,7 @@ class PackedIntK(PackedSize):
         g_idx = take(tensors, g_name, torch.int32, (in_features,)) if g_name in tensors else None
         rows, g = out_features, n_groups_of(in_features, group_size)
         sym = meta_bool(metadata, "sym")
-        z_name = prefix + "zeros"
-        if sym and z_name not in tensors:  # files since symmetric zeros stopped being stored
-            zeros = torch.full((rows, g), 1 << (bits - 1), dtype=torch.uint8)
-        else:
-            zeros = take(tensors, z_name, torch.uint8, (rows, g))
+        zeros = stored_zeros(tensors, prefix + "zeros", sym, bits, (rows, g))
         rot_block = meta_int(metadata, "rotate_block", 2, MAX_DIM) if "rotate_block" in metadata else 0
         rot_signs = take(tensors, prefix + "rot_signs", torch.uint8, ((in_features + 7) // 8,)) if rot_block else None
         packed = cls(

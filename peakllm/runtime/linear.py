@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peakllm.errors import PeakError
+from peakllm.formats.intk import stored_zeros
 from peakllm.formats.rotation import Rotation, unpack_signs, unrotate_rows
 from peakllm.kernels import decode, ops, sparse_ops
 from peakllm.kernels.dense import dense_linear
@@ -325,11 +326,11 @@ def packed_linear(kind: str, tensors: dict, meta: dict, bias=None) -> nn.Module:
     try:
         sizes = dict(in_features=int(meta["in_features"]), out_features=int(meta["out_features"]))
         if kind == "intk":
-            bits, zeros = int(meta["bits"]), tensors.get("zeros")
-            if zeros is None and meta.get("sym"):  # symmetric grids store no zeros: all 2^(bits-1)
-                zeros = torch.full(tuple(tensors["scales"].shape), 1 << (bits - 1), dtype=torch.uint8)
+            bits = int(meta["bits"])
+            zeros = (stored_zeros(tensors, "zeros", True, bits, tuple(tensors["scales"].shape)) if meta.get("sym")
+                     else tensors["zeros"])
             return IntKLinear(**sizes, bits=bits, group_size=int(meta["group_size"]), qweight=tensors["qweight"],
-                              scales=tensors["scales"], zeros=tensors["zeros"] if zeros is None else zeros,
+                              scales=tensors["scales"], zeros=zeros,
                               g_idx=tensors.get("g_idx"), bias=bias, rot_signs=tensors.get("rot_signs"),
                               rot_block=int(meta.get("rotate_block", 0)))
         values = {k: tensors.get(k) for k in ("values", "qweight", "scales", "zeros")}
