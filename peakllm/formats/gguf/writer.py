@@ -132,11 +132,13 @@ class GGUFStreamWriter:
 
     ``tmp``: where the temporary file lives (default: a new name beside ``path``). ``written``: the names a
     killed run already stored in ``tmp``; the file is reopened after checking that its header is the one this
-    plan writes, and the run goes on with the tensors left.
+    plan writes, and the run goes on with the tensors left. ``check_disk=False``: no free-space check (the
+    sized file is sparse until written; for callers that only read the header's layout and abort).
     """
 
     def __init__(self, model, tokenizer, path, types: dict[str, str] | None = None, *, float_type: str = "F16",
-                 name: str | None = None, file_type: str | None = None, tmp=None, written=None):
+                 name: str | None = None, file_type: str | None = None, tmp=None, written=None,
+                 check_disk: bool = True):
         check_model(model)
         if float_type not in FLOAT_TYPES:
             raise PeakError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
@@ -162,7 +164,7 @@ class GGUFStreamWriter:
         where = Path(tmp).parent if tmp is not None else self.path.parent
         where.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(where).free
-        if free < size and written is None:
+        if free < size and written is None and check_disk:
             raise PeakError(f"{where} has {free / 1e6:.1f} MB free; the GGUF file needs about "
                             f"{size / 1e6:.1f} MB")
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=where)
