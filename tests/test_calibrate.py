@@ -116,7 +116,7 @@ def test_prune_cli_writes_loadable_folder(capsys, tmp_path, tiny_model_dir, text
     from peakllm.models import load_model
 
     out = tmp_path / "pruned"
-    code = main(["prune", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--sparsity", "0.5",
+    code = main(["prune", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--format", "hf",
                  "--calib-dataset", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32",
                  "--eval-dataset", str(text_file), "--eval-tokens", "512", "--output", str(out), "--json"])
     result = json.loads(capsys.readouterr().out)
@@ -141,7 +141,7 @@ def test_prune_cli_owl_allocates_per_layer_sparsity_loading_the_model_once(capsy
     real_load = compression_run.load_model
     monkeypatch.setattr(compression_run, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     out = tmp_path / "owl"
-    code = main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--owl",
+    code = main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--owl", "--format", "hf",
                  "--owl-lambda", "0.1", "--calib-dataset", str(text_file), "--calib-samples", "4",
                  "--calib-seqlen", "32", "--eval-tokens", "0", "--output", str(out), "--json"])
     result = json.loads(capsys.readouterr().out)

@@ -76,10 +76,13 @@ def packed_module(result, fmt: str = "peakllm", dictionary=None):
     """The packed form of one compressed matrix (a ModuleResult from recipes.py). In the `sub1` format
     ternary matrices use the sub-1-bit dictionary code; elsewhere they use the dense 2-bit layout."""
     if result.mask is not None:
+        # float values in the dtype the recipe rounded them to (exact: the weight holds such values)
+        dtype = getattr(result, "values_dtype", None)
+        weight = result.weight if dtype is None or result.quant is not None else result.weight.to(dtype)
         if result.pattern is not None:
             n, m = result.pattern
-            return PackedNM.pack(result.weight, result.mask, n, m, result.quant)
-        return PackedBitmask.pack(result.weight, result.mask, result.quant)
+            return PackedNM.pack(weight, result.mask, n, m, result.quant)
+        return PackedBitmask.pack(weight, result.mask, result.quant)
     if result.quant is not None:
         if result.quant.grid["kind"] == "ternary":
             if fmt == "sub1":
