@@ -139,13 +139,27 @@ def _folder_bytes(path: str) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
+def _bf16_bytes(spec: str) -> int:
+    """Bytes of the model's weight file stored in bf16: 2 bytes for every element of every stored tensor."""
+    from safetensors import safe_open
+
+    from peakllm.models import resolve
+
+    _kind, path = resolve(spec)
+    total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            total += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    return 2 * total
+
+
 def models(args) -> None:
     sides = {"dense": (args.dense, "bfloat16")}
     for item in args.sparse.split(","):
         name, _, folder = item.partition("=")
         sides[name] = (folder, "float32")
     for name, (folder, _dtype) in sides.items():
-        if not Path(folder).is_dir():
+        if name != "dense" and not Path(folder).is_dir():
             raise SystemExit(f"{name}: {folder} is not a folder")
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     loads = []
@@ -155,7 +169,7 @@ def models(args) -> None:
             loads.append(os.getloadavg()[0])
             runs[name].append(_bench_once(*sides[name], args))
             print(f"round {r} {name}: {runs[name][-1]['decode_tok_s']:.1f} tok/s", flush=True)
-    dense_size = _folder_bytes(args.dense)
+    dense_size = _bf16_bytes(args.dense)
     for name in sides:
         if name == "dense":
             continue
@@ -189,7 +203,8 @@ def main(argv=None) -> None:
     k.add_argument("--threads", type=int, default=2)
     k.add_argument("--output", default=None, help="append results lines here (e.g. docs/results/sparse.jsonl)")
     m = sub.add_parser("models")
-    m.add_argument("--dense", required=True, help="the dense model's folder (run with --dtype bfloat16)")
+    m.add_argument("--dense", default="default", help="the dense model (run with --dtype bfloat16; its size: every "
+                   "stored tensor in bf16) (default: %(default)s)")
     m.add_argument("--sparse", required=True, help="name=folder[,name=folder]: packed sparse folders")
     m.add_argument("--rounds", type=int, default=3)
     m.add_argument("--threads", type=int, default=2)

@@ -87,29 +87,49 @@ static inline float nm24_bf16_row(const float* xq, const float* x, int64_t in, c
     return s;
 }
 
+// 16 columns (mask bytes m0, m1 of the 16-column block at xq16) whose values start at v: 8 bf16 from v for m0,
+// 8 from v + p0 for m1, spread to their columns, multiplied into two accumulators.
+static inline void bitmask_bf16_16(const uint16_t* v, int64_t p0, unsigned m0, unsigned m1, const float* xq16,
+                                   __m256& acc0, __m256& acc1) {
+    const __m256i upper = _mm256_set1_epi32((int)0xffff0000u);
+    const __m256i w = _mm256_loadu2_m128i((const __m128i*)(v + p0), (const __m128i*)v);
+    const __m256i spread = _mm256_loadu2_m128i((const __m128i*)BITMASK_SPREAD[m1], (const __m128i*)BITMASK_SPREAD[m0]);
+    const __m256i e = _mm256_shuffle_epi8(w, spread);  // 16 bf16 at their columns, zeros elsewhere
+    acc0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(e, 16)), _mm256_loadu_ps(xq16), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(e, upper)), _mm256_loadu_ps(xq16 + 8), acc1);
+}
+
 // One bitmask row: mrow its mask, vals every row's bf16 values (total of them), the row's from base, row_end
-// of them. Values may be read past the row, never past the tensor; the row's count is checked at the end.
+// of them. Values may be read past the row, never past the tensor: a row whose 8 values past any column
+// stay inside it (all but the last few) runs 32 columns a step without a check; the row's count is checked
+// at the end.
 static inline float bitmask_bf16_row(const float* xq, const float* x, int64_t in, const uint8_t* mrow,
                                      const uint16_t* vals, int64_t base, int64_t row_end, int64_t total,
                                      std::atomic<int>& err) {
-    const __m256i upper = _mm256_set1_epi32((int)0xffff0000u);
     const uint16_t* v = vals + base;
     const int64_t last = total - base - 8;  // the largest k from which 8 values can be read
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+           acc3 = _mm256_setzero_ps();
     int64_t k = 0, j = 0;
+    if (in <= last) {  // k <= 8 j <= in: no read in this loop passes the tensor's end
+        for (; j + 4 <= in / 8; j += 4) {
+            uint32_t mw;
+            std::memcpy(&mw, mrow + j, 4);
+            const int64_t p0 = _mm_popcnt_u32(mw & 0xff), p01 = _mm_popcnt_u32(mw & 0xffff);
+            const int64_t p012 = _mm_popcnt_u32(mw & 0xffffff);
+            bitmask_bf16_16(v + k, p0, mw & 0xff, mw >> 8 & 0xff, xq + 8 * j, acc0, acc1);
+            bitmask_bf16_16(v + k + p01, p012 - p01, mw >> 16 & 0xff, mw >> 24, xq + 8 * j + 16, acc2, acc3);
+            k += _mm_popcnt_u32(mw);
+        }
+    }
     for (; j + 2 <= in / 8; j += 2) {
         const unsigned m0 = mrow[j], m1 = mrow[j + 1];
-        const int p0 = __builtin_popcount(m0);
+        const int64_t p0 = _mm_popcnt_u32(m0);
         if (k + p0 > last) break;
-        const __m256i w = _mm256_loadu2_m128i((const __m128i*)(v + k + p0), (const __m128i*)(v + k));
-        const __m256i spread = _mm256_loadu2_m128i((const __m128i*)BITMASK_SPREAD[m1],
-                                                   (const __m128i*)BITMASK_SPREAD[m0]);
-        const __m256i e = _mm256_shuffle_epi8(w, spread);  // 16 bf16 at their columns, zeros elsewhere
-        acc0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(e, 16)), _mm256_loadu_ps(xq + 8 * j), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(e, upper)), _mm256_loadu_ps(xq + 8 * j + 8), acc1);
-        k += p0 + __builtin_popcount(m1);
+        bitmask_bf16_16(v + k, p0, m0, m1, xq + 8 * j, acc0, acc1);
+        k += p0 + _mm_popcnt_u32(m1);
     }
-    float s = hsum(_mm256_add_ps(acc0, acc1));
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
     for (int64_t c = 8 * j; c < in; c++) {
         if (!(mrow[c / 8] >> (c % 8) & 1)) continue;
         if (k >= row_end) { err = 1; return 0.f; }
