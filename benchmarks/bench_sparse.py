@@ -2,7 +2,8 @@
 decode tok/s) against the dense bf16 model, as peakllm runs both.
 
     python benchmarks/bench_sparse.py kernels [--shapes 576x576,1536x576,576x1536,2048x8192] [--rounds 3]
-    python benchmarks/bench_sparse.py models --dense DIR --sparse name=DIR[,name=DIR] [--rounds 3]
+    python benchmarks/bench_sparse.py models [--dense default] --sparse name=DIR[,name=DIR] [--rounds 3]
+    python benchmarks/bench_sparse.py steps [--dense default] --sparse name=DIR[,...] [--threads 1] [--rounds 5]
 
 kernels: for each shape, layers of each layout (dense bf16 as the decode engine runs it, bitmask 50% and 2:4
 with bf16 values, bitmask 50% with fp32 values: the old default) filled with random values and masks (speed
@@ -16,6 +17,10 @@ models: `peakllm bench` of each folder in alternating rounds (order swapped each
 (run in bf16: `--dtype bfloat16`) against each sparse folder; per-round ratios of decode tok/s, their median
 and spread, the ratio of the medians, file sizes and the loads. On an AVX2-only machine torch's bf16 is slow,
 so the dense baseline is peakllm's own dense bf16 path (its compiled kernel and decode engine), not torch's.
+
+steps: the same decode engine in one process, every model once a round (order swapped each round), timed by
+wall clock and by CPU time; on a machine whose other tenants keep both cores busy, a 2-thread step mostly
+waits for a descheduled thread at a barrier, and a 1-thread step's CPU time still measures its work.
 """
 
 from __future__ import annotations
@@ -193,6 +198,74 @@ def models(args) -> None:
             append_result(args.output, row, args.threads)
 
 
+def _stepper(spec: str, dtype: torch.dtype, context: int):
+    """A RuntimeModel of `spec` in `dtype` with its decode engine built; a function timing n decode steps."""
+    from peakllm.models import load_model
+    from peakllm.runtime.model import RuntimeModel
+
+    hf, _tok = load_model(spec)
+    model = RuntimeModel.from_hf(hf, dtype=dtype)
+    del hf
+    model.setup_cache(1, context)
+    if model._step is None:
+        raise SystemExit(f"{spec}: the decode engine was not built (a layer took the op-by-op path)")
+    prompt = torch.tensor([[1, 2, 3, 4]])
+
+    def run(n: int) -> tuple[float, float]:
+        model.forward(prompt, 0)
+        tok = torch.tensor([[5]])
+        w0, c0 = time.perf_counter(), time.process_time()
+        for pos in range(4, 4 + n):
+            model.forward(tok, pos, last_only=True)
+        return (time.perf_counter() - w0) / n, (time.process_time() - c0) / n
+
+    run(4)  # warm-up
+    return run
+
+
+def steps(args) -> None:
+    """Decode steps in one process (the engine `peakllm bench` and `generate` use), every model once a round in
+    alternating order, timed by wall clock and by this process's CPU time: with one thread the CPU time is the
+    work of a step whatever the machine's other tenants do (with more, spin-waits at barriers count too)."""
+    torch.set_num_threads(args.threads)
+    sides = {"dense": (args.dense, torch.bfloat16)}
+    for item in args.sparse.split(","):
+        name, _, folder = item.partition("=")
+        sides[name] = (folder, torch.float32)
+    runners = {name: _stepper(spec, dtype, args.new_tokens + 8) for name, (spec, dtype) in sides.items()}
+    wall: dict[str, list[float]] = {n: [] for n in sides}
+    cpu: dict[str, list[float]] = {n: [] for n in sides}
+    loads = []
+    for r in range(args.rounds):
+        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            loads.append(os.getloadavg()[0])
+            w, c = runners[name](args.new_tokens)
+            wall[name].append(w)
+            cpu[name].append(c)
+            print(f"round {r} {name}: {1 / w:.1f} tok/s wall, {c * 1e3:.1f} ms CPU a token", flush=True)
+    for name in sides:
+        if name == "dense":
+            continue
+        wr = [d / s for d, s in zip(wall["dense"], wall[name])]
+        cr = [d / s for d, s in zip(cpu["dense"], cpu[name])]
+        row = {"bench": "sparse-steps", "model": name, "folder": sides[name][0], "dense": args.dense,
+               "baseline": "the dense model in bf16 through peakllm's decode engine (its dense bf16 kernel)",
+               "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds,
+               "tok_s_rounds": [1 / v for v in wall[name]], "dense_tok_s_rounds": [1 / v for v in wall["dense"]],
+               "cpu_ms_rounds": [v * 1e3 for v in cpu[name]], "dense_cpu_ms_rounds": [v * 1e3 for v in cpu["dense"]],
+               "wall_ratio_rounds": wr, "wall_ratio_median": statistics.median(wr), "wall_ratio_min": min(wr),
+               "wall_ratio_max": max(wr),
+               "wall_ratio_of_medians": statistics.median(wall["dense"]) / statistics.median(wall[name]),
+               "cpu_ratio_rounds": cr, "cpu_ratio_median": statistics.median(cr), "cpu_ratio_min": min(cr),
+               "cpu_ratio_max": max(cr),
+               "cpu_ratio_of_medians": statistics.median(cpu["dense"]) / statistics.median(cpu[name]),
+               "load_rounds": loads}
+        print(f"{name}: decode x{row['wall_ratio_median']:.2f} wall (rounds {', '.join(f'{v:.2f}' for v in wr)}), "
+              f"x{row['cpu_ratio_median']:.2f} CPU time (rounds {', '.join(f'{v:.2f}' for v in cr)})", flush=True)
+        if args.output:
+            append_result(args.output, row, args.threads)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -212,13 +285,22 @@ def main(argv=None) -> None:
     m.add_argument("--new-tokens", type=int, default=64)
     m.add_argument("--repeats", type=int, default=3)
     m.add_argument("--output", default=None)
+    st = sub.add_parser("steps")
+    st.add_argument("--dense", default="default")
+    st.add_argument("--sparse", required=True)
+    st.add_argument("--rounds", type=int, default=5)
+    st.add_argument("--threads", type=int, default=1)
+    st.add_argument("--new-tokens", type=int, default=32)
+    st.add_argument("--output", default=None)
     args = ap.parse_args(argv)
     if args.what == "kernels":
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
         kernels(args)
-    else:
+    elif args.what == "models":
         models(args)
+    else:
+        steps(args)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,9 @@ def test_prune_cli_owl_allocates_per_layer_sparsity_loading_the_model_once(capsy
     (["--pattern", "4:4"], "0 < N < M"),
     (["--pattern", "2:5"], "divisible"),
     (["--calib-samples", "0"], "empty"),
-    (["--bits", "4"], "--format peakllm"),
+    (["--bits", "4", "--format", "hf"], "--format peakllm"),
+    (["--values", "bf16", "--format", "hf"], "--format peakllm"),
+    (["--bits", "4", "--values", "fp16"], "drop --values"),
 ])
 def test_prune_cli_bad_input_leaves_nothing(capsys, tmp_path, tiny_model_dir, text_file, argv, message):
     from peakllm.cli import main
