@@ -220,3 +220,36 @@ def test_pipeline_hands_solvers_the_sink_weighted_hessian(tiny_llama):
     ref = 2 * x.t() @ x / x.shape[0]
     assert torch.allclose(recipe.seen[name]["hessian"].double(), ref, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(ref, hessian_of_inputs(tiny_llama, name, segments), rtol=1e-2)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_prune_writes_packed_bf16_values_and_an_8bit_embedding_by_default(capsys, tmp_path, tiny_model_dir, text_file,
+                                                                          pattern):
+    """No --format: a peakllm folder whose kept values are bf16, the embedding int8, smaller than the input,
+    the JSON's sizes and expected speed, and the kernels' logits equal to the dequantized folder's."""
+    from peakllm.cli import main
+    from peakllm.formats.container import load_model_folder
+    from peakllm.formats.writer import weight_file_bytes
+    from peakllm.models import load_model
+
+    out = tmp_path / "pruned"
+    target = ["--pattern", pattern] if pattern else ["--sparsity", "0.5"]
+    code = main(["prune", "--model", str(tiny_model_dir), *target, "--calib-dataset", str(text_file),
+                 "--calib-samples", "4", "--calib-seqlen", "32", "--eval-tokens", "0", "--output", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["format"] == "peakllm" and result["values"] == "bf16" and result["embed_bits"] == "8"
+    manifest = json.loads((out / "peakllm.json").read_text())
+    kinds = {e["kind"] for e in manifest["modules"].values()}
+    assert kinds == {"intk", "nm" if pattern else "bitmask"}
+    assert all(e["tensors"]["values"]["dtype"] == "BF16" for e in manifest["modules"].values() if "values" in e["tensors"])
+    assert weight_file_bytes(out) < weight_file_bytes(tiny_model_dir)
+    assert 8 < result["bits_per_param"] < 11  # 8 value bits + mask / positions (+ offsets, manifest: tiny rows)
+    assert result["decode_bytes_per_token"] < result["decode_bytes_per_token_bf16"]
+    assert result["roofline_speedup_vs_bf16"] == pytest.approx(
+        result["decode_bytes_per_token_bf16"] / result["decode_bytes_per_token"])
+    ours, tok = load_model(str(out))  # the kernels run the bf16 values: the same logits as the dequantized folder
+    ref, _ = load_model(str(out), packed="dequantize")
+    ids = tok("The quick brown fox", return_tensors="pt").input_ids[:, :8]
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+    load_model_folder(out)  # checks every tensor against the manifest
