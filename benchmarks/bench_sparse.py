@@ -4,6 +4,7 @@ decode tok/s) against the dense bf16 model, as peakllm runs both.
     python benchmarks/bench_sparse.py kernels [--shapes 576x576,1536x576,576x1536,2048x8192] [--rounds 3]
     python benchmarks/bench_sparse.py models [--dense default] --sparse name=DIR[,name=DIR] [--rounds 3]
     python benchmarks/bench_sparse.py steps [--dense default] --sparse name=DIR[,...] [--threads 1] [--rounds 5]
+    python benchmarks/bench_sparse.py record --result name=OUT.json:"peakllm prune ..." --output FILE.jsonl
 
 kernels: for each shape, layers of each layout (dense bf16 as the decode engine runs it, bitmask 50% and 2:4
 with bf16 values, bitmask 50% with fp32 values: the old default) filled with random values and masks (speed
@@ -266,6 +267,21 @@ def steps(args) -> None:
             append_result(args.output, row, args.threads)
 
 
+def record(args) -> None:
+    """Append `peakllm prune --json` outputs as results lines, each with the command that produced it and
+    the bf16 dense file's size (the commands are long runs, made once; this stamps what they printed)."""
+    dense_size = _bf16_bytes(args.dense)
+    for item in args.result:
+        name, _, rest = item.partition("=")
+        path, _, command = rest.partition(":")
+        out = json.loads(Path(path).read_text())
+        row = {"bench": "sparse-prune", "name": name, "prune_command": command, **out,
+               "weight_file_bytes": _folder_bytes(out["output"]), "dense_bf16_weight_file_bytes": dense_size,
+               "size_ratio": _folder_bytes(out["output"]) / dense_size}
+        print(f"{name}: {row['weight_file_bytes'] / 1e6:.1f} MB = {row['size_ratio']:.3f}x bf16, ppl {out.get('ppl')}")
+        append_result(args.output, row, out.get("threads"))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -292,11 +308,18 @@ def main(argv=None) -> None:
     st.add_argument("--threads", type=int, default=1)
     st.add_argument("--new-tokens", type=int, default=32)
     st.add_argument("--output", default=None)
+    rc = sub.add_parser("record")
+    rc.add_argument("--dense", default="default")
+    rc.add_argument("--result", action="append", required=True,
+                    help="name=prune-output.json:the command that wrote it (repeatable)")
+    rc.add_argument("--output", required=True)
     args = ap.parse_args(argv)
     if args.what == "kernels":
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
         kernels(args)
+    elif args.what == "record":
+        record(args)
     elif args.what == "models":
         models(args)
     else:

@@ -352,7 +352,15 @@ SPARSE_DECODE = Table("sparse-models.jsonl", [
     ("× dense: per-round median (min–max)", lambda r: median_spread(r.get("ratio_rounds") or r.get("wall_ratio_rounds")
                                                                     or [], ".2f")),
     ("ratio of medians", lambda r: format(r.get("ratio_of_medians") or r.get("wall_ratio_of_medians"), ".2f")),
-    ("× dense, CPU time", rounds("cpu_ratio_rounds", ".2f")), ("rounds", k("rounds")), ("load", _load)])
+    ("× dense, CPU time", rounds("cpu_ratio_rounds", ".2f")), ("rounds", k("rounds")), ("load", _load)],
+    where=lambda r: r.get("bench") in ("sparse-model", "sparse-steps"))
+
+SPARSE_PRUNE = Table("sparse-models.jsonl", [
+    ("folder", k("name")), ("target", target), ("values", k("values")), ("embedding", lambda r: (
+        "fp32" if r.get("embed_bits") == "keep" else f"int{r.get('embed_bits')}")),
+    ("bits/param (linears)", k("bits_per_param", ".2f")), ("weights MB", scaled("weight_file_bytes", 1e6, ".1f")),
+    ("× bf16 dense file", k("size_ratio", ".3f")), ("wiki ppl", k("ppl", ".2f")), ("dense ppl", k("dense_ppl", ".2f"))],
+    where=lambda r: r.get("bench") == "sparse-prune")
 
 TABLES = {
     "headline-sparsegpt": HEADLINE_SPARSEGPT, "prune": PRUNE, "prune-scaling": SCALING,
@@ -366,5 +374,5 @@ TABLES = {
     "scale": SCALE, "gguf-scale": GGUF_SCALE, "offload-7b": OFFLOAD_7B, "offload-moe": OFFLOAD_MOE,
     "offload-moe-no-readahead": OFFLOAD_MOE_NO_READAHEAD, "serve": SERVE,
     "recover": RECOVER, "recover-memory": RECOVER_MEMORY, "sparse-kernels": SPARSE_KERNELS,
-    "sparse-decode": SPARSE_DECODE,
+    "sparse-decode": SPARSE_DECODE, "sparse-prune": SPARSE_PRUNE,
 }
