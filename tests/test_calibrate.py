@@ -253,3 +253,14 @@ def test_prune_writes_packed_bf16_values_and_an_8bit_embedding_by_default(capsys
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
     load_model_folder(out)  # checks every tensor against the manifest
+
+
+def test_prune_recipe_rounds_kept_values_to_the_stored_dtype():
+    from peakllm.calibrate.recipes import PruneRecipe
+
+    W = torch.randn(8, 16)
+    r = PruneRecipe("magnitude", 0.5, values="bf16").compress("m", 0, W.clone(), {})
+    assert r.values_dtype == torch.bfloat16 and torch.equal(r.weight, r.weight.bfloat16().float())
+    assert torch.equal(r.weight != 0, r.mask)
+    with pytest.raises(PeakError, match="fp16's range"):
+        PruneRecipe("magnitude", 0.5, values="fp16").compress("m", 0, W * 1e6, {})

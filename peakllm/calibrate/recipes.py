@@ -108,6 +108,8 @@ class PruneRecipe:
         else:
             (weight, mask), info = solvers.magnitude(W, sparsity, prunen=n, prunem=m), None
         dtype = VALUE_DTYPES[self.values]
+        if dtype == torch.float16 and weight.numel() and float(weight.abs().max()) > torch.finfo(dtype).max:
+            raise PeakError(f"{name} has weights beyond fp16's range: use --values bf16 or fp32")
         if dtype != torch.float32:
             weight = weight.to(dtype).float()  # pruned zeros stay zeros
         return ModuleResult(weight, mask, None, info, sparsity, self.pattern, values_dtype=dtype)
