@@ -116,7 +116,7 @@ def test_prune_cli_writes_loadable_folder(capsys, tmp_path, tiny_model_dir, text
     from peakllm.models import load_model
 
     out = tmp_path / "pruned"
-    code = main(["prune", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--sparsity", "0.5",
+    code = main(["prune", "--model", str(tiny_model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--format", "hf",
                  "--calib-dataset", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32",
                  "--eval-dataset", str(text_file), "--eval-tokens", "512", "--output", str(out), "--json"])
     result = json.loads(capsys.readouterr().out)
@@ -141,7 +141,7 @@ def test_prune_cli_owl_allocates_per_layer_sparsity_loading_the_model_once(capsy
     real_load = compression_run.load_model
     monkeypatch.setattr(compression_run, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     out = tmp_path / "owl"
-    code = main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--owl",
+    code = main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--owl", "--format", "hf",
                  "--owl-lambda", "0.1", "--calib-dataset", str(text_file), "--calib-samples", "4",
                  "--calib-seqlen", "32", "--eval-tokens", "0", "--output", str(out), "--json"])
     result = json.loads(capsys.readouterr().out)
@@ -162,7 +162,9 @@ def test_prune_cli_owl_allocates_per_layer_sparsity_loading_the_model_once(capsy
     (["--pattern", "4:4"], "0 < N < M"),
     (["--pattern", "2:5"], "divisible"),
     (["--calib-samples", "0"], "empty"),
-    (["--bits", "4"], "--format peakllm"),
+    (["--bits", "4", "--format", "hf"], "--format peakllm"),
+    (["--values", "bf16", "--format", "hf"], "--format peakllm"),
+    (["--bits", "4", "--values", "fp16"], "drop --values"),
 ])
 def test_prune_cli_bad_input_leaves_nothing(capsys, tmp_path, tiny_model_dir, text_file, argv, message):
     from peakllm.cli import main
@@ -218,3 +220,47 @@ def test_pipeline_hands_solvers_the_sink_weighted_hessian(tiny_llama):
     ref = 2 * x.t() @ x / x.shape[0]
     assert torch.allclose(recipe.seen[name]["hessian"].double(), ref, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(ref, hessian_of_inputs(tiny_llama, name, segments), rtol=1e-2)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_prune_writes_packed_bf16_values_and_an_8bit_embedding_by_default(capsys, tmp_path, tiny_model_dir, text_file,
+                                                                          pattern):
+    """No --format: a peakllm folder whose kept values are bf16, the embedding int8, smaller than the input,
+    the JSON's sizes and expected speed, and the kernels' logits equal to the dequantized folder's."""
+    from peakllm.cli import main
+    from peakllm.formats.container import load_model_folder
+    from peakllm.formats.writer import weight_file_bytes
+    from peakllm.models import load_model
+
+    out = tmp_path / "pruned"
+    target = ["--pattern", pattern] if pattern else ["--sparsity", "0.5"]
+    code = main(["prune", "--model", str(tiny_model_dir), *target, "--calib-dataset", str(text_file),
+                 "--calib-samples", "4", "--calib-seqlen", "32", "--eval-tokens", "0", "--output", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["format"] == "peakllm" and result["values"] == "bf16" and result["embed_bits"] == "8"
+    manifest = json.loads((out / "peakllm.json").read_text())
+    kinds = {e["kind"] for e in manifest["modules"].values()}
+    assert kinds == {"intk", "nm" if pattern else "bitmask"}
+    assert all(e["tensors"]["values"]["dtype"] == "BF16" for e in manifest["modules"].values() if "values" in e["tensors"])
+    assert weight_file_bytes(out) < weight_file_bytes(tiny_model_dir)
+    assert 8 < result["bits_per_param"] < 11  # 8 value bits + mask / positions (+ offsets, manifest: tiny rows)
+    assert result["decode_bytes_per_token"] < result["decode_bytes_per_token_bf16"]
+    assert result["roofline_speedup_vs_bf16"] == pytest.approx(
+        result["decode_bytes_per_token_bf16"] / result["decode_bytes_per_token"])
+    ours, tok = load_model(str(out))  # the kernels run the bf16 values: the same logits as the dequantized folder
+    ref, _ = load_model(str(out), packed="dequantize")
+    ids = tok("The quick brown fox", return_tensors="pt").input_ids[:, :8]
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+    load_model_folder(out)  # checks every tensor against the manifest
+
+
+def test_prune_recipe_rounds_kept_values_to_the_stored_dtype():
+    from peakllm.calibrate.recipes import PruneRecipe
+
+    W = torch.randn(8, 16)
+    r = PruneRecipe("magnitude", 0.5, values="bf16").compress("m", 0, W.clone(), {})
+    assert r.values_dtype == torch.bfloat16 and torch.equal(r.weight, r.weight.bfloat16().float())
+    assert torch.equal(r.weight != 0, r.mask)
+    with pytest.raises(PeakError, match="fp16's range"):
+        PruneRecipe("magnitude", 0.5, values="fp16").compress("m", 0, W * 1e6, {})

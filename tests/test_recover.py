@@ -33,7 +33,8 @@ def folders(tmp_path_factory, tiny_tokenizer):
     text.write_text(TINY_TEXT, encoding="utf-8")
     common = ["--model", str(root / "teacher"), "--calib-dataset", str(text), "--calib-samples", "2",
               "--calib-seqlen", "32", "--eval-tokens", "0", "--json"]
-    assert main(["prune", "--method", "magnitude", "--sparsity", "0.5", *common, "--output", str(root / "sparse")]) == 0
+    assert main(["prune", "--method", "magnitude", "--sparsity", "0.5", "--format", "hf", *common,
+                 "--output", str(root / "sparse")]) == 0
     assert main(["quantize", "--method", "rtn", "--bits", "4", "--group-size", "32", *common,
                  "--output", str(root / "int4")]) == 0
     return root

@@ -25,6 +25,7 @@ from peakllm.solvers.rotated import gptq_rotated, rtn_rotated
 
 PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
 QUANT_METHODS = ("gptq", "rtn")
+VALUE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # sparse kept values
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ModuleResult:
     sparsity: float | None = None        # the sparsity asked of this matrix
     pattern: tuple[int, int] | None = None  # (N, M) for N:M
     ggml: GGMLWeight | None = None       # codes and parameters in one of llama.cpp's block types (GGUF out)
+    values_dtype: torch.dtype | None = None  # sparse float values: the dtype they are stored in (weight holds them)
 
 
 def parse_pattern(text: str | None) -> tuple[int, int] | None:
@@ -65,6 +67,9 @@ class PruneRecipe:
     blocksize: int = 128
     damp: float = 0.01
     layer_sparsity: list[float] | None = None  # per decoder layer (OWL); overrides `sparsity`
+    # the dtype the kept values are stored in without a grid (bf16 / fp16 / fp32): the weight is rounded to it
+    # after each solve, so later layers are calibrated on, and the perplexity measures, what the file holds
+    values: str = "fp32"
 
     def __post_init__(self):
         if self.method not in PRUNE_METHODS:
@@ -75,6 +80,8 @@ class PruneRecipe:
             check_pattern(self.pattern)
         if self.grid is not None and self.method != "sparsegpt":
             raise PeakError("joint quantization (--bits) is only available with --method sparsegpt")
+        if self.values not in VALUE_DTYPES:
+            raise PeakError(f"kept values are stored as one of {', '.join(VALUE_DTYPES)}, got {self.values!r}")
 
     @property
     def name(self) -> str:
@@ -96,12 +103,19 @@ class PruneRecipe:
             # popped, not read: the solver's copy then replaces the only reference (one in x in matrix less)
             r = solvers.sparsegpt(W, stats.pop("hessian"), sparsity, prunen=n, prunem=m, blocksize=self.blocksize,
                                   damp=self.damp, grid=self.grid)
-            return ModuleResult(r.weight, r.mask, r.quant, r.info, sparsity, self.pattern)
-        if self.method == "wanda":
-            weight, mask = solvers.wanda(W, stats["sqnorm"], sparsity, prunen=n, prunem=m)
+            if r.quant is not None:
+                return ModuleResult(r.weight, r.mask, r.quant, r.info, sparsity, self.pattern)
+            weight, mask, info = r.weight, r.mask, r.info
+        elif self.method == "wanda":
+            (weight, mask), info = solvers.wanda(W, stats["sqnorm"], sparsity, prunen=n, prunem=m), None
         else:
-            weight, mask = solvers.magnitude(W, sparsity, prunen=n, prunem=m)
-        return ModuleResult(weight, mask, None, None, sparsity, self.pattern)
+            (weight, mask), info = solvers.magnitude(W, sparsity, prunen=n, prunem=m), None
+        dtype = VALUE_DTYPES[self.values]
+        if dtype == torch.float16 and weight.numel() and float(weight.abs().max()) > torch.finfo(dtype).max:
+            raise PeakError(f"{name} has weights beyond fp16's range: use --values bf16 or fp32")
+        if dtype != torch.float32:
+            weight = weight.to(dtype).float()  # pruned zeros stay zeros
+        return ModuleResult(weight, mask, None, info, sparsity, self.pattern, values_dtype=dtype)
 
 
 @dataclass

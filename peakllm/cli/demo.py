@@ -43,6 +43,11 @@ def summary(log) -> None:
         bpp = r.get("bits_per_param_experts") or r.get("bits_per_param")
         print(f"{step[:34]:<34} {r['ppl']:>8.3f} {r.get('dense_ppl') or float('nan'):>10.3f} "
               f"{(size or 0) / 1e6:>9.1f} {bpp or float('nan'):>11.3f} {r.get('seconds', 0):>8.1f}")
+    for r in rows:
+        if r["command"] == "prune" and r.get("size_bytes") and r.get("dense_size_bytes"):
+            speed = r.get("roofline_speedup_vs_bf16")
+            print(f"\npruned folder {r['size_bytes'] / 1e6:.1f} MB, the dense input {r['dense_size_bytes'] / 1e6:.1f} MB"
+                  + (f"; a decode reads {speed:.2f}x fewer weight bytes than the dense model in bf16" if speed else ""))
     print(f"\nall results: {log} (turn them into a report with: peakllm report {log} --output DIR)")
 
 

@@ -46,6 +46,29 @@ def module_table(model) -> list[dict]:
     return rows
 
 
+def decode_read(model) -> dict:
+    """What decoding one token reads of the weights as loaded (every linear module, the lm_head included; an
+    int-k embedding's linear only when it is the tied lm_head), the same model's linears in bf16, and their
+    ratio: the speed-up over bf16 a bandwidth-bound decode would reach (`peakllm bench` measures the real one)."""
+    import torch.nn as nn
+
+    head = model.get_output_embeddings()
+    embed_linear = getattr(model.get_input_embeddings(), "linear", None)
+    read, params = 0, 0
+    for mod in model.modules():
+        if not (isinstance(mod, nn.Linear) or _is_packed(mod)) or (mod is embed_linear and mod is not head):
+            continue
+        if isinstance(mod, nn.Linear):
+            read += mod.weight.numel() * mod.weight.element_size()
+        else:
+            read += _stored_bytes(mod)
+        params += mod.out_features * mod.in_features
+    if not params:
+        return {}
+    return {"decode_bytes_per_token": read, "decode_bytes_per_token_bf16": 2 * params,
+            "roofline_speedup_vs_bf16": round(2 * params / read, 3)}
+
+
 def logical_params(model) -> int:
     """Parameters of the uncompressed model: dense parameters plus out x in of every packed matrix."""
     return sum(p.numel() for p in model.parameters()) + sum(
@@ -142,6 +165,7 @@ def run(args) -> int:
         }
         if hasattr(model, "peakllm_manifest"):
             result.update(_packed_bits(args.model, model, result["parameters"]))
+        result.update(decode_read(model))
         if str(args.model).endswith(".gguf"):  # the block type of each tensor as the file stores it
             from peakllm.formats.gguf.presets import file_allocation
 

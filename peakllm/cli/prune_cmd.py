@@ -26,6 +26,17 @@ def register(sub) -> None:
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=None,
                    help="also quantize the kept weights (sparsegpt only; needs --format peakllm)")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size with --bits; -1 = per row (default: %(default)s)")
+    p.add_argument("--values", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="--format peakllm without --bits: the dtype the kept weights are stored in, beside a bitmask "
+                   "(1 bit a weight) or N:M positions (2 bits a kept weight for 2:4); the model is rounded to it, so the "
+                   "perplexity after is the stored model's. bf16 at 50%% is ~9.1 bits/param (default: bf16)")
+    g = p.add_argument_group("embedding and lm_head (--format peakllm)")
+    g.add_argument("--embed-bits", choices=("keep", "8", "4"), default=None,
+                   help="round the token embedding (and an untied lm_head) to this many bits per weight, as quantize "
+                   "does (symmetric, one fp16 scale per --embed-group-size columns; the runtime's int-k kernels read a "
+                   "tied lm_head); not pruned. keep: the model's dtype (default: 8 for --format peakllm, else keep)")
+    g.add_argument("--embed-group-size", type=int, default=64,
+                   help="columns per scale of the embedding grid; -1 = one per row (default: %(default)s)")
     g = p.add_argument_group(
         "GGUF output (--format gguf: pruned, then rounded onto a llama.cpp block type, one .gguf file)",
         "Each matrix is pruned, then its kept weights are rounded onto --type's exact grid with the mask kept: "
@@ -42,7 +53,7 @@ def register(sub) -> None:
                    help="block type of the token embedding and lm_head, rounded to nearest (not pruned); keep: "
                    "F16 (default: %(default)s)")
     add_calibration_options(p)
-    add_run_options(p, ("hf", "peakllm", "gguf"), "hf")
+    add_run_options(p, ("hf", "peakllm", "gguf"), "peakllm")
     p.set_defaults(func=run)
 
 
@@ -56,15 +67,26 @@ def run(args) -> int:
     if args.owl and pattern:
         raise PeakError("--owl allocates unstructured sparsity per layer; it does not combine with --pattern")
     grid = Grid(bits=args.bits, group_size=args.group_size) if args.bits else None
+    if args.format != "peakllm" and (args.values not in (None, "fp32") or args.embed_bits not in (None, "keep")):
+        raise PeakError(f"--values and --embed-bits choose what the packed format stores: use --format peakllm "
+                        f"(--format {args.format} stores {'fp32 weights' if args.format == 'hf' else 'block types'})")
     if args.format == "gguf":
         return _run_gguf(args, sparsity, pattern)
     if args.type is not None:
         raise PeakError("--type names a GGUF block type: add --format gguf")
     if grid is not None and args.format != "peakllm":
         raise PeakError("--bits stores codes and masks together: add --format peakllm")
-    recipe = PruneRecipe(args.method, sparsity, pattern, grid, blocksize=args.blocksize, damp=args.damp)
+    if grid is not None and args.values is not None:
+        raise PeakError("--bits stores the kept weights as int-k codes: drop --values")
+    from peakllm.calibrate.embeddings import embed_grid
+
+    values = args.values or ("bf16" if args.format == "peakllm" and grid is None else "fp32")
+    embed_bits = args.embed_bits or ("8" if args.format == "peakllm" else "keep")
+    outer_grid = embed_grid(embed_bits, args.embed_group_size)
+    recipe = PruneRecipe(args.method, sparsity, pattern, grid, blocksize=args.blocksize, damp=args.damp, values=values)
     extra = {"method": args.method, "sparsity_target": sparsity, "pattern": args.pattern, "bits": args.bits,
-             "owl": args.owl}
+             "owl": args.owl, "values": None if grid is not None else values, "embed_bits": embed_bits,
+             "embed_group_size": args.embed_group_size if outer_grid else None}
 
     def owl(model, segments):
         recipe.layer_sparsity = _owl_allocation(model, segments, args, sparsity)
@@ -79,7 +101,8 @@ def run(args) -> int:
                                progress=show_progress(args))
         recipe.layer_sparsity = owl_sparsities(ratios, sparsity, args.owl_lambda)
 
-    result = run_compression(run_spec(args), recipe, extra=extra, before_calibrate=owl if args.owl else None,
+    result = run_compression(run_spec(args, embed_grid=outer_grid), recipe, extra=extra,
+                             before_calibrate=owl if args.owl else None,
                              before_stream=owl_streamed if args.owl else None)
     emit(result, args, f"pruned {args.model} with {args.method}")
     return 0

@@ -332,6 +332,44 @@ RECOVER_MEMORY = Table("recover.jsonl", [
     ("peak RSS GB", scaled("peak_rss_bytes", GB)), ("LOMO / AdamW peak RSS", k("lomo_over_adamw_peak_rss", ".2f"))],
     where=lambda r: r.get("kind") == "memory")
 
+# -- sparse models at run time (benchmarks/bench_sparse.py) ------------------------------------------------------
+
+def _threads(r):
+    return (r.get("machine") or {}).get("threads") or r.get("threads")
+
+
+def _load(r):
+    loads = r.get("load_rounds") or []
+    return f"{min(loads):.1f}–{max(loads):.1f}" if loads else ""
+
+
+SPARSE_KERNELS = Table("sparse-kernels.jsonl", [
+    ("shape", k("shape")), ("layout", k("layout")), ("threads", _threads), ("bits/param", k("bits_per_param", ".2f")),
+    ("µs a matvec", rounds("us_rounds", ".1f")), ("GB/s", k("gb_s", ".1f")),
+    ("probe GB/s", rounds("bandwidth_rounds", ".1f")), ("roofline", k("roofline_fraction", ".2f")),
+    ("× dense bf16", k("speedup_vs_dense_bf16", ".2f")), ("load", _load)])
+
+SPARSE_DECODE = Table("sparse-models.jsonl", [
+    ("bench", lambda r: "peakllm bench" if r["bench"] == "sparse-model" else "decode steps (one process)"),
+    ("model", k("model")), ("threads", _threads),
+    ("file MB (× bf16 dense)", lambda r: "" if r.get("weight_file_bytes") is None else
+     f"{r['weight_file_bytes'] / 1e6:.1f} ({r['size_ratio']:.3f}×)"),
+    ("decode tok/s", lambda r: median_spread(r.get("decode_tok_s_rounds") or r.get("tok_s_rounds") or [], ".1f")),
+    ("dense bf16 tok/s", lambda r: median_spread(r.get("dense_decode_tok_s_rounds") or r.get("dense_tok_s_rounds")
+                                                 or [], ".1f")),
+    ("× dense: per-round median (min–max)", lambda r: median_spread(r.get("ratio_rounds") or r.get("wall_ratio_rounds")
+                                                                    or [], ".2f")),
+    ("ratio of medians", lambda r: format(r.get("ratio_of_medians") or r.get("wall_ratio_of_medians"), ".2f")),
+    ("× dense, CPU time", rounds("cpu_ratio_rounds", ".2f")), ("rounds", k("rounds")), ("load", _load)],
+    where=lambda r: r.get("bench") in ("sparse-model", "sparse-steps"))
+
+SPARSE_PRUNE = Table("sparse-models.jsonl", [
+    ("folder", k("name")), ("target", target), ("values", k("values")), ("embedding", lambda r: (
+        "fp32" if r.get("embed_bits") == "keep" else f"int{r.get('embed_bits')}")),
+    ("bits/param (linears)", k("bits_per_param", ".2f")), ("weights MB", scaled("weight_file_bytes", 1e6, ".1f")),
+    ("× bf16 dense file", k("size_ratio", ".3f")), ("wiki ppl", k("ppl", ".2f")), ("dense ppl", k("dense_ppl", ".2f"))],
+    where=lambda r: r.get("bench") == "sparse-prune")
+
 TABLES = {
     "headline-sparsegpt": HEADLINE_SPARSEGPT, "prune": PRUNE, "prune-scaling": SCALING,
     "quantize": QUANTIZE, "quality": QUALITY, "quality-cli": QUALITY_CLI, "peers": PEERS,
@@ -343,5 +381,6 @@ TABLES = {
     "qmoe-scale": QMOE_SCALE, "qmoe-scale-decode": QMOE_SCALE_DECODE,
     "scale": SCALE, "gguf-scale": GGUF_SCALE, "offload-7b": OFFLOAD_7B, "offload-moe": OFFLOAD_MOE,
     "offload-moe-no-readahead": OFFLOAD_MOE_NO_READAHEAD, "serve": SERVE,
-    "recover": RECOVER, "recover-memory": RECOVER_MEMORY,
+    "recover": RECOVER, "recover-memory": RECOVER_MEMORY, "sparse-kernels": SPARSE_KERNELS,
+    "sparse-decode": SPARSE_DECODE, "sparse-prune": SPARSE_PRUNE,
 }

@@ -76,10 +76,13 @@ def packed_module(result, fmt: str = "peakllm", dictionary=None):
     """The packed form of one compressed matrix (a ModuleResult from recipes.py). In the `sub1` format
     ternary matrices use the sub-1-bit dictionary code; elsewhere they use the dense 2-bit layout."""
     if result.mask is not None:
+        # float values in the dtype the recipe rounded them to (exact: the weight holds such values)
+        dtype = getattr(result, "values_dtype", None)
+        weight = result.weight if dtype is None or result.quant is not None else result.weight.to(dtype)
         if result.pattern is not None:
             n, m = result.pattern
-            return PackedNM.pack(result.weight, result.mask, n, m, result.quant)
-        return PackedBitmask.pack(result.weight, result.mask, result.quant)
+            return PackedNM.pack(weight, result.mask, n, m, result.quant)
+        return PackedBitmask.pack(weight, result.mask, result.quant)
     if result.quant is not None:
         if result.quant.grid["kind"] == "ternary":
             if fmt == "sub1":
@@ -162,10 +165,33 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
         experts = {n: p for n, p in packed.items() if is_expert(n)}
         if experts:
             sizes["bits_per_param_experts"] = bits_per_param(experts)
+        sizes.update(decode_read(model, packed))
         return sizes
     ct.export_compressed_tensors(out, config, dense, packed, extra, overwrite=overwrite, actorder=ct_actorder(run_info))
     return {"size_bytes": folder_bytes(out), "bits_per_param": ct.bits_per_param(linears, ct.model_dtype(config, dense)),
             "bits_per_param_total": 8 * weight_file_bytes(out) / total_params}
+
+
+def decode_read(model, packed: dict) -> dict:
+    """What decoding one token reads of the weights as written (every linear module and the lm_head, a tied
+    one being the stored embedding; fused MoE experts are not counted), the same for the dense model in bf16,
+    and their ratio: the decode speed-up over bf16 that a bandwidth-bound decode would reach (`peakllm bench`
+    measures the real one)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    tied = head is not None and len(outer_modules(model)) == 1
+    read, params = 0, 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        key = names[id(embed)] if tied and mod is head else name
+        weight = embed.weight if key != name else mod.weight
+        read += packed[key].nbytes if key in packed else weight.numel() * weight.element_size()
+        params += weight.numel()
+    if not params:
+        return {}
+    return {"decode_bytes_per_token": read, "decode_bytes_per_token_bf16": 2 * params,
+            "roofline_speedup_vs_bf16": 2 * params / read}
 
 
 def _save_gguf(model, tokenizer, modules: dict, out: Path, file_type: str | None = None) -> dict:

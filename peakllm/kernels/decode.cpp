@@ -25,6 +25,7 @@
 #include "intk_a8_impl.h"
 #include "intk_impl.h"
 #include "sparse_impl.h"
+#include "sparse_bf16_impl.h"
 #include "sub1_impl.h"
 #include "decode_types.h"
 
@@ -72,7 +73,7 @@ static void sparse_tile(const Lin& L, const Values& V, const float* xf, int64_t 
 
 // One thread's reusable buffers (thread_local: OpenMP keeps its worker threads between calls).
 struct Work {
-    std::vector<float> wide, split, yf, attn, rot;
+    std::vector<float> wide, split, yf, attn, xq, rot;
     std::vector<uint32_t> sub1buf;
     PreparedX px;
     PreparedQ pq;
@@ -143,6 +144,22 @@ static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, W
         const Values V{L.w, L.value_kind, L.bits, L.scales, L.zeros, (int)((L.in + gsz - 1) / gsz), gsz};
         int o = lo;
 #ifdef PEAK_AVX2
+        if (B == 1 && V.kind == BF16 && (L.kind == LIN_BITMASK || (L.n == 2 && L.m == 4))) {  // sparse_bf16_impl.h
+            w.xq.resize((size_t)bf16_xq_size(L.in));
+            const uint16_t* vals = (const uint16_t*)L.w;
+            if (L.kind == LIN_BITMASK) {
+                bitmask_prepare_x(w.wide.data(), L.in, w.xq.data());
+                const int64_t mbytes = ((int64_t)L.in + 7) / 8;
+                for (; o < hi; ++o)
+                    yf[o] = bitmask_bf16_row(w.xq.data(), w.wide.data(), L.in, L.index + o * mbytes, vals,
+                                             L.row_offsets[o], L.row_offsets[o + 1] - L.row_offsets[o], L.total, err);
+            } else {
+                nm24_prepare_x(w.wide.data(), L.in, w.xq.data());
+                const int64_t ib = nm_index_row_bytes(L);
+                for (; o < hi; ++o)
+                    yf[o] = nm24_bf16_row(w.xq.data(), w.wide.data(), L.in, L.index + o * ib, vals + (int64_t)o * (L.in / 2));
+            }
+        }
         // int-k kept values are compute-bound: four rows per x load pay off. Float kept values are
         // memory-bound, and eight concurrent streams (values and positions of four rows) measured slower
         // than one row at a time (2:4 fp32 layers 10-12 vs 13-19 ms a token on the dev machine).
@@ -409,6 +426,24 @@ int lin_apply_f32_claims(const Lin* L, const float* x, float* y, int B, int nthr
         while (t == idle && finished.load() < nt - 1) sched_yield();
         lin_rows<float>(*L, x, y, B, t, nt, w, err, claims.get());
         finished.fetch_add(1);
+    }
+    return err.load();
+}
+
+// `reps` sweeps over n linears of one shape in one parallel region, each applied to the same x (batch 1)
+// and met by a barrier, as a decode step meets them (benchmarks: a matvec's speed as the engine runs it).
+int lin_sweep_f32(const Lin* lins, int n, const float* x, float* y, int reps, int nthreads) {
+    std::atomic<int> err{0};
+    Barrier bar;
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
+    {
+        static thread_local Work w;
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        for (int r = 0; r < reps; ++r)
+            for (int i = 0; i < n; ++i) {
+                lin_rows<float>(lins[i], x, y, 1, t, nt, w, err);
+                bar.wait(nt);
+            }
     }
     return err.load();
 }

@@ -95,6 +95,10 @@ def _kernels() -> dict:
             claims.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
             claims.restype = ctypes.c_int
             _fns["lin_apply_f32_claims"] = claims
+            sweep = lib.lin_sweep_f32
+            sweep.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+            sweep.restype = ctypes.c_int
+            _fns["lin_sweep_f32"] = sweep
     return _fns
 
 
@@ -206,6 +210,16 @@ def lin_apply_claims(lin: Lin, x: torch.Tensor, threads: int, idle: int = -1) ->
     y = torch.empty(x.shape[0], lin.out_features)
     _check(_kernels()["lin_apply_f32_claims"](ctypes.byref(lin), x.data_ptr(), y.data_ptr(), x.shape[0], threads,
                                               idle))
+    return y
+
+
+def lin_sweep(lins: list[Lin], x: torch.Tensor, reps: int, threads: int) -> torch.Tensor:
+    """`reps` passes over layers of one shape at batch 1 in one parallel region, as a decode step runs its
+    linears (benchmarks); returns the last layer's y."""
+    arr = (Lin * len(lins))(*lins)
+    x = x.float().contiguous().reshape(1, -1)
+    y = torch.empty(1, max(lin.out_features for lin in lins))
+    _check(_kernels()["lin_sweep_f32"](arr, len(lins), x.data_ptr(), y.data_ptr(), reps, threads))
     return y
 
 

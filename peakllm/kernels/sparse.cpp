@@ -11,6 +11,7 @@
 // Build: g++ -O3 -march=native -fopenmp (peakllm/kernels/build.py); AVX2+FMA path or scalar.
 // (Shared helpers live in common.h.)
 #include "sparse_impl.h"
+#include "sparse_bf16_impl.h"
 
 #include <omp.h>
 #include <type_traits>
@@ -99,6 +100,14 @@ int nm_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t out, int n, in
     std::vector<float> xf = load_x(x, x_bf16, B, in);
     std::atomic<int> err{0};
 #ifdef PEAK_AVX2
+    if (B == 1 && V.kind == BF16 && n == 2 && m == 4) {  // sparse_bf16_impl.h
+        std::vector<float> xq(bf16_xq_size(in));
+        nm24_prepare_x(xf.data(), in, xq.data());
+#pragma omp parallel for schedule(static) num_threads(pick_threads(threads, out * per_row))
+        for (int64_t o = 0; o < out; o++)
+            y[o] = nm24_bf16_row(xq.data(), xf.data(), in, indices + o * idx_row_bytes, (const uint16_t*)values + o * per_row);
+        return 0;
+    }
     if (B == 1 && V.kind == CODES && nm24_fast(n, m, V)) {  // the decode engine's batch-1 2:4 tile
 #pragma omp parallel num_threads(pick_threads(threads, out * per_row))
         {
@@ -146,6 +155,18 @@ int bitmask_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t out, cons
              (int)((in + gsz - 1) / gsz), gsz};
     std::vector<float> xf = load_x(x, x_bf16, B, in);
     std::atomic<int> err{0};
+#ifdef PEAK_AVX2
+    if (B == 1 && V.kind == BF16) {  // sparse_bf16_impl.h
+        std::vector<float> xq(bf16_xq_size(in));
+        bitmask_prepare_x(xf.data(), in, xq.data());
+        const int64_t mbytes = (in + 7) / 8;
+#pragma omp parallel for schedule(static) num_threads(pick_threads(threads, out * in / 2))
+        for (int64_t o = 0; o < out; o++)
+            y[o] = bitmask_bf16_row(xq.data(), xf.data(), in, mask + o * mbytes, (const uint16_t*)values, row_offsets[o],
+                                    row_offsets[o + 1] - row_offsets[o], n_values, err);
+        return err ? 2 : 0;
+    }
+#endif
     over_rows(out, B, threads, out * in * B / 2, [&](auto nb, int64_t o, int b0) {
         constexpr int NB = decltype(nb)::value;
         const float* xd = xf.data();

@@ -78,6 +78,27 @@ static inline __m256 load8(const Values& V, int64_t base, int64_t k, __m256 scal
         }
     }
 }
+
+// The 8 activations a 2:4 block of 16 columns starting at c keeps, in the order of its kept values.
+static inline __m256 nm24_x(const float* xr, int64_t c, const uint8_t* idx) {
+    const __m256i lo = _mm256_load_si256((const __m256i*)NM24_LANES[idx[c / 8]]);
+    const __m256i hi = _mm256_load_si256((const __m256i*)NM24_LANES[idx[c / 8 + 1]]);
+    return _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + c), lo),
+                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + c + 8), hi), 0xf0);
+}
+
+// The kept activations of mask byte j in their first lanes, and the 8 values from k with the lanes
+// past the byte's popcount zeroed.
+template <int KIND>
+static inline __m256 bitmask_fma8(const Values& V, int64_t base, int64_t k, const float* xr, int64_t j, unsigned mb,
+                                  int pc, __m256 acc) {
+    const __m256 none = _mm256_setzero_ps();
+    const __m256 w = _mm256_and_ps(load8<KIND>(V, base, k, none, none),
+                                   _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)FIRST_LANES[pc])));
+    const __m256 xs = _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8 * j),
+                                               _mm256_load_si256((const __m256i*)COMPRESS[mb]));
+    return _mm256_fmadd_ps(w, xs, acc);
+}
 #endif
 
 // ------------------------------------------------------------------------------------------- N:M
@@ -93,7 +114,23 @@ static void nm_tile(const float* xf, int64_t in, int64_t out, int keep, int m, c
     int64_t k = 0;  // kept values done
 #ifdef PEAK_AVX2
     const bool fast = m == 4 && keep == 2 && (KIND != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 16 == 0));
-    if (fast) {
+    if constexpr (NB == 1 && KIND != CODES) {
+        if (fast) {  // float values at batch 1: two accumulators, so the FMA latency is not the limit
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            const __m256 none = _mm256_setzero_ps();
+            const float* xr = xf + b0 * in;
+            int64_t c = 0;
+            for (; c + 32 <= in; c += 32, k += 16) {
+                a0 = _mm256_fmadd_ps(load8<KIND>(V, base, k, none, none), nm24_x(xr, c, idx), a0);
+                a1 = _mm256_fmadd_ps(load8<KIND>(V, base, k + 8, none, none), nm24_x(xr, c + 16, idx), a1);
+            }
+            if (c + 16 <= in) {
+                a0 = _mm256_fmadd_ps(load8<KIND>(V, base, k, none, none), nm24_x(xr, c, idx), a0);
+                k += 8;
+            }
+            acc[0] = hsum(_mm256_add_ps(a0, a1));
+        }
+    } else if (fast) {
         __m256 vacc[NB];
         for (int b = 0; b < NB; b++) vacc[b] = _mm256_setzero_ps();
         __m256 scale = _mm256_setzero_ps(), zs = _mm256_setzero_ps();
@@ -195,7 +232,24 @@ static void bitmask_tile(const float* xf, int64_t in, int64_t out, const uint8_t
     float acc[NB] = {0};
     int64_t k = 0, j = 0;
 #ifdef PEAK_AVX2
-    const bool fast = KIND != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 8 == 0);
+    if constexpr (NB == 1 && KIND != CODES) {
+        // float values at batch 1: two mask bytes per step into two accumulators (one chain waited on the
+        // FMA latency at every byte). A row's values may be read past its end, never past the tensor's:
+        // the row's count is checked once at the end (k != row_end).
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        const int64_t last = total - base - 8;  // the largest k from which 8 values can be read
+        for (; j + 2 <= in / 8; j += 2) {
+            const unsigned m0 = mrow[j], m1 = mrow[j + 1];
+            const int p0 = __builtin_popcount(m0), p1 = __builtin_popcount(m1);
+            if (k + p0 > last) break;
+            a0 = bitmask_fma8<KIND>(V, base, k, xf + b0 * in, j, m0, p0, a0);
+            a1 = bitmask_fma8<KIND>(V, base, k + p0, xf + b0 * in, j + 1, m1, p1, a1);
+            k += p0 + p1;
+        }
+        acc[0] = hsum(_mm256_add_ps(a0, a1));
+    }
+    const bool fast = !(NB == 1 && KIND != CODES) &&
+                      (KIND != CODES || ((V.bits == 4 || V.bits == 8) && V.group_size % 8 == 0));
     if (fast) {
         __m256 vacc[NB];
         for (int b = 0; b < NB; b++) vacc[b] = _mm256_setzero_ps();
