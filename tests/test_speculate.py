@@ -270,3 +270,17 @@ def test_draft_model_keeps_its_cache_for_accepted_drafts():
     seq = seq + drafts[:1] + [7]  # one draft kept, then another token
     drafter.propose(seq, 3)
     assert drafter.cached[:len(seq)] == seq
+
+
+def test_distribution_is_what_sample_draws_from():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    p = distribution(logits, 0.8, top_p=0.7)[0]
+    full = torch.softmax(logits[0] / 0.8, -1)
+    kept = full >= full.sort(descending=True).values[1]  # the two most likely reach 0.7 of the mass
+    assert torch.allclose(p[kept], full[kept] / full[kept].sum()) and (p[~kept] == 0).all()
+    from peakllm.runtime.sampling import sample
+
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.stack([sample(logits, 0.8, 0.7, g) for _ in range(3000)]).flatten()
+    stat, df = chi2(torch.bincount(drawn, minlength=6), p)
+    assert stat < chi2_limit(df)
