@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--texts", default="wiki,code")
+    ap.add_argument("--no-prompt-lookup", action="store_true", help="only the --draft folders")
     ap.add_argument("--out", default="docs/results/speculate.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,7 +73,7 @@ def main() -> int:
     hf, tokenizer = load_model(args.model)
     max_seq = args.prompt_tokens + args.new_tokens
     target = RuntimeModel.from_hf(hf, max_seq=max_seq)
-    drafters: dict[str, RuntimeModel | None] = {"prompt-lookup": None}
+    drafters: dict[str, RuntimeModel | None] = {} if args.no_prompt_lookup else {"prompt-lookup": None}
     for spec in args.draft:
         name, _, folder = spec.partition("=")
         dm = load_model(folder)[0]
