@@ -66,6 +66,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--texts", default="wiki,code")
     ap.add_argument("--no-prompt-lookup", action="store_true", help="only the --draft folders")
+    ap.add_argument("--draft-threads", type=int, default=None,
+                    help="the draft model's engine threads (default: --threads, as the target)")
     ap.add_argument("--out", default="docs/results/speculate.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,7 +90,8 @@ def main() -> int:
                     sides = ("plain", "spec") if r % 2 == 0 else ("spec", "plain")
                     res = {}
                     for side in sides:
-                        kw = {} if side == "plain" else {"speculate": k, "draft": draft}
+                        kw = {} if side == "plain" else {"speculate": k, "draft": draft,
+                                                          "draft_threads": args.draft_threads}
                         res[side] = timed(target, tokenizer, prompt, args.new_tokens, **kw)
                     if not torch.equal(res["plain"][0], res["spec"][0]):
                         raise SystemExit(f"{text_name} / {drafter} / k={k}: speculative output differs from plain")
@@ -100,6 +103,7 @@ def main() -> int:
                 t = acc[-1]
                 row = {"bench": "speculate", "model": args.model, "text": text_name, "drafter": drafter,
                        "draft_folder": dict(s.partition("=")[::2] for s in args.draft).get(drafter), "k": k,
+                       "draft_threads": None if draft is None else (args.draft_threads or args.threads),
                        "threads": args.threads, "rounds": args.rounds, "prompt_tokens": int(prompt.numel()),
                        "new_tokens": args.new_tokens, "plain_tok_s": plain_tps, "spec_tok_s": spec_tps,
                        "ratios": ratios, "ratio_median": statistics.median(ratios),

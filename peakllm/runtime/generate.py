@@ -25,7 +25,8 @@ from peakllm.runtime.speculate import DraftModel, PromptLookup, speculative_gene
 
 def generate(model, tokenizer, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, stream: Callable[[str], None] | None = None, stop_at_eos: bool = True,
-             timings: dict | None = None, speculate: int = 0, draft=None) -> torch.Tensor:
+             timings: dict | None = None, speculate: int = 0, draft=None,
+             draft_threads: int | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` after `prompt_ids` ([T] or [B, T] ids); returns the new ids [B, n].
 
     Stops when every sequence has produced EOS (sequences that finished early are padded with EOS).
@@ -33,7 +34,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, *, temperature: 
     filled with `prefill_s` (prompt forward + first token), `decode_s` (all later steps) and `steps`.
     `speculate` = k > 0: k tokens drafted per step by `draft` (a RuntimeModel of the same vocabulary) or,
     without one, by prompt lookup; only for one sequence on the whole-step engine (else plain decoding;
-    `timings["speculative"]` says which ran).
+    `timings["speculative"]` says which ran). `draft_threads`: the draft's engine threads (default torch's).
     """
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
     if prompt.dim() == 1:
@@ -56,7 +57,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, *, temperature: 
     if timings is not None:
         timings["speculative"] = speculative
     if speculative:
-        drafter = PromptLookup() if draft is None else DraftModel(draft)
+        drafter = PromptLookup() if draft is None else DraftModel(draft, draft_threads)
         return speculative_generate(model, drafter, prompt, max_new_tokens, speculate, temperature=temperature,
                                     top_p=top_p, generator=generator, eos=eos,
                                     push=None if text is None else text.push, timings=timings)

@@ -89,6 +89,7 @@ class RuntimeModel(nn.Module):
         self.use_fused = True  # False forces the plain torch path (tests compare the two)
         self.use_step_engine = True  # False: the op-by-op decode path (tests compare the two)
         self._step = None
+        self.engine_threads = None  # threads of the whole-step engine (None: torch's); a draft model may use fewer
         self.max_memory = None  # bytes: weights + KV cache are held to it by runtime/offload.py
         self.offload = None
 
@@ -218,7 +219,8 @@ class RuntimeModel(nn.Module):
         first = self.layers[0]
         h = dense.add_rmsnorm(x, None, first.attn_norm, first.eps).contiguous()
         cos, sin_signed = self.cos[start_pos, 0], self.sin_signed[start_pos, 0]
-        return self._step.run(x, h, start_pos, cos, sin_signed, torch.get_num_threads(), tokens=T)
+        return self._step.run(x, h, start_pos, cos, sin_signed, self.engine_threads or torch.get_num_threads(),
+                              tokens=T)
 
     @staticmethod
     def _mask(T: int, start_pos: int, window: int):
@@ -234,7 +236,7 @@ class RuntimeModel(nn.Module):
         h = dense.add_rmsnorm(x, None, first.attn_norm, first.eps)
         if self._step is not None and self.use_step_engine:  # every layer (and the lm_head) in one C call
             cos, sin_signed = self.cos[pos, 0], self.sin_signed[pos, 0]
-            logits = self._step.run(x, h, pos, cos, sin_signed, torch.get_num_threads())
+            logits = self._step.run(x, h, pos, cos, sin_signed, self.engine_threads or torch.get_num_threads())
             return self.lm_head(h) if logits is None else logits
         off = self.offload
         for i, layer in enumerate(self.layers):

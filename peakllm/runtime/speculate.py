@@ -52,8 +52,9 @@ class DraftModel:
     sampled from its own distribution q, which it returns for the acceptance rule). Its cache keeps every
     position whose token the committed sequence confirms; the rest is decoded again."""
 
-    def __init__(self, model):
+    def __init__(self, model, threads: int | None = None):
         self.model = model
+        model.engine_threads = threads  # the draft's engine threads (None: torch's; the target keeps its own)
         self.cached: list[int] = []  # tokens whose keys and values the draft's cache holds, from position 0
         self.confirmed = 0  # leading cached tokens known to be the sequence's
 
