@@ -134,12 +134,14 @@ INT8_ACT_QUALITY = Table("int8-act.jsonl", [
     ("argmax agreement", k("argmax_agreement", ".3f"))], where=lambda r: r.get("ppl_int8") is not None)
 
 SPECULATE = Table("speculate.jsonl", [
-    ("text", k("text")), ("drafter", k("drafter")), ("k", k("k")), ("threads", k("threads")), ("rounds", k("rounds")),
+    ("text", k("text")), ("drafter", k("drafter")), ("k", k("k")), ("threads", k("threads")),
+    ("draft threads", lambda r: "–" if r.get("drafter") == "prompt-lookup" else r.get("draft_threads") or r.get("threads")),
+    ("rounds", k("rounds")),
     ("plain tok/s", rounds("plain_tok_s", ".1f")), ("speculative tok/s", rounds("spec_tok_s", ".1f")),
     ("speed-up", rounds("ratios", ".2f")), ("speed-up end to end", rounds("end_to_end_ratios", ".2f")),
     ("acceptance", k("acceptance_rate", ".2f")), ("tokens / pass", k("tokens_per_step", ".2f")),
     ("identical", lambda r: "yes" if r.get("output_identical") else "no"),
-    ("load average", lambda r: "–".join(f"{x:.1f}" for x in (r.get("load_average") or [])[:2]))])
+    ("load average (1, 5 min)", lambda r: ", ".join(f"{x:.1f}" for x in (r.get("load_average") or [])[:2]))])
 
 
 def alternated(lines: list[dict]) -> list[dict]:
