@@ -284,3 +284,19 @@ def test_distribution_is_what_sample_draws_from():
     drawn = torch.stack([sample(logits, 0.8, 0.7, g) for _ in range(3000)]).flatten()
     stat, df = chi2(torch.bincount(drawn, minlength=6), p)
     assert stat < chi2_limit(df)
+
+
+@pytest.mark.slow
+def test_default_model_greedy_speculative_equals_plain(default_model):
+    """The real model (dense fp32) on code (bench_speculate.py's prompt): prompt lookup keeps drafts and the output is plain
+    decoding's, token for token."""
+    import json.encoder
+    from pathlib import Path
+
+    hf, tok = default_model
+    ids = tok(Path(json.encoder.__file__).read_text(), return_tensors="pt")["input_ids"][0, :256]
+    target = RuntimeModel.from_hf(hf, max_seq=ids.numel() + 40)
+    plain = generate(target, tok, ids, 40, stop_at_eos=False)
+    timings: dict = {}
+    spec = generate(target, tok, ids, 40, stop_at_eos=False, speculate=4, timings=timings)
+    assert timings["accepted"] > 10 and torch.equal(spec, plain)
