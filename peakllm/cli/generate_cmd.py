@@ -9,6 +9,8 @@ from peakllm.cli.common import (add_bos_option, add_act_option, add_max_memory_r
                                 add_output_options, add_threads_option, apply_act, emit, set_threads)
 from peakllm.errors import PeakError
 
+DEFAULT_K = 4  # runtime.speculate.DEFAULT_K, without importing torch to build the parser
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt (streams tokens)",
@@ -24,6 +26,14 @@ def register(sub) -> None:
     p.add_argument("--adapter", metavar="DIR", default=None,
                    help="a PEFT LoRA adapter folder (`peakllm recover --method lora`), run unmerged beside the "
                    "model's (packed) weights; generation then goes through transformers' loop, not the lean runtime")
+    p.add_argument("--speculate", type=int, default=None, metavar="K",
+                   help="speculative decoding: K tokens drafted per step and verified by the model in one pass "
+                   "(greedy output unchanged, sampling's distribution unchanged); 0 = off (default: "
+                   f"{DEFAULT_K} with --draft, else off)")
+    p.add_argument("--draft", metavar="MODEL", default=None,
+                   help="the draft model for --speculate: a more compressed form of the same model (e.g. a folder "
+                   "from `peakllm quantize --bits 2`); without it, drafts come from prompt lookup (the tokens "
+                   "that followed the last n-gram's latest earlier occurrence)")
     add_bos_option(p)
     add_max_memory_run_option(p)
     add_act_option(p)
@@ -66,13 +76,23 @@ def run(args) -> int:
         raise PeakError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise PeakError("--temperature must be >= 0 and --top-p in (0, 1]")
+    speculate = args.speculate if args.speculate is not None else (DEFAULT_K if args.draft else 0)
+    if speculate < 0:
+        raise PeakError(f"--speculate must be >= 0 tokens, got {speculate}")
+    if args.draft and speculate == 0:
+        raise PeakError("--draft needs --speculate K > 0")
+    if (speculate or args.draft) and (args.adapter or args.max_memory):
+        raise PeakError("--speculate / --draft need the lean runtime with the model in memory: drop --adapter / "
+                        "--max-memory")
     budget = memory.parse_size(args.max_memory) if args.max_memory else None
     model, tokenizer = load_model(args.model)
+    draft = load_model(args.draft)[0] if args.draft else None
     ids = prompt_ids(tokenizer, args.prompt, args.chat, bos=not args.no_bos)
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     if stream:
         sys.stdout.write(args.prompt if not args.chat else "")
     start = time.perf_counter()
+    extra: dict = {}  # what speculative decoding did
     if args.adapter:
         from peakllm.recover.lora import load_adapter
         from peakllm.runtime.hf_loop import hf_generate_text
@@ -83,12 +103,17 @@ def run(args) -> int:
         text, n_new = hf_generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
                                        top_p=args.top_p, seed=args.seed, stream=stream)
     else:
+        timings: dict = {}
         text, n_new = generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, seed=args.seed, stream=stream, max_memory=budget)
+                                    top_p=args.top_p, seed=args.seed, stream=stream, max_memory=budget,
+                                    speculate=speculate, draft_model=draft, timings=timings)
+        if timings.get("speculative"):
+            extra = {"speculate": speculate, "draft": args.draft or "prompt-lookup", "drafted": timings["drafted"],
+                     "accepted": timings["accepted"], "verify_steps": timings["steps"]}
     seconds = time.perf_counter() - start
     result = {"model": args.model, **({"adapter": args.adapter} if args.adapter else {}), "prompt": args.prompt, "text": text, "new_tokens": n_new, "seconds": seconds,
               "bos": int(ids[0, 0]) == protocol_bos(tokenizer, not args.no_bos),
-              "tokens_per_second": n_new / seconds}
+              "tokens_per_second": n_new / seconds, **extra}
     if stream:
         sys.stdout.write("\n")
         print(f"[{n_new} tokens in {seconds:.2f} s, {n_new / seconds:.1f} tok/s]", file=sys.stderr)

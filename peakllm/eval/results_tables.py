@@ -133,6 +133,16 @@ INT8_ACT_QUALITY = Table("int8-act.jsonl", [
     ("change", lambda r: f"{(r['ppl_int8'] / r['ppl_f32'] - 1) * 100:+.2f} %"),
     ("argmax agreement", k("argmax_agreement", ".3f"))], where=lambda r: r.get("ppl_int8") is not None)
 
+SPECULATE = Table("speculate.jsonl", [
+    ("text", k("text")), ("drafter", k("drafter")), ("k", k("k")), ("threads", k("threads")),
+    ("draft threads", lambda r: "–" if r.get("drafter") == "prompt-lookup" else r.get("draft_threads") or r.get("threads")),
+    ("rounds", k("rounds")),
+    ("plain tok/s", rounds("plain_tok_s", ".1f")), ("speculative tok/s", rounds("spec_tok_s", ".1f")),
+    ("speed-up", rounds("ratios", ".2f")), ("speed-up end to end", rounds("end_to_end_ratios", ".2f")),
+    ("acceptance", k("acceptance_rate", ".2f")), ("tokens / pass", k("tokens_per_step", ".2f")),
+    ("identical", lambda r: "yes" if r.get("output_identical") else "no"),
+    ("load average (1, 5 min)", lambda r: ", ".join(f"{x:.1f}" for x in (r.get("load_average") or [])[:2]))])
+
 
 def alternated(lines: list[dict]) -> list[dict]:
     """Gemma runs alternate f32 / int8 activations: one row per mode, and the ratio of each pair of runs."""
@@ -375,7 +385,7 @@ TABLES = {
     "quantize": QUANTIZE, "quality": QUALITY, "quality-cli": QUALITY_CLI, "peers": PEERS,
     "gguf-quality": GGUF_QUALITY, "lowbit": LOWBIT,
     "speed-vs-llamacpp": SPEED_VS_LLAMACPP, "int8-act-decode": INT8_ACT_DECODE, "int8-act-quality": INT8_ACT_QUALITY,
-    "speed-7b": SPEED_7B, "gemma-speed": GEMMA_SPEED,
+    "speed-7b": SPEED_7B, "gemma-speed": GEMMA_SPEED, "speculate": SPECULATE,
     "headline-qmoe": HEADLINE_QMOE, "moefy": MOEFY, "qmoe-experts": QMOE_EXPERTS, "qmoe-target-bits": QMOE_TARGET_BITS,
     "qmoe-curve": QMOE_CURVE, "qmoe-seeds": QMOE_SEEDS, "sub1-roofline": SUB1_ROOFLINE, "sub1-e2e": SUB1_E2E,
     "qmoe-scale": QMOE_SCALE, "qmoe-scale-decode": QMOE_SCALE_DECODE,

@@ -233,6 +233,23 @@ static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Wor
     }
 }
 
+// Whether row b of y = x @ W.T comes out the same whatever the number of rows of x: dense rows, the
+// int8-activation int-k path and the sub-1-bit stream compute each row of x alone; the fp32-activation
+// int-k and the sparse paths pick other tiles at one row (tile4_b1, nm24_tile4_b1).
+static inline bool lin_row_exact(const Lin& L) {
+    return L.kind == LIN_F32 || L.kind == LIN_BF16 || L.kind == LIN_SUB1 || lin_stealable(L);
+}
+
+// lin_rows for the R = B * T rows of a multi-token step: a linear whose rows would not equal the one-token
+// step's takes them one row at a time (its weights read R times), so a verified token's logits are the
+// logits that decoding it alone gives, bit for bit.
+template <typename TX>
+static void lin_rows_multi(const Lin& L, const TX* x, TX* y, int R, int t, int nt, Work& w, std::atomic<int>& err,
+                           RowClaim* claims) {
+    if (R == 1 || lin_row_exact(L)) return lin_rows<TX>(L, x, y, R, t, nt, w, err, claims);
+    for (int r = 0; r < R; ++r) lin_rows<TX>(L, x + (size_t)r * L.in, y + (size_t)r * L.out, 1, t, nt, w, err);
+}
+
 // The MoE MLP of one token (B = 1, fp32) from h = mlp_norm(x) into d [dim]: router + top-k by thread 0,
 // then every thread takes the same band of the I rows of each selected expert's gate and up (so it
 // can apply SiLU * up itself), then a band of the dim output rows of every expert's down, summed.
@@ -250,11 +267,15 @@ static size_t scratch_size(const Layer* layers, int n_layers, int B) {
     return most;
 }
 
-// x [B, dim]: the residual stream (updated in place); h [B, dim]: attn_norm(x) of layer 0 on entry,
-// the final norm's output on return; logits [B, head->out] when head is given.
+// x [B*T, dim]: the residual stream (updated in place); h [B*T, dim]: attn_norm(x) of layer 0 on entry,
+// the final norm's output on return; logits [B*T, head->out] when head is given. T tokens of each sequence
+// at positions pos .. pos+T-1 (T > 1: speculative verification; row r is sequence r / T at position
+// pos + r % T): every row's key and value go into the cache before any row attends, row r attending to the
+// keys up to its own position, so each row's numbers are those of decoding its token alone. cos / sin_signed
+// point at position pos of a [positions, head_dim] table (T > 1 reads the rows after it).
 template <typename TX>
-static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x, TX* h, TX* logits, int B, int pos,
-                        const TX* cos, const TX* sin_signed, TX* scratch, int nthreads) {
+static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x, TX* h, TX* logits, int B, int T,
+                        int pos, const TX* cos, const TX* sin_signed, TX* scratch, int nthreads) {
     Barrier bar;
     std::atomic<int> err{0};
     // one RowClaim per thread for each linear of the step (at most seven a layer and the head), in the order
@@ -266,46 +287,53 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         static thread_local Work w;
         size_t seq = 0;
+        const int R = B * T;  // rows of every linear
         auto next = [&] { return claims.get() + most * seq++; };
         int lo, hi;
         for (int li = 0; li < n_layers; ++li) {
             const Layer& L = layers[li];
             const int dim = L.dim, H = L.n_heads, KV = L.n_kv, D = L.head_dim, I = L.inter;
             const size_t qd = (size_t)H * D, kvd = (size_t)KV * D;
-            TX *q = scratch, *k = q + B * qd, *v = k + B * kvd, *a = v + B * kvd;
-            TX *o = a + B * qd, *g = o + (size_t)B * dim, *u = g + (size_t)B * I, *act = u + (size_t)B * I;
-            TX* d = act + (size_t)B * I;
-            w.attn.resize(3 * (size_t)D + pos + 1);
+            TX *q = scratch, *k = q + R * qd, *v = k + R * kvd, *a = v + R * kvd;
+            TX *o = a + R * qd, *g = o + (size_t)R * dim, *u = g + (size_t)R * I, *act = u + (size_t)R * I;
+            TX* d = act + (size_t)R * I;
+            w.attn.resize(3 * (size_t)D + pos + T);
             const TX* lcos = L.rope_cos ? (const TX*)L.rope_cos + (size_t)pos * D : cos;
             const TX* lsin = L.rope_sin ? (const TX*)L.rope_sin + (size_t)pos * D : sin_signed;
 
-            lin_rows<TX>(L.q, h, q, B, t, nt, w, err, next());
-            lin_rows<TX>(L.k, h, k, B, t, nt, w, err, next());
-            lin_rows<TX>(L.v, h, v, B, t, nt, w, err, next());
+            lin_rows_multi<TX>(L.q, h, q, R, t, nt, w, err, next());
+            lin_rows_multi<TX>(L.k, h, k, R, t, nt, w, err, next());
+            lin_rows_multi<TX>(L.v, h, v, R, t, nt, w, err, next());
             bar.wait(nt);
             if (L.qk_norm_full) {  // in place, one row of q or k per item; the heads below see no norm
-                share(2 * B, 1, t, nt, lo, hi);
+                share(2 * R, 1, t, nt, lo, hi);
                 for (int i = lo; i < hi; ++i) {
-                    TX* r = i < B ? q + (size_t)i * qd : k + (size_t)(i - B) * kvd;
-                    add_rmsnorm<TX>(r, nullptr, i < B ? L.qn : L.kn, L.norm_f32w, r, 1, i < B ? (int)qd : (int)kvd,
+                    TX* r = i < R ? q + (size_t)i * qd : k + (size_t)(i - R) * kvd;
+                    add_rmsnorm<TX>(r, nullptr, i < R ? L.qn : L.kn, L.norm_f32w, r, 1, i < R ? (int)qd : (int)kvd,
                                     L.qk_eps);
                 }
                 bar.wait(nt);
             }
             const void *head_qn = L.qk_norm_full ? nullptr : L.qn, *head_kn = L.qk_norm_full ? nullptr : L.kn;
-            share(B * KV, 1, t, nt, lo, hi);
-            for (int i = lo; i < hi; ++i)
-                kv_append<TX>(k, v, head_kn, L.norm_f32w, L.qk_eps, lcos, lsin, (TX*)L.kc, (TX*)L.vc, i / KV, i % KV,
-                              KV, D, L.max_seq, pos, w.attn.data());
+            share(R * KV, 1, t, nt, lo, hi);
+            for (int i = lo; i < hi; ++i) {  // row r's keys and values: the source rows shifted to r, batch r / T
+                const int r = i / KV, at = r % T;
+                kv_append<TX>(k + (size_t)(r - r / T) * kvd, v + (size_t)(r - r / T) * kvd, head_kn, L.norm_f32w,
+                              L.qk_eps, lcos + (size_t)at * D, lsin + (size_t)at * D, (TX*)L.kc, (TX*)L.vc, r / T,
+                              i % KV, KV, D, L.max_seq, pos + at, w.attn.data());
+            }
             bar.wait(nt);
-            share(B * H, 1, t, nt, lo, hi);
-            for (int i = lo; i < hi; ++i)
-                attend_head<TX>(q, head_qn, L.norm_f32w, L.qk_eps, lcos, lsin, (const TX*)L.kc, (const TX*)L.vc, a,
-                                i / H, i % H, H, KV, D, L.max_seq, pos, L.scale, L.window, w.attn.data());
+            share(R * H, 1, t, nt, lo, hi);
+            for (int i = lo; i < hi; ++i) {
+                const int r = i / H, at = r % T;
+                attend_head<TX>(q + (size_t)(r - r / T) * qd, head_qn, L.norm_f32w, L.qk_eps, lcos + (size_t)at * D,
+                                lsin + (size_t)at * D, (const TX*)L.kc, (const TX*)L.vc, a + (size_t)(r - r / T) * qd,
+                                r / T, i % H, H, KV, D, L.max_seq, pos + at, L.scale, L.window, w.attn.data());
+            }
             bar.wait(nt);
-            lin_rows<TX>(L.o, a, o, B, t, nt, w, err, next());
+            lin_rows_multi<TX>(L.o, a, o, R, t, nt, w, err, next());
             bar.wait(nt);
-            share(B, 1, t, nt, lo, hi);
+            share(R, 1, t, nt, lo, hi);
             for (int b = lo; b < hi; ++b) {
                 if (L.post_attn_norm)  // in place: o = rmsnorm(o) * w
                     add_rmsnorm<TX>(o + (size_t)b * dim, nullptr, L.post_attn_norm, L.norm_f32w, o + (size_t)b * dim,
@@ -320,16 +348,16 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
                     goto residual;
                 }
             }
-            lin_rows<TX>(L.g, h, g, B, t, nt, w, err, next());
-            lin_rows<TX>(L.u, h, u, B, t, nt, w, err, next());
+            lin_rows_multi<TX>(L.g, h, g, R, t, nt, w, err, next());
+            lin_rows_multi<TX>(L.u, h, u, R, t, nt, w, err, next());
             bar.wait(nt);
-            share(B * I, 8, t, nt, lo, hi);
+            share(R * I, 8, t, nt, lo, hi);
             if (lo < hi) gated_act<TX>(L.act, g + lo, u + lo, act + lo, hi - lo);
             bar.wait(nt);
-            lin_rows<TX>(L.d, act, d, B, t, nt, w, err, next());
+            lin_rows_multi<TX>(L.d, act, d, R, t, nt, w, err, next());
             bar.wait(nt);
         residual:
-            share(B, 1, t, nt, lo, hi);
+            share(R, 1, t, nt, lo, hi);
             for (int b = lo; b < hi; ++b) {
                 if (L.post_mlp_norm)
                     add_rmsnorm<TX>(d + (size_t)b * dim, nullptr, L.post_mlp_norm, L.norm_f32w, d + (size_t)b * dim,
@@ -339,7 +367,7 @@ static int decode_step(const Layer* layers, int n_layers, const Lin* head, TX* x
             }
             bar.wait(nt);
         }
-        if (head) lin_rows<TX>(*head, h, logits, B, t, nt, w, err, next());
+        if (head) lin_rows_multi<TX>(*head, h, logits, R, t, nt, w, err, next());
     }
     return err.load();
 }
@@ -450,8 +478,9 @@ int lin_sweep_f32(const Lin* lins, int n, const float* x, float* y, int reps, in
 
 #define STEP_EXPORT(X, S)                                                                                   \
     int decode_step_##S(const Layer* layers, int n_layers, const Lin* head, X* x, X* h, X* logits, int B,    \
-                        int pos, const X* cos, const X* sin_signed, X* scratch, int nthreads) {              \
-        return decode_step<X>(layers, n_layers, head, x, h, logits, B, pos, cos, sin_signed, scratch, nthreads);   \
+                        int T, int pos, const X* cos, const X* sin_signed, X* scratch, int nthreads) {       \
+        return decode_step<X>(layers, n_layers, head, x, h, logits, B, T, pos, cos, sin_signed, scratch,       \
+                              nthreads);                                                                     \
     }
 STEP_EXPORT(float, f32)
 STEP_EXPORT(bf16_t, bf16)

@@ -80,7 +80,7 @@ def _kernels() -> dict:
             for dtype, s in _SUFFIX.items():
                 fn = getattr(lib, f"decode_step_{s}")
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_void_p] * 3 + [
-                    ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+                    ctypes.c_int, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
                 fn.restype = ctypes.c_int
                 _fns[dtype] = fn
             size = lib.decode_scratch_size
@@ -224,24 +224,41 @@ def lin_sweep(lins: list[Lin], x: torch.Tensor, reps: int, threads: int) -> torc
 
 
 class Step:
-    """The C description of a whole model for one batch size; `run` decodes one token."""
+    """The C description of a whole model for one batch size; `run` decodes one token of each sequence, or
+    T consecutive tokens of each (speculative verification: each token's logits are those of decoding it
+    alone, see decode.cpp)."""
 
     def __init__(self, layers: list[Layer], head: Lin | None, dtype: torch.dtype, batch: int, keep: list):
         self.layers = (Layer * len(layers))(*layers)
         self.head = head
         self.dtype, self.batch = dtype, batch
         self._keep = keep  # every tensor a pointer above refers to
-        n = _kernels()["scratch_size"](self.layers, len(layers), batch)
-        self.scratch = torch.empty(int(n), dtype=dtype)
+        self.scratch = torch.empty(0, dtype=dtype)
+        self._scratch_rows = 0
+        self._grow_scratch(batch)
         self.fn = _kernels()[dtype]
         self.vocab = None if head is None else head.out_features
+        self.multi_token = not any(layer.moe for layer in layers)  # a MoE block decodes one token at a time
+
+    def _grow_scratch(self, rows: int) -> None:
+        if rows > self._scratch_rows:
+            n = _kernels()["scratch_size"](self.layers, len(self.layers), rows)
+            self.scratch = torch.empty(int(n), dtype=self.dtype)
+            self._scratch_rows = rows
 
     def run(self, x: torch.Tensor, h: torch.Tensor, pos: int, cos: torch.Tensor, sin_signed: torch.Tensor,
-            threads: int) -> torch.Tensor | None:
-        """x [B, 1, dim] residual (in place), h = attn_norm(x) of layer 0 (becomes the final norm's
-        output); returns logits [B, 1, vocab] when the engine has the lm_head, else None."""
-        logits = None if self.head is None else torch.empty(x.shape[0], 1, self.vocab, dtype=self.dtype)
+            threads: int, tokens: int = 1) -> torch.Tensor | None:
+        """x [B, T, dim] residual (in place), h = attn_norm(x) of layer 0 (becomes the final norm's
+        output), T = `tokens` at positions pos .. pos+T-1; cos / sin_signed: position pos's row of a contiguous
+        [positions, 1, head_dim] table. Returns logits [B, T, vocab] when the engine has the lm_head, else None."""
+        B = x.shape[0]
+        if tokens > 1 and not self.multi_token:
+            raise PeakError("the decode engine verifies several tokens only without MoE blocks")
+        if tokens > 1 and not (x.is_contiguous() and h.is_contiguous() and x.shape[1] == tokens):
+            raise PeakError("decode engine: x and h must be contiguous [batch, tokens, dim]")
+        self._grow_scratch(B * tokens)
+        logits = None if self.head is None else torch.empty(B, tokens, self.vocab, dtype=self.dtype)
         _check(self.fn(self.layers, len(self.layers), None if self.head is None else ctypes.byref(self.head),
-                       x.data_ptr(), h.data_ptr(), _p(logits), x.shape[0], pos, cos.data_ptr(), sin_signed.data_ptr(),
+                       x.data_ptr(), h.data_ptr(), _p(logits), B, tokens, pos, cos.data_ptr(), sin_signed.data_ptr(),
                        self.scratch.data_ptr(), threads))
         return logits

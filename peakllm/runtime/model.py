@@ -89,6 +89,7 @@ class RuntimeModel(nn.Module):
         self.use_fused = True  # False forces the plain torch path (tests compare the two)
         self.use_step_engine = True  # False: the op-by-op decode path (tests compare the two)
         self._step = None
+        self.engine_threads = None  # threads of the whole-step engine (None: torch's); a draft model may use fewer
         self.max_memory = None  # bytes: weights + KV cache are held to it by runtime/offload.py
         self.offload = None
 
@@ -198,6 +199,29 @@ class RuntimeModel(nn.Module):
             x = x[:, -1:]
         return self.lm_head(rms_norm(x, self.norm_weight, self.norm_eps))
 
+    def can_decode_tokens(self) -> bool:
+        """Whether `decode_tokens` runs (the whole-step engine holds every layer and the lm_head, in memory)."""
+        return (self.use_fused and self.use_step_engine and isinstance(self._step, decode.Step)
+                and self._step.multi_token and self._step.head is not None)
+
+    @torch.inference_mode()
+    def decode_tokens(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """logits [B, T, vocab] of T tokens at start_pos.. in one engine pass over the weights, each row equal
+        bit for bit to decoding its token alone (speculative verification: runtime/speculate.py). Positions
+        past the accepted ones need no rollback: the cache is read only up to the position decoded."""
+        B, T = tokens.shape
+        end = start_pos + T
+        if not self.can_decode_tokens():
+            raise PeakError("several tokens per step need the whole-step decode engine for every layer")
+        if self.k_cache is None or B != self.batch or end > self.k_cache.shape[3]:
+            raise PeakError(f"KV cache not set up for batch {B} and {end} tokens (call setup_cache)")
+        x = self.embed_tokens(tokens).contiguous()
+        first = self.layers[0]
+        h = dense.add_rmsnorm(x, None, first.attn_norm, first.eps).contiguous()
+        cos, sin_signed = self.cos[start_pos, 0], self.sin_signed[start_pos, 0]
+        return self._step.run(x, h, start_pos, cos, sin_signed, self.engine_threads or torch.get_num_threads(),
+                              tokens=T)
+
     @staticmethod
     def _mask(T: int, start_pos: int, window: int):
         """Which of the keys 0..start_pos+T-1 each of T queries sees (None: plain causal from 0, T > 1;
@@ -212,7 +236,7 @@ class RuntimeModel(nn.Module):
         h = dense.add_rmsnorm(x, None, first.attn_norm, first.eps)
         if self._step is not None and self.use_step_engine:  # every layer (and the lm_head) in one C call
             cos, sin_signed = self.cos[pos, 0], self.sin_signed[pos, 0]
-            logits = self._step.run(x, h, pos, cos, sin_signed, torch.get_num_threads())
+            logits = self._step.run(x, h, pos, cos, sin_signed, self.engine_threads or torch.get_num_threads())
             return self.lm_head(h) if logits is None else logits
         off = self.offload
         for i, layer in enumerate(self.layers):
