@@ -11,6 +11,7 @@ Configs (--configs, comma-separated):
   plain2.5   GPTQ W2 g64 asymmetric (2.375 bits)
   ours3      --target-bits 3.0 --rotate --sink-weight 10 (per-matrix grids from --grids)
   ours2.5    --target-bits 2.5 --rotate --sink-weight 10
+  ours3m / ours2.5m   the same with every candidate's clipping range searched (--mse's search)
   alloc3 / alloc2.5   the allocation without rotation (what the rotation adds)
 
   HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/bench_lowbit.py --configs plain3,ours3 --seeds 0,1,2
@@ -29,11 +30,14 @@ from pathlib import Path
 from results_line import REPO, append
 
 GRIDS = "2g32s,2g64s,2g128s,3g64s,3g128s,4g128s"
+GRIDS_MSE = ",".join(g + "m" for g in GRIDS.split(","))  # the same grids with the clipping range searched
 CONFIGS = {
     "plain3": ["--bits", "3", "--group-size", "-1"],
     "plain2.5": ["--bits", "2", "--group-size", "64"],
     "ours3": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours2.5": ["--target-bits", "2.5", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
+    "ours3m": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS_MSE],
+    "ours2.5m": ["--target-bits", "2.5", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS_MSE],
     "alloc3": ["--target-bits", "3.0", "--target-grids", GRIDS],
     "alloc2.5": ["--target-bits", "2.5", "--target-grids", GRIDS],
 }

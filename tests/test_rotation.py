@@ -174,6 +174,7 @@ def test_engine_applies_the_rotation():
 def test_allocation_plan_checks_before_work(tiny_llama):
     grids = parse_grids("2g32s,4g64")
     assert grids == (Grid("affine", 2, 32, sym=True), Grid("affine", 4, 64))
+    assert parse_grids("3g-1sm") == (Grid("affine", 3, -1, sym=True, mse=True),)
     with pytest.raises(PeakError, match="BITSgGROUP"):
         parse_grids("5g32")
     plan = GridPlan(3.0, grids, rotate=True)

@@ -28,23 +28,24 @@ LOSS_ROWS = 128  # rows of each matrix the measuring pass solves (rows are indep
 # 2 to 4 bits, groups of 64 and 128, symmetric (no zeros stored) or not: the choice the allocation has unless
 # --target-grids narrows or widens it
 DEFAULT_GRIDS = "2g64s,2g64,2g128s,3g64s,3g128s,3g128,4g64s,4g128s,4g128"
-_TOKEN = re.compile(r"^([2348])g(-1|\d+)(s?)$")
+_TOKEN = re.compile(r"^([2348])g(-1|\d+)(s?)(m?)$")
 
 
 def parse_grids(text: str) -> tuple[Grid, ...]:
-    """'3g128s,4g64' -> the int-k grids (bits, group size, s = symmetric) an allocation chooses from."""
+    """'3g128s,4g64m' -> the int-k grids an allocation chooses from: bits, group size, s = symmetric, m = the
+    clipping range searched for the least squared error (--mse) instead of min-max."""
     grids = []
     for token in (t.strip() for t in text.split(",")):
         m = _TOKEN.match(token)
         if not m or m.group(2) == "0":
-            raise PeakError(f"--target-grids takes BITSgGROUP[s] items such as 3g128s or 4g64 (bits 2, 3, 4 or 8; "
-                            f"group -1 for one per row; s: symmetric), got {token!r}")
-        grids.append(Grid("affine", int(m.group(1)), int(m.group(2)), sym=bool(m.group(3))))
+            raise PeakError(f"--target-grids takes BITSgGROUP[s][m] items such as 3g128s or 4g64m (bits 2, 3, 4 or "
+                            f"8; group -1 for one per row; s: symmetric; m: clipping searched), got {token!r}")
+        grids.append(Grid("affine", int(m.group(1)), int(m.group(2)), sym=bool(m.group(3)), mse=bool(m.group(4))))
     return tuple(dict.fromkeys(grids))
 
 
 def grid_name(grid: Grid) -> str:
-    return f"{grid.bits}g{grid.group_size}{'s' if grid.sym else ''}"
+    return f"{grid.bits}g{grid.group_size}{'s' if grid.sym else ''}{'m' if grid.mse else ''}"
 
 
 def intk_bytes(grid: Grid, shape: tuple[int, int], rotate: bool) -> int:

@@ -43,7 +43,8 @@ def register(sub) -> None:
                    "zeros, rotation signs), each matrix's grid chosen from --target-grids the same way")
     p.add_argument("--target-grids", default=None, metavar="G,G,...",
                    help="with --target-bits and int-k --format peakllm: the grids the allocation chooses from, each "
-                   "BITSgGROUP[s] (s: symmetric, stored without zeros), e.g. 2g64s,3g128s,4g128 (default: "
+                   "BITSgGROUP[s][m] (s: symmetric, stored without zeros; m: clipping range searched as --mse does), e.g. "
+                   "2g64sm,3g128s,4g128 (default: "
                    "2g64s,2g64,2g128s,3g64s,3g128s,3g128,4g64s,4g128s,4g128)")
     p.add_argument("--rotate", action="store_true",
                    help="int-k, --format peakllm: solve every matrix in a randomly rotated input basis (block "
