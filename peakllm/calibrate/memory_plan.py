@@ -95,10 +95,8 @@ def choose_path(spec: RunSpec, recipe) -> tuple[bool, MemoryPlan | None]:
         return False, None  # predicted once loaded (run.run_in_memory)
     try:
         sm = StreamedModel.open(spec.model)
-    except PeakError:
-        if spec.stream == "off" or kind == "default":
-            return False, None  # e.g. weights not in safetensors: loaded, then predicted
-        raise
+    except PeakError:  # no skeleton (e.g. a layout transformers renames on load), so it cannot stream either:
+        return False, None  # loaded, then predicted (check_loaded)
     if hasattr(recipe, "moe"):
         recipe.moe = is_moe(sm.model)
     plan = plan_in_memory(sm.model, spec, recipe, source_bytes=sm.bytes_on_disk())
