@@ -24,7 +24,7 @@ from peakllm.calibrate.recipes import QuantRecipe
 from peakllm.calibrate.run_streamed import plan_memory
 from peakllm.calibrate.spec import RunSpec
 from peakllm.errors import PeakError
-from peakllm.models.anatomy import decoder_layers
+from peakllm.models.anatomy import decoder_layers, is_moe
 from peakllm.models.stream import StreamedModel
 from peakllm.plan.probe import Probe
 from peakllm.plan.sizes import read_per_token, weight_bytes
@@ -145,7 +145,13 @@ def candidate_plans(spec: PlanSpec, probe: Probe) -> list[Plan]:
     """Every candidate with its costs, the recommended one first, then the others that fit, then the rest."""
     if spec.goal not in GOALS:
         raise PeakError(f"--goal must be one of {', '.join(GOALS)}, got {spec.goal!r}")
-    sm = StreamedModel.open(spec.model)  # the meta skeleton: shapes, no weights
+    try:
+        sm = StreamedModel.open(spec.model)  # the meta skeleton: shapes, no weights
+    except PeakError as exc:
+        raise PeakError(f"plan reads the shapes of a Hugging Face safetensors folder or a built-in model: "
+                        f"{str(exc).splitlines()[0]}") from None
+    if is_moe(sm.model):
+        raise PeakError("plan costs dense models only: a MoE's experts (routed, cached) are not modelled yet")
     plans = []
     for method, bits in CANDIDATES:
         plan = Plan(method, bits)

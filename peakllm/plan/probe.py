@@ -23,7 +23,7 @@ import torch
 
 from peakllm.paths import cache_dir
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx_vnni")
 DECODE_BITS = (2, 3, 4, 8)
 
@@ -82,7 +82,7 @@ def intk_rate(bits: int, size_bytes: int = 48 << 20, repeats: int = 5) -> float:
         return nbytes / _best_seconds(lambda: lin(x), repeats) / 1e9
 
 
-def matmul_rate(n: int = 1024, repeats: int = 3) -> float:
+def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n ** 3 / _best_seconds(lambda: a @ b, repeats) / 1e9
 
