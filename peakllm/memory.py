@@ -1,6 +1,6 @@
 """The process's memory: sizes parsed and printed, what the machine has available, this process's RSS and
-peak, and how malloc returns freed heap. Every room may use it (a streamed run's predicted peak is the
-pipeline's: calibrate/budget.py)."""
+peak, and how malloc returns freed heap. Every room may use it (a run's predicted peak, streamed or in
+memory, is the pipeline's: calibrate/budget.py)."""
 
 from __future__ import annotations
 

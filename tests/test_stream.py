@@ -297,10 +297,13 @@ def test_prediction_and_peak_are_reported(capsys, monkeypatch, tmp_path, llama_d
     hessians = 4 * max(3 * h * h, i * i)  # q/k/v/gate/up share an input width (at most 3 held), down its own
     forward = 4 * 64 * (3 * i + 4 * i) + 4 * 2 * 4 * 32 * 32  # 64 tokens a batch through the widest matmuls; scores
     solve = 4 * max(4 * h * h + 3 * h * i, 4 * i * i + 3 * i * h)  # H, its copies and W for the biggest matrix
+    embed = 4 * v * h  # the input embedding, read before capture and held to the end
+    rounding = 5 * v * h  # --embed-bits 8 (the default): an fp32 copy and uint8 codes of one outer matrix
     phases = {
-        "capture (embedding in fp32)": common + 4 * v * h,
-        "largest decoder layer": common + 4 * params + max(4 * params, hessians + forward, hessians + solve),
-        "the rest (embedding, norm, lm_head in fp32) written last": common + 4 * (2 * v * h + h),
+        "capture (embedding in fp32)": common + embed + rounding,
+        "largest decoder layer": common + embed + 4 * params + max(4 * params, hessians + forward, hessians + solve),
+        "the rest (embedding, norm, lm_head in fp32) written last": common + 4 * (2 * v * h + h) + 3 * 4 * 512 * v
+        + rounding + 2 * v * h * (1 + 8 // 8),  # both outer matrices' codes and their packed int8 bytes
         "evaluation head (norm + lm_head fp32, logits)": eval_acts + 4 * v * h + 3 * 4 * 512 * v,
     }
     phase = max(phases, key=phases.get)

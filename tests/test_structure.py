@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "peakllm"
-ROOMS = ("calibrate", "cli", "data", "eval", "formats", "kernels", "models", "recover", "runtime", "serve", "solvers")
+ROOMS = ("calibrate", "cli", "data", "eval", "formats", "kernels", "models", "plan", "recover", "runtime", "serve",
+         "solvers")
 MAX_MODULE_LINES = 400
 MAX_PIPELINE_FUNCTION_LINES = 80
 

@@ -76,7 +76,5 @@ def quantize_outer(model: nn.Module, grid: Grid | str | None, *, loaded_only: bo
         if result is None:
             continue
         weight.data.copy_(result.weight.to(weight.dtype))  # a tied lm_head shares this tensor
-        if result.weight.dtype == weight.dtype:
-            result.weight = weight.data  # one copy of a 7B model's 0.8 GB embedding, not two
-        results[name] = result
+        results[name] = result.held_in(weight.data)  # one copy of a 7B model's 0.8 GB embedding, not two
     return results

@@ -116,6 +116,7 @@ def compress_experts(prefix: str, experts: nn.Module, part: str, stats: list[dic
         name = f"{prefix}.{part}.{e}"
         if result is not None:
             param.data[e].copy_(result.weight.to(param.dtype))
+            result = result.held_in(param.data[e])
             report.modules[name] = result if keep is None else keep(name, result)
             info = getattr(result, "info", None)
             if info is not None:

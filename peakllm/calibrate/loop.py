@@ -227,7 +227,7 @@ def _compress_layer(layer, prefix: str, li: int, moe: bool, method, acts: Activa
 
 def _store(mod: nn.Linear, full: str, result, report: CalibrationReport, io) -> None:
     mod.weight.data.copy_(result.weight.to(mod.weight.dtype))
-    report.modules[full] = io.keep(full, result)
+    report.modules[full] = io.keep(full, result.held_in(mod.weight.data))
     info = getattr(result, "info", None)
     if info is not None:
         report.damping_escalations += int(info.retries > 0)
@@ -246,7 +246,7 @@ def _compress_without_data(layers, prefix: str, moe: bool, method, report: Calib
             result = method.compress(full, li, mod.weight.data, {"tokens": 0})
             if result is not None:
                 mod.weight.data.copy_(result.weight.to(mod.weight.dtype))
-                report.modules[full] = io.keep(full, result)
+                report.modules[full] = io.keep(full, result.held_in(mod.weight.data))
         report.seconds["solver"] += time.perf_counter() - t0
         for name, experts in fused_experts(layer).items():
             for part in PARTS:

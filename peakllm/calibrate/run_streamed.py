@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from peakllm.calibrate.checkpoint import STATE_VERSION, Checkpoint, restore_repo
 from peakllm.calibrate.distributed import workers
 from peakllm.calibrate.embeddings import grid_of, quantize_outer
 from peakllm.calibrate.loop import calibrate
+from peakllm.calibrate.memory_plan import DEFAULT_OFFLOAD, MemoryPlan, limit_of
 from peakllm.calibrate.preflight import check_disk, check_run
 from peakllm.calibrate.recipes import ggml_type_for
 from peakllm.calibrate.spec import EVAL_SEQLEN, RunSpec
@@ -47,26 +47,21 @@ from peakllm.models.anatomy import compressible_linears, is_moe, outer_modules
 from peakllm.models.stream import StreamedModel
 
 
-@dataclass
-class MemoryPlan:
-    budget_bytes: int | None
-    offload_bytes: int          # calibration activations held in RAM before they spill to disk
-    prediction: dict
-
-
 def plan_memory(sm, spec: RunSpec, recipe) -> MemoryPlan:
     """The run's predicted peak (calibrate/budget.py); over the budget, spill activations until it fits or refuse."""
     hessian = "hessian" in recipe.stats
     needs_data = bool(set(recipe.stats) - {"tokens"})
     calib_tokens = spec.calib_samples * spec.calib_seqlen if needs_data else 0
-    limit = spec.max_memory_bytes if spec.max_memory_bytes is not None else memory.available_bytes()
-    offload = 2 << 30
-    gguf_outer = None
+    limit = limit_of(spec)
+    offload = DEFAULT_OFFLOAD
+    gguf_outer = intk_outer = None
     if spec.format == "gguf":
         types = gguf_types(sm, spec, recipe)
         gguf_outer = [mod.weight.numel() for name, mod in outer_modules(sm.model).items() if f"{name}.weight" in types]
+    elif spec.embed_grid is not None:
+        intk_outer = ([mod.weight.numel() for mod in outer_modules(sm.model).values()], spec.embed_grid.bits)
     kw = dict(calib_tokens=calib_tokens, calib_seqlen=spec.calib_seqlen, batch_size=spec.batch_size,
-              hessian=hessian, eval_tokens=spec.eval_tokens, gguf_outer=gguf_outer)
+              hessian=hessian, eval_tokens=spec.eval_tokens, gguf_outer=gguf_outer, intk_outer=intk_outer)
     pred = budget.predict(sm, offload_bytes=offload, **kw)
     if limit is not None and pred["predicted_peak_bytes"] > limit:
         spill = budget.predict(sm, offload_bytes=0, **kw)
@@ -79,7 +74,7 @@ def plan_memory(sm, spec: RunSpec, recipe) -> MemoryPlan:
                 "a shorter --calib-seqlen, --eval-tokens 0, or a larger --max-memory would help")
         offload = room // 2
         pred = budget.predict(sm, offload_bytes=offload, **kw)
-    return MemoryPlan(limit, offload, pred)
+    return MemoryPlan(spec.max_memory_bytes, limit, offload, pred)
 
 
 def output_estimate(sm, recipe, fmt: str) -> int:
@@ -284,8 +279,7 @@ def _streamed_facts(sm, spec: RunSpec, report, io: StreamIO, writer, plan: Memor
              "damping_escalations": report.damping_escalations, "solver_fallbacks": report.fallbacks,
              "params": sm.num_params(), "input_bytes": sm.bytes_on_disk(),
              "random_weights": (sm.folder / "PEAKLLM_SYNTH.json").is_file(),
-             "max_memory_bytes": plan.budget_bytes, "predicted_peak_rss_bytes": plan.prediction["predicted_peak_bytes"],
-             "predicted_peak_phase": plan.prediction["peak_phase"], "peak_rss_bytes": memory.peak_rss_bytes(),
+             **plan.facts(), "peak_rss_bytes": memory.peak_rss_bytes(),
              "rss_after_layer_bytes": [io.rss_after_layer[0], io.rss_after_layer[-1]] if io.rss_after_layer else None,
              "output": str(out), "format": spec.format, "model": spec.model}
     if io.mask_total:

@@ -18,7 +18,8 @@ import sys
 
 from peakllm.errors import PeakError
 
-COMMANDS = ["eval", "generate", "info", "report", "prune", "quantize", "moefy", "bench", "synth", "serve", "recover"]  # extended by later issues
+COMMANDS = ["eval", "generate", "info", "report", "prune", "quantize", "moefy", "bench", "synth", "serve", "recover",
+            "plan"]  # extended by later issues
 
 DESCRIPTION = """\
 peakllm makes real LLMs smaller and faster on limited hardware and measures the result.
