@@ -25,9 +25,11 @@ from peakllm.solvers.grids import Grid
 from peakllm.solvers.rotated import gptq_rotated, rtn_rotated
 
 LOSS_ROWS = 128  # rows of each matrix the measuring pass solves (rows are independent given H)
-# 2 to 4 bits, groups of 64 and 128, symmetric (no zeros stored) or not: the choice the allocation has unless
-# --target-grids narrows or widens it
-DEFAULT_GRIDS = "2g64s,2g64,2g128s,3g64s,3g128s,3g128,4g64s,4g128s,4g128"
+# 2 to 4 bits, groups of 32 to 128, symmetric (no zeros stored), each with its clipping range searched: the
+# choice the allocation has unless --target-grids narrows or widens it. The search is what makes 2 bits usable:
+# on the default model at 2.5 bits/param, rotated, 76 wiki ppl with it against 1113 with min-max grids
+# (docs/results/quantization.md, "Below 4 bits")
+DEFAULT_GRIDS = "2g32sm,2g64sm,2g128sm,3g64sm,3g128sm,4g64sm,4g128sm"
 _TOKEN = re.compile(r"^([2348])g(-1|\d+)(s?)(m?)$")
 
 

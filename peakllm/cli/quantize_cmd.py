@@ -45,7 +45,7 @@ def register(sub) -> None:
                    help="with --target-bits and int-k --format peakllm: the grids the allocation chooses from, each "
                    "BITSgGROUP[s][m] (s: symmetric, stored without zeros; m: clipping range searched as --mse does), e.g. "
                    "2g64sm,3g128s,4g128 (default: "
-                   "2g64s,2g64,2g128s,3g64s,3g128s,3g128,4g64s,4g128s,4g128)")
+                   "2g32sm,2g64sm,2g128sm,3g64sm,3g128sm,4g64sm,4g128sm)")
     p.add_argument("--rotate", action="store_true",
                    help="int-k, --format peakllm: solve every matrix in a randomly rotated input basis (block "
                    "Hadamard with random signs: QuIP#'s incoherence processing), which spreads outlier columns "
