@@ -136,7 +136,8 @@ def run(args) -> int:
             raise PeakError("with --target-bits each matrix's grid comes from --target-grids: drop --bits, "
                             "--group-size, --sym, --mse and --dense-bits")
         if not 1.0 <= args.target_bits <= 16.0:
-            raise PeakError(f"--target-bits for int-k grids must be between 1 and 16 bits/param, got {args.target_bits}")
+            raise PeakError(f"--target-bits {args.target_bits}: int-k grids (--format peakllm) take 1 to 16 bits/param; "
+                            "below 1 bit, --target-bits needs --method gptq --bits ternary --format sub1")
         target = GridPlan(args.target_bits, parse_grids(args.target_grids or DEFAULT_GRIDS), rotate=args.rotate)
     elif args.target_bits is not None:
         if not (ternary and args.method == "gptq" and args.format == "sub1" and not args.mse):
