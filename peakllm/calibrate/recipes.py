@@ -211,6 +211,7 @@ class QuantRecipe:
         grid = self.grid_for(name, self.moe)
         if grid is None:
             return None
+        rot = rotation_for(name, W.shape[1], self.seed) if self.rotate and grid.kind == "affine" else None
         if self.method == "gptq":
             kw = {"blocksize": self.blocksize, "damp": self.damp, "act_order": self.act_order}
             if self.zero_share_for is not None and grid.kind == "ternary":
@@ -222,10 +223,8 @@ class QuantRecipe:
                                                    rate_hint=self._rates.get(kind), **kw)
                 self._rates[kind] = rate  # the next matrix of this kind starts its search there
                 return ModuleResult(q.weight, None, q, info)
-            rot = rotation_for(name, W.shape[1], self.seed) if self.rotate and grid.kind == "affine" else None
             q, info = gptq_rotated(W, stats.pop("hessian"), grid, rot, **kw)
             return ModuleResult(q.weight, None, q, info)
-        rot = rotation_for(name, W.shape[1], self.seed) if self.rotate and grid.kind == "affine" else None
         q = rtn_rotated(W, grid, rot)
         return ModuleResult(q.weight, None, q, None)
 
