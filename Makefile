@@ -35,7 +35,7 @@ test-fast: dev
 
 # every published table from its data: docs/results/*.md and README.md (<!-- table: NAME --> blocks), then the
 # per-file reports with their plots. tests/test_results_docs.py fails when a committed table is stale.
-REPORTS := prune:prune quantize:quantize qmoe-curve:qmoe-curve scale:scale offload-moe:offload
+REPORTS := prune:prune quantize:quantize qmoe-curve:qmoe-curve scale:scale offload-moe:offload gguf-quality:gguf
 results:
 	$(PYTHON) -m peakllm report --docs docs/results README.md --data docs/results
 	for r in $(REPORTS); do \

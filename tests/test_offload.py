@@ -293,3 +293,36 @@ def test_load_gives_back_the_embedding_pages(tmp_path, tiny_tokenizer):
     ref, _ = _tokens(_in_memory(hf), tok, ids)
     mapped, _ = _tokens(hf, tok, ids)
     assert torch.equal(mapped, ref)
+
+
+def test_report_plots_the_gguf_curve(tmp_path, monkeypatch):
+    """bench_gguf_quality's rows: one line per tool and evaluator through the median of each size's seeds;
+    rows from before the preset rules (a peakllm label without "preset") are left out."""
+    import json
+
+    from peakllm.eval.report import write_report
+    from plot_util import capture_figures
+
+    def row(tool, preset, bits, ours, theirs):
+        return {"bench": "gguf-quality", "tool": tool, "preset": preset, "bits_per_param_total": bits,
+                "ppl_peakllm_eval": ours, "ppl_llama_perplexity": theirs}
+
+    rows = [row("llama.cpp version: x", "Q4_0 + imatrix", 5.4, 16.4, 13.4),
+            row("llama.cpp version: x", "Q6_K + imatrix", 6.6, 15.5, 12.7),
+            row("peakllm", "GPTQ, preset Q4_0", 5.4, 16.3, 13.3),
+            row("peakllm", "GPTQ, preset Q4_0", 5.4, 16.5, 13.5),
+            row("peakllm", "GPTQ, preset Q4_0", 5.4, 16.1, 13.2),
+            row("peakllm", "GPTQ onto Q4_0 (compared with Q4_0)", 5.4, 99.0, 99.0)]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = capture_figures(monkeypatch)
+    written = write_report(log, tmp_path / "rep")
+    assert "gguf.png" in written["files"]
+    (ax,) = drawn["gguf.png"]
+    assert ax["lines"] == {
+        "llama-quantize + imatrix, peakllm eval": ([5.4, 6.6], [16.4, 15.5]),
+        "peakllm (GPTQ on the types), peakllm eval": ([5.4], [16.3]),
+        "llama-quantize + imatrix, llama-perplexity": ([5.4, 6.6], [13.4, 12.7]),
+        "peakllm (GPTQ on the types), llama-perplexity": ([5.4], [13.3]),
+    }
+    assert ax["xlabel"].startswith("bits per parameter (whole .gguf file")

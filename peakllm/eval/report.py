@@ -225,6 +225,44 @@ def _plot_offload(records, ax) -> bool:
     return True
 
 
+def _plot_gguf(records, ax) -> bool:
+    """GGUF files against llama-quantize's (benchmarks/bench_gguf_quality.py): wiki perplexity by both
+    evaluators against whole-file bits/param, peakllm's seeds as median with their range. Only rows made with
+    llama-quantize's preset rules on both sides (peakllm's rows naming a preset) are drawn."""
+    import statistics
+
+    pts = [r for r in records if r.get("bench") == "gguf-quality" and r.get("bits_per_param_total")
+           and (r.get("tool", "").startswith("llama.cpp") or "preset" in r.get("preset", ""))]
+    if not pts:
+        return False
+    groups = defaultdict(list)
+    for r in pts:
+        tool = "llama-quantize + imatrix" if r["tool"].startswith("llama.cpp") else "peakllm (GPTQ on the types)"
+        groups[(tool, round(r["bits_per_param_total"], 3))].append(r)
+    for evaluator, key, style in (("peakllm eval", "ppl_peakllm_eval", "-"),
+                                  ("llama-perplexity", "ppl_llama_perplexity", ":")):
+        for tool, color, marker in (("llama-quantize + imatrix", "tab:blue", "s"),
+                                    ("peakllm (GPTQ on the types)", "tab:red", "o")):
+            xs, ys = [], []
+            for (t, bits), rows in sorted(groups.items(), key=lambda kv: kv[0][1]):
+                values = [r[key] for r in rows if t == tool and r.get(key)]
+                if values:
+                    xs.append(bits)
+                    ys.append(statistics.median(values))
+                    if len(values) > 1:  # the seeds' (or reruns') range
+                        ax.vlines(bits, min(values), max(values), color=color, linewidth=1)
+            if xs:
+                ax.plot(xs, ys, marker=marker, color=color, linestyle=style, label=f"{tool}, {evaluator}")
+    for (tool, bits), rows in groups.items():
+        if tool.startswith("llama"):
+            ax.annotate(rows[0]["preset"].split()[0], (bits, rows[0]["ppl_peakllm_eval"]), fontsize=6,
+                        textcoords="offset points", xytext=(3, 4))
+    ax.set(xlabel="bits per parameter (whole .gguf file over all parameters)", ylabel="wiki perplexity",
+           title="GGUF: peakllm against llama-quantize at the same types")
+    ax.legend(fontsize=6)
+    return True
+
+
 def write_report(results: str | Path, output: str | Path) -> dict:
     """Write report.md and plot PNGs into `output` (atomically); return what was written."""
     import matplotlib
@@ -238,7 +276,8 @@ def write_report(results: str | Path, output: str | Path) -> dict:
         written = ["report.md"]
         body = [f"# peakllm report\n\n{len(records)} results from `{results}`.\n", markdown_tables(records)]
         for name, plot in (("sparsity.png", _plot_sparsity), ("size.png", _plot_bits), ("eval.png", _plot_eval),
-                           ("scale.png", _plot_scale), ("offload.png", _plot_offload)):
+                           ("scale.png", _plot_scale), ("offload.png", _plot_offload),
+                           ("gguf.png", _plot_gguf)):
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
             if plot(records, ax):
                 fig.tight_layout()
