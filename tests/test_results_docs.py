@@ -10,7 +10,7 @@ import pytest
 from peakllm.cli import main
 from peakllm.errors import PeakError
 from peakllm.eval.results import MARK, Table, machine_text, median_spread, ratio, regenerate, regenerate_text, render
-from peakllm.eval.results_tables import TABLES
+from peakllm.eval.tables import TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"

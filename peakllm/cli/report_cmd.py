@@ -29,7 +29,7 @@ def run(args) -> int:
         if args.results:
             raise PeakError("give either RESULTS.jsonl (a report) or --docs (the docs' tables), not both")
         from peakllm.eval.results import regenerate  # lazy, as below: the CLI starts every command, this one rarely
-        from peakllm.eval.results_tables import TABLES
+        from peakllm.eval.tables import TABLES
 
         emit(regenerate(args.docs, args.data, TABLES, args.output), args, "report")
         return 0

@@ -6,7 +6,7 @@ A Markdown page marks each generated table with two comments,
     ...rewritten on every run...
     <!-- end table -->
 
-and NAME is a table of `results_tables.TABLES`: a results file under docs/results, which of its lines, and
+and NAME is a table of `peakllm.eval.tables.TABLES`: a results file under docs/results, which of its lines, and
 the columns. Under each table goes a line naming the data behind it: the file, the line numbers, the
 commits and the machines (or "machine not recorded"; backfilled provenance says so). The prose around the
 markers is the author's and is left alone. Rounds are summarised one way everywhere: the median with the
@@ -161,7 +161,7 @@ def regenerate_text(text: str, results_dir: Path, tables: dict[str, Table]) -> s
 def regenerate(paths: list[str | Path], results_dir: str | Path, tables: dict[str, Table],
                output: str | Path | None = None) -> dict:
     """Rewrite the generated tables of every page in `paths` (Markdown files, or folders of them) from the
-    results files in `results_dir`, by the definitions in `tables` (`results_tables.TABLES`); into `output` (a folder, same file names) instead of in place if given."""
+    results files in `results_dir`, by the definitions in `tables` (`peakllm.eval.tables.TABLES`); into `output` (a folder, same file names) instead of in place if given."""
     results_dir = Path(results_dir)
     pages = []
     for p in map(Path, paths):
