@@ -55,7 +55,7 @@ class GGUFQuality(Bench):
 
     def imatrix(self) -> Path:
         f32, _ = self.convert()
-        path = self.out / "gguf" / "imatrix-calib16x512-seed0.gguf"
+        path = self.out / "gguf" / f"{self.tag}imatrix-calib16x512-seed0.gguf"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file():
             text, _ = self.calib_text(0)
@@ -69,13 +69,24 @@ class GGUFQuality(Bench):
         from peakllm.data import tokenize_source
         from peakllm.models import load_tokenizer
 
-        path = self.out / "calib" / f"wiki-eval-first{self.args.eval_tokens}.txt"
+        path = self.out / "calib" / f"{self.tag}wiki-eval-first{self.args.eval_tokens}.txt"
         if not path.is_file():
-            tok = load_tokenizer("default")
+            tok = load_tokenizer(self.model)
             ids = tokenize_source(tok, "wiki")[: self.args.eval_tokens]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(tok.decode(ids), encoding="utf-8")
         return path
+
+    def params(self) -> int:
+        """The model's parameters: every tensor of the F32 GGUF (a tied embedding stored once)."""
+        if self.model == "default":
+            return N_PARAMS
+        if not hasattr(self, "n_params"):
+            import gguf
+
+            f32, _ = self.convert()
+            self.n_params = sum(int(t.n_elements) for t in gguf.GGUFReader(str(f32)).tensors)
+        return self.n_params
 
     def llama_ppl(self, model: Path) -> tuple[float | None, str]:
         # --no-repack: this llama.cpp (0c1e570) dies on its repacked Q4_0 path on AMX Xeons (SIGILL/SIGSEGV, its
@@ -90,15 +101,16 @@ class GGUFQuality(Bench):
     def row(self, tool: str, preset: str, seed, path: Path, command: str, seconds) -> dict:
         ev, eval_cmd = self.peakllm_eval(path, path.stem)
         llama, llama_cmd = self.llama_ppl(path)
-        return {"bench": "gguf-quality", "tool": tool, "preset": preset, "seed": seed, "file_bytes": path.stat().st_size,
-                "bits_per_param_total": 8 * path.stat().st_size / N_PARAMS, "ppl_peakllm_eval": ev["ppl"],
+        return {"bench": "gguf-quality", "model": self.model, "tool": tool, "preset": preset, "seed": seed,
+                "file_bytes": path.stat().st_size, "params": self.params(),
+                "bits_per_param_total": 8 * path.stat().st_size / self.params(), "ppl_peakllm_eval": ev["ppl"],
                 "eval_tokens": ev["tokens"], "ppl_llama_perplexity": llama, "tensor_types": self.tensor_types(path),
                 "seconds": seconds, "command": command, "eval_command": eval_cmd, "llama_perplexity_command": llama_cmd,
                 "loadavg": loadavg()}
 
     def llama_file(self, preset: str) -> None:
         f32, convert_note = self.convert()
-        dst = self.out / "gguf" / f"llamacpp-{preset}-imat.gguf"
+        dst = self.out / "gguf" / f"{self.tag}llamacpp-{preset}-imat.gguf"
         cmd = [self.llama_bin("llama-quantize"), "--imatrix", self.imatrix(), f32, dst, preset, "2"]
         _, seconds = run(cmd, log=self.out / "logs" / f"quantize-{dst.stem}.log", env=self.env)
         row = self.row("llama.cpp " + self.llama_version(), f"{preset} + imatrix", 0, dst, shlex.join(map(str, cmd)),
@@ -110,8 +122,9 @@ class GGUFQuality(Bench):
         qtype = preset  # peakllm's presets are llama-quantize's (before them: the preset's base type)
         method = self.args.method
         sink = self.args.sink_weight
-        dst = self.out / "gguf" / f"peakllm-{qtype}-{method}-damp{self.args.damp}-sink{sink}-seed{seed}.gguf"
-        cmd = self.peakllm + ["quantize", "--format", "gguf", "--type", qtype, "--method", method, "--seed", str(seed),
+        dst = self.out / "gguf" / f"{self.tag}peakllm-{qtype}-{method}-damp{self.args.damp}-sink{sink}-seed{seed}.gguf"
+        cmd = self.peakllm + ["quantize", "--model", self.model, "--format", "gguf", "--type", qtype,
+                              "--method", method, "--seed", str(seed),
                               *(["--damp", str(self.args.damp)] if method == "gptq" else []),
                               *(["--sink-weight", str(sink)] if sink is not None else []),
                               "--calib-samples", "16", "--calib-seqlen", "512", "--eval-tokens", "0",
@@ -128,6 +141,8 @@ class GGUFQuality(Bench):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="peakllm's model name: default or gemma-3-270m (its F32 "
+                   "GGUF via --f32, e.g. `llama-quantize --allow-requantize gemma.gguf gemma-f32.gguf F32`)")
     p.add_argument("--types", default="Q4_0,Q3_K_S", help="llama-quantize types (default: %(default)s)")
     p.add_argument("--seeds", default="0", help="peakllm calibration seeds (default: %(default)s)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="peakllm's solver (default: %(default)s)")
@@ -147,6 +162,8 @@ def main(argv=None) -> int:
     for name in ("llama-quantize", "llama-imatrix", "llama-perplexity"):
         bench.llama_bin(name)  # every tool checked before any work
     if not args.f32:
+        if args.model != "default":
+            raise SystemExit("bench_gguf_quality: --model other than default needs --f32 (its F32 GGUF)")
         bench.venv_python()
     tools = {s.strip() for s in args.only.split(",")}
     for preset in [t.strip() for t in args.types.split(",") if t.strip()]:

@@ -119,6 +119,8 @@ class Bench:
         self.results = Path(args.results)
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         self.peakllm = [sys.executable, "-m", "peakllm"]
+        self.model = getattr(args, "model", "default")  # peakllm's name of the model; its files are tagged by it
+        self.tag = "" if self.model == "default" else f"{self.model}-"
 
     # --- bookkeeping ---------------------------------------------------------------------------------
     def emit(self, row: dict) -> None:
@@ -138,9 +140,9 @@ class Bench:
         from peakllm.data import calibration_segments
         from peakllm.models import load_tokenizer
 
-        path = self.out / "calib" / f"calib-16x512-seed{seed}.npy"
+        path = self.out / "calib" / f"{self.tag}calib-16x512-seed{seed}.npy"
         if not path.is_file():
-            tok = load_tokenizer("default")
+            tok = load_tokenizer(self.model)
             seg = calibration_segments(tok, 16, 512, source="calib", seed=seed)
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, seg.numpy().astype(np.int64))
@@ -232,11 +234,11 @@ class Bench:
 
         from peakllm.models import load_tokenizer
 
-        tok = load_tokenizer("default")
+        tok = load_tokenizer(self.model)
         seg = np.load(self.segments_file(seed))
         texts = [tok.decode(row.tolist()) for row in seg]
         text = "".join(texts)
-        path = self.out / "calib" / f"calib-16x512-seed{seed}.txt"
+        path = self.out / "calib" / f"{self.tag}calib-16x512-seed{seed}.txt"
         path.write_text(text, encoding="utf-8")
         ids = tok(text, add_special_tokens=False)["input_ids"]
         flat = seg.reshape(-1).tolist()

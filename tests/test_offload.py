@@ -296,7 +296,7 @@ def test_load_gives_back_the_embedding_pages(tmp_path, tiny_tokenizer):
 
 
 def test_report_plots_the_gguf_curve(tmp_path, monkeypatch):
-    """bench_gguf_quality's rows: one line per tool and evaluator through the median of each size's seeds;
+    """bench_gguf_quality's rows: one line per model, tool and evaluator through the median of each size's seeds;
     rows from before the preset rules (a peakllm label without "preset") are left out."""
     import json
 
@@ -312,7 +312,8 @@ def test_report_plots_the_gguf_curve(tmp_path, monkeypatch):
             row("peakllm", "GPTQ, preset Q4_0", 5.4, 16.3, 13.3),
             row("peakllm", "GPTQ, preset Q4_0", 5.4, 16.5, 13.5),
             row("peakllm", "GPTQ, preset Q4_0", 5.4, 16.1, 13.2),
-            row("peakllm", "GPTQ onto Q4_0 (compared with Q4_0)", 5.4, 99.0, 99.0)]
+            row("peakllm", "GPTQ onto Q4_0 (compared with Q4_0)", 5.4, 99.0, 99.0),
+            {**row("llama.cpp version: x", "Q4_0 + imatrix", 5.0, 30.0, 25.0), "model": "gemma-3-270m"}]
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     drawn = capture_figures(monkeypatch)
@@ -320,9 +321,11 @@ def test_report_plots_the_gguf_curve(tmp_path, monkeypatch):
     assert "gguf.png" in written["files"]
     (ax,) = drawn["gguf.png"]
     assert ax["lines"] == {
-        "llama-quantize + imatrix, peakllm eval": ([5.4, 6.6], [16.4, 15.5]),
-        "peakllm (GPTQ on the types), peakllm eval": ([5.4], [16.3]),
-        "llama-quantize + imatrix, llama-perplexity": ([5.4, 6.6], [13.4, 12.7]),
-        "peakllm (GPTQ on the types), llama-perplexity": ([5.4], [13.3]),
+        "llama-quantize + imatrix, peakllm eval, default": ([5.4, 6.6], [16.4, 15.5]),
+        "peakllm (GPTQ on the types), peakllm eval, default": ([5.4], [16.3]),
+        "llama-quantize + imatrix, llama-perplexity, default": ([5.4, 6.6], [13.4, 12.7]),
+        "peakllm (GPTQ on the types), llama-perplexity, default": ([5.4], [13.3]),
+        "llama-quantize + imatrix, peakllm eval, gemma-3-270m": ([5.0], [30.0]),
+        "llama-quantize + imatrix, llama-perplexity, gemma-3-270m": ([5.0], [25.0]),
     }
     assert ax["xlabel"].startswith("bits per parameter (whole .gguf file")

@@ -238,22 +238,26 @@ def _plot_gguf(records, ax) -> bool:
     groups = defaultdict(list)
     for r in pts:
         tool = "llama-quantize + imatrix" if r["tool"].startswith("llama.cpp") else "peakllm (GPTQ on the types)"
-        groups[(tool, round(r["bits_per_param_total"], 3))].append(r)
+        groups[(r.get("model", "default"), tool, round(r["bits_per_param_total"], 3))].append(r)
+    models = sorted({model for model, _, _ in groups}, key=lambda m: (m != "default", m))
+    tools = (("llama-quantize + imatrix", "tab:blue", "s"), ("peakllm (GPTQ on the types)", "tab:red", "o"))
     for evaluator, key, style in (("peakllm eval", "ppl_peakllm_eval", "-"),
                                   ("llama-perplexity", "ppl_llama_perplexity", ":")):
-        for tool, color, marker in (("llama-quantize + imatrix", "tab:blue", "s"),
-                                    ("peakllm (GPTQ on the types)", "tab:red", "o")):
-            xs, ys = [], []
-            for (t, bits), rows in sorted(groups.items(), key=lambda kv: kv[0][1]):
-                values = [r[key] for r in rows if t == tool and r.get(key)]
-                if values:
-                    xs.append(bits)
-                    ys.append(statistics.median(values))
-                    if len(values) > 1:  # the seeds' (or reruns') range
-                        ax.vlines(bits, min(values), max(values), color=color, linewidth=1)
-            if xs:
-                ax.plot(xs, ys, marker=marker, color=color, linestyle=style, label=f"{tool}, {evaluator}")
-    for (tool, bits), rows in groups.items():
+        for i, model in enumerate(models):
+            for tool, color, marker in tools:
+                xs, ys = [], []
+                for (m, t, bits), rows in sorted(groups.items(), key=lambda kv: kv[0][2]):
+                    values = [r[key] for r in rows if (m, t) == (model, tool) and r.get(key)]
+                    if values:
+                        xs.append(bits)
+                        ys.append(statistics.median(values))
+                        if len(values) > 1:  # the seeds' (or reruns') range
+                            ax.vlines(bits, min(values), max(values), color=color, linewidth=1)
+                if xs:
+                    label = f"{tool}, {evaluator}" + (f", {model}" if len(models) > 1 else "")
+                    ax.plot(xs, ys, marker=marker, color=color, linestyle=style, label=label,
+                            markerfacecolor=color if i == 0 else "none")
+    for (_, tool, bits), rows in groups.items():
         if tool.startswith("llama"):
             ax.annotate(rows[0]["preset"].split()[0], (bits, rows[0]["ppl_peakllm_eval"]), fontsize=6,
                         textcoords="offset points", xytext=(3, 4))

@@ -79,7 +79,7 @@ PEERS = Table("peers.jsonl", [
 
 
 GGUF_QUALITY = Table("gguf-quality.jsonl", [
-    ("tool", lambda r: r["tool"].split(" version")[0]), ("file", k("preset")), ("seed", k("seed")),
+    ("model", lambda r: r.get("model", "default")), ("tool", lambda r: r["tool"].split(" version")[0]), ("file", k("preset")), ("seed", k("seed")),
     ("file MB", scaled("file_bytes", 1e6, ".2f")), ("bits/param (file)", k("bits_per_param_total", ".3f")),
     ("wiki ppl (peakllm eval)", k("ppl_peakllm_eval", ".2f")),
     ("wiki ppl (llama-perplexity)", k("ppl_llama_perplexity", ".2f")),
