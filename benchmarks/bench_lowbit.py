@@ -34,6 +34,9 @@ GRIDS_MSE = ",".join(g + "m" for g in GRIDS.split(","))  # the same grids with t
 CONFIGS = {
     "plain3": ["--bits", "3", "--group-size", "-1"],
     "plain2.5": ["--bits", "2", "--group-size", "64"],
+    # the same plain GPTQ with each row's (group's) clipping range searched: the baseline for the *m configs
+    "plain3m": ["--bits", "3", "--group-size", "-1", "--mse"],
+    "plain2.5m": ["--bits", "2", "--group-size", "64", "--mse"],
     "ours3": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours2.5": ["--target-bits", "2.5", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours3m": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS_MSE],
