@@ -138,27 +138,40 @@ def test_a_written_mapped_weight_is_refused(int4_folder):
         rt.setup_cache(1, 16)
 
 
-def test_generate_cli_under_a_budget_prints_the_in_memory_text(int4_folder, capsys):
+def _process_of(monkeypatch, nbytes: int) -> None:
+    """The command line's --max-memory is the whole process's: fix what the plan measures of this (pytest)
+    process, so a test's budget means the same weights budget on every machine."""
+    monkeypatch.setattr("peakllm.runtime.offload.rss_bytes", lambda: nbytes)
+    monkeypatch.setattr("peakllm.runtime.offload.resident_bytes", lambda unit: 0)
+
+
+def test_generate_cli_under_a_budget_prints_the_in_memory_text(int4_folder, capsys, monkeypatch):
     import json
+
+    _process_of(monkeypatch, 100 << 20)
 
     args = ["generate", "--model", str(int4_folder), "--prompt", "the quick brown", "--max-new-tokens", "12", "--json"]
     assert main(args) == 0
     plain = json.loads(capsys.readouterr().out)
-    assert main([*args, "--max-memory", "1.5MB"]) == 0
+    assert main([*args, "--max-memory", "101.8MB"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == plain["text"]
-    assert main([*args, "--max-memory", "0.5MB"]) == 2
-    assert "smallest budget that runs" in capsys.readouterr().err
+    assert main([*args, "--max-memory", "100.5MB"]) == 2
+    err = capsys.readouterr().err
+    assert "smallest budget that runs" in err and "the process itself holds 100.00 MiB" in err
 
 
-def test_bench_reports_disk_reads_under_a_budget(int4_folder, capsys):
+def test_bench_reports_disk_reads_under_a_budget(int4_folder, capsys, monkeypatch):
     import json
 
-    code = main(["bench", "--model", str(int4_folder), "--max-memory", "1.5MB", "--new-tokens", "4",
+    _process_of(monkeypatch, 100 << 20)
+    code = main(["bench", "--model", str(int4_folder), "--max-memory", "101.5MB", "--new-tokens", "4",
                  "--prompt-tokens", "4", "--repeats", "1", "--json"])
     assert code == 0, capsys.readouterr().err
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     plan = row["offload"]
     assert plan["streamed_layers"] >= 2 and not plan["all_resident"]
+    assert plan["whole_process"] and plan["process_bytes"] == 100 << 20 and plan["workspace_bytes"] > 0
+    assert plan["predicted_peak_bytes"] <= plan["budget_bytes"]
     assert row["offload_bytes_read_per_step"] > 0 and row["decode_tok_s"] > 0
 
 
@@ -329,3 +342,31 @@ def test_report_plots_the_gguf_curve(tmp_path, monkeypatch):
         "llama-quantize + imatrix, llama-perplexity, gemma-3-270m": ([5.0], [25.0]),
     }
     assert ax["xlabel"].startswith("bits per parameter (whole .gguf file")
+
+
+@pytest.mark.subprocess
+def test_bench_max_memory_holds_the_whole_process(int4_folder, tmp_path):
+    """--max-memory is a promise about the process: a budget below what Python and torch hold is refused
+    before any work, naming that part; a budget just above the plan's predicted peak is never exceeded (VmHWM,
+    loading included: the loader hands back the pages its checks touched)."""
+    import json
+    import subprocess
+    import sys
+
+    def bench(budget: str):
+        proc = subprocess.run([sys.executable, "-m", "peakllm", "bench", "--model", str(int4_folder), "--max-memory",
+                               budget, "--new-tokens", "4", "--prompt-tokens", "8", "--repeats", "1", "--threads",
+                               "1", "--json"], capture_output=True, text=True, timeout=600)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    code, out, err = bench("100GB")
+    assert code == 0, err
+    plan = json.loads(out.strip().splitlines()[-1])["offload"]
+    assert plan["all_resident"] and plan["process_bytes"] > 100 << 20  # Python + torch: far above a tiny model
+    code, _, err = bench(str(plan["process_bytes"] // 2))
+    assert code == 2 and "the process itself holds" in err and "smallest budget that runs" in err
+    budget = plan["predicted_peak_bytes"] + (16 << 20)  # the next process measures itself again: some slack
+    code, out, err = bench(str(budget))
+    assert code == 0, err
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["peak_rss_bytes"] <= budget, (row["peak_rss_bytes"], row["offload"])

@@ -46,11 +46,13 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 def add_max_memory_run_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", metavar="SIZE", default=None,
-                        help="hold the model's weights and KV cache to SIZE (e.g. 2GB; the Python process itself, "
-                        "~0.3-0.5 GB, is not counted): the first decoder layers that fit stay in memory, the others "
+                        help="hold the whole process to SIZE (e.g. 2GB): what it holds besides the weights (Python, "
+                        "torch, tokenizer: ~0.3-0.5 GB, measured) and a bound on the forward's buffers come off "
+                        "first, then the KV cache; the first decoder layers that fit stay in memory, the others "
                         "are streamed from disk with one layer read ahead, and a MoE's experts are kept in an LRU "
                         "cache; needs weights memory-mapped from their files (a peakllm folder, or safetensors in "
-                        "the run's dtype). Refused before any work when even two layers do not fit")
+                        "the run's dtype). Refused before any work, with the smallest budget that runs, when even two layers do not "
+                        "fit; the JSON reports the plan's predicted peak beside the measured one")
 
 
 def add_act_option(parser: argparse.ArgumentParser) -> None:

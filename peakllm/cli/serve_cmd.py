@@ -90,7 +90,8 @@ def run(args) -> int:
     engine, tokenizer = build_engine(
         args.model, dtype=getattr(torch, args.dtype), max_model_len=args.max_model_len, num_blocks=args.kv_blocks,
         block_size=args.block_size, max_batch=args.max_batch, max_step_tokens=args.max_step_tokens,
-        max_queue=args.max_queue, threads=args.threads, prefix_sharing=not args.no_prefix_sharing, max_memory=budget)
+        max_queue=args.max_queue, threads=args.threads, prefix_sharing=not args.no_prefix_sharing, max_memory=budget,
+        whole_process=True)
     name = args.served_name or args.model
     kv_mb = engine.runner.kv_bytes / 2**20
     stderr(f"peakllm serve: '{name}' on http://{args.host}:{args.port}/v1 — KV cache {args.kv_blocks} blocks × "

@@ -90,6 +90,9 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
             linear.weight = nn.Parameter(pm.dequantize().to(dtype))
         else:
             _set_module(model, name, module)
+            # whatever building it touched goes back (it stays in the page cache): the load's peak is the
+            # process plus one module, so a --max-memory run is within its budget before the plan is made
+            pages.release(module)
     _load_experts(model, experts, packed, dtype, path)
     if getattr(config, "tie_word_embeddings", False):
         if embed_linear is not None:

@@ -218,7 +218,7 @@ def bench(hf_model, *, dtype: torch.dtype = torch.float32, prompt_tokens: int = 
     elif engine == "peakllm":
         model = RuntimeModel.from_hf(hf_model, dtype, max_seq=prompt_tokens + new_tokens)
         if max_memory is not None:
-            model.set_max_memory(max_memory)
+            model.set_max_memory(max_memory, whole_process=True)
             return {**_bench_offloaded(model, dtype, prompt_tokens, new_tokens, batch, repeats, start_decode_peak),
                     **peaks()}
         state["tensors"] = _probe_tensors(model)

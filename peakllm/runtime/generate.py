@@ -101,7 +101,7 @@ def generate_text(hf_model, tokenizer, ids, max_new_tokens: int, *, temperature:
                   draft_model=None, timings: dict | None = None) -> tuple[str, int]:
     """(text, number of new tokens) for an HF model: through the lean runtime when it supports the
     architecture, else through `runtime.hf_loop` (same signature as `hf_generate_text`). max_memory (bytes):
-    weights and KV cache held to it (runtime/offload.py; the lean runtime only). speculate / draft_model (an
+    the whole process held to it, weights streamed as needed (runtime/offload.py; the lean runtime only). speculate / draft_model (an
     HF model of the same vocabulary): speculative decoding (see `generate`), the lean runtime only."""
     try:
         check_config(hf_model.config)
@@ -114,7 +114,7 @@ def generate_text(hf_model, tokenizer, ids, max_new_tokens: int, *, temperature:
     prompt = torch.as_tensor(ids, dtype=torch.long)
     max_seq = prompt.shape[-1] + max_new_tokens
     model = RuntimeModel.from_hf(hf_model, dtype, max_seq=max_seq)
-    model.set_max_memory(max_memory)
+    model.set_max_memory(max_memory, whole_process=True)
     draft = None
     if draft_model is not None and speculate > 0:
         check_draft(hf_model, draft_model)

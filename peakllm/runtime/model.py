@@ -91,13 +91,24 @@ class RuntimeModel(nn.Module):
         self._step = None
         self.engine_threads = None  # threads of the whole-step engine (None: torch's); a draft model may use fewer
         self.max_memory = None  # bytes: weights + KV cache are held to it by runtime/offload.py
+        self.max_memory_whole_process = False  # True: the budget is the whole process's (--max-memory)
         self.offload = None
 
-    def set_max_memory(self, budget: int | None) -> None:
-        """Hold the weights and the KV cache to `budget` bytes (None: everything stays in memory); the plan is
-        made when the cache is set up, since the cache is part of the budget."""
-        self.max_memory = budget
+    def set_max_memory(self, budget: int | None, whole_process: bool = False) -> None:
+        """Hold the weights and the KV cache to `budget` bytes (None: everything stays in memory); with
+        `whole_process` (the command line's --max-memory) the whole process, its forward's buffers included
+        (runtime/offload.py). The plan is made when the cache is set up, since the cache is part of the budget."""
+        self.max_memory, self.max_memory_whole_process = budget, whole_process
         self.k_cache = None  # the next setup_cache plans
+
+    def workspace_bytes(self, tokens: int, context: int) -> int:
+        """A bound on the transient buffers of one forward over `tokens` tokens attending to up to `context`
+        positions: fp32 logits for every token, each layer's activations (residual, norms, q/k/v/o, the MLP's
+        gate, up and product) and the attention scores."""
+        c = self.config
+        hidden = c.hidden_size
+        inter = getattr(c, "intermediate_size", None) or 4 * hidden
+        return 4 * tokens * (c.vocab_size + 6 * hidden + 3 * inter + c.num_attention_heads * context)
 
     @classmethod
     @torch.inference_mode()
@@ -139,7 +150,8 @@ class RuntimeModel(nn.Module):
             self.offload = None
         if self.max_memory is not None:
             kv = 2 * self.k_cache.numel() * self.k_cache.element_size()
-            self.offload = Offload(self, self.max_memory, kv)
+            self.offload = Offload(self, self.max_memory, kv, whole_process=self.max_memory_whole_process,
+                                   workspace=self.workspace_bytes(batch * max_seq, max_seq))
             self.offload.start()
         self._step = self._build_step(batch)
 

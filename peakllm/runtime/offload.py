@@ -6,7 +6,10 @@ weight is read from disk when first touched and nothing is ever copied. This mod
 pages may stay in memory:
 
 - the budget covers the model's weights in memory (mapped pages, and the page cache behind them) and its KV
-  cache; the Python process itself (interpreter, torch, tokenizer: ~0.3-0.5 GB) is not counted;
+  cache; with `whole_process` (what `--max-memory` means on the command line) it covers the whole process:
+  what the process holds besides the model's mapped pages when the plan is made (interpreter, torch,
+  tokenizer, derived tensors: ~0.3-0.5 GB, measured) and the forward's transient buffers (`workspace`, the
+  caller's bound) come off the budget first;
 - what is not a decoder layer's (embeddings, lm_head, final norm) and every tensor that is not a view of a
   file (small derived copies) stays resident; a layer's own weights are a *unit*, and so is each expert;
 - dense layers: the first layers that fit stay pinned; the others stream through `ahead + 1` slots: while
@@ -36,9 +39,10 @@ from torch import nn
 
 from peakllm.errors import PeakError
 from peakllm.kernels.decode import Step
+from peakllm.memory import rss_bytes
 from peakllm.memory import size_text as t
 from peakllm.runtime.pages import (MADV_DONTNEED, MADV_POPULATE_READ, MADV_RANDOM, MADV_WILLNEED, PAGE, anonymous_kb,
-                                   expert_modules, file_mappings, libc, storages, Unit, written)
+                                   expert_modules, file_mappings, libc, resident_bytes, storages, Unit, written)
 
 EXPERT_READAHEAD_ENV = "PEAKLLM_EXPERT_READAHEAD"  # on (default) | off
 
@@ -46,11 +50,13 @@ EXPERT_READAHEAD_ENV = "PEAKLLM_EXPERT_READAHEAD"  # on (default) | off
 class Offload:
     """The budget's plan for one RuntimeModel and the hooks its forward calls around each layer."""
 
-    def __init__(self, model: nn.Module, budget: int, kv_bytes: int, ahead: int = 1):
+    def __init__(self, model: nn.Module, budget: int, kv_bytes: int, ahead: int = 1, whole_process: bool = False,
+                 workspace: int = 0):
         if ahead < 1:
             raise PeakError("offload read-ahead must be at least one layer")
         maps = file_mappings()
         self.budget, self.kv_bytes, self.ahead = int(budget), int(kv_bytes), ahead
+        self.whole_process, self.workspace = whole_process, int(workspace) if whole_process else 0
         self.layers: list[Unit] = []
         self.experts: list[list[Unit]] = []  # per layer; empty for dense layers
         unit_ptrs: set[int] = set()
@@ -66,6 +72,10 @@ class Offload:
                 self.experts[i].append(Unit(f"layer {i} expert {e}", found, maps))
                 unit_ptrs.update(found)
         everything = storages(model)
+        self.process = 0  # what the process holds besides the model's mapped weights (whole_process only)
+        if whole_process:  # tensors that are not views of a file are in the process's measured memory
+            self.process = rss_bytes() - resident_bytes(Unit("model", everything, maps))
+            everything = {p: n for p, n in everything.items() if any(lo <= p < hi for lo, hi, _, _ in maps)}
         self.fixed = sum(n for p, n in everything.items() if p not in unit_ptrs) + self.kv_bytes
         self._check_unwritten(maps)
         self.moe = any(self.experts)
@@ -100,8 +110,9 @@ class Offload:
     # ---- the plan ----------------------------------------------------------------------------------
     def _plan(self) -> None:
         sizes = [u.nbytes for u in self.layers]
-        avail = self.budget - self.fixed
-        need = self.fixed + sum(sizes) + sum(u.nbytes for us in self.experts for u in us)
+        base = self.process + self.workspace + self.fixed
+        avail = self.budget - base
+        need = base + sum(sizes) + sum(u.nbytes for us in self.experts for u in us)
         self.all_resident = need <= self.budget
         self.pinned = list(range(len(sizes)))
         self.streamed: list[int] = []
@@ -130,9 +141,24 @@ class Offload:
         self.streamed = [i for i in range(len(sizes)) if i not in self.pinned]
 
     def _too_small(self, need_more: int, what: str) -> str:
-        return (f"--max-memory {t(self.budget)} is too small: the resident part (embeddings, lm_head, norms, "
-                f"KV cache) takes {t(self.fixed)} and {what} need {t(need_more)} more; the smallest budget that "
-                f"runs is {t(self.fixed + need_more)}")
+        process = (f"the process itself holds {t(self.process)} (Python, torch, tokenizer) and its forward needs "
+                   f"up to {t(self.workspace)}, " if self.whole_process else "")
+        base = self.process + self.workspace + self.fixed
+        return (f"--max-memory {t(self.budget)} is too small: {process}the resident part (embeddings, lm_head, "
+                f"norms, KV cache) takes {t(self.fixed)} and {what} need {t(need_more)} more; the smallest budget "
+                f"that runs is {t(base + need_more)}")
+
+    def predicted_peak(self) -> int:
+        """The plan's peak: what the budget counts (whole process: the process and the forward's workspace too)
+        with every pinned layer and the streaming slots (or the expert cache) full."""
+        sizes = [u.nbytes for u in self.layers]
+        peak = self.process + self.workspace + self.fixed
+        if self.all_resident:
+            return peak + sum(sizes) + sum(u.nbytes for us in self.experts for u in us)
+        if self.moe:
+            exp = max(u.nbytes for us in self.experts for u in us)
+            return peak + sum(sizes) + (self.capacity + 1) * exp
+        return peak + sum(sizes[i] for i in self.pinned) + (self.ahead + 1) * max(sizes)
 
     def _check_unwritten(self, maps) -> None:
         """Dropping a page of a private map reverts it to the file: refuse if a mapped weight was written."""
@@ -145,7 +171,10 @@ class Offload:
 
     def describe(self) -> dict:
         out = {"budget_bytes": self.budget, "resident_bytes": self.fixed, "all_resident": self.all_resident,
-               "layer_bytes": sum(u.nbytes for u in self.layers)}
+               "layer_bytes": sum(u.nbytes for u in self.layers), "whole_process": self.whole_process,
+               "predicted_peak_bytes": self.predicted_peak()}
+        if self.whole_process:
+            out.update(process_bytes=self.process, workspace_bytes=self.workspace)
         if self.moe:
             out.update(expert_capacity=self.capacity, experts=sum(len(us) for us in self.experts),
                        expert_bytes=max(u.nbytes for us in self.experts for u in us))

@@ -32,10 +32,12 @@ class QueueFull(PeakError):
 class Engine:
     def __init__(self, model, tokenizer, *, num_blocks: int = 256, block_size: int = 16, max_batch: int = 8,
                  max_step_tokens: int = 64, max_queue: int = 64, max_model_len: int | None = None,
-                 threads: int | None = None, prefix_sharing: bool = True, max_memory: int | None = None):
+                 threads: int | None = None, prefix_sharing: bool = True, max_memory: int | None = None,
+                 whole_process: bool = False):
         if min(num_blocks, block_size, max_batch, max_step_tokens, max_queue) < 1:
             raise PeakError("--kv-blocks, --block-size, --max-batch, --max-step-tokens and --max-queue must be >= 1")
-        self.runner = PagedRunner(model, num_blocks, block_size, max_memory)
+        self.runner = PagedRunner(model, num_blocks, block_size, max_memory, whole_process=whole_process,
+                                  step_tokens=max(max_step_tokens, max_batch))
         self.blocks = BlockManager(num_blocks, block_size, prefix_sharing)
         self.scheduler = Scheduler(self.blocks, max_batch, max_step_tokens)
         # the context: the model's (RoPE table, sliding window), the caller's, and what the pool can hold

@@ -37,7 +37,8 @@ def check_supported(model) -> None:
 
 
 class PagedRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, max_memory: int | None = None):
+    def __init__(self, model, num_blocks: int, block_size: int, max_memory: int | None = None,
+                 whole_process: bool = False, step_tokens: int = 1):
         check_supported(model)
         self.model, self.block_size, self.num_blocks = model, block_size, num_blocks
         shape = (model.n_layers, num_blocks * block_size, model.n_kv_heads, model.head_dim)
@@ -46,7 +47,9 @@ class PagedRunner:
         self.use_fused = True  # False: plain torch norms and MLP (the path without a compiler; tests compare)
         self.offload = None  # --max-memory: runtime/offload.py's hooks around each layer (the pool is counted)
         if max_memory is not None:
-            self.offload = Offload(model, max_memory, self.kv_bytes)
+            # whole_process: --max-memory covers the process; a step's forward holds up to `step_tokens` tokens
+            self.offload = Offload(model, max_memory, self.kv_bytes, whole_process=whole_process,
+                                   workspace=model.workspace_bytes(step_tokens, num_blocks * block_size))
             self.offload.start()
 
     @property
