@@ -188,7 +188,20 @@ GGUF_SPEED = Table("gguf-speed.jsonl", [
     ("pp ratio", lambda r: median_spread(r["pp"]["ratio_rounds"], ".3f")),
     ("load", lambda r: f"{min(r['loadavg_per_round']):.1f}–{max(r['loadavg_per_round']):.1f}")])
 
+RUNTIME_MEMORY = Table("runtime-memory.jsonl", [
+    ("model", k("model")), ("--max-memory", k("max_memory")),
+    ("process MiB (measured)", scaled("process_bytes", MIB, ".1f")),
+    ("forward buffers MiB (bound)", scaled("workspace_bytes", MIB, ".1f")),
+    ("layers pinned / streamed", lambda r: "" if r.get("refused") else f"{r['pinned_layers']} / {r['streamed_layers']}"),
+    ("predicted peak MiB", scaled("predicted_peak_bytes", MIB, ".1f")),
+    ("measured peak MiB", scaled("peak_rss_bytes", MIB, ".1f")),
+    ("within budget", lambda r: "refused: " + r["refused"].split(": ", 2)[-1][:90] + "…" if r.get("refused")
+     else ("yes" if r["within_budget"] else "NO")),
+    ("decode tok/s", k("decode_tok_s", ".1f")),
+    ("load (1 min)", lambda r: (r.get("machine") or {}).get("loadavg", [""])[0])])
+
 TABLES = {
+    "runtime-memory": RUNTIME_MEMORY,
     "speed-vs-llamacpp": SPEED_VS_LLAMACPP, "int8-act-decode": INT8_ACT_DECODE, "int8-act-quality": INT8_ACT_QUALITY,
     "speed-7b": SPEED_7B, "gemma-speed": GEMMA_SPEED, "speculate": SPECULATE,
     "scale": SCALE, "gguf-scale": GGUF_SCALE, "offload-7b": OFFLOAD_7B, "offload-moe": OFFLOAD_MOE,
