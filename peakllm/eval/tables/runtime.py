@@ -195,8 +195,8 @@ RUNTIME_MEMORY = Table("runtime-memory.jsonl", [
     ("layers pinned / streamed", lambda r: "" if r.get("refused") else f"{r['pinned_layers']} / {r['streamed_layers']}"),
     ("predicted peak MiB", scaled("predicted_peak_bytes", MIB, ".1f")),
     ("measured peak MiB", scaled("peak_rss_bytes", MIB, ".1f")),
-    ("within budget", lambda r: "refused: " + r["refused"].split(": ", 2)[-1][:90] + "…" if r.get("refused")
-     else ("yes" if r["within_budget"] else "NO")),
+    ("within budget", lambda r: "refused before any work; smallest budget that runs: "
+     + r["refused"].rsplit("runs is ", 1)[-1] if r.get("refused") else ("yes" if r["within_budget"] else "NO")),
     ("decode tok/s", k("decode_tok_s", ".1f")),
     ("load (1 min)", lambda r: (r.get("machine") or {}).get("loadavg", [""])[0])])
 
