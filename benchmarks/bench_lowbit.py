@@ -37,6 +37,8 @@ CONFIGS = {
     # the same plain GPTQ with each row's (group's) clipping range searched: the baseline for the *m configs
     "plain3m": ["--bits", "3", "--group-size", "-1", "--mse"],
     "plain2.5m": ["--bits", "2", "--group-size", "64", "--mse"],
+    # ablation: plain3m with the rotation and the sink weight, no allocation (one grid for every matrix)
+    "rot3m": ["--bits", "3", "--group-size", "-1", "--mse", "--rotate", "--sink-weight", "10"],
     "ours3": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours2.5": ["--target-bits", "2.5", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours3m": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS_MSE],
