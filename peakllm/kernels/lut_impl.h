@@ -58,8 +58,34 @@ static inline void plane_coefs(const LutProblem& P, int64_t tile, int g, int r, 
 static void lut_build_tables(const float* x_row, int64_t in_pad, int kblock, int64_t k0, int64_t k1, int8_t* tq,
                              float* tf, float* ts) {
     for (int64_t k = k0; k < k1; k++) {
+        const int64_t g0 = k * kblock / 4, g1 = (k + 1) * kblock / 4;
         float amax = 0.f;
-        for (int64_t g4 = k * kblock / 4; g4 < (k + 1) * kblock / 4; g4++) {
+        int64_t g4 = g0;
+#ifdef PEAK_AVX2
+        // the same sums as the scalar loop below: +-x0, then + (+-x1), ... (a sign flip is exact)
+        const __m256 sgn = _mm256_set1_ps(-0.f);
+        __m256 vmax = _mm256_setzero_ps();
+        __m256 flip[4][2];
+        for (int i = 0; i < 4; i++)
+            for (int h = 0; h < 2; h++) {
+                alignas(32) float f[8];
+                for (int e = 0; e < 8; e++) f[e] = ((8 * h + e) >> i & 1) ? 0.f : -0.f;
+                flip[i][h] = _mm256_load_ps(f);
+            }
+        for (; g4 < g1; g4++) {
+            const float* xv = x_row + 4 * g4;
+            for (int h = 0; h < 2; h++) {
+                __m256 t = _mm256_xor_ps(_mm256_set1_ps(xv[0]), flip[0][h]);
+                for (int i = 1; i < 4; i++) t = _mm256_add_ps(t, _mm256_xor_ps(_mm256_set1_ps(xv[i]), flip[i][h]));
+                _mm256_storeu_ps(tf + 16 * g4 + 8 * h, t);
+                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sgn, t));
+            }
+        }
+        alignas(32) float m8[8];
+        _mm256_store_ps(m8, vmax);
+        for (int e = 0; e < 8; e++) amax = std::fmax(amax, m8[e]);
+#endif
+        for (; g4 < g1; g4++) {
             const float* xv = x_row + 4 * g4;
             float* t = tf + 16 * g4;
             for (int idx = 0; idx < 16; idx++) {
@@ -73,8 +99,19 @@ static void lut_build_tables(const float* x_row, int64_t in_pad, int kblock, int
         }
         const float inv = amax > 0.f ? 127.0f / amax : 0.f;
         ts[k] = amax / 127.0f;
-        for (int64_t e = k * kblock * 4; e < (k + 1) * kblock * 4; e++)
-            tq[e] = (int8_t)std::nearbyint(tf[e] * inv);
+        int64_t e = g0 * 16;
+#ifdef PEAK_AVX2
+        // two groups (32 entries) at a time: round half to even (the default MXCSR mode, as nearbyint)
+        const __m256 vinv = _mm256_set1_ps(inv);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (; e + 32 <= g1 * 16; e += 32) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(tf + e + 8 * i), vinv));
+            const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i*)(tq + e), _mm256_permutevar8x32_epi32(p, order));
+        }
+#endif
+        for (; e < g1 * 16; e++) tq[e] = (int8_t)std::nearbyint(tf[e] * inv);
     }
     (void)in_pad;
 }
