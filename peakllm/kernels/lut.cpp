@@ -18,9 +18,14 @@ int lut_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t in_pad, int64
     if (group < kblock || group % kblock || n_groups != (int)((in_pad + group - 1) / group)) return 3;
     if (out < 1 || out_pad % 8 || out > out_pad || B < 1) return 4;
     const int64_t nk = in_pad / kblock, n4 = in_pad / 4;
-    std::vector<float> xp((size_t)B * in_pad, 0.f), tf((size_t)B * n4 * 16), ts((size_t)B * nk),
-        xs((size_t)B * n_groups, 0.f);
-    std::vector<int8_t> tq((size_t)B * n4 * 16);
+    // per calling thread, kept between calls: a decode step calls this for every matrix
+    thread_local std::vector<float> xp, tf, ts, xs;
+    thread_local std::vector<int8_t> tq;
+    xp.assign((size_t)B * in_pad, 0.f);
+    tf.resize((size_t)B * n4 * 16);
+    ts.resize((size_t)B * nk);
+    xs.resize((size_t)B * n_groups);
+    tq.resize((size_t)B * n4 * 16);
     for (int b = 0; b < B; b++) {
         load_x_row(x, x_bf16, nullptr, in, b, &xp[(size_t)b * in_pad]);
         for (int g = 0; g < n_groups; g++) {

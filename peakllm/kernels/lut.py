@@ -10,6 +10,7 @@ rounding). Without a compiler the torch reference in lut_reference.py runs inste
 from __future__ import annotations
 
 import ctypes
+import os
 import torch
 
 from peakllm.errors import PeakError
@@ -17,6 +18,7 @@ from peakllm.kernels.build import load_library
 from peakllm.kernels.lut_reference import INT2, TERN_ASYM, TERN_SYM, LutWeights, lut_matmul_ref
 from peakllm.kernels.ops import check, check_x
 
+LUT_ENV = "PEAKLLM_LUT"  # on (default) | off: whether runtime layers use this kernel where it applies
 KBLOCK = 128  # columns per table scale when the groups allow (the largest of 128, 64, 32, 16 dividing them)
 _I, _L, _P = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 _fns: dict = {}
@@ -25,6 +27,20 @@ _fns: dict = {}
 def applies(in_features: int, group_size: int) -> bool:
     """Whether a matrix with these groups fits the layout: one group a row, or groups of a multiple of 16 columns."""
     return in_features >= 1 and (group_size == -1 or (group_size > 0 and group_size % 16 == 0))
+
+
+def enabled() -> bool:
+    """$PEAKLLM_LUT = on | off (default on): runtime layers use the LUT kernel where it applies."""
+    value = os.environ.get(LUT_ENV, "on").strip().lower()
+    check(value in ("on", "off"), f"{LUT_ENV} must be 'on' or 'off', got {value!r}")
+    return value == "on"
+
+
+def intk2_weights(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
+                  group_size: int) -> LutWeights:
+    """LutWeights of a 2-bit int-k matrix as stored (qweight bitstream [out, ceil(in/4)], contiguous groups)."""
+    codes = ((qweight.unsqueeze(-1) >> torch.arange(0, 8, 2, dtype=torch.uint8)) & 3).reshape(qweight.shape[0], -1)
+    return pack_intk2(codes[:, :in_features].contiguous(), scales, zeros, group_size)
 
 
 def _geometry(in_features: int, group_size: int, kblock: int) -> tuple[int, int, int]:
