@@ -170,3 +170,18 @@ def test_native_build_takes_the_avx2_path_where_there_is_one():
     flags = open("/proc/cpuinfo").read()
     has_avx2 = all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
     assert fns["lut_path"]() == int(has_avx2)
+
+
+def test_two_threads_give_the_one_thread_result():
+    """Big enough for the parallel region (tables shared out by k-block, rows by tile): same floats."""
+    n = torch.get_num_threads()
+    try:
+        for w, W in (random_int2(200, 640, 64), random_ternary(192, 576, -1, True)):
+            x = torch.randn(3, W.shape[1])
+            torch.set_num_threads(1)
+            one = L.lut_matmul(x, w)
+            torch.set_num_threads(2)
+            assert torch.equal(L.lut_matmul(x, w), one)
+            assert torch.equal(L.lut_matmul(x[:1], w), one[:1])
+    finally:
+        torch.set_num_threads(n)

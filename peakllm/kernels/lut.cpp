@@ -35,8 +35,13 @@ int lut_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t in_pad, int64
             xs[(size_t)b * n_groups + g] = s;
         }
     }
+    // raw pointers: inside the parallel region the names xp, tq, ... would be each thread's own (empty) copies
+    float* const xpp = xp.data();
+    float* const tfp = tf.data();
+    float* const tsp = ts.data();
+    int8_t* const tqp = tq.data();
     const LutProblem P{qlut, s1, p2, kind, in_pad, out, out_pad, group, n_groups, kblock, B,
-                       tq.data(), exact ? tf.data() : nullptr, ts.data(), xs.data(), y};
+                       tqp, exact ? tfp : nullptr, tsp, xs.data(), y};
     const int64_t tiles = out_pad / 8;
 #pragma omp parallel num_threads(pick_threads(threads, out * in * B))
     {
@@ -45,8 +50,8 @@ int lut_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t in_pad, int64
         share((int)(B * nk), 1, t, nt, lo, hi);  // tables: (token, k-block) pairs
         for (int i = lo; i < hi; i++) {
             const int b = i / (int)nk, k = i % (int)nk;
-            lut_build_tables(&xp[(size_t)b * in_pad], in_pad, kblock, k, k + 1, &tq[(size_t)b * n4 * 16],
-                             &tf[(size_t)b * n4 * 16], &ts[(size_t)b * nk]);
+            lut_build_tables(xpp + (size_t)b * in_pad, in_pad, kblock, k, k + 1, tqp + (size_t)b * n4 * 16,
+                             tfp + (size_t)b * n4 * 16, tsp + (size_t)b * nk);
         }
 #pragma omp barrier
         share((int)tiles, 1, t, nt, lo, hi);
