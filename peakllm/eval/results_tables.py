@@ -8,6 +8,7 @@ two tools as the median of per-round ratios (min–max), both from `results`.
 from __future__ import annotations
 
 from peakllm.eval.results import Table, median_spread, num, ratio
+from peakllm.eval.results_tables_lut import LUT_KERNEL
 
 
 def k(key, fmt: str | None = None):
@@ -392,5 +393,5 @@ TABLES = {
     "scale": SCALE, "gguf-scale": GGUF_SCALE, "offload-7b": OFFLOAD_7B, "offload-moe": OFFLOAD_MOE,
     "offload-moe-no-readahead": OFFLOAD_MOE_NO_READAHEAD, "serve": SERVE,
     "recover": RECOVER, "recover-memory": RECOVER_MEMORY, "sparse-kernels": SPARSE_KERNELS,
-    "sparse-decode": SPARSE_DECODE, "sparse-prune": SPARSE_PRUNE,
+    "sparse-decode": SPARSE_DECODE, "sparse-prune": SPARSE_PRUNE, "lut-kernel": LUT_KERNEL,
 }
