@@ -32,12 +32,17 @@ def intk2(out, inn, gs, seed=0):
 
 
 @pytest.mark.parametrize("sym,gs", [(True, -1), (False, 32), (True, 64), (False, -1)])
-def test_ternary_linear_matches_dequantized(sym, gs):
+@pytest.mark.parametrize("act", ["int8", "f32"])
+def test_ternary_linear_matches_dequantized(sym, gs, act, monkeypatch):
     torch.manual_seed(0)
+    monkeypatch.setenv("PEAKLLM_INTK_ACT", act)
     p = ternary(40, 200, gs, sym)
     bias = torch.randn(40)
     mod = runtime_module("layer", p, torch.nn.Linear(200, 40))
-    assert isinstance(mod, TernaryLinear)
+    assert isinstance(mod, TernaryLinear) and mod.exact == (act == "f32")
+    if act == "f32":  # fp32 tables: dequantize-then-matmul up to fp32 rounding
+        x = torch.randn(3, 200)
+        assert torch.allclose(mod(x), x @ p.dequantize().T + mod.bias, atol=1e-5, rtol=1e-5)
     mod.bias = bias
     W = p.dequantize()
     for rows in (1, 5, 40):

@@ -38,7 +38,10 @@ class TernaryLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.weights = lut.pack_ternary(packed.codes().contiguous(), packed.scale_neg, packed.scale_pos,
                                         packed.group_size)
-        self._kernel = lut.bind_lut(self.weights)
+        # int8 tables go with int8 activations ($PEAKLLM_INTK_ACT, default int8: ~0.5% error); with f32
+        # activations the tables stay fp32 (exact to fp32 rounding, scalar code, slower)
+        self.exact = not int8_act_default()
+        self._kernel = lut.bind_lut(self.weights, self.exact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -65,4 +68,4 @@ class TernaryLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size="
-                f"{self.packed.group_size}, sym={self.packed.sym}, bias={self.bias is not None}")
+                f"{self.packed.group_size}, sym={self.packed.sym}, exact={self.exact}, bias={self.bias is not None}")
