@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from peakllm.errors import PeakError
 from peakllm.formats.container import load_model_folder
+from peakllm.kernels import lut
 import peakllm.formats.sub1  # noqa: F401 - registers the "sub1" kind with the container
 from peakllm.models.anatomy import check_architecture, is_expert
 from peakllm.runtime import pages
@@ -18,8 +19,9 @@ from peakllm.runtime.embedding import PackedEmbedding
 from peakllm.runtime.experts import PackedExperts
 from peakllm.runtime.linear import packed_linear
 from peakllm.runtime.sub1 import Sub1Linear
+from peakllm.runtime.ternary import TernaryLinear
 
-# packed kinds the runtime executes directly; others (e.g. dense-layout ternary) are dequantized on load
+# packed kinds the runtime executes directly (and "sub1", "ternary" below); others are dequantized on load
 RUNTIME_KINDS = ("intk", "nm", "bitmask")
 
 
@@ -35,6 +37,8 @@ def runtime_module(name: str, packed, linear: nn.Linear | None) -> nn.Module | N
         return packed_linear(packed.kind, packed.to_tensors(""), packed.metadata(), bias=bias)
     if packed.kind == "sub1":
         return Sub1Linear(packed, bias=bias)
+    if packed.kind == "ternary" and lut.enabled() and lut.applies(packed.in_features, packed.group_size):
+        return TernaryLinear(packed, bias=bias)  # the LUT kernel (2-bit bytes); $PEAKLLM_LUT=off: dense
     return None
 
 

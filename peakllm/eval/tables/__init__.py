@@ -4,11 +4,12 @@
 A column is (header, function of one results line; helpers in `columns.py`); rounds are shown as median
 (min–max) and a ratio between two tools as the median of per-round ratios (min–max), both from `results`.
 `compression.py` holds the tables of compressing (SparseGPT, quantization, GGUF, QMoE), `runtime.py` those of
-running (decode speed, big models, serving, recovery, sparse models).
+running (decode speed, big models, serving, recovery, sparse models); `lut.py` the LUT kernel's.
 """
 
 from __future__ import annotations
 
 from peakllm.eval.tables import compression, runtime
+from peakllm.eval.tables.lut import LUT_KERNEL
 
-TABLES = {**compression.TABLES, **runtime.TABLES}
+TABLES = {**compression.TABLES, **runtime.TABLES, "lut-kernel": LUT_KERNEL}
