@@ -119,7 +119,7 @@ float iq4nl_scale(const float* x, const float* w, int n, const float* values, in
         for (int i = 0; i < n; i++) {
             const float t = iscale * x[i];
             int j = 0;
-            while (j < 15 && mids[j] < t) j++;  // bucketize: a tie goes to the lower value
+            for (int m = 0; m < 15; m++) j += mids[m] < t;  // bucketize: a tie goes to the lower value
             L[i] = values[j];
         }
         float sumlx, suml2;
