@@ -221,45 +221,57 @@ float group_error(const float* x, const float* w, int n, const FitSpec& s, float
     return (float)e;
 }
 
-float superblock_error(const float* x, const float* w, const FitSpec& s, int G, float d, float dmin,
-                       const int16_t* sc, const int16_t* mn, float* level) {
+// The block's error from its groups' (the reference's fsum over groups of each group's fp32 error).
+float block_error(const float* gerr, int G) {
     double e = 0;
-    for (int g = 0; g < G; g++)
-        e += (double)group_error(x + g * s.group, w + g * s.group, s.group, s, d, dmin, sc[g], mn ? mn[g] : 0,
-                                 level + g * s.group);
+    for (int g = 0; g < G; g++) e += (double)gerr[g];
     return (float)e;
 }
 
+// Each group's error and levels on the grid d * sc (- dmin * mn).
+void group_errors(const float* x, const float* w, const FitSpec& s, int G, float d, float dmin, const int16_t* sc,
+                  const int16_t* mn, float* gerr, float* level) {
+    for (int g = 0; g < G; g++)
+        gerr[g] = group_error(x + g * s.group, w + g * s.group, s.group, s, d, dmin, sc[g], mn ? mn[g] : 0,
+                              level + g * s.group);
+}
+
 // nudge_ints: per group, scale -1, scale +1 (then min -1, min +1), each kept where the group's error drops.
+// gerr and level hold each group's error and levels at the current ints, and are kept up to date.
 void nudge_ints(const float* x, const float* w, const FitSpec& s, int G, float d, float dmin, int16_t* sc,
-                int16_t* mn) {
-    float level[MAX_BLOCK];
+                int16_t* mn, float* gerr, float* level) {
+    float trial[MAX_BLOCK];
+    const int n = s.group;
     for (int g = 0; g < G; g++) {
-        const float* xg = x + g * s.group;
-        const float* wg = w + g * s.group;
-        float best = group_error(xg, wg, s.group, s, d, dmin, sc[g], mn ? mn[g] : 0, level);
+        const float* xg = x + g * n;
+        const float* wg = w + g * n;
         for (int key = 0; key < (mn ? 2 : 1); key++) {
             int16_t& cur = key == 0 ? sc[g] : mn[g];
             for (int step = -1; step <= 1; step += 2) {
                 const int cand = std::min(std::max(cur + step, s.int_lo), s.int_hi);
-                const float e = key == 0 ? group_error(xg, wg, s.group, s, d, dmin, cand, mn ? mn[g] : 0, level)
-                                         : group_error(xg, wg, s.group, s, d, dmin, sc[g], cand, level);
-                if (e < best) best = e, cur = (int16_t)cand;
+                const float e = key == 0 ? group_error(xg, wg, n, s, d, dmin, cand, mn ? mn[g] : 0, trial)
+                                         : group_error(xg, wg, n, s, d, dmin, sc[g], cand, trial);
+                if (e < gerr[g]) {
+                    gerr[g] = e, cur = (int16_t)cand;
+                    std::memcpy(level + g * n, trial, sizeof(float) * n);
+                }
             }
         }
     }
 }
 
 // refine_superblock (nudge on): each round nudges the ints, then refits d (and dmin) by weighted least squares
-// on the block, re-rounded to fp16 and kept where the block's error drops.
+// on the block, re-rounded to fp16 and kept where the block's error drops. The group errors and levels of the
+// current values are carried from step to step instead of recomputed: the same numbers, fewer passes.
 void refine_superblock(const float* x, const float* w, const FitSpec& s, int G, uint16_t& d, uint16_t& dmin,
                        int16_t* sc, int16_t* mn) {
     const bool asym = mn != nullptr;
-    float level[MAX_BLOCK], new_level[MAX_BLOCK];
+    float level[MAX_BLOCK], new_level[MAX_BLOCK], gerr[MAX_GROUPS], new_gerr[MAX_GROUPS];
+    group_errors(x, w, s, G, from_half(d), asym ? from_half(dmin) : 0.0f, sc, mn, gerr, level);
     for (int round = 0; round < s.rounds; round++) {
         const float df = from_half(d), dminf = asym ? from_half(dmin) : 0.0f;
-        nudge_ints(x, w, s, G, df, dminf, sc, mn);
-        const float best = superblock_error(x, w, s, G, df, dminf, sc, mn, level);
+        nudge_ints(x, w, s, G, df, dminf, sc, mn, gerr, level);
+        const float best = block_error(gerr, G);
         double waa = 0, wax = 0, wab = 0, wbb = 0, wbx = 0;
         for (int g = 0; g < G; g++) {
             const float scg = (float)sc[g], b = asym ? -(float)mn[g] : 0.0f;
@@ -285,9 +297,13 @@ void refine_superblock(const float* x, const float* w, const FitSpec& s, int G, 
         }
         const uint16_t hd = to_half(nd), hdmin = asym ? to_half(ndmin) : 0;
         const bool finite = std::isfinite(from_half(hd)) && (!asym || std::isfinite(from_half(hdmin)));
-        const float e = superblock_error(x, w, s, G, from_half(hd), asym ? from_half(hdmin) : 0.0f, sc, mn,
-                                         new_level);
-        if (finite && e < best) d = hd, dmin = hdmin;
+        if (!finite) continue;
+        group_errors(x, w, s, G, from_half(hd), asym ? from_half(hdmin) : 0.0f, sc, mn, new_gerr, new_level);
+        if (block_error(new_gerr, G) < best) {
+            d = hd, dmin = hdmin;
+            std::memcpy(gerr, new_gerr, sizeof(float) * G);
+            std::memcpy(level, new_level, sizeof(float) * G * s.group);
+        }
     }
 }
 
