@@ -16,10 +16,11 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from results_line import append  # benchmarks/results_line.py: command, commit, machine, load
+from results_line import append
 
 from peakllm.formats.gguf.blocks import BLOCK_TYPES
 from peakllm.kernels.ggml_fit import fit_function
@@ -68,7 +69,7 @@ def main() -> None:
         fit_params(W[:4], t, imp)  # build and load the kernel outside the timing
         ref_ns, kern_ns, loads, identical = [], [], [], True
         for r in range(args.rounds):
-            sides = [("ref", lambda: fit_params_reference(W, t, imp)), ("kernel", lambda: fit_params(W, t, imp))]
+            sides = [("ref", partial(fit_params_reference, W, t, imp)), ("kernel", partial(fit_params, W, t, imp))]
             out = {}
             for side, fn in sides if r % 2 == 0 else sides[::-1]:
                 out[side], seconds = timed(fn)

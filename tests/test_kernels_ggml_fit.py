@@ -49,10 +49,10 @@ def bits(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def assert_same(a: dict, b: dict, what: str) -> None:
     assert set(a) == set(b), what
-    for k in a:
-        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, (what, k)
+    for k, v in a.items():
+        assert v.shape == b[k].shape and v.dtype == b[k].dtype, (what, k)
         differ = (bits(a)[k] != bits(b)[k]).nonzero().tolist()
-        assert not differ, f"{what}: {k} differs at {differ[:5]} ({len(differ)} of {a[k].numel()})"
+        assert not differ, f"{what}: {k} differs at {differ[:5]} ({len(differ)} of {v.numel()})"
 
 
 @needs_kernel
@@ -89,8 +89,8 @@ def test_kernel_equals_reference_on_a_big_random_matrix(name):
     per_block = {k: v.reshape(W.shape[0], W.shape[1] // t.block, -1) for k, v in bits(a).items()}
     ref_block = {k: v.reshape(per_block[k].shape) for k, v in bits(b).items()}
     differ = torch.zeros(W.shape[0], W.shape[1] // t.block, dtype=torch.bool)
-    for k in per_block:
-        differ |= (per_block[k] != ref_block[k]).any(-1)
+    for k, v in per_block.items():
+        differ |= (v != ref_block[k]).any(-1)
     assert float(differ.float().mean()) < 1e-3, f"{name}: {int(differ.sum())} blocks differ"
     if differ.any():
         ea, eb = block_errors(W, name, a, imp)[differ], block_errors(W, name, b, imp)[differ]

@@ -266,7 +266,8 @@ def fit_params(W: torch.Tensor, t: BlockType, importance: torch.Tensor | None = 
     return fit_params_reference(W, t, importance)
 
 
-def fit_params_reference(W: torch.Tensor, t: BlockType, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def fit_params_reference(W: torch.Tensor, t: BlockType,
+                         importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """fit_params in torch, vectorised over every group (the kernel's reference). Rows are fitted
     independently; a big matrix in chunks of rows, as the search's workspace is ~45 bytes a weight (a 7B
     model's embedding would take 6 GB at once)."""
