@@ -19,6 +19,10 @@ import time
 from functools import partial
 from pathlib import Path
 
+# As every peakllm command runs (peakllm/__init__.py), but set before torch loads its OpenMP runtime, which reads
+# it once: spinning threads on a shared machine make the reference's many small parallel ops many times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 from results_line import append
 
