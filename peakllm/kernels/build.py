@@ -24,6 +24,8 @@ from peakllm.paths import cache_dir
 
 HERE = Path(__file__).resolve().parent
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=fast"]
+# flags one source adds after CXX_FLAGS: ggml_fit reproduces torch's fp32 arithmetic step by step, no fused a*b+c
+SOURCE_FLAGS = {"ggml_fit": ["-ffp-contract=off"]}
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _warned: set[str] = set()
@@ -69,7 +71,8 @@ def _build(name: str) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++)")
     headers = b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))  # a header change must rebuild too
-    key = hashlib.sha256(src.read_bytes() + headers + " ".join([cxx, *CXX_FLAGS, _cpu_tag()]).encode()).hexdigest()[:16]
+    flags = CXX_FLAGS + SOURCE_FLAGS.get(name, [])
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join([cxx, *flags, _cpu_tag()]).encode()).hexdigest()[:16]
     out_dir = cache_dir() / "kernels" / key
     lib_path = out_dir / f"lib{name}.so"
     if lib_path.exists():
@@ -78,7 +81,7 @@ def _build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *CXX_FLAGS, f"-I{HERE}", str(src), "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *flags, f"-I{HERE}", str(src), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[:2000]}")
         os.replace(tmp, lib_path)

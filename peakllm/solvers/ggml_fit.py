@@ -7,7 +7,10 @@ the sub-block scales and mins quantized to 4/6/8-bit integers of one fp16 ``d``/
 The weight of each element in the search is llama.cpp's: with an importance vector (the imatrix: each input
 column's mean squared activation, diag(H) up to a constant) ``imp[col] * sqrt(sigma2 + x^2)``, sigma2 the
 block's mean x^2; without one, ``x^2`` (symmetric types) or ``sqrt(sigma2) + |x|`` (types with a min).
-Vectorised over all groups of the matrix; candidates are tried one at a time to bound memory.
+Vectorised over all groups of the matrix; candidates are tried one at a time to bound memory. Every sum over a
+group or block is accumulated in float64 and rounded once (``fsum``): its value then does not depend on the order
+of the terms, so the compiled kernel (kernels/ggml_fit.cpp, which ``fit_params`` calls when it can be built)
+computes the same parameters with its own loops; this torch code is its reference.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from peakllm.formats.gguf.blocks import IQ4_NL_VALUES, BlockType
+from peakllm.kernels.ggml_fit import KINDS, FitSpec, fit_kernel
 
 EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS: a group this small is all zeros
 # (nmax, rmin, rdelta, nstep) of make_qkx2_quants as llama.cpp calls it per type
@@ -22,19 +26,34 @@ ASYM_SEARCH = {"Q4_1": (15, -1.0, 0.1, 20), "Q5_1": (31, -0.5, 0.1, 15), "Q2_K":
                "Q4_K": (15, -1.0, 0.1, 20), "Q5_K": (31, -0.5, 0.1, 15)}
 # levels of the symmetric types' scale search: round(iscale * x) in [-nmax, nmax - 1] (Q8_0: as llama.cpp, no -128)
 SYM_NMAX = {"Q8_0": 127, "Q4_0": 8, "Q5_0": 16, "Q3_K": 4, "Q6_K": 32}
-FIT_CHUNK_WEIGHTS = 1 << 21  # weights fitted at once by fit_params (~90 MB of workspace)
+FIT_CHUNK_WEIGHTS = 1 << 21  # weights fitted at once by the reference (~90 MB of workspace)
+IQ4NL_NTRY = 7  # quantize_row_iq4_nl_impl's candidates on each side
+REFINE_ROUNDS = 2
+IQ4NL_LEVELS = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32)
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float16)
 
 
+def fsum(t: torch.Tensor, dim, keepdim: bool = False) -> torch.Tensor:
+    """``t.sum(dim)`` accumulated in float64 and rounded to t's dtype once: the same fp32 value whatever order the
+    terms are added in (bar a double's last bit landing on a rounding tie), as the kernel's loops need."""
+    return t.sum(dim=dim, keepdim=keepdim, dtype=torch.float64).to(t.dtype)
+
+
+def sqrt_rounded(t: torch.Tensor) -> torch.Tensor:
+    """sqrt rounded to t's dtype as IEEE rounds it: torch's fp32 sqrt (MKL's) is an ulp off at times; through
+    float64 and back it is always the correctly rounded fp32 value, as the kernel's sqrtf is."""
+    return torch.sqrt(t.double()).to(t.dtype)
+
+
 def element_weights(x: torch.Tensor, importance: torch.Tensor | None, symmetric: bool) -> torch.Tensor:
     """llama.cpp's per-element weights for ``x [rows, blocks, block]``; ``importance [rows?, blocks, block]``."""
-    sigma2 = (x * x).mean(dim=-1, keepdim=True)
+    sigma2 = ((x * x).sum(dim=-1, keepdim=True, dtype=torch.float64) / x.shape[-1]).to(x.dtype)
     if importance is not None:
-        return importance * torch.sqrt(sigma2 + x * x)
-    return x * x if symmetric else torch.sqrt(sigma2) + x.abs()
+        return importance * sqrt_rounded(sigma2 + x * x)
+    return x * x if symmetric else sqrt_rounded(sigma2) + x.abs()
 
 
 def signed_max(x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +78,7 @@ def best_ls_scale(x: torch.Tensor, w: torch.Tensor, candidates) -> torch.Tensor:
     candidate stands until a valid one beats it, as in llama.cpp's searches."""
     best_scale = best_score = None
     for L in candidates:
-        sumlx, suml2 = (w * x * L).sum(-1, keepdim=True), (w * L * L).sum(-1, keepdim=True)
+        sumlx, suml2 = fsum(w * x * L, -1, keepdim=True), fsum(w * L * L, -1, keepdim=True)
         ok = suml2 > 0
         scale = torch.where(ok, sumlx / torch.where(ok, suml2, 1), 0)
         score = scale * sumlx
@@ -83,16 +102,15 @@ def asym_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rde
     span = torch.where(flat, torch.ones_like(span), span)
 
     def err(scale, mn, L):
-        return (w * (scale * L + mn - x) ** 2).sum(-1, keepdim=True)
+        return fsum(w * (scale * L + mn - x) ** 2, -1, keepdim=True)
 
     L = torch.round(nmax / span * (x - lo)).clamp(0, nmax)
     best_scale, best_min = span / nmax, lo
     best_err = err(best_scale, best_min, L)
-    sum_w, sum_x = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True)
+    sum_w, sum_x = fsum(w, -1, keepdim=True), fsum(w * x, -1, keepdim=True)
     for k in range(nstep + 1):
         L = torch.round((rmin + rdelta * k + nmax) / span * (x - lo)).clamp(0, nmax)
-        sum_l, sum_l2, sum_xl = (w * L).sum(-1, keepdim=True), (w * L * L).sum(-1, keepdim=True), \
-            (w * L * x).sum(-1, keepdim=True)
+        sum_l, sum_l2, sum_xl = fsum(w * L, -1, True), fsum(w * L * L, -1, True), fsum(w * L * x, -1, True)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = torch.where(ok, D, 1)
@@ -109,7 +127,7 @@ def asym_scale_min(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rde
     return best_scale.squeeze(-1), (-torch.where(flat, lo, best_min)).squeeze(-1)
 
 
-def iq4nl_scale(x: torch.Tensor, w: torch.Tensor, ntry: int = 7) -> torch.Tensor:
+def iq4nl_scale(x: torch.Tensor, w: torch.Tensor, ntry: int = IQ4NL_NTRY) -> torch.Tensor:
     """quantize_row_iq4_nl_impl: the scale d minimising sum w (x - d*v)^2 with v the IQ4_NL value nearest
     x/d, over candidates d = max / (v0 + k), k in -ntry..ntry (v0 = -127), refitted by least squares."""
     values = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
@@ -157,12 +175,12 @@ def group_error(xs: torch.Tensor, ws: torch.Tensor, t: BlockType, d: torch.Tenso
     level = torch.round(torch.where(zero, 0, target / torch.where(zero, 1, scale)))
     level = level.clamp(*t.solve_levels)
     q = scale * level if bias is None else scale * level + bias
-    return (ws * (xs - q) ** 2).sum(dim=-1), level
+    return fsum(ws * (xs - q) ** 2, -1), level
 
 
 def superblock_error(xs, ws, t, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
     err, level = group_error(xs, ws, t, d, dmin, sc, mn)
-    return err.sum(dim=-1), level
+    return fsum(err, -1), level
 
 
 def nudge_ints(xs, ws, t: BlockType, d, dmin, sc, mn):
@@ -184,7 +202,7 @@ def nudge_ints(xs, ws, t: BlockType, d, dmin, sc, mn):
 
 
 def refine_superblock(xs: torch.Tensor, ws: torch.Tensor, t: BlockType, d: torch.Tensor, dmin: torch.Tensor | None,
-                      sc: torch.Tensor, mn: torch.Tensor | None, rounds: int = 2, nudge: bool = True):
+                      sc: torch.Tensor, mn: torch.Tensor | None, rounds: int = REFINE_ROUNDS, nudge: bool = True):
     """Lower each block's weighted error below llama.cpp's fit, in ``rounds`` of two steps: move each group's
     integer scale (and min) by one where that lowers the group's error; then, those fixed, refit the block's
     fp16 d (and dmin) by weighted least squares on its weights (w = d*sc*level - dmin*mn is linear in them)
@@ -195,13 +213,13 @@ def refine_superblock(xs: torch.Tensor, ws: torch.Tensor, t: BlockType, d: torch
             sc, mn = nudge_ints(xs, ws, t, d, dmin, sc, mn)
             best, level = superblock_error(xs, ws, t, d, dmin, sc, mn)
         a = sc.float().unsqueeze(-1) * level  # the weight is d * a (- dmin * b)
-        waa, wax = (ws * a * a).sum(dim=(-1, -2)), (ws * a * xs).sum(dim=(-1, -2))
+        waa, wax = fsum(ws * a * a, (-1, -2)), fsum(ws * a * xs, (-1, -2))
         if mn is None:
             ok = waa > 0
             new_d, new_dmin = torch.where(ok, wax / torch.where(ok, waa, 1), d.float()), None
         else:
             b = -mn.float().unsqueeze(-1).expand_as(a)
-            wab, wbb, wbx = (ws * a * b).sum(dim=(-1, -2)), (ws * b * b).sum(dim=(-1, -2)), (ws * b * xs).sum(dim=(-1, -2))
+            wab, wbb, wbx = fsum(ws * a * b, (-1, -2)), fsum(ws * b * b, (-1, -2)), fsum(ws * b * xs, (-1, -2))
             det = waa * wbb - wab * wab
             ok = det > 1e-30 * (waa * wbb).clamp_min(1e-30)
             dets = torch.where(ok, det, 1)
@@ -219,15 +237,44 @@ def refine_superblock(xs: torch.Tensor, ws: torch.Tensor, t: BlockType, d: torch
     return d, dmin, sc, mn
 
 
-def fit_params(W: torch.Tensor, t: BlockType, importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def fit_spec(t: BlockType) -> FitSpec:
+    """Type ``t`` described to the kernel: which search, its constants, the level and integer ranges."""
+    if t.values is not None:
+        kind, (nmax, rmin, rdelta, nstep) = "iq4nl", (1, 0.0, 0.0, IQ4NL_NTRY)
+    elif t.name in SYM_NMAX:
+        kind, (nmax, rmin, rdelta, nstep) = "symmetric", (SYM_NMAX[t.name], 0.0, 0.0, 0)
+    else:
+        kind, (nmax, rmin, rdelta, nstep) = "min", ASYM_SEARCH[t.name]
+    int_lo, int_hi = t.params["scales"][1] if "scales" in t.params else (0, 0)
+    return FitSpec(KINDS[kind], t.block, t.group, nmax, rmin, rdelta, nstep, *t.solve_levels, int_lo, int_hi,
+                   REFINE_ROUNDS, None)
+
+
+def fit_params(W: torch.Tensor, t: BlockType, importance: torch.Tensor | None = None, *,
+               reference: bool = False) -> dict[str, torch.Tensor]:
     """The parameters of type ``t`` for ``W [rows, cols]`` (cols a multiple of ``t.block``), as
     ``GGMLWeight.params`` names them. ``importance [cols]``: each input column's weight (diag(H)).
-    Rows are fitted independently; a big matrix in chunks of rows, as the search's workspace is ~45 bytes a
-    weight (a 7B model's embedding would take 6 GB at once)."""
+    An fp32 CPU ``W`` goes to the compiled kernel (the same parameters, one block at a time in a few KB)
+    unless ``reference`` or no kernel can be built; otherwise ``fit_params_reference``."""
+    if not reference and W.dtype == torch.float32 and W.device.type == "cpu":
+        imp = None if importance is None else importance.to(torch.float32).clamp_min(0)
+        values = IQ4NL_LEVELS if t.values is not None else None
+        out = fit_kernel(W, fit_spec(t), values, imp)
+        if out is not None:
+            names = {"d": "d", "dmin": "dmin" if t.block != t.group else "m", "scales": "scales", "mins": "mins"}
+            return {names[k]: v for k, v in out.items() if v is not None}
+    return fit_params_reference(W, t, importance)
+
+
+def fit_params_reference(W: torch.Tensor, t: BlockType,
+                         importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """fit_params in torch, vectorised over every group (the kernel's reference). Rows are fitted
+    independently; a big matrix in chunks of rows, as the search's workspace is ~45 bytes a weight (a 7B
+    model's embedding would take 6 GB at once)."""
     rows, cols = W.shape
     step = max(1, FIT_CHUNK_WEIGHTS // max(cols, 1))
     if rows > step:
-        parts = [fit_params(W[i:i + step], t, importance) for i in range(0, rows, step)]
+        parts = [fit_params_reference(W[i:i + step], t, importance) for i in range(0, rows, step)]
         return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
     nb = cols // t.block
     x = W.reshape(rows, nb, t.block)
