@@ -52,10 +52,14 @@ class LoraAdapter:
     target_modules: list[str] | str | None
     layers_limited: bool  # layers_to_transform / exclude_modules: not every matched module need have weights
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    weights_dtype: torch.dtype = torch.bfloat16  # A and B as the runtime holds them
 
 
-def read_adapter(adapter_dir) -> LoraAdapter:
-    """The adapter folder's config and weights, checked on their own (the model is checked in attach_adapter)."""
+def read_adapter(adapter_dir, weights_dtype: torch.dtype = torch.bfloat16) -> LoraAdapter:
+    """The adapter folder's config and weights, checked on their own (the model is checked in attach_adapter);
+    weights_dtype: how the runtime will hold A and B (bfloat16 or float32)."""
+    if weights_dtype not in (torch.float32, torch.bfloat16):
+        raise PeakError(f"adapter weights must be float32 or bfloat16, got {weights_dtype}")
     folder = Path(adapter_dir)
     where = f"--adapter {adapter_dir}"
     if not folder.is_dir():
@@ -99,7 +103,8 @@ def read_adapter(adapter_dir) -> LoraAdapter:
             raise PeakError(f"{where}: {module}'s A {tuple(a.shape)} and B {tuple(b.shape)} are not of rank r={rank}")
         weights[module] = (a, b)
     limited = bool(config.get("layers_to_transform") or config.get("exclude_modules"))
-    return LoraAdapter(str(adapter_dir), rank, float(scale), config.get("target_modules"), limited, weights)
+    return LoraAdapter(str(adapter_dir), rank, float(scale), config.get("target_modules"), limited, weights,
+                       weights_dtype)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -114,7 +119,7 @@ def _targeted(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def attach_adapter(hf_model: nn.Module, adapter: LoraAdapter, weights_dtype: torch.dtype = torch.bfloat16) -> int:
+def attach_adapter(hf_model: nn.Module, adapter: LoraAdapter) -> int:
     """Put a LoraLinear around every linear of `hf_model` that `adapter` has weights for, after checking them
     all (nothing changes when a check fails); returns how many."""
     where = f"--adapter {adapter.path}"
@@ -142,7 +147,7 @@ def attach_adapter(hf_model: nn.Module, adapter: LoraAdapter, weights_dtype: tor
     for name, (a, b) in adapter.weights.items():
         parent_name, _, child = name.rpartition(".")
         parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
-        setattr(parent, child, LoraLinear(getattr(parent, child), a, b * adapter.scale, weights_dtype))
+        setattr(parent, child, LoraLinear(getattr(parent, child), a, b * adapter.scale, adapter.weights_dtype))
     return len(adapter.weights)
 
 
