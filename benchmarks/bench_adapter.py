@@ -12,6 +12,10 @@ layout: the speed does not depend on what the adapter learned. Each round runs `
 adapter and once with it per --dtypes entry (the adapter's A and B held in bf16 or fp32), each in its own process,
 the order reversed every round. One results line per adapter dtype: decode tok/s of both sides per round, the
 median of per-round ratios and its spread, the load average at each run, CPU and commit (results_line.py).
+
+On a shared machine whose load swings within a minute, whole processes a minute apart measure the load as much
+as the adapter; `--interleaved ROUNDS` runs the sides in one process instead, --new-tokens decode steps each in
+turn, so both sides of a round share the machine's state (load recorded at the start and the end).
 """
 
 from __future__ import annotations
@@ -60,6 +64,40 @@ def make_adapter(model_dir: Path, out: Path, seed: int = 0) -> None:
     peft_model.save_pretrained(str(out))
 
 
+def interleaved(model_dir: Path, adapter: Path, dtypes: list[str], pairs: int, tokens: int, threads: int) -> dict:
+    """In one process: the model without the adapter and with it (one RuntimeModel per side, the packed weights
+    mapped from the same file), `tokens` decode steps of each side in turn, the order reversed every round, for
+    `pairs` rounds: a slow stretch of a shared machine then hits both sides of a round alike. Returns
+    {side: [tok/s per round]} and {"layers": linears adapted}."""
+    import time
+
+    from peakllm.models import load_model
+    from peakllm.runtime.adapter import attach_adapter, read_adapter
+    from peakllm.runtime.model import RuntimeModel
+
+    torch.set_num_threads(threads)
+    prompt = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    feed = torch.randint(0, 1000, (tokens,), generator=torch.Generator().manual_seed(1))
+    sides, models = ["none", *dtypes], {}
+    for side in sides:
+        hf = load_model(str(model_dir))[0]
+        if side != "none":
+            layers = attach_adapter(hf, read_adapter(adapter, torch.bfloat16 if side == "bf16" else torch.float32))
+        models[side] = RuntimeModel.from_hf(hf, torch.float32, max_seq=prompt.shape[1] + tokens)
+        models[side].setup_cache(1)
+    tok_s: dict = {s: [] for s in sides}
+    with torch.inference_mode():
+        for r in range(pairs):
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                m = models[side]
+                m(prompt, 0, last_only=True)  # untimed: the cache refilled, the weights touched
+                t0 = time.perf_counter()
+                for i in range(tokens):
+                    m(feed[i].view(1, 1), prompt.shape[1] + i, last_only=True)
+                tok_s[side].append(tokens / (time.perf_counter() - t0))
+    return tok_s, {"layers": layers}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(Path.home() / ".cache" / "peakllm" / "bench-adapter" / "smol-int4-g64"))
@@ -70,6 +108,9 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs inside each `peakllm bench` (its median)")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="ROUNDS",
+                    help="instead of `peakllm bench` processes: one process, --new-tokens decode steps per side in "
+                    "turn for ROUNDS rounds (see `interleaved`)")
     ap.add_argument("--out", default="docs/results/adapter.jsonl")
     args = ap.parse_args()
     model = Path(args.model)
@@ -79,6 +120,22 @@ def main() -> int:
     if not adapter.exists():
         make_adapter(model, adapter)
     dtypes = args.dtypes.split(",")
+    if args.interleaved:
+        loads_start = os.getloadavg()[0]
+        tok_s, made = interleaved(model, adapter, dtypes, args.interleaved, args.new_tokens, args.threads)
+        for dtype in dtypes:
+            ratios = [a / b for a, b in zip(tok_s[dtype], tok_s["none"])]
+            row = {"bench": "adapter-decode-interleaved", "model": "default int4 (rtn g64, peakllm folder)",
+                   "model_folder": str(model), "adapter": "random" if args.adapter is None else str(adapter),
+                   "adapter_rank": RANK, "adapter_layers": made["layers"], "adapter_dtype": dtype, "threads": args.threads,
+                   "rounds": args.interleaved, "tokens_per_round": args.new_tokens,
+                   "act": os.environ.get("PEAKLLM_INTK_ACT", "int8"), "tok_s_without": tok_s["none"],
+                   "tok_s_with": tok_s[dtype], "ratios": ratios, "ratio_median": statistics.median(ratios),
+                   "ratio_spread": [min(ratios), max(ratios)], "load_rounds": [loads_start, os.getloadavg()[0]]}
+            line = append(args.out, row, args.threads)
+            print(f"adapter {dtype} (interleaved): {line['ratio_median']:.3f}x ({min(ratios):.3f}-{max(ratios):.3f})",
+                  flush=True)
+        return 0
     common = ["bench", "--model", str(model), "--threads", str(args.threads), "--prompt-tokens",
               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     sides = ["none", *dtypes]
