@@ -341,6 +341,11 @@ RECOVER_MEMORY = Table("recover.jsonl", [
     ("method", k("method")), ("steps", k("steps")), ("trainable params", k("trainable_params")),
     ("peak RSS GB", scaled("peak_rss_bytes", GB)), ("LOMO / AdamW peak RSS", k("lomo_over_adamw_peak_rss", ".2f"))],
     where=lambda r: r.get("kind") == "memory")
+RECOVER_ADAPTER = Table("adapter.jsonl", [  # benchmarks/bench_adapter.py
+    ("measured as", lambda r: "one process, interleaved" if r["bench"].endswith("interleaved") else "`peakllm bench` runs"),
+    ("adapter", lambda r: f"rank {r['adapter_rank']}, {r['adapter_layers']} linears, A/B {r['adapter_dtype']}"),
+    ("rounds", k("rounds")), ("decode tok/s without", rounds("tok_s_without", ".1f")), ("with", rounds("tok_s_with", ".1f")),
+    ("× without: per-round median (min–max)", rounds("ratios", ".3f")), ("load (1 min)", lambda r: _load(r))])
 
 # -- sparse models at run time (benchmarks/bench_sparse.py) ------------------------------------------------------
 
@@ -392,5 +397,4 @@ TABLES = {
     "scale": SCALE, "gguf-scale": GGUF_SCALE, "offload-7b": OFFLOAD_7B, "offload-moe": OFFLOAD_MOE,
     "offload-moe-no-readahead": OFFLOAD_MOE_NO_READAHEAD, "serve": SERVE,
     "recover": RECOVER, "recover-memory": RECOVER_MEMORY, "sparse-kernels": SPARSE_KERNELS,
-    "sparse-decode": SPARSE_DECODE, "sparse-prune": SPARSE_PRUNE,
-}
+    "sparse-decode": SPARSE_DECODE, "sparse-prune": SPARSE_PRUNE, "recover-adapter": RECOVER_ADAPTER}
