@@ -181,14 +181,7 @@ class LoraLinear(nn.Module):
 
     def runtime_linear(self, dtype: torch.dtype) -> "LoraLinear":
         """This adapter around the runtime's form of the base (runtime/linear.py as_runtime_linear)."""
-        made = LoraLinear.__new__(LoraLinear)
-        nn.Module.__init__(made)
-        made.base = as_runtime_linear(self.base, dtype)
-        made.in_features, made.out_features, made.weights_dtype = self.in_features, self.out_features, self.weights_dtype
-        made.register_buffer("lora_a", self.lora_a, persistent=False)
-        made.register_buffer("lora_b", self.lora_b, persistent=False)
-        made._engine = None
-        return made
+        return LoraLinear(as_runtime_linear(self.base, dtype), self.lora_a, self.lora_b, self.weights_dtype)
 
     def decode_lin(self, keep: list):
         """The base's engine descriptor with the low-rank term beside it, or None if the base has none."""
