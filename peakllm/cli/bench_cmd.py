@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from peakllm.cli.common import (add_act_option, add_max_memory_run_option, add_model_option, add_output_options,
-                                add_threads_option, apply_act, emit, set_threads)
+from peakllm.cli.common import (add_act_option, add_adapter_option, add_max_memory_run_option, add_model_option,
+                                add_output_options, add_threads_option, apply_act, emit, read_adapter_arg, set_threads)
 from peakllm.errors import PeakError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="weights and activations of dense layers (default: %(default)s)")
     p.add_argument("--hf", action="store_true", help="benchmark transformers' model.generate instead (a baseline)")
+    add_adapter_option(p)
     add_max_memory_run_option(p)  # reports bytes read from disk per token and the expert cache's hit rate
     add_act_option(p)
     add_threads_option(p)
@@ -46,6 +47,7 @@ def run(args) -> int:
     budget = memory.parse_size(args.max_memory) if args.max_memory else None
     if budget is not None and args.hf:
         raise PeakError("--max-memory runs the lean runtime only (not --hf)")
+    adapter = read_adapter_arg(args)
     started = time.perf_counter()
     import transformers  # noqa: F401 - the libraries every load needs, timed apart from the model's own load
 
@@ -55,11 +57,17 @@ def run(args) -> int:
     started = time.perf_counter()
     model, _tokenizer = load_model(args.model)
     load_s = time.perf_counter() - started  # config, tokenizer, checksums, weights (packed folders: memory-mapped)
+    adapted = {}
+    if adapter is not None:
+        from peakllm.runtime.adapter import attach_adapter
+
+        adapted = {"adapter": args.adapter, "adapter_layers": attach_adapter(model, adapter), "adapter_rank": adapter.rank,
+                   "adapter_dtype": args.adapter_dtype}
     result = bench(model, dtype=getattr(torch, DTYPES[args.dtype]), prompt_tokens=args.prompt_tokens,
                    new_tokens=args.new_tokens, batch=args.batch, repeats=args.repeats,
                    engine="transformers" if args.hf else "peakllm", max_memory=budget)
     from peakllm.runtime.linear import int8_act_default
 
-    emit({"model": args.model, "import_s": import_s, "load_s": load_s, "base_rss_bytes": base_rss, **result, "intk_act": "int8" if int8_act_default() else "f32"}, args,
+    emit({"model": args.model, **adapted, "import_s": import_s, "load_s": load_s, "base_rss_bytes": base_rss, **result, "intk_act": "int8" if int8_act_default() else "f32"}, args,
          "bench")
     return 0

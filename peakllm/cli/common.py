@@ -55,6 +55,33 @@ def add_max_memory_run_option(parser: argparse.ArgumentParser) -> None:
                         "fit; the JSON reports the plan's predicted peak beside the measured one")
 
 
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="a PEFT LoRA adapter folder (as `peakllm recover --method lora` writes it), run by the "
+                        "lean runtime beside the model's packed or dense linears without merging them "
+                        "(y = W x + scale * B A x). Checked before any work: the folder, a LoRA config, every "
+                        "adapted layer present in the model with matching shapes")
+    parser.add_argument("--adapter-dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="how the runtime holds the adapter's A and B: bf16 (default) reads half the bytes per "
+                        "token; fp32 keeps the adapter file's fp32 values exactly")
+
+
+def read_adapter_arg(args: argparse.Namespace):
+    """--adapter read and checked before the model loads (None without it); `attach_adapter` checks it against
+    the model once that is loaded."""
+    if not getattr(args, "adapter", None):
+        return None
+    import torch
+
+    from peakllm.errors import PeakError
+    from peakllm.runtime.adapter import read_adapter
+
+    if getattr(args, "max_memory", None):
+        raise PeakError("--adapter with --max-memory is not supported: the streamed layers are read from the model's "
+                        "files, which do not hold the adapter")
+    return read_adapter(args.adapter, torch.bfloat16 if args.adapter_dtype == "bf16" else torch.float32)
+
+
 def add_act_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--act", choices=("int8", "f32"), default=None,
                         help="activations of the int-k layers when decoding: int8 (default) quantizes the input "

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
-from peakllm.cli.common import (add_bos_option, add_act_option, add_max_memory_run_option, add_model_option,
-                                add_output_options, add_threads_option, apply_act, emit, set_threads)
+from peakllm.cli.common import (add_adapter_option, add_bos_option, add_act_option, add_max_memory_run_option,
+                                add_model_option, add_output_options, add_threads_option, apply_act, emit,
+                                read_adapter_arg, set_threads)
 from peakllm.errors import PeakError
 
 DEFAULT_K = 4  # runtime.speculate.DEFAULT_K, without importing torch to build the parser
@@ -23,9 +24,6 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--adapter", metavar="DIR", default=None,
-                   help="a PEFT LoRA adapter folder (`peakllm recover --method lora`), run unmerged beside the "
-                   "model's (packed) weights; generation then goes through transformers' loop, not the lean runtime")
     p.add_argument("--speculate", type=int, default=None, metavar="K",
                    help="speculative decoding: K tokens drafted per step and verified by the model in one pass "
                    "(greedy output unchanged, sampling's distribution unchanged); 0 = off (default: "
@@ -34,6 +32,7 @@ def register(sub) -> None:
                    help="the draft model for --speculate: a more compressed form of the same model (e.g. a folder "
                    "from `peakllm quantize --bits 2`); without it, drafts come from prompt lookup (the tokens "
                    "that followed the last n-gram's latest earlier occurrence)")
+    add_adapter_option(p)
     add_bos_option(p)
     add_max_memory_run_option(p)
     add_act_option(p)
@@ -81,11 +80,15 @@ def run(args) -> int:
         raise PeakError(f"--speculate must be >= 0 tokens, got {speculate}")
     if args.draft and speculate == 0:
         raise PeakError("--draft needs --speculate K > 0")
-    if (speculate or args.draft) and (args.adapter or args.max_memory):
-        raise PeakError("--speculate / --draft need the lean runtime with the model in memory: drop --adapter / "
-                        "--max-memory")
+    if (speculate or args.draft) and args.max_memory:
+        raise PeakError("--speculate / --draft need the lean runtime with the model in memory: drop --max-memory")
     budget = memory.parse_size(args.max_memory) if args.max_memory else None
+    adapter = read_adapter_arg(args)
     model, tokenizer = load_model(args.model)
+    if adapter is not None:
+        from peakllm.runtime.adapter import attach_adapter
+
+        attach_adapter(model, adapter)
     draft = load_model(args.draft)[0] if args.draft else None
     ids = prompt_ids(tokenizer, args.prompt, args.chat, bos=not args.no_bos)
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -93,23 +96,13 @@ def run(args) -> int:
         sys.stdout.write(args.prompt if not args.chat else "")
     start = time.perf_counter()
     extra: dict = {}  # what speculative decoding did
-    if args.adapter:
-        from peakllm.recover.lora import load_adapter
-        from peakllm.runtime.hf_loop import hf_generate_text
-
-        if budget is not None:
-            raise PeakError("--max-memory needs peakllm's lean runtime, which does not run adapters")
-        model = load_adapter(model, args.adapter)
-        text, n_new = hf_generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
-                                       top_p=args.top_p, seed=args.seed, stream=stream)
-    else:
-        timings: dict = {}
-        text, n_new = generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, seed=args.seed, stream=stream, max_memory=budget,
-                                    speculate=speculate, draft_model=draft, timings=timings)
-        if timings.get("speculative"):
-            extra = {"speculate": speculate, "draft": args.draft or "prompt-lookup", "drafted": timings["drafted"],
-                     "accepted": timings["accepted"], "verify_steps": timings["steps"]}
+    timings: dict = {}
+    text, n_new = generate_text(model, tokenizer, ids, args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, stream=stream, max_memory=budget,
+                                speculate=speculate, draft_model=draft, timings=timings)
+    if timings.get("speculative"):
+        extra = {"speculate": speculate, "draft": args.draft or "prompt-lookup", "drafted": timings["drafted"],
+                 "accepted": timings["accepted"], "verify_steps": timings["steps"]}
     seconds = time.perf_counter() - start
     result = {"model": args.model, **({"adapter": args.adapter} if args.adapter else {}), "prompt": args.prompt, "text": text, "new_tokens": n_new, "seconds": seconds,
               "bos": int(ids[0, 0]) == protocol_bos(tokenizer, not args.no_bos),

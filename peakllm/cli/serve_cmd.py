@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from peakllm.cli.common import (add_act_option, add_max_memory_run_option, add_model_option, add_threads_option,
-                                apply_act, set_threads, stderr)
+from peakllm.cli.common import (add_act_option, add_adapter_option, add_max_memory_run_option, add_model_option,
+                                add_threads_option, apply_act, read_adapter_arg, set_threads, stderr)
 from peakllm.errors import PeakError
 
 EPILOG = """\
@@ -61,6 +61,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of activations, dense weights and the KV cache (default: %(default)s)")
     add_act_option(p)
+    add_adapter_option(p)
     add_max_memory_run_option(p)  # the KV pool (--kv-blocks) is part of the budget
     add_threads_option(p)
     p.set_defaults(func=run)
@@ -87,11 +88,12 @@ def run(args) -> int:
     from peakllm import memory
 
     budget = memory.parse_size(args.max_memory) if args.max_memory else None
+    adapter = read_adapter_arg(args)
     engine, tokenizer = build_engine(
         args.model, dtype=getattr(torch, args.dtype), max_model_len=args.max_model_len, num_blocks=args.kv_blocks,
         block_size=args.block_size, max_batch=args.max_batch, max_step_tokens=args.max_step_tokens,
         max_queue=args.max_queue, threads=args.threads, prefix_sharing=not args.no_prefix_sharing, max_memory=budget,
-        whole_process=True)
+        whole_process=True, adapter=adapter)
     name = args.served_name or args.model
     kv_mb = engine.runner.kv_bytes / 2**20
     stderr(f"peakllm serve: '{name}' on http://{args.host}:{args.port}/v1 — KV cache {args.kv_blocks} blocks × "

@@ -10,7 +10,8 @@
 //   gate, up rows | SiLU (or GELU) * up | down rows | (RMSNorm of down +) residual + next RMSNorm
 // Each linear is a `Lin` descriptor: dense fp32 / bf16 weights (dense_impl.h), group-wise int-k codes
 // (intk_impl.h), N:M / bitmask sparse weights with float or int-k kept values (sparse_impl.h), or a
-// sub-1-bit stream (sub1_impl.h). A layer's MLP may instead be a mixture of experts (`Moe`, batch 1):
+// sub-1-bit stream (sub1_impl.h), each with an optional unmerged LoRA term (lora_impl.h). A layer's MLP
+// may instead be a mixture of experts (`Moe`, batch 1):
 //   router + top-k | gate/up rows of each chosen expert, SiLU * up | down rows of each, weighted and summed.
 // OLMoE's q/k norms span the whole q / k (not each head): one more phase after the q, k, v rows.
 // Every thread takes a contiguous band of output rows of each linear (one stream through the weights per
@@ -28,6 +29,7 @@
 #include "sparse_bf16_impl.h"
 #include "sub1_impl.h"
 #include "decode_types.h"
+#include "lora_impl.h"
 
 // Rows [lo, hi) of y [B, out] from their fp32 values yf [B, out], plus the bias, rounded once to TX.
 template <typename TX>
@@ -73,7 +75,7 @@ static void sparse_tile(const Lin& L, const Values& V, const float* xf, int64_t 
 
 // One thread's reusable buffers (thread_local: OpenMP keeps its worker threads between calls).
 struct Work {
-    std::vector<float> wide, split, yf, attn, xq, rot;
+    std::vector<float> wide, split, yf, attn, xq, rot, lora_x, lora_t;
     std::vector<uint32_t> sub1buf;
     PreparedX px;
     PreparedQ pq;
@@ -220,16 +222,29 @@ static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Wor
                      RowClaim* claims = nullptr) {
     int lo, hi;
     share(L.out, L.kind == LIN_INTK ? 1 : 4, t, nt, lo, hi);
-    if (!claims || nt == 1 || !lin_stealable(L)) return lin_range<TX>(L, x, y, B, lo, hi, w, err);
+    const bool lora = L.lora_r > 0;  // an adapter's B (A x) is added to each band of rows once it is computed
+    if (!claims || nt == 1 || !lin_stealable(L)) {
+        lin_range<TX>(L, x, y, B, lo, hi, w, err);
+        if (lora && lo < hi) {
+            lora_prepare<TX>(L, x, B, w.lora_x, w.lora_t);
+            lora_add<TX>(L, w.lora_t.data(), y, B, lo, hi);
+        }
+        return;
+    }
     a8_prepare<TX>(L, x, B, w);
+    if (lora) lora_prepare<TX>(L, x, B, w.lora_x, w.lora_t);
     const int chunk = (int)std::max<int64_t>(1, CLAIM_BYTES / intk_row_bytes(L));
+    auto rows = [&](int r0, int r1) {
+        a8_range<TX>(L, y, B, r0, r1, w);
+        if (lora) lora_add<TX>(L, w.lora_t.data(), y, B, r0, r1);
+    };
     int a, b;
-    while (claim_rows(claims[t], hi - lo, chunk, false, a, b)) a8_range<TX>(L, y, B, lo + a, lo + b, w);
+    while (claim_rows(claims[t], hi - lo, chunk, false, a, b)) rows(lo + a, lo + b);
     for (int i = 1; i < nt; ++i) {
         const int v = (t + i) % nt;
         int vlo, vhi;
         share(L.out, 1, v, nt, vlo, vhi);
-        while (claim_rows(claims[v], vhi - vlo, chunk, true, a, b)) a8_range<TX>(L, y, B, vlo + a, vlo + b, w);
+        while (claim_rows(claims[v], vhi - vlo, chunk, true, a, b)) rows(vlo + a, vlo + b);
     }
 }
 

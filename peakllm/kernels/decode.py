@@ -1,8 +1,8 @@
 """The whole-step decode engine (decode.cpp): one C call per token for every layer and the lm_head.
 
 The runtime describes each linear layer as a `Lin` (dense fp32/bf16 weights, group-wise int-k codes,
-N:M / bitmask sparse weights with float or int-k kept values, or a sub-1-bit stream)
-and each decoder layer as a `Layer`; `Step` holds the C arrays, keeps every tensor they point to alive,
+N:M / bitmask sparse weights with float or int-k kept values, or a sub-1-bit stream; any of them with an
+unmerged LoRA adapter's low-rank term beside it) and each decoder layer as a `Layer`; `Step` holds the C arrays, keeps every tensor they point to alive,
 and runs a step. Layers the engine cannot describe (other module types, MoE blocks at batch > 1 or
 in bf16, other activations) make the runtime use its op-by-op path instead, which computes the same numbers.
 """
@@ -30,7 +30,8 @@ class Lin(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in ("w", "bias", "scales", "zeros", "gstart", "perm", "index",
                                                   "row_offsets", "qrow_offsets")]
                 + [("total", ctypes.c_int64), ("act_bits", ctypes.c_int), ("rot_signs", ctypes.c_void_p),
-                   ("rot_block", ctypes.c_int)])
+                   ("rot_block", ctypes.c_int), ("lora_a", ctypes.c_void_p), ("lora_b", ctypes.c_void_p),
+                   ("lora_r", ctypes.c_int), ("lora_bf16", ctypes.c_int)])
 
 
 class Moe(ctypes.Structure):
@@ -192,6 +193,20 @@ def sub1_lin(operands, bias: torch.Tensor | None, in_features: int, out_features
     """A sub-1-bit layer from its prepared kernel operands (kernels/sub1.py `operands`)."""
     keep.append(operands)  # the struct and every tensor it points to
     return Lin(LIN_SUB1, in_features, out_features, w=ctypes.addressof(operands.matrix), bias=_bias(bias, keep))
+
+
+def with_lora(lin: Lin, lora_a: torch.Tensor, lora_b: torch.Tensor, keep: list) -> Lin | None:
+    """`lin` with an unmerged LoRA term y += lora_b @ (lora_a @ x) (lora_impl.h): lora_a [r, in], lora_b [out, r]
+    (already times the adapter's scale), both fp32 or both bf16 and contiguous; None if unusual."""
+    r = lora_a.shape[0]
+    if (lora_a.dtype not in (torch.float32, torch.bfloat16) or lora_b.dtype != lora_a.dtype
+            or tuple(lora_a.shape) != (r, lin.in_features) or tuple(lora_b.shape) != (lin.out_features, r)
+            or not (lora_a.is_contiguous() and lora_b.is_contiguous())):
+        return None
+    keep.extend((lora_a, lora_b))
+    lin.lora_a, lin.lora_b, lin.lora_r = lora_a.data_ptr(), lora_b.data_ptr(), r
+    lin.lora_bf16 = int(lora_a.dtype == torch.bfloat16)
+    return lin
 
 
 def lin_apply(lin: Lin, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:

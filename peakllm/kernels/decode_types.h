@@ -30,6 +30,9 @@ struct Lin {
     int act_bits;           // int-k: 8 = x quantized to int8 per 32 columns where a8_applies (intk_a8_impl.h), 0 = fp32
     const int8_t* rot_signs;  // rotated int-k: x times R (common.h rotate_x_rows) before the codes; null: none
     int rot_block;
+    const void* lora_a;     // an unmerged LoRA adapter beside the layer (lora_impl.h): A [lora_r, in], or null
+    const void* lora_b;     // B [out, lora_r], times the adapter's scale
+    int lora_r, lora_bf16;  // rank; A and B are bf16 (1) or fp32 (0)
 };
 
 // A mixture-of-experts MLP (batch 1, fp32): a linear router scores the E experts, the top k run

@@ -14,7 +14,6 @@ nn.Linear: PEFT's own layers; `merge_masked` folds the adapter in and re-applies
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -101,23 +100,6 @@ def lora_model(model: nn.Module, *, rank: int, lora_alpha: float, target_modules
     except ValueError as exc:  # e.g. no module matches target_modules
         raise PeakError(f"cannot put LoRA adapters on the model: {str(exc).splitlines()[0][:300]}") from None
     return peft_model
-
-
-def load_adapter(model: nn.Module, adapter_dir) -> PeftModel:
-    """`model` (packed or not) with a saved PEFT LoRA adapter, unmerged and in eval mode: packed linears are wrapped
-    and registered as for training, so the adapter runs beside the packed weights."""
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise PeakError(f"--adapter {adapter_dir}: no adapter_config.json (a PEFT adapter folder, as `peakllm "
-                        "recover --method lora` writes)")
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    if wrap_packed(model):
-        config._register_custom_module({PackedBase: PackedLoraLinear})
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Unsupported layer type")
-            return PeftModel.from_pretrained(model, str(adapter_dir), config=config).eval()
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise PeakError(f"cannot load the adapter {adapter_dir} onto the model: {str(exc).splitlines()[0][:300]}") from None
 
 
 def adapter_tensors(peft_model: PeftModel) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ def moe_desc(block: nn.Module, dim: int, batch: int, keep: list):
     """The engine's description of a MoE MLP block (linear router, SiLU experts weighted and summed), at
     batch 1 in fp32; None for anything else (its op-by-op path then runs)."""
     found = _router(block) if batch == 1 else None
-    if found is None:
+    if found is None or any(hasattr(m, "lora_a") for m in block.modules()):  # an adapter inside: op by op
         return None
     gate, top_k, weighting = found
     router = decode.dense_lin(gate.weight.detach(), getattr(gate, "bias", None), keep)

@@ -366,7 +366,10 @@ class DenseLinear(nn.Module):
 
 
 def as_runtime_linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """An nn.Linear as a DenseLinear in `dtype`; a packed module is already a runtime linear."""
+    """An nn.Linear as a DenseLinear in `dtype`; a packed module is already a runtime linear; a wrapper (an
+    adapter's LoraLinear, runtime/adapter.py) makes its own."""
+    if hasattr(module, "runtime_linear"):
+        return module.runtime_linear(dtype)
     if type(module) is nn.Linear:
         bias = None if module.bias is None else module.bias
         return DenseLinear(module.weight.detach().to(dtype), bias)

@@ -9,16 +9,21 @@ import torch
 
 from peakllm.errors import PeakError
 from peakllm.models import load_model
+from peakllm.runtime.adapter import attach_adapter
 from peakllm.runtime.model import RuntimeModel
 from peakllm.serve.engine import Engine
 from peakllm.serve.runner import check_family, check_supported
 
 
-def build_engine(model_arg: str, *, dtype: torch.dtype = torch.float32, max_model_len: int = 2048, **engine_kwargs):
+def build_engine(model_arg: str, *, dtype: torch.dtype = torch.float32, max_model_len: int = 2048, adapter=None,
+                 **engine_kwargs):
     """(engine, tokenizer) for `model_arg` as every command loads it (`default`, an HF folder, a packed
-    peakllm folder, a .gguf); the engine is not started."""
+    peakllm folder, a .gguf); the engine is not started. adapter: a runtime.adapter.LoraAdapter run beside
+    the linears, unmerged."""
     hf_model, tokenizer = load_model(model_arg)
     check_family(hf_model.config)  # before RuntimeModel, whose list is longer
+    if adapter is not None:
+        attach_adapter(hf_model, adapter)
     model = RuntimeModel.from_hf(hf_model, dtype, max_seq=max_model_len)
     check_supported(model)
     return Engine(model, tokenizer, max_model_len=max_model_len, **engine_kwargs), tokenizer

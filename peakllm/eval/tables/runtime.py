@@ -148,6 +148,12 @@ RECOVER_MEMORY = Table("recover.jsonl", [
     ("peak RSS GB", scaled("peak_rss_bytes", GB)), ("LOMO / AdamW peak RSS", k("lomo_over_adamw_peak_rss", ".2f"))],
     where=lambda r: r.get("kind") == "memory")
 
+RECOVER_ADAPTER = Table("adapter.jsonl", [  # benchmarks/bench_adapter.py
+    ("measured as", lambda r: "one process, interleaved" if r["bench"].endswith("interleaved") else "`peakllm bench` runs"),
+    ("adapter", lambda r: f"rank {r['adapter_rank']}, {r['adapter_layers']} linears, A/B {r['adapter_dtype']}"),
+    ("rounds", k("rounds")), ("decode tok/s without", rounds("tok_s_without", ".1f")), ("with", rounds("tok_s_with", ".1f")),
+    ("× without: per-round median (min–max)", rounds("ratios", ".3f")), ("load (1 min)", load)])
+
 # -- sparse models at run time (benchmarks/bench_sparse.py) ------------------------------------------------------
 
 SPARSE_KERNELS = Table("sparse-kernels.jsonl", [
@@ -201,7 +207,7 @@ RUNTIME_MEMORY = Table("runtime-memory.jsonl", [
     ("load (1 min)", lambda r: (r.get("machine") or {}).get("loadavg", [""])[0])])
 
 TABLES = {
-    "runtime-memory": RUNTIME_MEMORY,
+    "runtime-memory": RUNTIME_MEMORY, "recover-adapter": RECOVER_ADAPTER,
     "speed-vs-llamacpp": SPEED_VS_LLAMACPP, "int8-act-decode": INT8_ACT_DECODE, "int8-act-quality": INT8_ACT_QUALITY,
     "speed-7b": SPEED_7B, "gemma-speed": GEMMA_SPEED, "speculate": SPECULATE,
     "scale": SCALE, "gguf-scale": GGUF_SCALE, "offload-7b": OFFLOAD_7B, "offload-moe": OFFLOAD_MOE,
