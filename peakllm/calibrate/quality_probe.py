@@ -76,8 +76,8 @@ class SettingProbe:
         if self.layers is not None and layer_index not in self.layers:
             stats.pop("hessian", None)
             return
-        usable = [s for s in self.settings if s.grid.group_size == -1 or s.grid.group_size <= W.shape[1]]
-        self.losses[name] = relative_losses(W, stats.pop("hessian"), usable, max_rows=self.max_rows,
+        # a group wider than the matrix is one group per row, in the solvers as in the run
+        self.losses[name] = relative_losses(W, stats.pop("hessian"), self.settings, max_rows=self.max_rows,
                                             act_order=self.act_order, damp=self.damp)
 
 
