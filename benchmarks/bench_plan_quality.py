@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
 from results_line import commit as head_commit
@@ -114,12 +114,15 @@ def main() -> int:
     predicted = [r["predicted_dlog_ppl"] for r in rows]
     actual = [r["measured_dlog_ppl"] for r in rows]
     rho = float(spearmanr(predicted, actual).statistic)
+    for r, rp, rm in zip(rows, rankdata(predicted), rankdata(actual)):
+        r["predicted_rank"], r["measured_rank"] = float(rp), float(rm)
     probe = plan.get("quality_probe") or {}
     seconds = sorted(r["compression_seconds"] for r in rows)
     ranking = {"bench": "plan-quality", "kind": "ranking", "model": args.model, "plans": len(rows),
                "spearman": rho, "plan_seconds": plan_seconds, "probe_seconds": probe.get("seconds"),
                "probe": probe, "compression_seconds_median": seconds[len(seconds) // 2],
                "compression_seconds_min": seconds[0], "calib_samples": int(args.calib_samples),
+               "probe_over_median_compression": (probe.get("seconds") or {}).get("total", 0) / seconds[len(seconds) // 2],
                "eval_tokens": int(args.eval_tokens), "loadavg": load()}
     print(json.dumps(ranking), flush=True)
     if args.log:
