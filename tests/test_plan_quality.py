@@ -65,7 +65,7 @@ def test_nothing_lost_scores_zero():
         assert relative_losses(torch.randn(16, 128), torch.zeros(128, 128), [s])[s] == 0.0
 
 
-def test_layer_sample_and_scaled_scores(tiny_llama, tiny_tokenizer):
+def test_layer_sample_and_scaled_scores(tiny_llama, monkeypatch):
     assert layer_sample(30, 5) == {0, 7, 14, 22, 29} and layer_sample(30, None) is None and layer_sample(2, 5) is None
     segments = torch.randint(1, 300, (2, 32))
     settings = [Setting(m, Grid(bits=b, group_size=128)) for m in ("gptq", "rtn") for b in BITS]
@@ -73,7 +73,13 @@ def test_layer_sample_and_scaled_scores(tiny_llama, tiny_tokenizer):
     assert len(per_matrix) == 2 * 7 and all(set(v) == set(settings) for v in per_matrix.values())
     for s in settings:
         assert scores[s] == pytest.approx(sum(v[s] for v in per_matrix.values()))
+    from peakllm.calibrate import loop
+
+    collected = []
+    real = loop.collect_group
+    monkeypatch.setattr(loop, "collect_group", lambda layer, *a, **kw: collected.append(layer) or real(layer, *a, **kw))
     one, per_one = measure_settings(tiny_llama, segments, settings, layers=1)
+    assert collected and all(c is tiny_llama.model.layers[0] for c in collected)  # no statistics for layer 1
     assert {n.split(".")[2] for n in per_one} == {"0"}  # layer 0 alone, scaled by 2 layers / 1
     for s in settings:
         assert one[s] == pytest.approx(2 * sum(v[s] for v in per_one.values()))

@@ -72,10 +72,11 @@ class SettingProbe:
         self.layers = layers  # None: every layer
         self.losses: dict[str, dict[Setting, float]] = {}
 
+    def wants_layer(self, layer_index: int) -> bool:
+        """The loop collects no statistics for the layers not sampled (calibrate/loop.py)."""
+        return self.layers is None or layer_index in self.layers
+
     def compress(self, name: str, layer_index: int, W, stats: dict):
-        if self.layers is not None and layer_index not in self.layers:
-            stats.pop("hessian", None)
-            return
         # a group wider than the matrix is one group per row, in the solvers as in the run
         self.losses[name] = relative_losses(W, stats.pop("hessian"), self.settings, max_rows=self.max_rows,
                                             act_order=self.act_order, damp=self.damp)
