@@ -8,8 +8,9 @@ Runs `peakllm plan --json` (its quality probe: each candidate's layer-wise objec
 segments, combined into a predicted change of log perplexity), then every candidate plan's own command line
 (`peakllm quantize ... --json`, in a fresh process) for its measured perplexity, and the Spearman rank
 correlation between predicted and measured. A run's result is kept in WORKDIR/NAME.json and reused when the
-same command line is asked again (so `--measure-only` can run the compressions first); the results lines
-say which commit each run came from. One line per plan (predicted beside measured) and one ranking line.
+same command line is asked again (so `--measure-only` can run the compressions first, and `--plan-only` the
+plan); the results lines say which commit each run and the plan came from. One line per plan (predicted
+beside measured) and one ranking line.
 """
 
 from __future__ import annotations
@@ -49,20 +50,21 @@ def load() -> list[float]:
 
 
 def measured(name: str, argv: list[str], work: Path) -> dict:
-    """The run of one plan's command line, from WORKDIR/NAME.json when that holds the same command line."""
+    """The run of one command line, from WORKDIR/NAME.json when that holds the same command line."""
     record = work / f"{name}.json"
     if record.exists():
         kept = json.loads(record.read_text())
         if kept["argv"] == argv:
             return kept
     before = load()
-    result, wall = peakllm(*argv, "--overwrite", "--json")
+    result, wall = peakllm(*argv, *(["--overwrite"] if "--output" in argv else []), "--json")
     kept = {"argv": argv, "result": result, "seconds": wall, "loadavg_before": before, "loadavg_after": load(),
             **head_commit()}
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(kept))
     tmp.rename(record)
-    shutil.rmtree(argv[argv.index("--output") + 1], ignore_errors=True)
+    if "--output" in argv:
+        shutil.rmtree(argv[argv.index("--output") + 1], ignore_errors=True)
     return kept
 
 
@@ -79,6 +81,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="out/plan-quality")
     ap.add_argument("--log", default=None)
     ap.add_argument("--measure-only", action="store_true", help="run the compressions only (no plan, no line)")
+    ap.add_argument("--plan-only", action="store_true", help="run (and keep) the plan only")
     args = ap.parse_args()
     work = Path(args.workdir) / args.model.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
@@ -91,8 +94,11 @@ def main() -> int:
                                    "--output", "OUT"]} for m, b in PLANS]
         plan, plan_seconds = {}, None
     else:
-        plan, plan_seconds = peakllm("plan", "--model", args.model, *common, "--json")
+        planned = measured("plan", ["plan", "--model", args.model, *common], work)
+        plan, plan_seconds, plan_commit = planned["result"], planned["seconds"], planned.get("commit")
         plans = plan["plans"]
+        if args.plan_only:
+            return 0
     rows = []
     for p in plans:
         name = plan_name(p)
@@ -119,7 +125,7 @@ def main() -> int:
     probe = plan.get("quality_probe") or {}
     seconds = sorted(r["compression_seconds"] for r in rows)
     ranking = {"bench": "plan-quality", "kind": "ranking", "model": args.model, "plans": len(rows),
-               "spearman": rho, "plan_seconds": plan_seconds, "probe_seconds": probe.get("seconds"),
+               "spearman": rho, "plan_seconds": plan_seconds, "plan_commit": plan_commit, "probe_seconds": probe.get("seconds"),
                "probe": probe, "compression_seconds_median": seconds[len(seconds) // 2],
                "compression_seconds_min": seconds[0], "calib_samples": int(args.calib_samples),
                "probe_over_median_compression": (probe.get("seconds") or {}).get("total", 0) / seconds[len(seconds) // 2],
