@@ -8,6 +8,7 @@ two tools as the median of per-round ratios (min–max), both from `results`.
 from __future__ import annotations
 
 from peakllm.eval.results import Table, median_spread, num, ratio
+from peakllm.eval.results_tables_plan import PLAN_QUALITY, PLAN_QUALITY_RANKING
 
 
 def k(key, fmt: str | None = None):
@@ -393,4 +394,5 @@ TABLES = {
     "offload-moe-no-readahead": OFFLOAD_MOE_NO_READAHEAD, "serve": SERVE,
     "recover": RECOVER, "recover-memory": RECOVER_MEMORY, "sparse-kernels": SPARSE_KERNELS,
     "sparse-decode": SPARSE_DECODE, "sparse-prune": SPARSE_PRUNE,
+    "plan-quality": PLAN_QUALITY, "plan-quality-ranking": PLAN_QUALITY_RANKING,
 }
