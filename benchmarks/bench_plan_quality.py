@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--log", default=None)
     ap.add_argument("--measure-only", action="store_true", help="run the compressions only (no plan, no line)")
     ap.add_argument("--plan-only", action="store_true", help="run (and keep) the plan only")
+    ap.add_argument("--only", default=None, help="with --measure-only: these plans (e.g. rtn4g128,gptq4g128)")
     args = ap.parse_args()
     work = Path(args.workdir) / args.model.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
@@ -92,6 +93,8 @@ def main() -> int:
                   "command_line": ["peakllm", "quantize", "--model", args.model, "--method", m, "--bits", str(b),
                                    "--group-size", "128", "--format", "peakllm", "--embed-bits", "8", *common,
                                    "--output", "OUT"]} for m, b in PLANS]
+        if args.only:
+            plans = [p for p in plans if plan_name(p) in args.only.split(",")]
         plan, plan_seconds = {}, None
     else:
         planned = measured("plan", ["plan", "--model", args.model, *common], work)
