@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 from peakllm import memory
@@ -18,8 +20,11 @@ def register(sub) -> None:
         "the peakllm format, run in memory or with layers streamed under --memory), each with its output size "
         "(exact tensor bytes from the shapes), the compression's peak RSS (the planner `quantize --max-memory` "
         "keeps), its minutes and the decode tok/s on this machine (from a short probe of the int-k kernel's rate, "
-        "the matmul rate and the disk, measured once and cached per CPU and thread count). The recommended plan "
-        "comes first, with why; --run executes it. Quality is not predicted (plans that fit are ranked by bits).")
+        "the matmul rate and the disk, measured once and cached per CPU and thread count), and its predicted "
+        "perplexity change: every plan's setting solved on a few layers' matrices with its own solver on a few "
+        "calibration segments, each matrix's output error relative to its output, summed, and scaled to log "
+        "perplexity by one measured anchor (RTN 4-bit on every matrix). The recommended plan comes first, with "
+        "why; --run executes it and records the prediction beside the measured perplexity.")
     add_model_option(p)
     p.add_argument("--memory", metavar="SIZE", default=None,
                    help="memory the compression and the decoding may take, e.g. 8GB (default: no limit)")
@@ -30,6 +35,12 @@ def register(sub) -> None:
     p.add_argument("--calib-samples", type=int, default=32, help="as quantize's (default: %(default)s)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="as quantize's (default: %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=4096, help="as quantize's (default: %(default)s)")
+    p.add_argument("--no-quality", action="store_true", help="skip the quality probe (it loads the weights); "
+                   "--goal quality then ranks by bits")
+    p.add_argument("--quality-samples", type=int, default=4, help="calibration segments (of --calib-seqlen tokens) "
+                   "the quality probe measures on (default: %(default)s)")
+    p.add_argument("--quality-layers", type=int, default=5, help="evenly spaced decoder layers the quality probe "
+                   "scores, scaled to all; 0: every layer (default: %(default)s)")
     p.add_argument("--refresh-probe", action="store_true", help="measure this machine again")
     p.add_argument("--run", action="store_true", help="execute the recommended plan (needs --output)")
     p.add_argument("--output", metavar="DIR", default=None, help="with --run: where the compressed model goes")
@@ -48,30 +59,36 @@ def plan_spec(args):
             raise PeakError(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_tokens < 0:
         raise PeakError("--eval-tokens must be >= 0")
+    if args.quality_samples < 1 or args.quality_layers < 0:
+        raise PeakError("--quality-samples must be at least 1 and --quality-layers at least 0")
     return PlanSpec(model=args.model, memory_bytes=memory.parse_size(args.memory) if args.memory else None,
                     disk_bytes=memory.parse_size(args.disk) if args.disk else None, goal=args.goal,
                     max_bits=args.max_bits, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                    eval_tokens=args.eval_tokens)
+                    eval_tokens=args.eval_tokens, quality=not args.no_quality,
+                    quality_samples=args.quality_samples, quality_layers=args.quality_layers or None)
 
 
 def run(args) -> int:
     spec = plan_spec(args)
-    from peakllm.plan.plans import candidate_plans, why
+    from peakllm.plan.plans import candidate_plans, candidate_settings, why
     from peakllm.plan.probe import probe
+    from peakllm.plan.quality import probe_quality
 
     machine = probe(refresh=args.refresh_probe)
-    plans = candidate_plans(spec, machine)
+    quality = None
+    if spec.quality:
+        quality = probe_quality(spec.model, candidate_settings(), samples=spec.quality_samples,
+                                seqlen=spec.calib_seqlen, layers=spec.quality_layers)
+    plans = candidate_plans(spec, machine, quality)
     best = plans[0]
-    result = {"model": spec.model, "goal": spec.goal, "recommended": best.row(), "why": why(spec, best),
-              "command_line": ["peakllm", *best.argv(spec, args.output or "OUT")],
-              "plans": [p.row() for p in plans], "probe": machine.__dict__}
+    rows = [{**p.row(), "command_line": ["peakllm", *p.argv(spec, "OUT")]} for p in plans]
+    result = {"model": spec.model, "goal": spec.goal, "recommended": rows[0], "why": why(spec, best),
+              "command_line": ["peakllm", *best.argv(spec, args.output or "OUT")], "plans": rows,
+              "probe": machine.__dict__, "quality_probe": quality.facts() if quality else None}
     if args.run:
         if not best.fits:
             raise PeakError(f"no plan fits: {why(spec, best)}")
-        from peakllm.cli import main
-
-        code = main(best.argv(spec, args.output) + ["--json"] if args.json else best.argv(spec, args.output))
-        return code
+        return run_best(spec, best, args)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -80,13 +97,44 @@ def run(args) -> int:
     return 0
 
 
+def run_best(spec, best, args) -> int:
+    """The recommended plan's quantize command, its result JSON holding the plan's predictions beside what
+    it measured."""
+    from peakllm.cli import main
+
+    predicted = {k: getattr(best, k) for k in ("predicted_dlog_ppl", "predicted_ppl_ratio", "quality_score",
+                                               "output_bytes", "compression_peak_bytes", "compression_minutes",
+                                               "decode_tok_s")}
+    if not args.json:
+        code = main(best.argv(spec, args.output))
+        print(f"plan predicted: {json.dumps(predicted)}")
+        return code
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(best.argv(spec, args.output) + ["--json"])
+    lines = out.getvalue().strip().splitlines()
+    if code != 0 or not lines:
+        print(out.getvalue(), end="")
+        return code
+    result = json.loads(lines[-1])
+    result["plan_predicted"] = predicted
+    if predicted["predicted_ppl_ratio"] is not None and result.get("ppl") and result.get("dense_ppl"):
+        result["plan_measured_ppl_ratio"] = result["ppl"] / result["dense_ppl"]
+    for line in lines[:-1]:  # anything the command printed before its JSON
+        print(line)
+    print(json.dumps(result))
+    return code
+
+
 def table(plans) -> str:
-    head = f"{'plan':<16}{'output':>11}{'peak RSS':>11}{'path':>10}{'minutes':>9}{'tok/s':>8}  runtime / why not"
+    head = (f"{'plan':<16}{'output':>11}{'peak RSS':>11}{'path':>10}{'minutes':>9}{'tok/s':>8}{'ppl x':>8}"
+            "  runtime / why not")
     lines = [head]
     for p in plans:
         peak = memory.gb(p.compression_peak_bytes) if p.compression_peak_bytes else "-"
         lines.append(f"{p.method + ' ' + str(p.bits) + '-bit g' + str(p.group_size):<16}"
                      f"{memory.gb(p.output_bytes):>11}{peak:>11}{'streamed' if p.compression_streamed else 'memory':>10}"
-                     f"{p.compression_minutes:>9.1f}{p.decode_tok_s:>8.1f}  "
+                     f"{p.compression_minutes:>9.1f}{p.decode_tok_s:>8.1f}"
+                     f"{format(p.predicted_ppl_ratio, '.3f') if p.predicted_ppl_ratio is not None else '-':>8}  "
                      f"{p.runtime if p.fits else 'no: ' + '; '.join(p.why_not)}")
     return "\n".join(lines)

@@ -9,17 +9,20 @@ machine's probe (probe.py), before any work:
 - compression minutes: FLOPs (forwards, Hessians, GPTQ's solves, evaluation) over the probed matmul rate,
   RTN's weights over its probed rate, the input read at the probed disk rate;
 - decode tok/s: bytes read per token over the int-k kernel's probed rate at that width; offloaded layers'
-  bytes over the disk rate.
-Quality is not predicted yet (ranked by bits, GPTQ before RTN at equal bits).
+  bytes over the disk rate;
+- quality: the change of log perplexity quality.py predicts from each plan's layer-wise losses on a few
+  calibration segments (`--goal quality` orders by it; without the probe, by bits, GPTQ before RTN).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from peakllm.calibrate.memory_plan import plan_in_memory
 from peakllm.calibrate.preflight import matrix_shapes
+from peakllm.calibrate.quality_probe import Setting
 from peakllm.calibrate.recipes import QuantRecipe
 from peakllm.calibrate.run_streamed import plan_memory
 from peakllm.calibrate.spec import RunSpec
@@ -27,6 +30,7 @@ from peakllm.errors import PeakError
 from peakllm.models.anatomy import decoder_layers, is_moe
 from peakllm.models.stream import StreamedModel
 from peakllm.plan.probe import Probe
+from peakllm.plan.quality import QualityProbe
 from peakllm.plan.sizes import read_per_token, weight_bytes
 from peakllm.solvers import Grid
 
@@ -48,6 +52,9 @@ class PlanSpec:
     calib_samples: int = 32          # the quantize command's defaults: what --run will do
     calib_seqlen: int = 512
     eval_tokens: int = 4096
+    quality: bool = True             # run the quality probe (loads the model's weights)
+    quality_samples: int = 4         # its calibration segments (of calib_seqlen tokens) and the layers it scores
+    quality_layers: int | None = 5
 
 
 @dataclass
@@ -63,8 +70,15 @@ class Plan:
     compression_peak_bytes: int | None = None
     compression_minutes: float | None = None
     decode_tok_s: float | None = None
+    quality_score: float | None = None        # sum of the matrices' relative layer-wise losses (quality.py)
+    predicted_dlog_ppl: float | None = None   # k * quality_score
+    predicted_ppl_ratio: float | None = None  # exp(predicted_dlog_ppl): compressed ppl over dense ppl
     fits: bool = True
     why_not: list = field(default_factory=list)
+
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.method, Grid(bits=self.bits, group_size=self.group_size))
 
     def argv(self, spec: PlanSpec, output: str) -> list[str]:
         """The `peakllm quantize` arguments this plan is (what --run executes)."""
@@ -141,8 +155,14 @@ def decode_speed(sm, spec: PlanSpec, plan: Plan, probe: Probe) -> None:
     plan.decode_tok_s = 1 / step
 
 
-def candidate_plans(spec: PlanSpec, probe: Probe) -> list[Plan]:
-    """Every candidate with its costs, the recommended one first, then the others that fit, then the rest."""
+def candidate_settings() -> list[Setting]:
+    """What the quality probe scores: every candidate plan's method and grid."""
+    return [Plan(method, bits).setting for method, bits in CANDIDATES]
+
+
+def candidate_plans(spec: PlanSpec, probe: Probe, quality: QualityProbe | None = None) -> list[Plan]:
+    """Every candidate with its costs (and predicted quality, given the probe's), the recommended one first,
+    then the others that fit, then the rest."""
     if spec.goal not in GOALS:
         raise PeakError(f"--goal must be one of {', '.join(GOALS)}, got {spec.goal!r}")
     try:
@@ -161,6 +181,10 @@ def candidate_plans(spec: PlanSpec, probe: Probe) -> list[Plan]:
         decode_speed(sm, spec, plan, probe)
         compression_peak(sm, spec, plan)
         plan.compression_minutes = compression_minutes(sm, spec, plan, probe)
+        if quality is not None:
+            plan.quality_score = quality.scores[plan.setting]
+            plan.predicted_dlog_ppl = quality.predicted_dlog_ppl(plan.setting)
+            plan.predicted_ppl_ratio = math.exp(plan.predicted_dlog_ppl)
         if spec.disk_bytes is not None and plan.output_bytes > spec.disk_bytes:
             plan.fits = False
             plan.why_not.append(f"output {plan.output_bytes} bytes over --disk {spec.disk_bytes}")
@@ -173,6 +197,8 @@ def order_key(goal: str, plan: Plan) -> tuple:
         return (-(plan.decode_tok_s or 0), -plan.bits)
     if goal == "size":
         return (plan.output_bytes, plan.method != "gptq")
+    if plan.quality_score is not None:
+        return (plan.quality_score, -(plan.decode_tok_s or 0))
     return (-plan.bits, plan.method != "gptq", -(plan.decode_tok_s or 0))
 
 
@@ -182,8 +208,11 @@ def why(spec: PlanSpec, plan: Plan) -> str:
                                    f"--max-bits {spec.max_bits}" if spec.max_bits else "") if s) or "no limits given"
     if not plan.fits:
         return f"nothing fits ({limits}): " + "; ".join(plan.why_not)
-    reason = {"quality": "the most bits that fit, GPTQ before RTN at equal bits (it minimises each layer's output "
-                         "error on calibration data; RTN rounds each weight alone); quality itself is not predicted",
+    quality = ("the least predicted perplexity change (each matrix's output error at the plan's setting, measured "
+               "with its solver on a few calibration segments)" if plan.quality_score is not None else
+               "the most bits that fit, GPTQ before RTN at equal bits (it minimises each layer's output error on "
+               "calibration data; RTN rounds each weight alone); quality not predicted (--no-quality)")
+    reason = {"quality": quality,
               "speed": "the highest predicted decode tok/s",
               "size": "the smallest output"}[spec.goal]
     return f"goal {spec.goal} ({limits}): {reason}"
