@@ -9,6 +9,7 @@ from peakllm.errors import PeakError
 from peakllm.formats.sub1 import PackedSub1
 from peakllm.kernels import decode
 from peakllm.kernels.sub1 import operands, sub1_matmul
+from peakllm.runtime.buffers import register_packed
 
 
 class Sub1Linear(nn.Module):
@@ -23,16 +24,7 @@ class Sub1Linear(nn.Module):
         super().__init__()
         if not isinstance(packed, PackedSub1):
             raise PeakError(f"Sub1Linear needs a PackedSub1, got {type(packed).__name__}")
-        self.packed = packed
-        self.in_features, self.out_features = packed.in_features, packed.out_features
-        for name, t in packed.to_tensors("").items():
-            self.register_buffer(name, t, persistent=True)
-        if bias is not None:
-            bias = torch.as_tensor(bias)
-            if bias.shape != (self.out_features,):
-                raise PeakError(f"Sub1Linear bias must have shape [{self.out_features}], got {tuple(bias.shape)}")
-            bias = bias.detach().float().contiguous()
-        self.register_buffer("bias", bias)
+        register_packed(self, packed, bias)
         self._ops = operands(packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

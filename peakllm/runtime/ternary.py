@@ -14,6 +14,7 @@ from torch import nn
 from peakllm.errors import PeakError
 from peakllm.formats.intk import PackedTernary
 from peakllm.kernels import decode, lut, ops
+from peakllm.runtime.buffers import register_packed
 from peakllm.runtime.linear import int8_act_default
 
 
@@ -26,16 +27,7 @@ class TernaryLinear(nn.Module):
             raise PeakError(f"TernaryLinear needs a PackedTernary, got {type(packed).__name__}")
         if not lut.applies(packed.in_features, packed.group_size):
             raise PeakError(f"TernaryLinear needs group_size -1 or a multiple of 16, got {packed.group_size}")
-        self.packed = packed
-        self.in_features, self.out_features = packed.in_features, packed.out_features
-        for name, t in packed.to_tensors("").items():
-            self.register_buffer(name, t, persistent=True)
-        if bias is not None:
-            bias = torch.as_tensor(bias)
-            if bias.shape != (self.out_features,):
-                raise PeakError(f"TernaryLinear bias must have shape [{self.out_features}], got {tuple(bias.shape)}")
-            bias = bias.detach().float().contiguous()
-        self.register_buffer("bias", bias)
+        register_packed(self, packed, bias)
         self.weights = lut.pack_ternary(packed.codes().contiguous(), packed.scale_neg, packed.scale_pos,
                                         packed.group_size)
         # int8 tables go with int8 activations ($PEAKLLM_INTK_ACT, default int8: ~0.5% error); with f32
