@@ -74,6 +74,7 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
     names = {id(m): n for n, m in model.named_modules()}
     embed_name = names.get(id(model.get_input_embeddings()))
     embed_linear = None  # the int-k embedding's bytes as a linear layer: a tied lm_head is this layer
+    mapped = (pages.file_mappings(), pages.anonymous_kb())  # the folder's maps, read once for every release
     for name, pm in modules.items():
         try:
             linear = model.get_submodule(name)
@@ -96,7 +97,7 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
             _set_module(model, name, module)
             # whatever building it touched goes back (it stays in the page cache): the load's peak is the
             # process plus one module, so a --max-memory run is within its budget before the plan is made
-            pages.release(module)
+            pages.release(module, *mapped)
     _load_experts(model, experts, packed, dtype, path)
     if getattr(config, "tie_word_embeddings", False):
         if embed_linear is not None:
