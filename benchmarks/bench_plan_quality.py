@@ -20,29 +20,16 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from scipy.stats import rankdata, spearmanr
 
+from bench_plan import peakllm  # one peakllm subprocess, its JSON and seconds
 from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
 from results_line import commit as head_commit
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = [(m, b) for b in (8, 4, 3, 2) for m in ("gptq", "rtn")]  # plan's candidates when --measure-only
-
-
-def peakllm(*args: str) -> tuple[dict, float]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "peakllm", *args]
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {proc.stderr.strip()[-1500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
 
 
 def load() -> list[float]:
