@@ -193,13 +193,20 @@ def test_streamed_writing_equals_the_one_call_in_any_order_and_resumes(tmp_path,
 
 
 @pytest.mark.slow
-def test_default_model_metadata_and_tokenizer_match_llamacpps_converter(tmp_path, default_model):
+@pytest.mark.parametrize("source", ["rebuilt", "kept"])
+def test_default_model_metadata_and_tokenizer_match_llamacpps_converter(tmp_path, default_model, monkeypatch,
+                                                                       source):
     """The default model ships as a GGUF written by llama.cpp's converter: ours carries the same keys and values
     (tokens, types, merges, pre-tokenizer, special ids, chat template, hyperparameters) except the model
-    card's (name, license, ...) and the file type, and the same tensor names."""
+    card's (name, license, ...) and the file type, and the same tensor names; both with the tokenizer rebuilt
+    from transformers' (as for a model that never was a GGUF) and with the source file's keys kept."""
+    from peakllm.formats.gguf.vocab import SOURCE_ATTR
     from peakllm.models import default_gguf_path
 
     model, tokenizer = default_model
+    assert hasattr(tokenizer, SOURCE_ATTR)
+    if source == "rebuilt":
+        monkeypatch.delattr(tokenizer, SOURCE_ATTR)
     path = tmp_path / "smol.gguf"
     write_gguf(model, tokenizer, path, {"model.layers.0.mlp.down_proj.weight":
                                         rtn_ggml(model.model.layers[0].mlp.down_proj.weight.detach(), "Q4_1")})

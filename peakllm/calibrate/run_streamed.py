@@ -37,6 +37,7 @@ from peakllm.data import calibration_segments, eval_windows, protocol_bos, token
 from peakllm.errors import PeakError
 from peakllm.eval.stream import head_nll, ppl_of
 from peakllm.formats.folder import rename_into_place
+from peakllm.formats.gguf.vocab import save_tokenizer
 from peakllm.formats.gguf.writer import HEADER_BYTES, GGUFStreamWriter, plan_tensors
 from peakllm.formats.shards import ShardWriter, ternary_to_sub1
 from peakllm.formats.sub1_code import Sub1Dictionary
@@ -260,7 +261,7 @@ def _finish_folder(sm, spec: RunSpec, extra: dict, writer: ShardWriter, io: Stre
         config["dtype"] = sm.stored_dtype_name()
     if workers().is_writer:
         writer.finish(config, {"method": run_info.get("method"), "run": run_info}, ct_actorder(run_info))
-        sm.tokenizer.save_pretrained(partial)
+        save_tokenizer(sm.tokenizer, partial)
         (partial / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
         io.ckpt.remove()
         rename_into_place(partial, out)

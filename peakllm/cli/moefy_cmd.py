@@ -80,10 +80,11 @@ def run(args) -> int:
 def save_folder(model, tokenizer, output: Path, overwrite: bool) -> None:
     """save_pretrained into a temp folder beside `output`, then rename; nothing is left behind on failure."""
     from peakllm.formats.folder import staged_dir
+    from peakllm.formats.gguf.vocab import save_tokenizer
 
     try:
         with staged_dir(output, overwrite) as tmp:
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
     except OSError as exc:
         raise PeakError(f"cannot write {output}: {exc.strerror or exc}") from None

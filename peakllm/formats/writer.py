@@ -17,6 +17,7 @@ from peakllm.formats import compressed_tensors as ct, sub1_size
 from peakllm.formats.container import bits_per_param, save_model_folder
 from peakllm.formats.folder import check_output, staged_dir
 from peakllm.formats.gguf.presets import gguf_allocation
+from peakllm.formats.gguf.vocab import save_tokenizer
 from peakllm.formats.gguf.writer import check_model as check_gguf_model, write_gguf
 from peakllm.formats.intk import PackedIntK, PackedTernary
 from peakllm.formats.sparse import PackedBitmask, PackedNM
@@ -138,7 +139,7 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
                             "them dequantized at full size)")
         with staged_dir(out, overwrite) as tmp:
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
             (tmp / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
         return {"size_bytes": folder_bytes(out), "bits_per_param": None}
 
@@ -147,7 +148,7 @@ def save_compressed(model, tokenizer, modules: dict, out_dir, *, fmt: str, run_i
     dense = dense_state(model, set(packed))
 
     def extra(tmp_dir):
-        tokenizer.save_pretrained(tmp_dir)
+        save_tokenizer(tokenizer, tmp_dir)
         (Path(tmp_dir) / RUN_FILE).write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
 
     config = model.config.to_dict()

@@ -60,17 +60,17 @@ def assemble_gemma(work: Path) -> Path:
 
 def builtin_model_dir(alias: str = "default") -> Path:
     """A built-in model as a normal HF folder, converted from its shipped GGUF on first use."""
+    from peakllm.formats.gguf.vocab import VOCAB_FILE
+
     target = cache_dir() / "models" / BUILTIN[alias]
-    if (target / "config.json").is_file():
-        return target
+    if (target / "config.json").is_file() and (target / VOCAB_FILE).is_file():
+        return target  # a folder converted before VOCAB_FILE existed is converted again
     if alias == "default":
-        model, tokenizer = _load_gguf(default_gguf_path())
-        _save_hf_folder(model, tokenizer, target)
+        _save_hf_folder(*_load_gguf(default_gguf_path()), target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.gguf-", dir=target.parent) as work:
-        model, tokenizer = _load_gguf(assemble_gemma(Path(work)))
-    _save_hf_folder(model, tokenizer, target)
+        _save_hf_folder(*_load_gguf(assemble_gemma(Path(work))), target)  # while the GGUF's tokenizer keys exist
     return target
 
 
@@ -89,14 +89,18 @@ def _gguf_tokenizer(path: Path):
 
     from peakllm.formats.gguf.loader import read_tokenizer
 
+    from peakllm.formats.gguf.vocab import attach_source
+
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as first:  # noqa: BLE001 - the tokenizers library raises bare Exception ("out of vocabulary")
         try:
-            return read_tokenizer(path)
+            tokenizer = read_tokenizer(path)
         except (PeakError, ValueError, KeyError, TypeError) as exc:
             raise PeakError(f"cannot load the tokenizer of GGUF file {path}: {_first_line(first)}; "
                             f"nor with the gguf library: {_first_line(exc)}") from None
+    attach_source(tokenizer, path)  # a GGUF written from it keeps this file's tokenizer keys
+    return tokenizer
 
 
 def _gguf_model(path: Path):
@@ -129,11 +133,13 @@ def plain_model(model):
 
 def _save_hf_folder(model, tokenizer, target: Path) -> None:
     """Write a GGUF-loaded model as a plain HF folder, atomically (temp dir, then rename)."""
+    from peakllm.formats.gguf.vocab import save_tokenizer
+
     model = plain_model(model)
     # overwrite: another process converting the same model at the same time writes the same files
     with staged_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)  # with the GGUF's own tokenizer keys
 
 
 def resolve(spec: str) -> tuple[str, Path]:
@@ -190,19 +196,28 @@ def load_model(spec: str = "default", *, dtype=None, packed: str = "kernel"):
 
 def load_tokenizer(spec: str = "default"):
     """Only the tokenizer of a model spec (HF folder, default model, or peakllm folder)."""
-    from transformers import AutoTokenizer
-
     kind, path = resolve(spec)
     if kind == "gguf":
         return _gguf_tokenizer(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return folder_tokenizer(path)
     except (ValueError, OSError, KeyError) as exc:
         raise PeakError(f"cannot load the tokenizer of {path}: {_first_line(exc)}") from None
 
 
+def folder_tokenizer(path: Path):
+    """The tokenizer of a model folder, marked with the GGUF tokenizer keys the folder keeps, if any."""
+    from transformers import AutoTokenizer
+
+    from peakllm.formats.gguf.vocab import attach_source
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    attach_source(tokenizer, path)
+    return tokenizer
+
+
 def _load_hf_folder(path: Path, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(str(path))
@@ -211,7 +226,7 @@ def _load_hf_folder(path: Path, dtype):
     check_architecture(config)
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = folder_tokenizer(path)
         with no_library_bars():  # compressed-tensors would draw "Compressing model" while loading
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
             _decompress_now(model)

@@ -43,8 +43,9 @@ def runtime_module(name: str, packed, linear: nn.Linear | None) -> nn.Module | N
 
 
 def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kernel"):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from peakllm.models import folder_tokenizer
 
     if packed not in ("kernel", "dequantize"):
         raise PeakError(f"packed must be 'kernel' or 'dequantize', got {packed!r}")
@@ -52,7 +53,7 @@ def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kerne
     manifest, dense, modules = load_model_folder(path)
     try:
         config = AutoConfig.from_pretrained(str(path))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = folder_tokenizer(path)
     except (ValueError, OSError, KeyError) as exc:
         raise PeakError(f"cannot read config/tokenizer of {path}: {str(exc).splitlines()[0][:300]}") from None
     check_architecture(config)

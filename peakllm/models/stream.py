@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from peakllm import memory
 from peakllm.errors import PeakError
-from peakllm.models import resolve  # the package's loader imports this module
+from peakllm.models import folder_tokenizer, resolve  # the package's loader imports this module
 from peakllm.models.anatomy import check_architecture, decoder_layers
 import peakllm.models.moe  # noqa: F401 - registers peakllm_moe
 from peakllm.models.packed import materialize_buffers
@@ -142,7 +142,7 @@ class StreamedModel:
 
     @classmethod
     def open(cls, spec: str) -> "StreamedModel":
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
 
         kind, folder = resolve(spec)
@@ -152,7 +152,7 @@ class StreamedModel:
         source = SourceFiles.scan(folder)
         try:
             config = AutoConfig.from_pretrained(str(folder))
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = folder_tokenizer(folder)
         except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
             raise PeakError(f"cannot read config/tokenizer of {folder}: {str(exc).splitlines()[0][:300]}") from None
         check_architecture(config)

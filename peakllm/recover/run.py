@@ -17,6 +17,7 @@ from peakllm.data import calibration_segments, tokenizer_key
 from peakllm.errors import PeakError
 from peakllm.eval import cached_evaluate, evaluate
 from peakllm.formats.folder import check_output, staged_dir
+from peakllm.formats.gguf.vocab import save_tokenizer
 from peakllm.formats.writer import RUN_FILE
 from peakllm.models import load_model, resolve
 from peakllm.recover import lomo, lora
@@ -180,6 +181,6 @@ def write_output(spec: RecoverSpec, out: Path, model, tok, masks: dict, result: 
             if spec.method == "lora":
                 model, result["merge_masked_share"] = lora.merge_masked(model, masks)
             model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            save_tokenizer(tok, tmp)
             (tmp / RUN_FILE).write_text(info)
     return model

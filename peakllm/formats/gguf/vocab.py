@@ -3,11 +3,19 @@
 pre-tokenizer named by llama.cpp's hash of a fixed text, then gguf's ``SpecialVocab`` (merges, special token ids,
 add_bos/add_eos, chat template) read from the tokenizer's saved files. The converter takes this path for every
 family whose folder has no SentencePiece ``tokenizer.model``, which is how transformers saves a fast tokenizer
-(Gemma-3's included: its ``▁``-spelled vocabulary is then stored under the "gpt2" model, as llama.cpp does)."""
+(Gemma-3's included: its ``▁``-spelled vocabulary is then stored under the "gpt2" model, as llama.cpp does).
+
+A model that came from a GGUF file keeps that file's tokenizer instead, key for key, as ``llama-quantize`` does:
+rebuilding it from transformers' conversion would change its kind (Gemma-3's GGUFs hold a SentencePiece "llama"
+vocabulary with scores, which transformers turns into BPE merges, which the converter would write as "gpt2" with a
+different pre-tokenizer: llama.cpp would then split text differently). The loader marks such a tokenizer with
+its source (``attach_source``); a model folder converted from a GGUF keeps the source's ``tokenizer.*`` keys in
+``tokenizer.gguf`` beside ``tokenizer.json`` (``save_tokenizer``), so they survive conversion and every output."""
 
 from __future__ import annotations
 
 import json
+import os
 from hashlib import sha256
 from pathlib import Path
 
@@ -93,3 +101,61 @@ def add_bpe_tokenizer(w: gguf.GGUFWriter, tokenizer, saved: Path, vocab_size: in
     gguf.SpecialVocab(saved, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
     if llama and vocab_size == 49152:  # the converter turns BOS off for this vocabulary (granite small, SmolLM)
         w.add_add_bos_token(False)
+
+
+VOCAB_FILE = "tokenizer.gguf"  # in a model folder: the tokenizer.* keys of the GGUF it was converted from
+SOURCE_ATTR = "peakllm_gguf_vocab"  # on a tokenizer: the GGUF file (a model or a VOCAB_FILE) holding its keys
+
+
+def attach_source(tokenizer, path: Path) -> None:
+    """Mark ``tokenizer`` as the one of GGUF file ``path``, or of a model folder ``path`` with a VOCAB_FILE."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / VOCAB_FILE
+    if path.is_file():
+        setattr(tokenizer, SOURCE_ATTR, path)
+
+
+def source_of(tokenizer) -> Path | None:
+    return getattr(tokenizer, SOURCE_ATTR, None)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``save_pretrained`` and, for a tokenizer read from a GGUF, its source's keys as VOCAB_FILE."""
+    tokenizer.save_pretrained(folder)
+    source = source_of(tokenizer)
+    if source is not None:
+        write_vocab_file(source, Path(folder))
+
+
+def write_vocab_file(source: Path, folder: Path) -> None:
+    """The ``tokenizer.*`` keys of GGUF file ``source`` as ``folder/tokenizer.gguf`` (no tensors; temp, rename)."""
+    reader = gguf.GGUFReader(str(source))
+    tmp = folder / f".{VOCAB_FILE}.tmp"
+    w = gguf.GGUFWriter(str(tmp), reader.fields["general.architecture"].contents())
+    try:
+        copy_source_tokenizer(w, reader)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        os.replace(tmp, folder / VOCAB_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def source_tokens(reader: gguf.GGUFReader) -> int:
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        raise PeakError(f"{reader.data.filename} has no tokenizer.ggml.tokens: it is not the GGUF its tokenizer "
+                        "came from")
+    return len(field.data)
+
+
+def copy_source_tokenizer(w: gguf.GGUFWriter, reader: gguf.GGUFReader) -> None:
+    """Every ``tokenizer.*`` key of the GGUF file ``reader`` reads into ``w``, in its order and value types
+    (the gguf library's reader parses every key in Python: ~20 s for Gemma-3's 262144 tokens, once per file)."""
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer."):
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(name, field.contents(), kind, sub_type=sub)

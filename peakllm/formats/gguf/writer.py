@@ -3,7 +3,8 @@
 Metadata keys (``general.*``, ``<arch>.*``, per family in ``families.py``), tensor names (``token_embd.weight``,
 ``blk.N.attn_q.weight``, ... from gguf's own ``TensorNameMap``) and the tokenizer (``tokenizer.ggml.*``: the BPE
 vocabulary with llama.cpp's token types, the pre-tokenizer named by llama.cpp's hash of a fixed text, merges and
-special tokens through gguf's ``SpecialVocab``) follow the converter. Weights given as ``GGMLWeight`` are stored
+special tokens through gguf's ``SpecialVocab``) follow the converter; a tokenizer read from a GGUF file keeps that
+file's ``tokenizer.*`` keys instead, as ``llama-quantize`` does (``vocab.py``). Weights given as ``GGMLWeight`` are stored
 in their block type; every other 2-D weight in ``float_type``, 1-D tensors (norms) in F32. llama.cpp keeps
 llama's q/k rows in its own order for RoPE (the converter's ``LlamaModel.permute``); quantized rows are permuted
 as packed bytes, which is exact because ggml blocks never straddle rows.
@@ -23,7 +24,8 @@ import numpy as np
 from peakllm.errors import PeakError
 from peakllm.formats.gguf import families
 from peakllm.formats.gguf.blocks import GGMLWeight, check_width
-from peakllm.formats.gguf.vocab import add_bpe_tokenizer, tokenizer_json_rows
+from peakllm.formats.gguf.vocab import (add_bpe_tokenizer, copy_source_tokenizer, source_of, source_tokens,
+                                       tokenizer_json_rows)
 
 FLOAT_TYPES = {"F32": (np.float32, gguf.GGMLQuantizationType.F32), "F16": (np.float16, gguf.GGMLQuantizationType.F16)}
 # general.file_type llama-quantize records for a file mostly in a type (its presets' names; *_M for K-quants)
@@ -120,6 +122,14 @@ def stored_array(t: PlannedTensor, value) -> np.ndarray:
     return np.ascontiguousarray(data)
 
 
+def check_vocab_rows(plan: list[PlannedTensor], tokens: int, source: Path) -> None:
+    """llama.cpp reads as many token-embedding rows as the tokenizer has tokens."""
+    for t in plan:
+        if t.name == "token_embd.weight" and (t.rows or t.shape[0]) != tokens:
+            raise PeakError(f"the model's token embedding has {t.rows or t.shape[0]} rows but the tokenizer it came "
+                            f"with ({source}) has {tokens} tokens; a GGUF needs one row per token")
+
+
 class GGUFStreamWriter:
     """A .gguf file written tensor by tensor, in any order, for runs that never hold the whole model.
 
@@ -150,7 +160,12 @@ class GGUFStreamWriter:
         saved = Path(self.tokenizer_dir.name)
         tokenizer.save_pretrained(saved)
         model.config.to_json_file(saved / "config.json")
-        self.plan = plan_tensors(model, types or {}, float_type, tokenizer_json_rows(saved))
+        source = source_of(tokenizer)  # a tokenizer read from a GGUF is written as that file has it
+        kept = gguf.GGUFReader(str(source)) if source is not None else None
+        vocab_rows = source_tokens(kept) if kept is not None else tokenizer_json_rows(saved)
+        self.plan = plan_tensors(model, types or {}, float_type, vocab_rows)
+        if kept is not None:
+            check_vocab_rows(self.plan, vocab_rows, source)
         self.by_name = {t.hf_name: t for t in self.plan}
         if file_type is None:
             weights: dict[str, int] = {}
@@ -174,7 +189,11 @@ class GGUFStreamWriter:
             arch = families.check_family(model.config)
             self.w = gguf.GGUFWriter(self.tmp, gguf.MODEL_ARCH_NAMES[arch])
             families.add_metadata(self.w, model.config, name, gguf.LlamaFileType[FILE_TYPES[file_type]])
-            add_bpe_tokenizer(self.w, tokenizer, saved, model.config.vocab_size, llama=arch == gguf.MODEL_ARCH.LLAMA)
+            if kept is not None:
+                copy_source_tokenizer(self.w, kept)
+            else:
+                add_bpe_tokenizer(self.w, tokenizer, saved, model.config.vocab_size,
+                                  llama=arch == gguf.MODEL_ARCH.LLAMA)
             self.w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for t in self.plan:
                 raw = FLOAT_TYPES[t.type][1] if t.type in FLOAT_TYPES else gguf.GGMLQuantizationType[t.type]
