@@ -16,6 +16,9 @@ full width measures both when the whole depth takes too long on this machine (th
    --outtype f16, then llama-quantize --pure to the same type (embedding and output in peakllm's types), so
    both files hold the same tensor types; llama-bench -t 2 (prompt and generation) on the two files in turn,
    the order swapped each round, >= 3 rounds; per-round ratios peakllm / llama.cpp, their median and spread.
+A preset --type (Q4_K_M, ...) is given to both tools as is: each applies the preset's per-tensor rules (peakllm's
+are llama-quantize's, formats/gguf/presets.py), no --pure and no --embed-type. With --reuse, a llama.cpp file kept
+by the reused run is benchmarked again without being made again (for a rerun of llama-bench on a quieter machine).
 The f16 intermediate is deleted at once (13.5 GB for a 7B model); the GGUFs are deleted unless --keep.
 """
 
@@ -32,6 +35,8 @@ import sys
 from pathlib import Path
 
 from results_line import append as append_result  # benchmarks/results_line.py: commit, machine, command
+
+from peakllm.formats.gguf.presets import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +72,7 @@ def run_peakllm(args, model: Path, out: Path) -> dict:
            "--output", str(out), "--overwrite", "--json"]
     if args.embed_bits == "keep":
         cmd += ["--embed-bits", "keep"]
-    else:
+    elif args.type not in PRESETS:  # a preset's own rules choose the embedding's and output's types
         cmd += ["--embed-type", args.embed_type]
     print("$", " ".join(cmd), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO),
@@ -106,8 +111,11 @@ def llama_quantize(args, peers: Path, model: Path, out: Path) -> str:
     if p.returncode != 0:
         raise SystemExit(f"convert_hf_to_gguf.py failed: {p.stderr[-1500:]}")
     outer = "f16" if args.embed_bits == "keep" else args.embed_type.lower()
-    q = [str(peers / "build/bin/llama-quantize"), "--pure", "--output-tensor-type", outer, "--token-embedding-type",
-         outer, str(f16), str(out), args.type, "2"]
+    if args.type in PRESETS:  # llama-quantize's own rules for the preset, as peakllm's --type applies them
+        q = [str(peers / "build/bin/llama-quantize"), str(f16), str(out), args.type, "2"]
+    else:
+        q = [str(peers / "build/bin/llama-quantize"), "--pure", "--output-tensor-type", outer,
+             "--token-embedding-type", outer, str(f16), str(out), args.type, "2"]
     print("$", " ".join(q), flush=True)
     p = subprocess.run(q, capture_output=True, text=True)
     f16.unlink()
@@ -182,7 +190,8 @@ def main() -> int:
     load_before = os.getloadavg()
     result = run_peakllm(args, model, ours)
     row = {"shape": synth.get("shape"), "random_weights": True, "layers": layers, "layers_of_shape": total_layers,
-           "type": args.type, "method": args.method, "embed": "F16" if args.embed_bits == "keep" else args.embed_type,
+           "type": args.type, "method": args.method,
+           "embed": "F16" if args.embed_bits == "keep" else "preset" if args.type in PRESETS else args.embed_type,
            "max_memory": args.max_memory, "calib_tokens": result["calib_tokens"], "params": result["params"],
            **{k: result[k] for k in ("peak_rss_bytes", "predicted_peak_rss_bytes", "predicted_peak_phase",
                                      "time_v_max_rss_bytes", "time_v_wall", "seconds", "seconds_per_layer",
@@ -196,7 +205,10 @@ def finish(args, row: dict, model: Path, ours: Path) -> int:
     layers = row["layers"]
     if (args.peers / "READY").exists():
         theirs = args.workdir / f"llamacpp-{args.type}-{layers}L.gguf"
-        row["llama_quantize"] = llama_quantize(args, args.peers, model, theirs)
+        if args.reuse is not None and theirs.is_file():  # kept (--keep) by the run being reused
+            row["llama_quantize"] = row.get("llama_quantize") or f"kept {theirs}"
+        else:
+            row["llama_quantize"] = llama_quantize(args, args.peers, model, theirs)
         row["llama_bench"] = llama_bench(args, args.peers, ours, theirs)
         if not args.keep:
             theirs.unlink()
