@@ -34,7 +34,7 @@ from peakllm.solvers.grids import Grid
 from peakllm.solvers.gptq import gptq, gptq_grids
 from peakllm.solvers.rtn import rtn
 
-LOSS_ROWS = 128
+LOSS_ROWS = 64
 METHODS = ("gptq", "rtn")
 
 

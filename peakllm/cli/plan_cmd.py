@@ -39,7 +39,7 @@ def register(sub) -> None:
                    "--goal quality then ranks by bits")
     p.add_argument("--quality-samples", type=int, default=4, help="calibration segments the quality probe measures "
                    "on: each setting solved on the first half, scored on the other (default: %(default)s)")
-    p.add_argument("--quality-seqlen", type=int, default=256, help="tokens per quality-probe segment "
+    p.add_argument("--quality-seqlen", type=int, default=128, help="tokens per quality-probe segment "
                    "(default: %(default)s)")
     p.add_argument("--quality-layers", type=int, default=3, help="evenly spaced decoder layers the quality probe "
                    "scores, scaled to all; 0: every layer (default: %(default)s)")

@@ -55,7 +55,7 @@ class PlanSpec:
     quality: bool = True             # run the quality probe (loads the model's weights)
     quality_samples: int = 4         # its calibration segments (of quality_seqlen tokens) and the layers it scores
     quality_layers: int | None = 3
-    quality_seqlen: int = 256
+    quality_seqlen: int = 128
 
 
 @dataclass

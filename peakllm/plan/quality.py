@@ -31,7 +31,7 @@ from peakllm.solvers import Grid
 ANCHOR = Setting("rtn", Grid(bits=4, group_size=128))
 # the probe's calibration segments and the layers it scores; its settings are solved on half the segments and
 # scored on the other half (HOLDOUT); the anchor's loss change is measured on the first ANCHOR_TOKENS tokens
-SAMPLES, SEQLEN, LAYERS, HOLDOUT, ANCHOR_TOKENS = 4, 256, 3, True, 256
+SAMPLES, SEQLEN, LAYERS, HOLDOUT, ANCHOR_TOKENS = 4, 128, 3, True, 128
 
 
 @dataclass
