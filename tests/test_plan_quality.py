@@ -141,6 +141,9 @@ def test_anchor_stream_is_the_rounded_model(tiny_llama):
         want = float(ref(input_ids=on, labels=on).loss)
     assert head_nll(tiny_llama, rounded, on) == pytest.approx(want, rel=1e-5)
     assert want != pytest.approx(head_nll(tiny_llama, dense, on), rel=1e-4)
+    with torch.no_grad():  # at 4 evenly spaced positions of 15: positions 0, 5, 9, 14 predicting 1, 6, 10, 15
+        nll = torch.nn.functional.cross_entropy(tiny_llama(input_ids=on).logits[0, :-1], on[0, 1:], reduction="none")
+    assert head_nll(tiny_llama, dense, on, 4) == pytest.approx(float(nll[[0, 5, 9, 14]].mean()), rel=1e-5)
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ ANCHOR = Setting("rtn", Grid(bits=4, group_size=128))
 # the probe's calibration segments and the layers it scores; its settings are solved on half the segments and
 # scored on the other half (HOLDOUT); the anchor's loss change is measured on the first ANCHOR_TOKENS tokens
 SAMPLES, SEQLEN, LAYERS, HOLDOUT, ANCHOR_TOKENS = 4, 128, 3, True, 128
+HEAD_POSITIONS = None  # positions of the anchor tokens the loss is taken at (None: every one)
 
 
 @dataclass
@@ -63,19 +64,24 @@ def setting_name(s: Setting) -> str:
 
 
 @torch.inference_mode()
-def head_nll(model, hidden: torch.Tensor, tokens: torch.Tensor) -> float:
+def head_nll(model, hidden: torch.Tensor, tokens: torch.Tensor, positions: int | None = None) -> float:
     """Mean next-token loss (nats) of ``tokens`` [1, T] from the last decoder layer's hidden states [1, T, d]:
-    the final norm and the output head, as the model applies them."""
-    logits = model.get_output_embeddings()(base_model(model).norm(hidden))
+    the final norm and the output head, as the model applies them; at ``positions`` evenly spaced positions
+    when given (the head of a large vocabulary is most of the cost), else at every one."""
+    at = torch.arange(tokens.shape[1] - 1)
+    if positions is not None and positions < len(at):
+        at = torch.linspace(0, len(at) - 1, positions).round().long()
+    logits = model.get_output_embeddings()(base_model(model).norm(hidden[:, at]))
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[0, 1:]))
+    return float(torch.nn.functional.cross_entropy(logits[0].float(), tokens[0, at + 1]))
 
 
 def probe_quality(model_spec: str, settings, *, samples: int = SAMPLES, seqlen: int = SEQLEN,
                   layers: int | None = LAYERS, holdout: bool = HOLDOUT, anchor_tokens: int = ANCHOR_TOKENS,
-                  rows: int | None = LOSS_ROWS, seed: int = 0) -> QualityProbe:
+                  rows: int | None = LOSS_ROWS, head_positions: int | None = HEAD_POSITIONS,
+                  seed: int = 0) -> QualityProbe:
     """Load the model, score every setting on ``samples`` calibration segments, measure k on the anchor."""
     if samples < 1 or seqlen < 2:
         raise PeakError(f"the quality probe needs at least 1 segment of 2 tokens, got {samples} x {seqlen}")
@@ -90,7 +96,7 @@ def probe_quality(model_spec: str, settings, *, samples: int = SAMPLES, seqlen: 
     t_pass = time.perf_counter()
     on = segments[:1, :anchor_tokens]
     dense, rounded = m.anchor_hidden
-    anchor_dlog_ppl = head_nll(model, rounded, on) - head_nll(model, dense, on)
+    anchor_dlog_ppl = head_nll(model, rounded, on, head_positions) - head_nll(model, dense, on, head_positions)
     if m.scores[ANCHOR] <= 0:
         raise PeakError("the quality probe found no output error at its anchor setting: nothing to scale by")
     # a loss change at or below zero on one segment is noise: the scale is then taken as none (all plans equal)
