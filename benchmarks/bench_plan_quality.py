@@ -11,6 +11,12 @@ correlation between predicted and measured. A run's result is kept in WORKDIR/NA
 same command line is asked again (so `--measure-only` can run the compressions first, and `--plan-only` the
 plan); the results lines say which commit each run and the plan came from. One line per plan (predicted
 beside measured) and one ranking line.
+
+`--runs-from LOG` reruns the plan alone (fresh, never from WORKDIR) and takes each plan's measured perplexity
+and compression seconds from LOG's last line for the same model and command line (its --output aside): for
+changing the probe without running the 8 compressions again. `--retime NAME[,NAME]` runs those plans'
+compressions again in this session, so that the probe's seconds can be set beside compressions timed under
+the same load (the ranking line's `same_session`).
 """
 
 from __future__ import annotations
@@ -55,6 +61,20 @@ def measured(name: str, argv: list[str], work: Path) -> dict:
     return kept
 
 
+def without_output(argv: list[str]) -> list[str]:
+    return [a for i, a in enumerate(argv) if a != "--output" and (i == 0 or argv[i - 1] != "--output")]
+
+
+def logged_runs(log: str, model: str) -> dict[tuple, dict]:
+    """The last results line of each plan of ``model`` in ``log``, by its command line without --output."""
+    runs = {}
+    for line in Path(log).read_text().splitlines():
+        r = json.loads(line)
+        if r.get("bench") == "plan-quality" and r.get("model") == model and r.get("kind") != "ranking":
+            runs[tuple(without_output(r["command_line"][1:]))] = r
+    return runs
+
+
 def plan_name(p: dict) -> str:
     return f"{p['method']}{p['bits']}g{p['group_size']}"
 
@@ -70,6 +90,10 @@ def main() -> int:
     ap.add_argument("--measure-only", action="store_true", help="run the compressions only (no plan, no line)")
     ap.add_argument("--plan-only", action="store_true", help="run (and keep) the plan only")
     ap.add_argument("--only", default=None, help="with --measure-only: these plans (e.g. rtn4g128,gptq4g128)")
+    ap.add_argument("--runs-from", default=None, metavar="LOG", help="a fresh plan; the runs' perplexities and "
+                    "seconds from LOG's lines")
+    ap.add_argument("--retime", default="", metavar="NAMES", help="with --runs-from: run these plans' "
+                    "compressions again here (e.g. gptq8g128)")
     args = ap.parse_args()
     work = Path(args.workdir) / args.model.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
@@ -84,17 +108,33 @@ def main() -> int:
             plans = [p for p in plans if plan_name(p) in args.only.split(",")]
         plan, plan_seconds = {}, None
     else:
+        if args.runs_from:
+            (work / "plan.json").unlink(missing_ok=True)  # the probe is what is measured again
         planned = measured("plan", ["plan", "--model", args.model, *common], work)
         plan, plan_seconds, plan_commit = planned["result"], planned["seconds"], planned.get("commit")
         plans = plan["plans"]
         if args.plan_only:
             return 0
-    rows = []
+    logged = logged_runs(args.runs_from, args.model) if args.runs_from else None
+    retime = [n for n in args.retime.split(",") if n]
+    rows, same_session = [], {}
     for p in plans:
         name = plan_name(p)
         argv = [a if a != "OUT" else str(work / name) for a in p["command_line"][1:]]
-        run = measured(name, argv, work)
-        res = run["result"]
+        if logged is not None:
+            kept = logged.get(tuple(without_output(argv)))
+            if kept is None:
+                raise SystemExit(f"{args.runs_from} has no run of {name} with this command line")
+            res = {"ppl": kept["measured_ppl"], "dense_ppl": kept["dense_ppl"]}
+            run = {"seconds": kept["compression_seconds"], "commit": kept["run_commit"],
+                   "loadavg_before": kept["run_loadavg"]}
+            if name in retime:
+                again = measured(name, argv, work)
+                same_session[name] = {"seconds": again["seconds"], "loadavg_before": again["loadavg_before"],
+                                      "loadavg_after": again["loadavg_after"], "ppl": again["result"]["ppl"]}
+        else:
+            run = measured(name, argv, work)
+            res = run["result"]
         rows.append({"bench": "plan-quality", "model": args.model, "plan": name, "method": p["method"],
                      "bits": p["bits"], "group_size": p["group_size"], "command_line": ["peakllm", *argv],
                      "predicted_dlog_ppl": p.get("predicted_dlog_ppl"),
@@ -103,7 +143,7 @@ def main() -> int:
                      "measured_ppl": res["ppl"], "dense_ppl": res["dense_ppl"],
                      "measured_dlog_ppl": math.log(res["ppl"] / res["dense_ppl"]),
                      "compression_seconds": run["seconds"], "run_commit": run.get("commit"),
-                     "run_loadavg": run["loadavg_before"]})
+                     "run_loadavg": run["loadavg_before"], "runs_from": args.runs_from})
         print(json.dumps(rows[-1]), flush=True)
     if args.measure_only:
         return 0
@@ -119,7 +159,12 @@ def main() -> int:
                "probe": probe, "compression_seconds_median": seconds[len(seconds) // 2],
                "compression_seconds_min": seconds[0], "calib_samples": int(args.calib_samples),
                "probe_over_median_compression": (probe.get("seconds") or {}).get("total", 0) / seconds[len(seconds) // 2],
-               "eval_tokens": int(args.eval_tokens), "loadavg": load()}
+               "eval_tokens": int(args.eval_tokens), "loadavg": load(), "plan_loadavg": planned["loadavg_before"],
+               "runs_from": args.runs_from}
+    if same_session:
+        total = (probe.get("seconds") or {}).get("total", 0)
+        ranking["same_session"] = {n: {**v, "probe_over_compression": total / v["seconds"]}
+                                   for n, v in same_session.items()}
     print(json.dumps(ranking), flush=True)
     if args.log:
         for r in rows:

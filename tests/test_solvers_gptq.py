@@ -262,3 +262,24 @@ def test_allocation_at_one_price_stays_within_the_budget():
         assert mean_bits(again) <= budget  # a hint moves the search, never the budget
     with pytest.raises(PeakError, match="every code zero"):
         allocate_at_price(problems, bits_of, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gptq_grids_is_one_gptq_per_grid(dtype):
+    """The shared sweep gives each grid exactly what gptq gives it alone ("static" order, partial last group,
+    a dead input), and falls back to RTN for all as gptq does."""
+    from peakllm.solvers.gptq import gptq_grids
+
+    W, X, H = correlated(12, 20, dtype=dtype)
+    H[3, :] = H[:, 3] = 0
+    grids = [Grid(bits=b, group_size=8) for b in (8, 4, 3, 2)] + [Grid(bits=3, group_size=8, sym=True, mse=True)]
+    for grid, got in zip(grids, gptq_grids(W, H, grids)):
+        want = gptq(W, H, grid, act_order="static")[0].weight
+        assert got.shape == W.shape and torch.allclose(got.double(), want.double(), rtol=0, atol=1e-6)
+    bad = -torch.eye(20, dtype=dtype)  # no damping makes it factorable
+    for grid, got in zip(grids[:2], gptq_grids(W, bad, grids[:2])):
+        assert torch.equal(got, rtn(W, grid).weight)
+    with pytest.raises(PeakError):
+        gptq_grids(W, H, [Grid(bits=4, group_size=8), Grid(bits=4, group_size=4)])
+    with pytest.raises(PeakError):
+        gptq_grids(W, H, [Grid(kind="ternary")])

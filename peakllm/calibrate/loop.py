@@ -193,9 +193,6 @@ def calibrate(model, segments: torch.Tensor, method, *, batch_size: int = 8, seq
 def _compress_layer(layer, prefix: str, li: int, moe: bool, method, acts: Activations, layer_kwargs,
                     sequential: bool, report: CalibrationReport, io, sink_weight: float = 1.0) -> None:
     """Every group of one layer, each calibrated on the layer's inputs with the earlier groups compressed."""
-    wants_layer = getattr(method, "wants_layer", None)
-    if wants_layer is not None and not wants_layer(li):
-        return  # nothing asked of this layer (a measuring pass's unsampled layer): no statistics, forward only
     linears = compressible_linears(layer, moe)
     experts = fused_experts(layer)
     if not (linears or experts):

@@ -21,8 +21,8 @@ def register(sub) -> None:
         "(exact tensor bytes from the shapes), the compression's peak RSS (the planner `quantize --max-memory` "
         "keeps), its minutes and the decode tok/s on this machine (from a short probe of the int-k kernel's rate, "
         "the matmul rate and the disk, measured once and cached per CPU and thread count), and its predicted "
-        "perplexity change: every plan's setting solved on a few layers' matrices with its own solver on a few "
-        "calibration segments, each matrix's output error relative to its output, summed, and scaled to log "
+        "perplexity change: every plan's setting solved on a few layers' matrices with its own solver on half of a few "
+        "calibration segments, each matrix's output error on the other half relative to its output, summed, and scaled to log "
         "perplexity by one measured anchor (RTN 4-bit on every matrix). The recommended plan comes first, with "
         "why; --run executes it and records the prediction beside the measured perplexity.")
     add_model_option(p)
@@ -37,9 +37,11 @@ def register(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=4096, help="as quantize's (default: %(default)s)")
     p.add_argument("--no-quality", action="store_true", help="skip the quality probe (it loads the weights); "
                    "--goal quality then ranks by bits")
-    p.add_argument("--quality-samples", type=int, default=4, help="calibration segments (of --calib-seqlen tokens) "
-                   "the quality probe measures on (default: %(default)s)")
-    p.add_argument("--quality-layers", type=int, default=5, help="evenly spaced decoder layers the quality probe "
+    p.add_argument("--quality-samples", type=int, default=4, help="calibration segments the quality probe measures "
+                   "on: each setting solved on the first half, scored on the other (default: %(default)s)")
+    p.add_argument("--quality-seqlen", type=int, default=128, help="tokens per quality-probe segment "
+                   "(default: %(default)s)")
+    p.add_argument("--quality-layers", type=int, default=3, help="evenly spaced decoder layers the quality probe "
                    "scores, scaled to all; 0: every layer (default: %(default)s)")
     p.add_argument("--refresh-probe", action="store_true", help="measure this machine again")
     p.add_argument("--run", action="store_true", help="execute the recommended plan (needs --output)")
@@ -59,13 +61,15 @@ def plan_spec(args):
             raise PeakError(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_tokens < 0:
         raise PeakError("--eval-tokens must be >= 0")
-    if args.quality_samples < 1 or args.quality_layers < 0:
-        raise PeakError("--quality-samples must be at least 1 and --quality-layers at least 0")
+    if args.quality_samples < 1 or args.quality_seqlen < 2 or args.quality_layers < 0:
+        raise PeakError("--quality-samples must be at least 1, --quality-seqlen at least 2 and --quality-layers "
+                        "at least 0")
     return PlanSpec(model=args.model, memory_bytes=memory.parse_size(args.memory) if args.memory else None,
                     disk_bytes=memory.parse_size(args.disk) if args.disk else None, goal=args.goal,
                     max_bits=args.max_bits, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                     eval_tokens=args.eval_tokens, quality=not args.no_quality,
-                    quality_samples=args.quality_samples, quality_layers=args.quality_layers or None)
+                    quality_samples=args.quality_samples, quality_layers=args.quality_layers or None,
+                    quality_seqlen=args.quality_seqlen)
 
 
 def run(args) -> int:
@@ -78,7 +82,7 @@ def run(args) -> int:
     quality = None
     if spec.quality:
         quality = probe_quality(spec.model, candidate_settings(), samples=spec.quality_samples,
-                                seqlen=spec.calib_seqlen, layers=spec.quality_layers)
+                                seqlen=spec.quality_seqlen, layers=spec.quality_layers)
     plans = candidate_plans(spec, machine, quality)
     best = plans[0]
     rows = [{**p.row(), "command_line": ["peakllm", *p.argv(spec, "OUT")]} for p in plans]

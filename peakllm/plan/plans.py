@@ -53,8 +53,9 @@ class PlanSpec:
     calib_seqlen: int = 512
     eval_tokens: int = 4096
     quality: bool = True             # run the quality probe (loads the model's weights)
-    quality_samples: int = 4         # its calibration segments (of calib_seqlen tokens) and the layers it scores
-    quality_layers: int | None = 5
+    quality_samples: int = 4         # its calibration segments (of quality_seqlen tokens) and the layers it scores
+    quality_layers: int | None = 3
+    quality_seqlen: int = 128
 
 
 @dataclass

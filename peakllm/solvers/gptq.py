@@ -150,3 +150,44 @@ def sweep(W: torch.Tensor, Hinv: torch.Tensor, round_column, blocksize: int = 12
 
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q, codes, Losses
+
+
+def gptq_grids(W: torch.Tensor, H: torch.Tensor, grids, *, blocksize: int = 128,
+               damp: float = 0.01) -> list[torch.Tensor]:
+    """The dense weights ``gptq(W, H, grid, act_order="static")`` makes of W for each of ``grids``, in one sweep.
+
+    Rows are solved independently given H, so the problems for several affine grids (of one group size) are
+    the rows of W stacked once per grid: one factorisation of H and one column loop serve them all, each row
+    block rounded onto its own grid with parameters fitted up front as "static" does. For measuring many
+    settings on one matrix (calibrate/quality_probe.py); the same numbers as one gptq call per grid, up to
+    floating-point summation order.
+    """
+    grids = list(grids)
+    check_weight(W)
+    check_hessian(H, W.shape[1])
+    check_blocksize(blocksize)
+    if not grids or any(not isinstance(g, Grid) or g.kind != "affine" or g.group_size != grids[0].group_size
+                        for g in grids):
+        raise PeakError("gptq_grids takes one or more affine grids of one group size")
+    W, H = prepare(W, H)
+    rows, cols = W.shape
+    gs = cols if grids[0].group_size == -1 else grids[0].group_size
+    diag = torch.diagonal(H).clone()
+    fitted = [[fit(W[:, g0:g0 + gs], g, diag[g0:g0 + gs]) for g0 in range(0, cols, gs)] for g in grids]
+    maxq = torch.cat([torch.full((rows, 1), float(g.maxq), dtype=W.dtype, device=W.device) for g in grids])
+    stacked = [{k: torch.cat([f[gi][k] for f in fitted]) for k in ("scale", "zero")}
+               for gi in range(len(fitted[0]))]
+    perm = torch.argsort(diag, descending=True, stable=True)
+    sweep_group = contiguous_groups(cols, grids[0].group_size)[perm].tolist()
+    Hinv, _, _ = upper_inverse(H[perm][:, perm], damp)
+    if Hinv is None:  # as gptq: RTN when no damping makes H factorable
+        return [rtn(W, g).weight for g in grids]
+
+    def round_column(j, w, d, upcoming):  # quantize() and dequantize() with one grid per row block
+        p = stacked[sweep_group[j]]
+        c = (torch.round(w.unsqueeze(1) / p["scale"]) + p["zero"]).clamp(min=torch.zeros_like(maxq), max=maxq)
+        return c.flatten().to(torch.uint8), (p["scale"] * (c - p["zero"])).flatten().to(W.dtype)
+
+    Q = sweep(W[:, perm].repeat(len(grids), 1), Hinv, round_column, blocksize)[0]
+    Q = Q[:, torch.argsort(perm)].float()
+    return list(Q.split(rows))
