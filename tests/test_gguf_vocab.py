@@ -8,9 +8,8 @@ import pytest
 from conftest import tiny_family, train_tiny_tokenizer
 
 from peakllm.errors import PeakError
-from peakllm.formats.gguf.vocab import VOCAB_FILE, attach_source, save_tokenizer, source_of
+from peakllm.formats.gguf.vocab import VOCAB_FILE, attach_source, folder_tokenizer, save_tokenizer, source_of
 from peakllm.formats.gguf.writer import write_gguf
-from peakllm.models import folder_tokenizer
 
 
 def sentencepiece_keys(path, tokens: int):

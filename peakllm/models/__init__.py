@@ -199,25 +199,18 @@ def load_tokenizer(spec: str = "default"):
     kind, path = resolve(spec)
     if kind == "gguf":
         return _gguf_tokenizer(path)
+    from peakllm.formats.gguf.vocab import folder_tokenizer
+
     try:
         return folder_tokenizer(path)
     except (ValueError, OSError, KeyError) as exc:
         raise PeakError(f"cannot load the tokenizer of {path}: {_first_line(exc)}") from None
 
 
-def folder_tokenizer(path: Path):
-    """The tokenizer of a model folder, marked with the GGUF tokenizer keys the folder keeps, if any."""
-    from transformers import AutoTokenizer
-
-    from peakllm.formats.gguf.vocab import attach_source
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    attach_source(tokenizer, path)
-    return tokenizer
-
-
 def _load_hf_folder(path: Path, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peakllm.formats.gguf.vocab import folder_tokenizer
 
     try:
         config = AutoConfig.from_pretrained(str(path))

@@ -45,7 +45,7 @@ def runtime_module(name: str, packed, linear: nn.Linear | None) -> nn.Module | N
 def load_peakllm_folder(path: Path, *, dtype=torch.float32, packed: str = "kernel"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peakllm.models import folder_tokenizer
+    from peakllm.formats.gguf.vocab import folder_tokenizer
 
     if packed not in ("kernel", "dequantize"):
         raise PeakError(f"packed must be 'kernel' or 'dequantize', got {packed!r}")

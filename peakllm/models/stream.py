@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from peakllm import memory
 from peakllm.errors import PeakError
-from peakllm.models import folder_tokenizer, resolve  # the package's loader imports this module
+from peakllm.formats.gguf.vocab import folder_tokenizer
+from peakllm.models import resolve  # the package's loader imports this module
 from peakllm.models.anatomy import check_architecture, decoder_layers
 import peakllm.models.moe  # noqa: F401 - registers peakllm_moe
 from peakllm.models.packed import materialize_buffers

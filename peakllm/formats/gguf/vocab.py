@@ -116,6 +116,15 @@ def attach_source(tokenizer, path: Path) -> None:
         setattr(tokenizer, SOURCE_ATTR, path)
 
 
+def folder_tokenizer(path: Path):
+    """The tokenizer of a model folder, marked with the GGUF tokenizer keys the folder keeps, if any."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    attach_source(tokenizer, path)
+    return tokenizer
+
+
 def source_of(tokenizer) -> Path | None:
     return getattr(tokenizer, SOURCE_ATTR, None)
 
