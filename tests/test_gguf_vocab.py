@@ -5,28 +5,11 @@ converted model folder too; a source with another number of tokens than the embe
 
 import gguf
 import pytest
-from conftest import tiny_family, train_tiny_tokenizer
+from conftest import tiny_family, tokenizer_keys_gguf, train_tiny_tokenizer
 
 from peakllm.errors import PeakError
 from peakllm.formats.gguf.vocab import VOCAB_FILE, attach_source, folder_tokenizer, save_tokenizer, source_of
 from peakllm.formats.gguf.writer import write_gguf
-
-
-def sentencepiece_keys(path, tokens: int):
-    """A GGUF holding only tokenizer keys of the kinds Gemma-3's files hold (tokens, scores, types, flags, ids)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([f"\u2581t{i}" for i in range(tokens)])
-    w.add_token_scores([-float(i) for i in range(tokens)])
-    w.add_token_types([3, 3] + [1] * (tokens - 2))
-    w.add_bos_token_id(1)
-    w.add_add_bos_token(True)
-    w.add_add_space_prefix(False)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
-    return path
 
 
 def tokenizer_fields(path) -> list:
@@ -36,7 +19,7 @@ def tokenizer_fields(path) -> list:
 
 def test_a_gguf_tokenizer_is_written_back_key_for_key_through_a_converted_folder(tmp_path):
     model, tokenizer = tiny_family("llama"), train_tiny_tokenizer(bos=True)
-    source = sentencepiece_keys(tmp_path / "source.gguf", model.config.vocab_size)
+    source = tokenizer_keys_gguf(tmp_path / "source.gguf", model.config.vocab_size)
     attach_source(tokenizer, source)
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -54,7 +37,7 @@ def test_a_gguf_tokenizer_is_written_back_key_for_key_through_a_converted_folder
 
 def test_a_source_with_another_token_count_is_one_error_before_writing(tmp_path):
     model, tokenizer = tiny_family("llama"), train_tiny_tokenizer(bos=True)
-    attach_source(tokenizer, sentencepiece_keys(tmp_path / "source.gguf", model.config.vocab_size - 1))
+    attach_source(tokenizer, tokenizer_keys_gguf(tmp_path / "source.gguf", model.config.vocab_size - 1))
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(PeakError, match="one row per token"):

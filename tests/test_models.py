@@ -3,9 +3,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tokenizer_keys_gguf
 
 from peakllm import models
 from peakllm.errors import PeakError
+from peakllm.formats.gguf.vocab import SOURCE_ATTR
 
 
 def test_hf_folder_loads_with_same_logits(tiny_model_dir, tiny_llama):
@@ -40,7 +42,13 @@ def test_default_conversion_is_atomic(monkeypatch, tmp_path, tiny_llama, tiny_to
     """An interrupted first conversion leaves no cache entry; the next call converts and reuses it."""
     monkeypatch.setenv("PEAKLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "default_gguf_path", lambda: Path("/nonexistent/model.gguf"))
-    monkeypatch.setattr(models, "_load_gguf", lambda path: (tiny_llama, tiny_tokenizer))
+    source = tokenizer_keys_gguf(tmp_path / "source.gguf", tiny_llama.config.vocab_size)
+
+    def fake_load(path):  # the tokenizer of a GGUF file (its keys are kept in the converted folder); the
+        monkeypatch.setattr(tiny_tokenizer, SOURCE_ATTR, source, raising=False)  # session's tokenizer undone after
+        return tiny_llama, tiny_tokenizer
+
+    monkeypatch.setattr(models, "_load_gguf", fake_load)
     original = type(tiny_tokenizer).save_pretrained
 
     def interrupted(self, *a, **k):
