@@ -53,6 +53,7 @@ def _moe_rows(lines: list[dict]) -> list[dict]:
             theirs = side != ours
             out.append({
                 "threads": r["threads"], "rounds": r["rounds"], "side": MOE_SIDES.get(side, side),
+                "folder": r["models"][side]["folder"],
                 "mb": f"{r['weight_bytes'][side] / 1e6:.0f}", "tok": median_spread(v, ".1f"),
                 "x": ratio(tok[ours], v) if theirs else "–",
                 "xm": format(statistics.median(tok[ours]) / statistics.median(v), ".2f") if theirs else "–",
@@ -69,7 +70,8 @@ def _greedy(r: dict) -> str:
 
 
 LUT_MOE = Table("lut-moe.jsonl", [
-    ("threads", _k("threads")), ("rounds", _k("rounds")), ("model", _k("side")), ("MB read a token", _k("mb")),
+    ("threads", _k("threads")), ("rounds", _k("rounds")), ("model", _k("side")), ("folder", _k("folder")),
+    ("MB read a token", _k("mb")),
     ("decode tok/s", _k("tok")), ("ternary-LUT ÷ this (per-round)", _k("x")), ("ratio of medians", _k("xm")),
     ("load", _k("load")), ("engine = op by op (greedy steps)", _k("greedy"))],
     where=lambda r: r.get("bench") == "lut-moe-decode", rows=_moe_rows)
