@@ -10,7 +10,7 @@
 //   gate, up rows | SiLU (or GELU) * up | down rows | (RMSNorm of down +) residual + next RMSNorm
 // Each linear is a `Lin` descriptor: dense fp32 / bf16 weights (dense_impl.h), group-wise int-k codes
 // (intk_impl.h), N:M / bitmask sparse weights with float or int-k kept values (sparse_impl.h), or a
-// sub-1-bit stream (sub1_impl.h), each with an optional unmerged LoRA term (lora_impl.h). A layer's MLP
+// sub-1-bit stream (sub1_impl.h), 2-bit / ternary lookup tables (decode_lut.h), each with an optional unmerged LoRA term (lora_impl.h). A layer's MLP
 // may instead be a mixture of experts (`Moe`, batch 1):
 //   router + top-k | gate/up rows of each chosen expert, SiLU * up | down rows of each, weighted and summed.
 // OLMoE's q/k norms span the whole q / k (not each head): one more phase after the q, k, v rows.
@@ -29,6 +29,7 @@
 #include "sparse_bf16_impl.h"
 #include "sub1_impl.h"
 #include "decode_types.h"
+#include "decode_lut.h"
 #include "lora_impl.h"
 
 // Rows [lo, hi) of y [B, out] from their fp32 values yf [B, out], plus the bias, rounded once to TX.
@@ -79,6 +80,7 @@ struct Work {
     std::vector<uint32_t> sub1buf;
     PreparedX px;
     PreparedQ pq;
+    LutTables lut;
 };
 
 // Bytes of one row of int-k codes.
@@ -125,6 +127,14 @@ static void a8_range(const Lin& L, TX* y, int B, int lo, int hi, Work& w) {
 template <typename TX>
 static void lin_range(const Lin& L, const TX* x, TX* y, int B, int lo, int hi, Work& w, std::atomic<int>& err) {
     if (lo >= hi) return;
+    if (L.kind == LIN_LUT) {  // decode_lut.h; a rotated 2-bit layer's tables are those of x times R
+        int xb;
+        const void* xin = intk_input<TX>(L, x, B, w, xb);
+        w.yf.resize((size_t)B * L.out);
+        lut_tables_for(*(const LutMatrix*)L.w, L.in, xin, xb, B, w.lut);
+        lut_rows(*(const LutMatrix*)L.w, L.out, w.lut, B, lo, hi, w.yf.data());
+        return store_band<TX>(w.yf.data(), L.bias, y, B, L.out, lo, hi);
+    }
     if (L.kind == LIN_SUB1) {  // one row of x at a time: the stream is decoded per row of x
         const Sub1Matrix& m = *(const Sub1Matrix*)L.w;
         w.wide.resize((size_t)L.in);
@@ -221,7 +231,7 @@ template <typename TX>
 static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Work& w, std::atomic<int>& err,
                      RowClaim* claims = nullptr) {
     int lo, hi;
-    share(L.out, L.kind == LIN_INTK ? 1 : 4, t, nt, lo, hi);
+    share(L.out, L.kind == LIN_INTK ? 1 : L.kind == LIN_LUT ? 8 : 4, t, nt, lo, hi);
     const bool lora = L.lora_r > 0;  // an adapter's B (A x) is added to each band of rows once it is computed
     if (!claims || nt == 1 || !lin_stealable(L)) {
         lin_range<TX>(L, x, y, B, lo, hi, w, err);
@@ -249,10 +259,10 @@ static void lin_rows(const Lin& L, const TX* x, TX* y, int B, int t, int nt, Wor
 }
 
 // Whether row b of y = x @ W.T comes out the same whatever the number of rows of x: dense rows, the
-// int8-activation int-k path and the sub-1-bit stream compute each row of x alone; the fp32-activation
+// int8-activation int-k path, the sub-1-bit stream and the lookup tables compute each row of x alone; the fp32-activation
 // int-k and the sparse paths pick other tiles at one row (tile4_b1, nm24_tile4_b1).
 static inline bool lin_row_exact(const Lin& L) {
-    return L.kind == LIN_F32 || L.kind == LIN_BF16 || L.kind == LIN_SUB1 || lin_stealable(L);
+    return L.kind == LIN_F32 || L.kind == LIN_BF16 || L.kind == LIN_SUB1 || L.kind == LIN_LUT || lin_stealable(L);
 }
 
 // lin_rows for the R = B * T rows of a multi-token step: a linear whose rows would not equal the one-token

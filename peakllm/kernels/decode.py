@@ -1,7 +1,8 @@
 """The whole-step decode engine (decode.cpp): one C call per token for every layer and the lm_head.
 
 The runtime describes each linear layer as a `Lin` (dense fp32/bf16 weights, group-wise int-k codes,
-N:M / bitmask sparse weights with float or int-k kept values, or a sub-1-bit stream; any of them with an
+N:M / bitmask sparse weights with float or int-k kept values, a sub-1-bit stream, or 2-bit / ternary codes in
+the lookup-table layout (kernels/lut.py); any of them with an
 unmerged LoRA adapter's low-rank term beside it) and each decoder layer as a `Layer`; `Step` holds the C arrays, keeps every tensor they point to alive,
 and runs a step. Layers the engine cannot describe (other module types, MoE blocks at batch > 1 or
 in bf16, other activations) make the runtime use its op-by-op path instead, which computes the same numbers.
@@ -16,7 +17,7 @@ import torch
 from peakllm.errors import PeakError
 from peakllm.kernels.build import load_library
 
-LIN_F32, LIN_BF16, LIN_INTK, LIN_NM, LIN_BITMASK, LIN_SUB1 = 0, 1, 2, 3, 4, 5
+LIN_F32, LIN_BF16, LIN_INTK, LIN_NM, LIN_BITMASK, LIN_SUB1, LIN_LUT = 0, 1, 2, 3, 4, 5, 6
 MOE_SUM, MOE_SOFTMAX, MOE_SOFTMAX_TOPK = 0, 1, 2  # how a MoE weights its chosen experts (decode.cpp)
 _VALUE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # sparse_impl.h; 3 = int-k codes
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -32,6 +33,14 @@ class Lin(ctypes.Structure):
                 + [("total", ctypes.c_int64), ("act_bits", ctypes.c_int), ("rot_signs", ctypes.c_void_p),
                    ("rot_block", ctypes.c_int), ("lora_a", ctypes.c_void_p), ("lora_b", ctypes.c_void_p),
                    ("lora_r", ctypes.c_int), ("lora_bf16", ctypes.c_int)])
+
+
+class LutMatrix(ctypes.Structure):
+    """A matrix in the lookup-table layout (mirrors decode_lut.h's struct; fields of lut_reference.LutWeights)."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("qlut", "s1", "p2")]
+                + [(n, ctypes.c_int) for n in ("kind", "group", "n_groups", "kblock", "exact")]
+                + [(n, ctypes.c_int64) for n in ("in_pad", "out_pad")])
 
 
 class Moe(ctypes.Structure):
@@ -193,6 +202,19 @@ def sub1_lin(operands, bias: torch.Tensor | None, in_features: int, out_features
     """A sub-1-bit layer from its prepared kernel operands (kernels/sub1.py `operands`)."""
     keep.append(operands)  # the struct and every tensor it points to
     return Lin(LIN_SUB1, in_features, out_features, w=ctypes.addressof(operands.matrix), bias=_bias(bias, keep))
+
+
+def lut_lin(weights, exact: bool, bias: torch.Tensor | None, keep: list, rotation=None) -> Lin:
+    """A layer in the lookup-table layout (kernels/lut.py LutWeights, already checked: lut.check_weights): its rows
+    are lut_gemm's, int8 tables or (exact) fp32 ones; rotation: a rotated 2-bit layer's R, applied to x first."""
+    m = LutMatrix(weights.qlut.data_ptr(), weights.s1.data_ptr(), _p(weights.p2), weights.kind, weights.group,
+                  weights.n_groups, weights.kblock, int(exact), weights.in_pad, weights.out_pad)
+    signs = None if rotation is None else rotation.signs.contiguous()
+    keep.extend((weights, m, signs))
+    lin = Lin(LIN_LUT, weights.in_features, weights.out_features, w=ctypes.addressof(m), bias=_bias(bias, keep),
+              rot_signs=_p(signs), rot_block=0 if rotation is None else rotation.block)
+    lin.matrix = m  # while this Lin object lives (a copy in a Layer or an array relies on `keep`)
+    return lin
 
 
 def with_lora(lin: Lin, lora_a: torch.Tensor, lora_b: torch.Tensor, keep: list) -> Lin | None:

@@ -10,14 +10,15 @@
 #include <immintrin.h>
 #endif
 
-enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INTK = 2, LIN_NM = 3, LIN_BITMASK = 4, LIN_SUB1 = 5 };
+enum { LIN_F32 = 0, LIN_BF16 = 1, LIN_INTK = 2, LIN_NM = 3, LIN_BITMASK = 4, LIN_SUB1 = 5, LIN_LUT = 6 };
 
 // One linear layer y = x @ W.T + bias as the engine reads it.
 struct Lin {
     int kind, in, out, bits, n_groups;
     int n, m, value_kind, group_size;  // sparse: N zeros per M; kept values' kind (sparse_impl.h) and code groups
     const void* w;          // dense weights [out, in] (fp32 / bf16), int-k codes [out, ceil(in*bits/8)],
-                            // the sparse layouts' kept values / codes, or a Sub1Matrix (sub1_impl.h)
+                            // the sparse layouts' kept values / codes, a Sub1Matrix (sub1_impl.h) or a
+                            // LutMatrix (decode_lut.h)
     const float* bias;      // [out] or null
     const uint16_t* scales; // int-k codes (dense or sparse): fp16 [out, n_groups]
     const uint8_t* zeros;   // int-k codes: uint8 [out, n_groups]
@@ -28,7 +29,7 @@ struct Lin {
     const int64_t* qrow_offsets;  // bitmask with codes: first code byte of each row [out + 1]
     int64_t total;          // bitmask: elements (floats) or bytes (codes) of the kept values
     int act_bits;           // int-k: 8 = x quantized to int8 per 32 columns where a8_applies (intk_a8_impl.h), 0 = fp32
-    const int8_t* rot_signs;  // rotated int-k: x times R (common.h rotate_x_rows) before the codes; null: none
+    const int8_t* rot_signs;  // rotated int-k (and 2-bit LUT): x times R (common.h rotate_x_rows) before the codes; null: none
     int rot_block;
     const void* lora_a;     // an unmerged LoRA adapter beside the layer (lora_impl.h): A [lora_r, in], or null
     const void* lora_b;     // B [out, lora_r], times the adapter's scale

@@ -21,20 +21,12 @@ int lut_gemm(const void* x, int x_bf16, int B, int64_t in, int64_t in_pad, int64
     // per calling thread, kept between calls: a decode step calls this for every matrix
     thread_local std::vector<float> xp, tf, ts, xs;
     thread_local std::vector<int8_t> tq;
-    xp.assign((size_t)B * in_pad, 0.f);
+    xp.resize((size_t)B * in_pad);
     tf.resize((size_t)B * n4 * 16);
     ts.resize((size_t)B * nk);
     xs.resize((size_t)B * n_groups);
     tq.resize((size_t)B * n4 * 16);
-    for (int b = 0; b < B; b++) {
-        load_x_row(x, x_bf16, nullptr, in, b, &xp[(size_t)b * in_pad]);
-        for (int g = 0; g < n_groups; g++) {
-            float s = 0.f;
-            for (int64_t c = (int64_t)g * group; c < std::min<int64_t>((int64_t)(g + 1) * group, in_pad); c++)
-                s += xp[(size_t)b * in_pad + c];
-            xs[(size_t)b * n_groups + g] = s;
-        }
-    }
+    lut_load_rows(x, x_bf16, B, in, in_pad, group, n_groups, xp.data(), xs.data());
     // raw pointers: inside the parallel region the names xp, tq, ... would be each thread's own (empty) copies
     float* const xpp = xp.data();
     float* const tfp = tf.data();

@@ -116,6 +116,22 @@ static void lut_build_tables(const float* x_row, int64_t in_pad, int kblock, int
     (void)in_pad;
 }
 
+// Token rows of x (fp32 or bf16 [B, in]) as fp32 zero-padded to in_pad (xp [B, in_pad]) and their sums over
+// each weight group (xs [B, n_groups], summed in column order): what the tables and the gamma terms start from.
+static void lut_load_rows(const void* x, int x_bf16, int B, int64_t in, int64_t in_pad, int group, int n_groups,
+                          float* xp, float* xs) {
+    for (int b = 0; b < B; b++) {
+        float* row = xp + (size_t)b * in_pad;
+        std::memset(row, 0, sizeof(float) * (size_t)in_pad);
+        load_x_row(x, x_bf16, nullptr, in, b, row);
+        for (int g = 0; g < n_groups; g++) {
+            float s = 0.f;
+            for (int64_t c = (int64_t)g * group; c < std::min<int64_t>((int64_t)(g + 1) * group, in_pad); c++) s += row[c];
+            xs[(size_t)b * n_groups + g] = s;
+        }
+    }
+}
+
 // Exact mode, one row: fp32 tables, no quantization (any build; the reference for the fast path's error).
 static void lut_row_exact(const LutProblem& P, int64_t o) {
     const int64_t tile = o / 8, r = o % 8, jt = P.in_pad / 16;

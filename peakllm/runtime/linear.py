@@ -170,6 +170,7 @@ class IntKLinear(_PackedLinear):
         self.group_starts, self.perm = ops.intk_groups(self.in_features, self.group_size, self.g_idx)
         self.qweight_sorted = None if self.perm is None else ops.permute_columns(
             self.qweight, self.bits, self.in_features, self.perm)
+        self.lut_weights = None  # the LUT kernel's copy of the codes, made when first used (lut_layout)
 
     def _codes(self) -> torch.Tensor:
         return self.qweight if self.qweight_sorted is None else self.qweight_sorted
@@ -183,17 +184,22 @@ class IntKLinear(_PackedLinear):
         return ops.intk_matmul(x2, self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm,
                                self.int8_act)
 
+    def lut_layout(self):
+        """The LUT kernel's copy of the codes (kernels/lut.py) if the layer runs it (2 bits, int8 x, no act-order)."""
+        on = self.bits == 2 and self.int8_act and self.perm is None and lut.applies(self.in_features, self.group_size)
+        if on and lut.enabled() and getattr(self, "lut_weights", None) is None:  # (older pickles lack the attribute)
+            self.lut_weights = lut.intk2_weights(self.qweight, self.scales, self.zeros, self.in_features, self.group_size)
+        return self.lut_weights if on and lut.enabled() else None
+
     def _bind(self):
-        # 2-bit codes with int8 activations: the LUT kernel (kernels/lut.py, ~0.5% error like int8 x), 2-4x faster
-        if self.bits == 2 and self.int8_act and self.perm is None and lut.enabled() and lut.applies(
-                self.in_features, self.group_size):
-            return lut.bind_lut(lut.intk2_weights(self.qweight, self.scales, self.zeros, self.in_features,
-                                                  self.group_size))
-        return ops.bind_intk(self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm,
-                             self.int8_act)
+        layout = self.lut_layout()
+        return lut.bind_lut(layout) if layout is not None else ops.bind_intk(
+            self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm, self.int8_act)
 
     def decode_lin(self, keep: list):
         """This layer as a descriptor of the whole-step decode engine (kernels/decode.py)."""
+        if (layout := self.lut_layout()) is not None:
+            return decode.lut_lin(layout, False, self.bias, keep, self.rotation)
         return decode.intk_lin(self._codes(), self.scales, self.zeros, self.bits, self.group_starts, self.perm,
                                self.bias, self.in_features, self.out_features, keep, self.int8_act, self.rotation)
 
@@ -231,10 +237,8 @@ class _SparseValues(_PackedLinear):
     def _set_values(self, values, qweight, scales, zeros, bits, group_size):
         if (values is None) == (qweight is None):
             raise PeakError("give exactly one of values (floats) or qweight (int-k codes)")
-        self.register_buffer("values", values)
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("zeros", zeros)
+        for name, t in (("values", values), ("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+            self.register_buffer(name, t)
         self.bits = None if bits is None else int(bits)
         self.group_size = None if group_size is None else int(group_size)
 
@@ -371,8 +375,7 @@ def as_runtime_linear(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     if hasattr(module, "runtime_linear"):
         return module.runtime_linear(dtype)
     if type(module) is nn.Linear:
-        bias = None if module.bias is None else module.bias
-        return DenseLinear(module.weight.detach().to(dtype), bias)
+        return DenseLinear(module.weight.detach().to(dtype), module.bias)
     return module  # a packed module: it owns its bytes and its kernel
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from peakllm.errors import PeakError
 from peakllm.formats.intk import PackedTernary
-from peakllm.kernels import decode, lut, ops
+from peakllm.kernels import decode, lut
 from peakllm.runtime.buffers import register_packed
 from peakllm.runtime.linear import int8_act_default
 
@@ -48,15 +48,8 @@ class TernaryLinear(nn.Module):
         return y if x.dtype == torch.float32 or not x.dtype.is_floating_point else y.to(x.dtype)
 
     def decode_lin(self, keep: list):
-        """The whole-step decode engine has no LUT kind yet: a symmetric matrix runs there as 2-bit int-k
-        (zero 1, the same bytes); an asymmetric one as the dense fp32 matrix it was before this module."""
-        p = self.packed
-        if p.sym:
-            starts, _ = ops.intk_groups(self.in_features, p.group_size)
-            zeros = torch.ones(p.scale_neg.shape, dtype=torch.uint8)
-            return decode.intk_lin(p.qweight.contiguous(), p.scale_pos.contiguous(), zeros, 2, starts, None,
-                                   self.bias, self.in_features, self.out_features, keep, int8_act_default())
-        return decode.dense_lin(p.dequantize().contiguous(), self.bias, keep)
+        """This matrix in the whole-step decode engine: the same lookup tables (int8 or exact) as forward's."""
+        return decode.lut_lin(self.weights, self.exact, self.bias, keep)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size="
