@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from hashlib import sha256
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     """``save_pretrained`` and, for a tokenizer read from a GGUF, its source's keys as VOCAB_FILE."""
     tokenizer.save_pretrained(folder)
     source = source_of(tokenizer)
-    if source is not None:
+    if source is not None and source.name == VOCAB_FILE:  # already the keys alone: copied, not parsed again
+        shutil.copyfile(source, Path(folder) / VOCAB_FILE)
+    elif source is not None:
         write_vocab_file(source, Path(folder))
 
 
