@@ -13,6 +13,7 @@ Configs (--configs, comma-separated):
   ours2.5    --target-bits 2.5 --rotate --sink-weight 10
   ours3m / ours2.5m   the same with every candidate's clipping range searched (--mse's search)
   alloc3 / alloc2.5   the allocation without rotation (what the rotation adds)
+  rot3m / rot2.5m     plain3m / plain2.5m with --rotate --sink-weight 10, one grid for every matrix
 
   HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/bench_lowbit.py --configs plain3,ours3 --seeds 0,1,2
 """
@@ -39,6 +40,8 @@ CONFIGS = {
     "plain2.5m": ["--bits", "2", "--group-size", "64", "--mse"],
     # ablation: plain3m with the rotation and the sink weight, no allocation (one grid for every matrix)
     "rot3m": ["--bits", "3", "--group-size", "-1", "--mse", "--rotate", "--sink-weight", "10"],
+    # plain2.5m with the rotation and the sink weight, no allocation: the same 2.375 bits as plain2.5m
+    "rot2.5m": ["--bits", "2", "--group-size", "64", "--mse", "--rotate", "--sink-weight", "10"],
     "ours3": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours2.5": ["--target-bits", "2.5", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours3m": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS_MSE],
