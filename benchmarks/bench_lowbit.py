@@ -15,6 +15,7 @@ Configs (--configs, comma-separated):
   alloc3 / alloc2.5   the allocation without rotation (what the rotation adds)
   rot3m / rot2.5m     plain3m / plain2.5m with --rotate --sink-weight 10, one grid for every matrix
   mix2.5m             rot2.5m with down_proj at 3 bits (--matrix-grid: a fixed rule, no allocation)
+  plainmix2.5m        mix2.5m without --rotate and --sink-weight (plain GPTQ --mse at the same bits)
 
   HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/bench_lowbit.py --configs plain3,ours3 --seeds 0,1,2
 """
@@ -47,6 +48,8 @@ CONFIGS = {
     # one scale and zero per row), the rest on W2 g64 (2.54 bits on the default model: down_proj is 1/4 of it)
     "mix2.5m": ["--bits", "2", "--group-size", "64", "--mse", "--rotate", "--sink-weight", "10",
                 "--matrix-grid", "down_proj=3g-1m"],
+    # mix2.5m without the rotation and the sink weight: plain GPTQ --mse at mix2.5m's bits (its equal-size baseline)
+    "plainmix2.5m": ["--bits", "2", "--group-size", "64", "--mse", "--matrix-grid", "down_proj=3g-1m"],
     "ours3": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours2.5": ["--target-bits", "2.5", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours3m": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS_MSE],
