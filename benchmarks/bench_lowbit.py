@@ -13,6 +13,9 @@ Configs (--configs, comma-separated):
   ours2.5    --target-bits 2.5 --rotate --sink-weight 10
   ours3m / ours2.5m   the same with every candidate's clipping range searched (--mse's search)
   alloc3 / alloc2.5   the allocation without rotation (what the rotation adds)
+  rot3m / rot2.5m     plain3m / plain2.5m with --rotate --sink-weight 10, one grid for every matrix
+  mix2.5m             rot2.5m with down_proj at 3 bits (--matrix-grid: a fixed rule, no allocation)
+  plainmix2.5m        mix2.5m without --rotate and --sink-weight (plain GPTQ --mse at the same bits)
 
   HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/bench_lowbit.py --configs plain3,ours3 --seeds 0,1,2
 """
@@ -39,6 +42,14 @@ CONFIGS = {
     "plain2.5m": ["--bits", "2", "--group-size", "64", "--mse"],
     # ablation: plain3m with the rotation and the sink weight, no allocation (one grid for every matrix)
     "rot3m": ["--bits", "3", "--group-size", "-1", "--mse", "--rotate", "--sink-weight", "10"],
+    # plain2.5m with the rotation and the sink weight, no allocation: the same 2.375 bits as plain2.5m
+    "rot2.5m": ["--bits", "2", "--group-size", "64", "--mse", "--rotate", "--sink-weight", "10"],
+    # rot2.5m with one fixed rule instead of a measured allocation: every down_proj on rot3m's grid (3 bits,
+    # one scale and zero per row), the rest on W2 g64 (2.54 bits on the default model: down_proj is 1/4 of it)
+    "mix2.5m": ["--bits", "2", "--group-size", "64", "--mse", "--rotate", "--sink-weight", "10",
+                "--matrix-grid", "down_proj=3g-1m"],
+    # mix2.5m without the rotation and the sink weight: plain GPTQ --mse at mix2.5m's bits (its equal-size baseline)
+    "plainmix2.5m": ["--bits", "2", "--group-size", "64", "--mse", "--matrix-grid", "down_proj=3g-1m"],
     "ours3": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours2.5": ["--target-bits", "2.5", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS],
     "ours3m": ["--target-bits", "3.0", "--rotate", "--sink-weight", "10", "--target-grids", GRIDS_MSE],

@@ -65,6 +65,10 @@ def test_packed_size_on_disk_matches_bits_per_param(capsys, tmp_path, tiny_model
     (("--target-bits", "3", "--bits", "3"), "comes from --target-grids"),
     (("--target-bits", "3", "--target-grids", "9g32"), "BITSgGROUP"),
     (("--target-bits", "1.2"), "below what the candidate grids reach"),
+    (("--matrix-grid", "down_proj=3g64", "--target-bits", "3"), "--matrix-grid sets"),
+    (("--matrix-grid", "down_proj"), "PATTERN=GRID"),
+    (("--matrix-grid", "down_proj=5g64"), "BITSgGROUP"),
+    (("--matrix-grid", "(=3g64"), "--matrix-grid '(=3g64'"),
 ])
 def test_quantize_bad_input(capsys, tmp_path, tiny_model_dir, text_file, extra, message):
     try:
@@ -127,3 +131,22 @@ def test_target_bits_allocation_is_what_the_folder_stores(capsys, tmp_path, tiny
     grids = json.loads(capsys.readouterr().out)["intk_grids"]
     want_counts = {f"{g} rotated": n for g, n in result["allocation_counts"].items()}
     assert {g: s["matrices"] for g, s in grids.items()} == want_counts
+
+
+def test_matrix_grid_rule_sets_the_grids_it_names(capsys, tmp_path, tiny_model_dir, text_file):
+    code, out = quantize(tmp_path, tiny_model_dir, text_file, "--bits", "2", "--group-size", "32", "--mse",
+                         "--rotate", "--matrix-grid", "(v|down)_proj=3g-1m", "--matrix-grid", "[qkv]_proj=4g16s")
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["matrix_grid"] == ["(v|down)_proj=3g-1m", "[qkv]_proj=4g16s"]
+    modules = json.loads((out / "peakllm.json").read_text())["modules"]
+    seen = set()
+    for name, entry in modules.items():
+        if "embed_tokens" in name or "lm_head" in name:
+            continue
+        meta = entry["metadata"]
+        kind = name.rsplit(".", 1)[-1]
+        want = {"v_proj": (3, -1, False), "down_proj": (3, -1, False), "q_proj": (4, 16, True),
+                "k_proj": (4, 16, True)}.get(kind, (2, 32, False))  # the first matching rule wins; others: --bits
+        assert (meta["bits"], meta["group_size"], meta["sym"]) == want, name
+        seen.add(want)
+    assert len(seen) == 3

@@ -153,6 +153,7 @@ class QuantRecipe:
     seed: int = 0
     target: GridPlan | None = None          # --target-bits over int-k grids: checked by prepare()
     grids: dict = field(default_factory=dict)  # matrix name -> Grid chosen for it (intk_plan.allocate_grids)
+    grid_rules: tuple = ()                  # ((compiled pattern, Grid), ...): --matrix-grid, first match wins
 
     moe: bool = False                       # set by the caller for MoE models
 
@@ -178,6 +179,9 @@ class QuantRecipe:
     def grid_for(self, name: str, moe: bool) -> solvers.Grid | None:
         if name in self.grids:
             return self.grids[name]
+        for pattern, grid in self.grid_rules:
+            if pattern.search(name):
+                return grid
         if not moe or is_expert(name):
             return self.grid
         return None if self.keep_dense else (self.dense_grid or self.grid)

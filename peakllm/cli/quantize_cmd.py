@@ -46,6 +46,11 @@ def register(sub) -> None:
                    "BITSgGROUP[s][m] (s: symmetric, stored without zeros; m: clipping range searched as --mse does), e.g. "
                    "2g64sm,3g128s,4g128 (default: "
                    "2g32sm,2g64sm,2g128sm,3g64sm,3g128sm,4g64sm,4g128sm)")
+    p.add_argument("--matrix-grid", action="append", default=None, metavar="PATTERN=GRID",
+                   help="repeatable, int-k --format peakllm without --target-bits: the grid of every decoder matrix "
+                   "whose name the regular expression PATTERN matches (searched; the first matching pattern wins), "
+                   "as BITSgGROUP[s][m] like --target-grids, e.g. 'down_proj=3g-1m'; the other matrices take "
+                   "--bits, --group-size, --sym and --mse (a fixed per-tensor rule, no measuring pass)")
     p.add_argument("--rotate", action="store_true",
                    help="int-k, --format peakllm: solve every matrix in a randomly rotated input basis (block "
                    "Hadamard with random signs: QuIP#'s incoherence processing), which spreads outlier columns "
@@ -128,6 +133,10 @@ def run(args) -> int:
                         "(the kernels rotate x before any column gather)")
     if args.target_grids is not None and not intk_target:
         raise PeakError("--target-grids is the choice of an int-k --target-bits allocation (--format peakllm)")
+    rules = matrix_grid_rules(args.matrix_grid or [])
+    if rules and (ternary or args.format != "peakllm" or args.target_bits is not None):
+        raise PeakError("--matrix-grid sets int-k grids in --format peakllm; with --target-bits the allocation "
+                        "chooses every grid (--target-grids)")
     target = None
     if intk_target:
         from peakllm.calibrate.intk_plan import DEFAULT_GRIDS, GridPlan, parse_grids
@@ -165,13 +174,14 @@ def run(args) -> int:
     recipe = QuantRecipe(args.method, grid, act_order=act_order, blocksize=args.blocksize, damp=args.damp,
                          dense_grid=dense_grid, keep_dense=args.dense_bits == "keep", zero_share_for=zero_share_for,
                          matched_levels=args.levels == "matched", expert_budget=expert_budget, rotate=args.rotate,
-                         seed=args.seed, target=target)
+                         seed=args.seed, target=target, grid_rules=rules)
     extra = {"method": args.method, "bits": args.bits if ternary else int(args.bits), "group_size": args.group_size,
              "sym": args.sym, "act_order": act_order, "dense_bits": args.dense_bits,
              "embed_bits": embed_bits, "embed_group_size": args.embed_group_size if outer_grid else None,
              "target_bits": args.target_bits, "levels": args.levels,
              "bit_allocation": args.bit_allocation if args.target_bits is not None else None,
-             "rotate": args.rotate, "target_grids": args.target_grids if intk_target else None}
+             "rotate": args.rotate, "target_grids": args.target_grids if intk_target else None,
+             "matrix_grid": list(args.matrix_grid or []) or None}
     spec = run_spec(args, embed_grid=outer_grid, target_bits=None if intk_target else args.target_bits)
     hook = None
     if intk_target:
@@ -184,6 +194,25 @@ def run(args) -> int:
     result = run_compression(spec, recipe, extra=extra, before_calibrate=hook)
     emit(result, args, f"quantized {args.model} with {args.method}")
     return 0
+
+
+def matrix_grid_rules(items: list[str]) -> tuple:
+    """['down_proj=3g-1m', ...] -> ((compiled PATTERN, Grid), ...) for QuantRecipe.grid_rules; one error for a
+    malformed item before any work."""
+    import re
+
+    from peakllm.calibrate.intk_plan import parse_grids
+
+    rules = []
+    for item in items:
+        pattern, sep, grid = item.rpartition("=")
+        if not sep or not pattern or "," in grid:
+            raise PeakError(f"--matrix-grid takes PATTERN=GRID with one grid such as 3g-1m, got {item!r}")
+        try:
+            rules.append((re.compile(pattern), parse_grids(grid)[0]))
+        except (re.error, PeakError) as exc:
+            raise PeakError(f"--matrix-grid {item!r}: {exc}") from None
+    return tuple(rules)
 
 
 def _run_gguf(args) -> int:

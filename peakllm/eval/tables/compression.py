@@ -89,7 +89,8 @@ LOWBIT = Table("lowbit.jsonl", [
     ("model", k("model")), ("config", k("config")), ("seed", k("seed")),
     ("bits/param (decoder matrices)", k("linear_bits", ".3f")), ("wiki ppl", k("ppl", ".2f")),
     ("dense ppl", k("dense_ppl", ".2f")),
-    ("grids chosen (matrices)", lambda r: ", ".join(f"{g} {n}" for g, n in (r.get("allocation_counts") or {}).items())),
+    ("grids chosen (matrices)", lambda r: ", ".join(f"{g} {n}" for g, n in (r.get("allocation_counts") or {}).items())
+     or ", ".join(f"rule {a}" for f, a in zip(r["args"], r["args"][1:]) if f == "--matrix-grid")),
     ("minutes", scaled("seconds", 60, ".1f")),
     ("load (1 min)", lambda r: (r.get("machine") or {}).get("loadavg", [""])[0])])
 
