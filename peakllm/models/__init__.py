@@ -88,7 +88,6 @@ def _gguf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     from peakllm.formats.gguf.loader import read_tokenizer
-
     from peakllm.formats.gguf.vocab import attach_source
 
     try:

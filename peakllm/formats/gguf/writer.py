@@ -158,10 +158,11 @@ class GGUFStreamWriter:
         # the tokenizer's files, as the converter reads them from a model folder (SpecialVocab, Gemma-3's rows)
         self.tokenizer_dir = tempfile.TemporaryDirectory(prefix="peakllm-gguf-tok-")
         saved = Path(self.tokenizer_dir.name)
-        tokenizer.save_pretrained(saved)
-        model.config.to_json_file(saved / "config.json")
         source = source_of(tokenizer)  # a tokenizer read from a GGUF is written as that file has it
         kept = gguf.GGUFReader(str(source)) if source is not None else None
+        if kept is None:  # the converter's path reads the saved files (SpecialVocab, Gemma-3's rows)
+            tokenizer.save_pretrained(saved)
+            model.config.to_json_file(saved / "config.json")
         vocab_rows = source_tokens(kept) if kept is not None else tokenizer_json_rows(saved)
         self.plan = plan_tensors(model, types or {}, float_type, vocab_rows)
         if kept is not None:
